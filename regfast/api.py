@@ -1,0 +1,347 @@
+"""regfast's public functions: norms, penalties, their gradients and the proximal step.
+
+``params`` everywhere is an ``nn.Module`` (its parameters), a single tensor, or any iterable of
+tensors (a generator is consumed once). A tensor listed twice (tied weights) counts once.
+Tensors may mix devices and floating dtypes (float16, bfloat16, float32, float64); each
+(device, dtype) group is one call of a :mod:`regfast._ops` op, served by the backend that
+:func:`regfast.backend` names. Every check runs before anything is written: on an error no
+parameter and no gradient has changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .reference import GROUPINGS
+
+__all__ = [
+    "Norms",
+    "Sparsity",
+    "add_penalty_grad_",
+    "norms",
+    "param_groups",
+    "penalty",
+    "prox_",
+    "sparsity",
+    "weights",
+]
+
+Params = nn.Module | Tensor | Iterable[Tensor]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _named(params: Params) -> tuple[list[Tensor], list[str]]:
+    """The distinct tensors of ``params`` in order, and a name for each (for messages and tables)."""
+    if isinstance(params, nn.Module):
+        pairs = list(params.named_parameters())
+    elif isinstance(params, Tensor):
+        pairs = [("params", params)]
+    else:
+        try:
+            items = list(params)
+        except TypeError:
+            raise TypeError(f"params must be an nn.Module, a tensor or an iterable of tensors, "
+                            f"not {type(params).__name__}") from None
+        pairs = [(f"params[{i}]", p) for i, p in enumerate(items)]
+    tensors, names, seen = [], [], set()
+    for name, p in pairs:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name} is a {type(p).__name__}, not a torch.Tensor")
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        _check_tensor(name, p)
+        tensors.append(p)
+        names.append(name)
+    return tensors, names
+
+
+def _check_tensor(name: str, t: Tensor) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor; regfast needs dense (strided) tensors")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; regfast needs float16, bfloat16, float32 or float64")
+
+
+def _check_writable(name: str, t: Tensor) -> None:
+    """In-place updates need every element stored once: refuse views such as ``expand()``."""
+    if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself in memory "
+                         f"(made by expand()?); it cannot be updated in place")
+
+
+def _check_coef(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple[float, float, float]:
+    if groups not in GROUPINGS:
+        raise ValueError(f"groups must be one of {', '.join(map(repr, GROUPINGS))}, got {groups!r}")
+    return _check_coef("l1", l1), _check_coef("l2", l2), _check_coef("group_lasso", group_lasso)
+
+
+def _by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values())
+
+
+def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _total(values: list[Tensor], like: list[Tensor]) -> Tensor:
+    """Sum of per-group values, on the first tensor's device, in float64 if any tensor is float64."""
+    if len(values) == 1:
+        return values[0]
+    device, dtype = like[0].device, _result_dtype(like)
+    total = values[0].to(device, dtype)
+    for v in values[1:]:
+        total = total + v.to(device, dtype)
+    return total
+
+
+class Norms(NamedTuple):
+    """Norms of a list of tensors, all on the first tensor's device (float64 if any input is).
+
+    ``l1`` = Σ|w|, ``l2sq`` = Σw², ``l2`` = √Σw² (0-dim); ``per_tensor_l1`` and
+    ``per_tensor_l2sq`` are 1-D, one entry per distinct tensor in input order.
+    """
+
+    l1: Tensor
+    l2sq: Tensor
+    l2: Tensor
+    per_tensor_l1: Tensor
+    per_tensor_l2sq: Tensor
+
+
+def norms(params: Params) -> Norms:
+    """Σ|w| and Σw² per tensor and in total, in one pass per (device, dtype) group, with no grad.
+
+    Accumulates in float32 (float64 for float64 tensors); the values stay on the device (no
+    host sync). An empty ``params`` gives zeros on the CPU.
+    """
+    tensors, _ = _named(params)
+    if not tensors:
+        empty = torch.zeros(0)
+        return Norms(empty.sum(), empty.sum(), empty.sum(), empty, empty.clone())
+    with torch.no_grad():
+        groups = _by_device_dtype(tensors)
+        results = [_ops.norms([tensors[i] for i in idx]) for idx in groups]
+        if len(groups) == 1:
+            per_l1, per_l2sq = results[0]
+        else:
+            device, dtype = tensors[0].device, _result_dtype(tensors)
+            order = torch.tensor([i for idx in groups for i in idx], device=device)
+            per_l1 = torch.empty(len(tensors), device=device, dtype=dtype)
+            per_l2sq = torch.empty_like(per_l1)
+            per_l1[order] = torch.cat([r[0].to(device, dtype) for r in results])
+            per_l2sq[order] = torch.cat([r[1].to(device, dtype) for r in results])
+        l2sq = per_l2sq.sum()
+        return Norms(per_l1.sum(), l2sq, l2sq.sqrt(), per_l1, per_l2sq)
+
+
+def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,
+            groups: str = "row") -> Tensor:
+    """``l1·Σ|w| + l2·Σw² + group_lasso·Σ_g √|g|·‖w_g‖₂`` as a differentiable 0-dim tensor.
+
+    A drop-in for the regularization loop inside the loss: ``loss = loss + penalty(model, l1=1e-4)``.
+    ``groups`` is ``"row"`` (slices along dim 0), ``"col"`` (along dim 1) or ``"tensor"``;
+    tensors with fewer than 2 dims are one group. The value is float32 (float64 if any param
+    is float64) on the first param's device; the gradient is ``l1·sign(w) + 2·l2·w +
+    group_lasso·√|g|·w_g/‖w_g‖₂``, 0 at w = 0. Terms whose coefficient is 0 are not computed.
+    """
+    tensors, _ = _named(params)
+    l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
+    if not tensors:
+        return torch.zeros(())
+    values = [_ops.penalty([tensors[i] for i in idx], l1, l2, group_lasso, groups)
+              for idx in _by_device_dtype(tensors)]
+    return _total(values, tensors)
+
+
+def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,
+                      groups: str = "row") -> Tensor:
+    """Add the penalty's gradient into each ``p.grad`` in place; return the penalty value.
+
+    Call it after ``loss.backward()`` instead of putting the penalty in the loss: no autograd
+    graph and no temporary the size of the params. A param whose ``grad`` is None gets one.
+    The value is detached, 0-dim, float32 (float64 if any param is float64), on the first
+    param's device. Arguments as in :func:`penalty`.
+    """
+    tensors, names = _named(params)
+    l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
+    for name, p in zip(names, tensors):
+        g = p.grad
+        if g is None:
+            continue
+        _check_tensor(f"{name}.grad", g)
+        _check_writable(f"{name}.grad", g)
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{name}.grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
+                             f"{name} ({tuple(p.shape)}, {p.dtype}, {p.device})")
+    if not tensors:
+        return torch.zeros(())
+    with torch.no_grad():
+        for p in tensors:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        values = []
+        for idx in _by_device_dtype(tensors):
+            group = [tensors[i] for i in idx]
+            values.append(_ops.add_penalty_grad_(group, [p.grad for p in group], l1, l2, group_lasso, groups))
+        return _total(values, tensors)
+
+
+def _check_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
+        _check_tensor("lr", lr)
+        return lr.detach().reshape(()), 0.0
+    return None, _check_coef("lr", lr)
+
+
+def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,
+          groups: str = "row") -> None:
+    """The proximal step of the penalty with step ``lr``, in place; it gives exact zeros.
+
+    ``w ← sign(w)·max(|w| − lr·l1, 0) / (1 + 2·lr·l2)``, then each group
+    ``w_g ← max(0, 1 − lr·group_lasso·√|g| / ((1 + 2·lr·l2)·‖w_g‖₂))·w_g`` (a zero group stays
+    zero): the exact proximal operator of the whole penalty. ``lr`` is a number or a
+    one-element tensor (on the params' device or the CPU; its value is not checked, so that
+    no host sync happens). Arguments otherwise as in :func:`penalty`.
+    """
+    tensors, names = _named(params)
+    l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
+    lr_tensor, lr_float = _check_lr(lr)
+    for name, p in zip(names, tensors):
+        _check_writable(name, p)
+    if not tensors or not (l1 or l2 or group_lasso):
+        return
+    with torch.no_grad():
+        for idx in _by_device_dtype(tensors):
+            _ops.prox_([tensors[i] for i in idx], lr_tensor, lr_float, l1, l2, group_lasso, groups)
+
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def weights(model: nn.Module) -> list[Tensor]:
+    """The parameters a penalty normally covers: layer weights with dim ≥ 2.
+
+    Biases (any parameter whose name contains ``bias``) and the parameters of normalization
+    layers are left out, as is anything with fewer than 2 dims. Tied weights appear once.
+    """
+    out, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, _NORM_LAYERS):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and "bias" not in name and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, **hyper) -> list[dict]:
+    """Two optimizer param groups: :func:`weights` with ``hyper``, and every other param unregularized.
+
+    ``param_groups(model, lr=1e-3, l1=1e-5)`` →
+    ``[{"params": weights, "lr": 1e-3, "l1": 1e-5}, {"params": rest, "lr": 1e-3, "l1": 0,
+    "l2": 0, "group_lasso": 0, "weight_decay": 0}]``. ``hyper`` keys other than the four
+    regularization ones (``lr``, ``betas``…) apply to both groups. A group with no params is
+    left out.
+    """
+    chosen = weights(model)
+    ids = {id(p) for p in chosen}
+    rest = [p for p in dict.fromkeys(model.parameters()) if id(p) not in ids]
+    shared = {k: v for k, v in hyper.items() if k not in ("l1", "l2", "group_lasso", "weight_decay")}
+    unregularized = {**shared, "l1": 0.0, "l2": 0.0, "group_lasso": 0.0, "weight_decay": 0.0}
+    groups = [{"params": chosen, **hyper}, {"params": rest, **unregularized}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass(frozen=True)
+class SparsityRow:
+    """One tensor's share of exact (or near, ``|w| ≤ atol``) zeros."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Zeros per tensor (``rows``) and in total; ``str()`` gives a table."""
+
+    rows: list[SparsityRow]
+    atol: float
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __getitem__(self, name: str) -> SparsityRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        width = max([len("total"), *(len(r.name) for r in self.rows)])
+        head = f"{'tensor':<{width}}  {'shape':>18}  {'numel':>12}  {'zeros':>12}  {'sparsity':>8}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            shape = "x".join(map(str, r.shape)) or "scalar"
+            lines.append(f"{r.name:<{width}}  {shape:>18}  {r.numel:>12,}  {r.zeros:>12,}  {r.fraction:>8.2%}")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<{width}}  {'':>18}  {self.numel:>12,}  {self.zeros:>12,}  {self.fraction:>8.2%}")
+        return "\n".join(lines)
+
+
+def sparsity(model_or_params: Params, atol: float = 0.0) -> Sparsity:
+    """Count the zeros (``|w| ≤ atol``) of each tensor and in total; one host sync in all.
+
+    Rows are named as in ``named_parameters()`` when a module is given, else ``params[i]``.
+    """
+    atol = _check_coef("atol", atol)
+    tensors, names = _named(model_or_params)
+    zeros = [0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    with torch.no_grad():
+        for idx in by_device.values():
+            counts = torch.stack([(tensors[i].abs() <= atol).sum() for i in idx]).tolist()
+            for i, c in zip(idx, counts):
+                zeros[i] = c
+    rows = [SparsityRow(n, tuple(t.shape), t.numel(), z) for n, t, z in zip(names, tensors, zeros)]
+    return Sparsity(rows, atol)
