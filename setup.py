@@ -42,7 +42,7 @@ def _extensions():
             "regfast._C",
             cpp_sources + cuda_sources,
             define_macros=[("REGFAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
         )
     else:
         ext = cpp_extension.CppExtension("regfast._C", cpp_sources, extra_compile_args=cxx_flags)
