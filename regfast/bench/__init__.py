@@ -1,0 +1,1 @@
+"""regfast's benchmark suite: ``python -m regfast.bench``."""
