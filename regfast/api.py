@@ -212,7 +212,11 @@ def _check_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
             raise ValueError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
         _check_tensor("lr", lr)
         return lr.detach().reshape(()), 0.0
-    return None, _check_coef("lr", lr)
+    lr = _check_coef("lr", lr)
+    if torch.compiler.is_compiling():
+        # A float reaching a custom op would be specialized (one graph per lr value); a tensor is not.
+        return torch.ones((), dtype=torch.float64) * lr, 0.0
+    return None, lr
 
 
 def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,

@@ -1,0 +1,142 @@
+"""Bad input gets a clear error naming the culprit, and leaves every param and grad untouched."""
+
+import pytest
+import torch
+from helpers import make_params, use_backend
+
+import regfast
+
+
+def _snapshot(ts):
+    return [(t.detach().clone(), None if t.grad is None else t.grad.clone()) for t in ts]
+
+
+def _assert_untouched(ts, snap):
+    for t, (value, grad) in zip(ts, snap):
+        assert torch.equal(t.detach(), value)
+        assert (t.grad is None) == (grad is None)
+        if grad is not None:
+            assert torch.equal(t.grad.to_dense(), grad.to_dense())
+
+
+def _all_calls(params, **kw):
+    """Every public call, each to be tried on the same bad input."""
+    return [
+        lambda: regfast.penalty(params, **kw),
+        lambda: regfast.add_penalty_grad_(params, **kw),
+        lambda: regfast.prox_(params, 0.1, **kw),
+        lambda: regfast.norms(params),
+    ]
+
+
+def _good():
+    ts = make_params([(3, 4), (5,)])
+    ts[0].grad = torch.randn(3, 4)
+    return ts
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.ones(3, dtype=torch.int64), "params\\[2\\] has dtype torch.int64"),
+    (torch.ones(3, dtype=torch.bool), "params\\[2\\] has dtype torch.bool"),
+    (torch.ones(3, dtype=torch.complex64), "params\\[2\\] has dtype torch.complex64"),
+    ([1.0, 2.0], "params\\[2\\] is a list, not a torch.Tensor"),
+    (3.0, "params\\[2\\] is a float"),
+    (torch.eye(3).to_sparse(), "params\\[2\\] is a torch.sparse_coo tensor"),
+])
+def test_bad_tensors_are_named(bad, match):
+    ts = _good()
+    snap = _snapshot(ts)
+    for call in _all_calls([*ts, bad], l1=0.1):
+        with pytest.raises(TypeError, match=match):
+            call()
+    _assert_untouched(ts, snap)
+
+
+def test_bad_params_container():
+    with pytest.raises(TypeError, match="params must be an nn.Module, a tensor or an iterable"):
+        regfast.penalty(3, l1=0.1)
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "group_lasso"])
+@pytest.mark.parametrize("value, error", [(-0.1, ValueError), (float("nan"), ValueError),
+                                          (float("inf"), ValueError), ("0.1", TypeError), (True, TypeError)])
+def test_bad_coefficients(name, value, error):
+    ts = _good()
+    snap = _snapshot(ts)
+    for call in _all_calls(ts, **{name: value})[:3]:
+        with pytest.raises(error, match=name):
+            call()
+    _assert_untouched(ts, snap)
+
+
+@pytest.mark.parametrize("lr, error, match", [
+    (-1.0, ValueError, "lr must be finite and >= 0"),
+    (float("nan"), ValueError, "lr must be finite and >= 0"),
+    (torch.tensor([0.1, 0.2]), ValueError, "lr must be a number or a one-element tensor"),
+    (torch.tensor(1, dtype=torch.int64), TypeError, "lr has dtype torch.int64"),
+    (None, TypeError, "lr must be a number"),
+])
+def test_bad_lr(lr, error, match):
+    ts = _good()
+    snap = _snapshot(ts)
+    with pytest.raises(error, match=match):
+        regfast.prox_(ts, lr, l1=0.1)
+    _assert_untouched(ts, snap)
+
+
+def test_lr_one_element_tensor_is_accepted():
+    ts, ref = _good(), _good()
+    for a, b in zip(ts, ref):
+        b.data.copy_(a)
+    regfast.prox_(ts, torch.tensor([0.1]), l1=1.0)
+    regfast.prox_(ref, 0.1, l1=1.0)
+    for a, b in zip(ts, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_groups():
+    ts = _good()
+    snap = _snapshot(ts)
+    for call in _all_calls(ts, group_lasso=0.1, groups="rows")[:3]:
+        with pytest.raises(ValueError, match="groups must be one of 'row', 'col', 'tensor', got 'rows'"):
+            call()
+    _assert_untouched(ts, snap)
+
+
+def test_self_overlapping_tensor_refused_in_place():
+    ts = _good()
+    expanded = torch.randn(1, 4).expand(3, 4)
+    snap = _snapshot(ts)
+    with pytest.raises(ValueError, match="params\\[2\\] .*overlaps itself"):
+        regfast.prox_([*ts, expanded], 0.1, l1=0.1)
+    _assert_untouched(ts, snap)
+    assert regfast.penalty([expanded], l1=1.0).item() == pytest.approx(3 * expanded[0].abs().sum().item(), rel=1e-6)
+
+
+def test_bad_grads():
+    ts = _good()
+    ts[1].grad = torch.randn(5).to_sparse()
+    snap = _snapshot(ts)
+    with pytest.raises(TypeError, match="params\\[1\\].grad is a torch.sparse_coo tensor"):
+        regfast.add_penalty_grad_(ts, l1=0.1)
+    _assert_untouched(ts, snap)
+    ts = _good()
+    ts[1].grad = torch.randn(1).expand(5)
+    snap = _snapshot(ts)
+    with pytest.raises(ValueError, match="params\\[1\\].grad .*overlaps itself"):
+        regfast.add_penalty_grad_(ts, l1=0.1)
+    _assert_untouched(ts, snap)
+
+
+def test_bad_backend_name():
+    with use_backend("fastest"), pytest.raises(ValueError, match="REGFAST_BACKEND='fastest' is not a backend"):
+        regfast.penalty(_good(), l1=0.1)
+
+
+def test_forced_unavailable_backend_raises():
+    from regfast import _dispatch
+
+    if _dispatch.unavailable_reason("cpp", "cpu") is None:
+        pytest.skip("the compiled extension is built here; nothing to refuse")
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="REGFAST_BACKEND=cpp but the cpp backend cannot serve"):
+        regfast.penalty(_good(), l1=0.1)
