@@ -56,21 +56,39 @@ def group_size(t: Tensor, groups: str) -> int:
     return math.prod(t.shape[d] for d in dims)
 
 
+def _reduce_dtype(t: Tensor) -> torch.dtype:
+    """The dtype norms are reduced in: the accumulation dtype on CUDA (tree reductions), float64 elsewhere.
+
+    PyTorch's CPU ``vector_norm`` accumulates float32 sequentially, which loses percents on
+    tensors of tens of millions of elements; reducing in float64 keeps the reference exact.
+    """
+    return acc_dtype(t.dtype) if t.device.type == "cuda" else torch.float64
+
+
 def group_norms(t: Tensor, groups: str) -> Tensor:
     """‖w_g‖₂ of every group of ``t`` in the accumulation dtype, shaped to broadcast against ``t``."""
     dims = group_dims(t, groups)
-    acc = acc_dtype(t.dtype)
+    reduce = _reduce_dtype(t)
     if dims is None:
-        return torch.linalg.vector_norm(t, 2, dtype=acc)
-    return torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True, dtype=acc)
+        norm = torch.linalg.vector_norm(t, 2, dtype=reduce)
+    else:
+        norm = torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True, dtype=reduce)
+    return norm.to(acc_dtype(t.dtype))
+
+
+def _per_tensor(params: list[Tensor], ord: int) -> Tensor:
+    """Σ|w| (``ord=1``) or Σw² (``ord=2``) of each tensor, 1-D in the accumulation dtype."""
+    acc = acc_dtype(params[0].dtype)
+    if params[0].device.type == "cuda":
+        norms = torch.stack(torch._foreach_norm(params, ord, dtype=acc))
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(t, ord, dtype=torch.float64) for t in params])
+    return (norms if ord == 1 else norms.square()).to(acc)
 
 
 def norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-tensor Σ|w| and Σw², each a 1-D tensor of ``len(params)`` in the accumulation dtype."""
-    acc = acc_dtype(params[0].dtype)
-    l1 = torch.stack(torch._foreach_norm(params, 1, dtype=acc))
-    l2sq = torch.stack(torch._foreach_norm(params, 2, dtype=acc)).square()
-    return l1, l2sq
+    return _per_tensor(params, 1), _per_tensor(params, 2)
 
 
 def _group_term(params: list[Tensor], groups: str) -> Tensor:
@@ -84,9 +102,9 @@ def penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, grou
     acc = acc_dtype(params[0].dtype)
     value = torch.zeros((), dtype=acc, device=params[0].device)
     if l1:
-        value = value + l1 * torch.stack(torch._foreach_norm(params, 1, dtype=acc)).sum()
+        value = value + l1 * _per_tensor(params, 1).sum()
     if l2:
-        value = value + l2 * torch.stack(torch._foreach_norm(params, 2, dtype=acc)).square().sum()
+        value = value + l2 * _per_tensor(params, 2).sum()
     if group_lasso:
         value = value + group_lasso * _group_term(params, groups)
     return value
@@ -98,34 +116,36 @@ def _group_grad_scale(t: Tensor, groups: str) -> Tensor:
     return torch.where(norm == 0, torch.zeros_like(norm), math.sqrt(group_size(t, groups)) / norm)
 
 
-def _axpy_(out: Tensor, coef: float | Tensor, x: Tensor) -> None:
-    """out += coef·x in place, for a float or a (0-dim or broadcastable) tensor ``coef``."""
+def _axpy(out: Tensor | None, coef: float | Tensor, x: Tensor) -> Tensor:
+    """out + coef·x, in place into ``out`` (a new tensor when ``out`` is None); ``coef`` a float or tensor."""
+    if out is None:
+        return x * coef
     if isinstance(coef, Tensor):
-        out.addcmul_(x, coef)
-    else:
-        out.add_(x, alpha=coef)
+        return out.addcmul_(x, coef)
+    return out.add_(x, alpha=coef)
 
 
-def _add_grad_(out: Tensor, w: Tensor, l1: float | Tensor, l2: float | Tensor,
-               group_lasso: float | Tensor, groups: str) -> None:
-    """out += l1·sign(w) + 2·l2·w + group term; a float coefficient of 0 is skipped."""
+def _add_grad(out: Tensor | None, w: Tensor, l1: float | Tensor, l2: float | Tensor,
+              group_lasso: float | Tensor, groups: str) -> Tensor | None:
+    """out + l1·sign(w) + 2·l2·w + group term (in place unless ``out`` is None); a float 0 term is skipped."""
     if isinstance(l1, Tensor) or l1:
-        _axpy_(out, l1, torch.sign(w))
+        out = _axpy(out, l1, torch.sign(w)) if out is not None else torch.sign(w).mul_(l1)
     if isinstance(l2, Tensor) or l2:
-        _axpy_(out, 2 * l2, w)
+        out = _axpy(out, 2 * l2, w)
     if isinstance(group_lasso, Tensor) or group_lasso:
-        out.addcmul_(w, _group_grad_scale(w, groups) * group_lasso)
+        out = _axpy(out, _group_grad_scale(w, groups) * group_lasso, w)
+    return out
 
 
 def penalty_backward(grad: Tensor, params: list[Tensor], l1: float, l2: float,
                      group_lasso: float, groups: str) -> list[Tensor]:
     """``grad`` (0-dim) times the penalty's gradient, one new tensor per param."""
     grad = grad.to(acc_dtype(params[0].dtype))
+    coefs = [c and grad * c for c in (l1, l2, group_lasso)]
     grads = []
     for w in params:
-        out = torch.zeros_like(w)
-        _add_grad_(out, w, l1 and grad * l1, l2 and grad * l2, group_lasso and grad * group_lasso, groups)
-        grads.append(out)
+        out = _add_grad(None, w, *coefs, groups)
+        grads.append(torch.zeros_like(w) if out is None else out.to(w.dtype))
     return grads
 
 
@@ -136,7 +156,7 @@ def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: 
     if l2:
         torch._foreach_add_(grads, params, alpha=2 * l2)
     for w, g in zip(params, grads):
-        _add_grad_(g, w, l1, 0.0, group_lasso, groups)
+        _add_grad(g, w, l1, 0.0, group_lasso, groups)
     return value
 
 

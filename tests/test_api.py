@@ -317,3 +317,16 @@ def test_backend_report():
     assert info.selected in ("torch", "cpp")
     assert set(info.reasons) == {"torch", "cpp", "cuda", "triton"} - {info.selected}
     assert "cpu" in str(info)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensor_accumulates_accurately(dtype):
+    """Tens of millions of small values: a sequential fp32 sum would be off by percents."""
+    w = (torch.randn(1 << 24, dtype=torch.float64) * 0.02 + 0.01).to(dtype)
+    w64 = w.double()
+    n = regfast.norms([w])
+    torch.testing.assert_close(n.l1.double(), w64.abs().sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(n.l2sq.double(), w64.square().sum(), rtol=1e-5, atol=0)
+    value = regfast.penalty(w, l1=1.0, l2=1.0, group_lasso=1.0, groups="tensor")
+    expected = w64.abs().sum() + w64.square().sum() + math.sqrt(w.numel()) * w64.norm()
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
