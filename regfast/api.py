@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import _distributed, _ops
 from .reference import GROUPINGS
 
 __all__ = [
@@ -91,12 +91,16 @@ def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple
     return _check_coef("l1", l1), _check_coef("l2", l2), _check_coef("group_lasso", group_lasso)
 
 
-def _by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance."""
+def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
+    """Indices of the plain tensors grouped by (device, dtype) in order of first appearance, and of the DTensors."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    distributed = []
     for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values())
+        if _distributed.is_dtensor(t):
+            distributed.append(i)
+        else:
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values()), distributed
 
 
 def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
@@ -105,8 +109,6 @@ def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
 
 def _total(values: list[Tensor], like: list[Tensor]) -> Tensor:
     """Sum of per-group values, on the first tensor's device, in float64 if any tensor is float64."""
-    if len(values) == 1:
-        return values[0]
     device, dtype = like[0].device, _result_dtype(like)
     total = values[0].to(device, dtype)
     for v in values[1:]:
@@ -139,9 +141,12 @@ def norms(params: Params) -> Norms:
         empty = torch.zeros(0)
         return Norms(empty.sum(), empty.sum(), empty.sum(), empty, empty.clone())
     with torch.no_grad():
-        groups = _by_device_dtype(tensors)
+        groups, distributed = _partition(tensors)
         results = [_ops.norms([tensors[i] for i in idx]) for idx in groups]
-        if len(groups) == 1:
+        if distributed:
+            groups.append(distributed)
+            results.append(_distributed.norms([tensors[i] for i in distributed]))
+        if len(groups) == 1 and not distributed:
             per_l1, per_l2sq = results[0]
         else:
             device, dtype = tensors[0].device, _result_dtype(tensors)
@@ -164,12 +169,15 @@ def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float
     is float64) on the first param's device; the gradient is ``l1·sign(w) + 2·l2·w +
     group_lasso·√|g|·w_g/‖w_g‖₂``, 0 at w = 0. Terms whose coefficient is 0 are not computed.
     """
-    tensors, _ = _named(params)
+    tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
     if not tensors:
         return torch.zeros(())
-    values = [_ops.penalty([tensors[i] for i in idx], l1, l2, group_lasso, groups)
-              for idx in _by_device_dtype(tensors)]
+    plain, distributed = _partition(tensors)
+    values = [_ops.penalty([tensors[i] for i in idx], l1, l2, group_lasso, groups) for idx in plain]
+    if distributed:
+        values.append(_distributed.penalty([tensors[i] for i in distributed], [names[i] for i in distributed],
+                                           l1, l2, group_lasso, groups))
     return _total(values, tensors)
 
 
@@ -199,10 +207,14 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
         for p in tensors:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        plain, distributed = _partition(tensors)
         values = []
-        for idx in _by_device_dtype(tensors):
+        for idx in plain:
             group = [tensors[i] for i in idx]
             values.append(_ops.add_penalty_grad_(group, [p.grad for p in group], l1, l2, group_lasso, groups))
+        if distributed:
+            values.append(_distributed.add_penalty_grad_([tensors[i] for i in distributed],
+                                                         [names[i] for i in distributed], l1, l2, group_lasso, groups))
         return _total(values, tensors)
 
 
@@ -237,8 +249,12 @@ def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, 
     if not tensors or not (l1 or l2 or group_lasso):
         return
     with torch.no_grad():
-        for idx in _by_device_dtype(tensors):
+        plain, distributed = _partition(tensors)
+        for idx in plain:
             _ops.prox_([tensors[i] for i in idx], lr_tensor, lr_float, l1, l2, group_lasso, groups)
+        if distributed:
+            _distributed.prox_([tensors[i] for i in distributed], [names[i] for i in distributed],
+                               lr_float if lr_tensor is None else lr_tensor, l1, l2, group_lasso, groups)
 
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
