@@ -43,6 +43,23 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+class _Calls(list):
+    original = None
+
+
+def _count_all_reduces():
+    """Count dist.all_reduce calls until dist.all_reduce is restored to ``calls.original``."""
+    calls = _Calls()
+    calls.original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return calls.original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    return calls
+
+
 def _check_fsdp(rank, mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -56,6 +73,15 @@ def _check_fsdp(rank, mesh):
     n, n_ref = regfast.norms(model), regfast.norms(ref)
     for field in ("l1", "l2sq", "l2", "per_tensor_l1", "per_tensor_l2sq"):
         _close(getattr(n, field), getattr(n_ref, field), f"norms.{field}")
+
+    calls = _count_all_reduces()
+    for hyper in HYPERS:
+        for fn, args in ((regfast.norms, ()), (regfast.penalty, ()), (regfast.add_penalty_grad_, ()),
+                         (regfast.prox_, (0.0,))):
+            calls.clear()
+            fn(model, *args) if fn is regfast.norms else fn(model, *args, **hyper)
+            assert len(calls) <= 1, f"{len(calls)} collectives in one call ({hyper})"
+    dist.all_reduce = calls.original
 
     (xg, yg), (x, y) = _data(rank)
     for hyper in HYPERS:
