@@ -330,3 +330,23 @@ def test_large_tensor_accumulates_accurately(dtype):
     value = regfast.penalty(w, l1=1.0, l2=1.0, group_lasso=1.0, groups="tensor")
     expected = w64.abs().sum() + w64.square().sum() + math.sqrt(w.numel()) * w64.norm()
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixing devices needs a CUDA device")
+def test_mixed_devices_in_one_list():
+    ts = make_params([(5, 4), (7,), (3, 3)], torch.float32)
+    ts[1] = ts[1].cuda()
+    hyper = dict(l1=0.1, l2=0.2, group_lasso=0.3)
+    value = regfast.penalty(ts, **hyper)
+    assert value.device == ts[0].device
+    assert_close(value, oracle.penalty(to64(ts), **_kw(hyper)), torch.float32)
+    n = regfast.norms(ts)
+    assert_close(n.per_tensor_l1, torch.stack([t.double().abs().sum() for t in to64(ts)]), torch.float32)
+    for t in ts:
+        t.grad = torch.zeros_like(t)
+    regfast.add_penalty_grad_(ts, **hyper)
+    before = to64(ts)
+    regfast.prox_(ts, 0.2, **hyper)
+    for t, b in zip(ts, before):
+        assert_close(t.grad, oracle.grad(b, **_kw(hyper)), torch.float32)
+        assert_close(t, oracle.prox(b, 0.2, **_kw(hyper)), torch.float32)
