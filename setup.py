@@ -1,5 +1,7 @@
 """Build regfast, with its compiled extension ``regfast._C`` when possible.
 
+    pip install --no-build-isolation -e .
+
 Environment:
   REGFAST_NO_EXT=1        skip the extension entirely (pure-Python install).
   REGFAST_BUILD_CUDA=1|0  force the CUDA kernels on / off; by default they are built when
@@ -7,14 +9,25 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0").
   MAX_JOBS                parallel compile jobs (read by torch's build helpers).
 
-Without torch at build time (an isolated build), or without the sources, the package is
-installed without the extension; ``regfast.backend()`` then says so.
+The extension is optional: without torch at build time (an isolated build), without the
+sources, or when it fails to compile, the package is installed without it and
+``regfast.backend()`` says so. A forced CUDA build (REGFAST_BUILD_CUDA=1) that fails is an error.
 """
 
-import glob
 import os
+import sys
 
 from setuptools import setup
+
+CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu_kernels.cpp"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/norms.cu", "csrc/penalty.cu", "csrc/prox.cu"]
+
+
+def _want_cuda(torch, cpp_extension) -> bool:
+    forced = os.environ.get("REGFAST_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
 
 
 def _extensions():
@@ -26,27 +39,45 @@ def _extensions():
     except ImportError:
         print("regfast: torch is not importable at build time; installing without regfast._C")
         return [], {}
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    if not cpp_sources:
+    if not all(os.path.exists(s) for s in CPU_SOURCES):
         return [], {}
-    build_cuda = os.environ.get("REGFAST_BUILD_CUDA")
-    if build_cuda is None:
-        with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
-    else:
-        with_cuda = build_cuda == "1"
-    cxx_flags = ["-O3", "-std=c++17"]
-    if with_cuda:
+    cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP region compiled into the extension; torch ships libgomp.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    if _want_cuda(torch, cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
             "regfast._C",
-            cpp_sources + cuda_sources,
+            CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("REGFAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags,
+            optional=os.environ.get("REGFAST_BUILD_CUDA") != "1",
         )
     else:
-        ext = cpp_extension.CppExtension("regfast._C", cpp_sources, extra_compile_args=cxx_flags)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        ext = cpp_extension.CppExtension(
+            "regfast._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+            optional=True,
+        )
+    return [ext], {"build_ext": _optional_build(cpp_extension.BuildExtension).with_options(use_ninja=True)}
+
+
+def _optional_build(base):
+    """``base`` with failures of optional extensions reported instead of raised (torch raises RuntimeError)."""
+
+    class BuildOptionalExtension(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if not ext.optional:
+                    raise
+                print(f"regfast: building {ext.name} failed, installing without it: {exc}", file=sys.stderr)
+
+    return BuildOptionalExtension
 
 
 ext_modules, cmdclass = _extensions()

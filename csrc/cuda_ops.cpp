@@ -1,0 +1,271 @@
+// CUDA implementations of the regfast_C ops: tensors in, work list built, kernels launched.
+//
+// Compiled only when the CUDA kernels are (REGFAST_WITH_CUDA). The kernels (norms.cu,
+// penalty.cu, prox.cu) see plain pointers; this file builds the per-call metadata (tensor
+// table, (tensor, chunk) work list, group list) in one pinned host buffer, copies it to the
+// device with one asynchronous copy, and combines per-chunk partials with ATen ops. Nothing
+// here synchronizes with the host.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "groups.h"
+#include "launch.h"
+
+namespace regfast {
+namespace {
+
+using cuda::DType;
+
+static_assert(sizeof(cuda::TensorMeta) == 6 * sizeof(int64_t), "TensorMeta is packed into int64 words");
+static_assert(sizeof(cuda::WorkItem) == 3 * sizeof(int64_t), "WorkItem is packed into int64 words");
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kDouble:
+      return DType::kDouble;
+    default:
+      TORCH_CHECK(false, "regfast_C: unsupported dtype ", t);
+  }
+}
+
+// The device-side description of one call: every pointer points into `buffer`.
+struct DeviceList {
+  at::Tensor buffer;
+  const cuda::TensorMeta* meta = nullptr;
+  const cuda::WorkItem* items = nullptr;
+  const int64_t* first = nullptr;
+  const int64_t* groups = nullptr;
+  int64_t nitems = 0;
+  int64_t total_groups = 0;
+};
+
+DeviceList build(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>* others,
+                 std::optional<Grouping> grouping) {
+  const int64_t nt = static_cast<int64_t>(ws.size());
+  std::vector<cuda::TensorMeta> meta(nt);
+  std::vector<cuda::WorkItem> items;
+  std::vector<int64_t> first(nt + 1), groups;
+  int64_t group_offset = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    const at::Tensor& w = ws[t];
+    const int64_t n = w.numel();
+    GroupShape s{1, 1, n > 0 ? n : 1};
+    if (grouping.has_value() && n > 0) s = group_shape(w, *grouping);
+    meta[t] = {w.data_ptr(), others != nullptr ? (*others)[t].data_ptr() : nullptr, n, s.ngroups, s.inner,
+               group_offset};
+    first[t] = static_cast<int64_t>(items.size());
+    for (int64_t b = 0; b < n; b += cuda::kChunk) items.push_back({t, b, std::min(n, b + cuda::kChunk)});
+    if (grouping.has_value() && n > 0) {
+      for (int64_t g = 0; g < s.ngroups; ++g) {
+        groups.push_back(t);
+        groups.push_back(g);
+      }
+      group_offset += s.ngroups;
+    }
+  }
+  first[nt] = static_cast<int64_t>(items.size());
+
+  const int64_t words = 6 * nt + 3 * static_cast<int64_t>(items.size()) + (nt + 1) + static_cast<int64_t>(groups.size());
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  std::memcpy(h, meta.data(), sizeof(cuda::TensorMeta) * nt);
+  std::memcpy(h + 6 * nt, items.data(), sizeof(cuda::WorkItem) * items.size());
+  std::memcpy(h + 6 * nt + 3 * items.size(), first.data(), sizeof(int64_t) * (nt + 1));
+  std::memcpy(h + 7 * nt + 1 + 3 * items.size(), groups.data(), sizeof(int64_t) * groups.size());
+
+  DeviceList dl;
+  dl.buffer = host.to(ws[0].device(), /*non_blocking=*/true);
+  const int64_t* d = dl.buffer.data_ptr<int64_t>();
+  dl.meta = reinterpret_cast<const cuda::TensorMeta*>(d);
+  dl.items = reinterpret_cast<const cuda::WorkItem*>(d + 6 * nt);
+  dl.first = d + 6 * nt + 3 * items.size();
+  dl.groups = d + 7 * nt + 1 + 3 * items.size();
+  dl.nitems = static_cast<int64_t>(items.size());
+  dl.total_groups = static_cast<int64_t>(groups.size() / 2);
+  return dl;
+}
+
+void check_group(at::TensorList ts, const char* name) {
+  TORCH_CHECK(!ts.empty(), name, " must not be empty");
+  const auto dtype = ts[0].scalar_type();
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.is_cuda() && t.device() == ts[0].device() && t.scalar_type() == dtype, name,
+                " must all be CUDA tensors of one device and dtype");
+  }
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (!originals[i].is_same(work[i])) originals[i].copy_(work[i]);
+  }
+}
+
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(acc_type(like.scalar_type()));
+}
+
+// Per-group ‖u_g‖ and √|g| (u = w, or the elastic-net step of w when `step` is set).
+std::tuple<at::Tensor, at::Tensor> group_norms(const std::vector<at::Tensor>& ws, const DeviceList& dl,
+                                               const cuda::Step* step) {
+  at::Tensor sumsq = at::empty({dl.total_groups}, acc_options(ws[0]));
+  at::Tensor root = at::empty_like(sumsq);
+  cuda::launch_group_sumsq(dtype_of(ws[0].scalar_type()), dl.groups, dl.total_groups, dl.meta, step,
+                           sumsq.data_ptr(), root.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sumsq.sqrt(), root};
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList params) {
+  check_group(params, "params");
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  const DeviceList dl = build(ws, nullptr, std::nullopt);
+  const int64_t nt = static_cast<int64_t>(ws.size());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DType dt = dtype_of(ws[0].scalar_type());
+  at::Tensor partials = at::empty({2 * dl.nitems}, acc_options(ws[0]));
+  cuda::launch_norms(dt, dl.items, dl.nitems, dl.meta, partials.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor out = at::empty({2 * nt}, acc_options(ws[0]));
+  cuda::launch_sum_partials(dt, partials.data_ptr(), dl.nitems, dl.first, nt, out.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out.slice(0, 0, nt), out.slice(0, nt, 2 * nt)};
+}
+
+at::Tensor penalty_cuda(at::TensorList params, double l1, double l2, double gl, c10::string_view groups) {
+  check_group(params, "params");
+  const Grouping grouping = parse_grouping(groups);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor value = at::zeros({}, acc_options(params[0]));
+  if (l1 != 0 || l2 != 0) {
+    const auto [per_l1, per_l2sq] = norms_cuda(params);
+    if (l1 != 0) value = value + per_l1.sum() * l1;
+    if (l2 != 0) value = value + per_l2sq.sum() * l2;
+  }
+  if (gl != 0) {
+    const auto ws = contiguous_all(params);
+    const DeviceList dl = build(ws, nullptr, grouping);
+    const auto [norm, root] = group_norms(ws, dl, nullptr);
+    value = value + (root * norm).sum() * gl;
+  }
+  return value;
+}
+
+// The gradient pass into `outs` (accumulating or not), scaled by `mult` (0-dim, accumulation
+// dtype) when given; returns the penalty value.
+at::Tensor grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
+                     double l1, double l2, double gl, Grouping grouping, const at::Tensor* mult) {
+  at::Tensor value = at::zeros({}, acc_options(ws[0]));
+  if (l1 == 0 && l2 == 0 && gl == 0) return value;
+  const DeviceList dl = build(ws, &outs, gl != 0 ? std::optional<Grouping>(grouping) : std::nullopt);
+  at::Tensor scale;
+  if (gl != 0) {
+    const auto [norm, root] = group_norms(ws, dl, nullptr);
+    scale = at::where(norm == 0, at::zeros_like(norm), root * gl / norm);
+    value = value + (root * norm).sum() * gl;
+  }
+  at::Tensor partials = at::empty({2 * dl.nitems}, acc_options(ws[0]));
+  cuda::launch_grad(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, l1, l2,
+                    gl != 0 ? scale.data_ptr() : nullptr, mult != nullptr ? mult->data_ptr() : nullptr, accumulate,
+                    partials.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (l1 != 0) value = value + partials.slice(0, 0, dl.nitems).sum() * l1;
+  if (l2 != 0) value = value + partials.slice(0, dl.nitems, 2 * dl.nitems).sum() * l2;
+  return value;
+}
+
+std::vector<at::Tensor> penalty_backward_cuda(const at::Tensor& grad, at::TensorList params, double l1, double l2,
+                                              double gl, c10::string_view groups) {
+  check_group(params, "params");
+  const Grouping grouping = parse_grouping(groups);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  std::vector<at::Tensor> outs;
+  outs.reserve(ws.size());
+  for (const auto& w : ws) outs.push_back(at::zeros_like(w, at::MemoryFormat::Contiguous));
+  const at::Tensor mult = grad.to(acc_options(ws[0])).contiguous();
+  grad_pass(ws, outs, false, l1, l2, gl, grouping, &mult);
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (!params[i].is_contiguous()) outs[i] = at::empty_like(params[i]).copy_(outs[i]);
+  }
+  return outs;
+}
+
+at::Tensor add_penalty_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2, double gl,
+                                 c10::string_view groups) {
+  check_group(params, "params");
+  check_group(grads, "grads");
+  TORCH_CHECK(grads.size() == params.size(), "grads and params differ in length");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
+                "grads[", i, "] does not match params[", i, "] in shape or dtype");
+  }
+  const Grouping grouping = parse_grouping(groups);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  at::Tensor value = grad_pass(ws, gs, true, l1, l2, gl, grouping, nullptr);
+  write_back(grads, gs);
+  return value;
+}
+
+void prox_cuda(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+               double gl, c10::string_view groups) {
+  check_group(params, "params");
+  const Grouping grouping = parse_grouping(groups);
+  if (l1 == 0 && l2 == 0 && gl == 0) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  const auto opts = acc_options(ws[0]);
+  // The step stays on the device: a tensor lr is read by the kernels, never by the host.
+  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  const cuda::Step step{lr_dev.defined() ? lr_dev.data_ptr() : nullptr, lr, l1, l2};
+  const DeviceList dl = build(ws, nullptr, gl != 0 ? std::optional<Grouping>(grouping) : std::nullopt);
+  at::Tensor factor;
+  if (gl != 0) {
+    const auto [norm, root] = group_norms(ws, dl, &step);
+    const at::Tensor lr_t = lr_dev.defined() ? lr_dev : at::scalar_tensor(lr, opts);
+    at::Tensor c = lr_t * gl * root;
+    if (l2 != 0) c = c / (lr_t * (2 * l2) + 1);
+    // clamp_min keeps NaN, so a NaN group stays NaN; a zero group stays zero.
+    factor = at::where(norm == 0, at::zeros_like(norm), (1 - c / norm).clamp_min(0));
+  }
+  cuda::launch_prox(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, step,
+                    gl != 0 ? factor.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  write_back(params, ws);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regfast_C, CUDA, m) {
+  m.impl("norms", &norms_cuda);
+  m.impl("penalty", &penalty_cuda);
+  m.impl("penalty_backward", &penalty_backward_cuda);
+  m.impl("add_penalty_grad_", &add_penalty_grad_cuda);
+  m.impl("prox_", &prox_cuda);
+}
+
+}  // namespace regfast

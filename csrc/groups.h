@@ -1,0 +1,47 @@
+// Host-side description of a tensor's groups, shared by the CPU and CUDA implementations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace regfast {
+
+enum class Grouping { kRow, kCol, kTensor };
+
+inline Grouping parse_grouping(c10::string_view groups) {
+  if (groups == "row") return Grouping::kRow;
+  if (groups == "col") return Grouping::kCol;
+  TORCH_CHECK(groups == "tensor", "groups must be 'row', 'col' or 'tensor', got '", std::string(groups), "'");
+  return Grouping::kTensor;
+}
+
+// A contiguous tensor seen as [outer, ngroups, inner]: group g holds every element [o, g, k].
+// "row" groups are slices along dim 0 (outer = 1), "col" groups slices along dim 1, "tensor"
+// and tensors with fewer than 2 dims are one group (outer = ngroups = 1).
+struct GroupShape {
+  int64_t outer;
+  int64_t ngroups;
+  int64_t inner;
+
+  int64_t row_length() const { return ngroups * inner; }
+  int64_t group_size() const { return outer * inner; }
+};
+
+// Only called for tensors with at least one element, so every extent is >= 1.
+inline GroupShape group_shape(const at::Tensor& t, Grouping grouping) {
+  const int64_t n = t.numel();
+  if (grouping == Grouping::kTensor || t.dim() < 2) return {1, 1, n};
+  if (grouping == Grouping::kRow) return {1, t.size(0), n / t.size(0)};
+  return {t.size(0), t.size(1), n / (t.size(0) * t.size(1))};
+}
+
+// The dtype reductions accumulate in: float64 for float64 tensors, float32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace regfast

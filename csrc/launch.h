@@ -1,0 +1,37 @@
+// Host entry points of the CUDA kernels. Plain pointers and CUDA types only, so that the
+// kernels build with nvcc alone; cuda_ops.cpp turns tensors into these arguments.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "work_list.h"
+
+namespace regfast {
+namespace cuda {
+
+// partials (accumulation dtype, 2·nitems): Σ|w| of item c at [c], Σw² at [nitems + c].
+void launch_norms(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, void* partials,
+                  cudaStream_t stream);
+
+// out (accumulation dtype, 2·ntensors): per-tensor sums of `partials` in item order.
+void launch_sum_partials(DType dtype, const void* partials, int64_t nitems, const int64_t* first, int64_t ntensors,
+                         void* out, cudaStream_t stream);
+
+// Per group (groups: (tensor, g) pairs): sumsq = Σ u² with u = w, or the elastic-net step of w
+// when `step` (a host pointer) is set; root = √|g|. Both in the accumulation dtype, one value per group.
+void launch_group_sumsq(DType dtype, const int64_t* groups, int64_t total_groups, const TensorMeta* meta,
+                        const Step* step, void* sumsq, void* root, cudaStream_t stream);
+
+// meta.other[i] = [other[i] +] mult·(l1·sign(w) + (2·l2 + scale_g)·w); partials as launch_norms.
+// group_scale (per group, accumulation dtype) may be null; mult (0-dim accumulation dtype) may be null (1).
+void launch_grad(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, double l1, double l2,
+                 const void* group_scale, const void* mult, bool accumulate, void* partials, cudaStream_t stream);
+
+// w = factor_g·u(w), u the elastic-net step; group_factor (per group) may be null.
+void launch_prox(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step,
+                 const void* group_factor, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace regfast

@@ -1,0 +1,72 @@
+// The proximal step: elastic-net shrink of every element, then the group factor.
+#include "launch.h"
+#include "reduce.cuh"
+
+namespace regfast {
+namespace cuda {
+
+template <typename T, bool kT, bool kShrink, bool kGroup>
+struct ProxFunctor {
+  using A = acc_t<T>;
+  Step step;
+  const A* group_factor;
+
+  __device__ void operator()(int64_t, const WorkItem& item, const TensorMeta& m) const {
+    T* w = static_cast<T*>(m.data);
+    const A lr = step.lr_ptr != nullptr ? *static_cast<const A*>(step.lr_ptr) : static_cast<A>(step.lr);
+    const A t = lr * static_cast<A>(step.l1);
+    const A shrink = A(1) / (A(1) + A(2) * lr * static_cast<A>(step.l2));
+    const A* factor = kGroup ? group_factor + m.group_offset : nullptr;
+    auto one = [&](A x, int64_t i) {
+      if (kT) x = x - fmin(fmax(x, -t), t);
+      if (kShrink) x = x * shrink;
+      if (kGroup) x = x * factor[(i / m.inner) % m.ngroups];
+      return x;
+    };
+    for_elements<T>(
+        item.begin, item.end, vec_ok<T>(w, nullptr, item.begin),
+        [&](int64_t i) {
+          Vec<T> v = *reinterpret_cast<const Vec<T>*>(w + i);
+#pragma unroll
+          for (int e = 0; e < kVec<T>; ++e) v.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), i + e));
+          *reinterpret_cast<Vec<T>*>(w + i) = v;
+        },
+        [&](int64_t i) { w[i] = from_acc<T>(one(to_acc<A>(w[i]), i)); });
+  }
+};
+
+template <typename T, bool kT, bool kShrink, bool kGroup>
+void prox_apply(const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step, const void* group_factor,
+                cudaStream_t stream) {
+  ProxFunctor<T, kT, kShrink, kGroup> f{step, static_cast<const acc_t<T>*>(group_factor)};
+  multi_tensor_apply(items, nitems, meta, f, stream);
+}
+
+template <typename T, bool kGroup>
+void prox_terms(const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step, const void* group_factor,
+                cudaStream_t stream) {
+  const bool has_t = step.l1 != 0, has_shrink = step.l2 != 0;
+  if (has_t && has_shrink) {
+    prox_apply<T, true, true, kGroup>(items, nitems, meta, step, group_factor, stream);
+  } else if (has_t) {
+    prox_apply<T, true, false, kGroup>(items, nitems, meta, step, group_factor, stream);
+  } else if (has_shrink) {
+    prox_apply<T, false, true, kGroup>(items, nitems, meta, step, group_factor, stream);
+  } else if (kGroup) {
+    prox_apply<T, false, false, kGroup>(items, nitems, meta, step, group_factor, stream);
+  }
+}
+
+void launch_prox(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step,
+                 const void* group_factor, cudaStream_t stream) {
+  REGFAST_DISPATCH(dtype, {
+    if (group_factor != nullptr) {
+      prox_terms<scalar_t, true>(items, nitems, meta, step, group_factor, stream);
+    } else {
+      prox_terms<scalar_t, false>(items, nitems, meta, step, group_factor, stream);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace regfast

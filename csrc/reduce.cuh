@@ -1,0 +1,146 @@
+// fp32 (fp64 for fp64) block and warp reductions, element conversions and dtype dispatch.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "multi_tensor.cuh"
+
+namespace regfast {
+namespace cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+template <typename A, typename T>
+__device__ __forceinline__ A to_acc(T x) {
+  return static_cast<A>(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A x) {
+  return static_cast<T>(x);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of v over the block, valid in thread 0; a fixed tree, so the result is deterministic.
+// Every thread of the block must call it; `shared` holds kThreads / 32 values.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : A(0);
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// sign(w) with NaN kept as NaN, so a NaN weight gives a NaN gradient.
+template <typename A>
+__device__ __forceinline__ A sign_of(A w) {
+  return w > A(0) ? A(1) : (w < A(0) ? A(-1) : w);
+}
+
+// Elements per 16-byte vector, and whether [begin, end) of these pointers can use 16-byte accesses.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const void* a, const void* b, int64_t begin) {
+  return (reinterpret_cast<uintptr_t>(a) % 16 == 0) && (b == nullptr || reinterpret_cast<uintptr_t>(b) % 16 == 0) &&
+         begin % kVec<T> == 0;
+}
+
+template <typename T>
+struct alignas(16) Vec {
+  T v[kVec<T>];
+};
+
+// Calls op(i) for every i in [begin, end) with i a multiple of kVec<T> handled kVec elements at a
+// time through 16-byte loads (op_vec(i)) when `aligned`, then the scalar tail.
+template <typename T, typename OpVec, typename Op>
+__device__ __forceinline__ void for_elements(int64_t begin, int64_t end, bool aligned, OpVec op_vec, Op op) {
+  int64_t i = begin;
+  if (aligned) {
+    const int64_t nvec = (end - begin) / kVec<T>;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) op_vec(begin + v * kVec<T>);
+    i = begin + nvec * kVec<T>;
+  }
+  for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) op(j);
+}
+
+// Per-tensor sums of per-item partials: out[t] = Σ partials[c] over tensor t's items, in order.
+// `first` holds ntensors + 1 item offsets. One thread per tensor: the order is fixed.
+template <typename A>
+__global__ void sum_partials_kernel(const A* partials, int64_t stride, const int64_t* first, int64_t ntensors,
+                                    A* out, int64_t out_stride, int nvalues) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= ntensors) return;
+  for (int k = 0; k < nvalues; ++k) {
+    A acc = 0;
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) acc += partials[k * stride + c];
+    out[k * out_stride + t] = acc;
+  }
+}
+
+}  // namespace cuda
+}  // namespace regfast
+
+// Runs the statement with scalar_t bound to the element type of `dtype`.
+#define REGFAST_DISPATCH(dtype, ...)                          \
+  switch (dtype) {                                            \
+    case ::regfast::cuda::DType::kHalf: {                     \
+      using scalar_t = __half;                                \
+      __VA_ARGS__;                                            \
+      break;                                                  \
+    }                                                         \
+    case ::regfast::cuda::DType::kBFloat16: {                 \
+      using scalar_t = __nv_bfloat16;                         \
+      __VA_ARGS__;                                            \
+      break;                                                  \
+    }                                                         \
+    case ::regfast::cuda::DType::kFloat: {                    \
+      using scalar_t = float;                                 \
+      __VA_ARGS__;                                            \
+      break;                                                  \
+    }                                                         \
+    case ::regfast::cuda::DType::kDouble: {                   \
+      using scalar_t = double;                                \
+      __VA_ARGS__;                                            \
+      break;                                                  \
+    }                                                         \
+  }
