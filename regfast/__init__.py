@@ -5,6 +5,7 @@ Public API: :func:`penalty` (differentiable, in the loss), :func:`add_penalty_gr
 :func:`weights`, :func:`param_groups`, :func:`sparsity` and :func:`backend`.
 """
 
+from . import optim
 from ._dispatch import BackendInfo, backend
 from .api import (
     Norms,
@@ -27,6 +28,7 @@ __all__ = [
     "add_penalty_grad_",
     "backend",
     "norms",
+    "optim",
     "param_groups",
     "penalty",
     "prox_",

@@ -1,0 +1,153 @@
+"""What the proximal optimizers share: hyperparameter checks, per-group regularization, the fused base class."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..reference import GROUPINGS, acc_dtype
+
+REGULARIZATION_KEYS = ("l1", "l2", "group_lasso", "groups")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite number >= 0 (a tensor counts by its value)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} is not a number")
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
+
+
+def check_regularization(group: dict[str, Any]) -> None:
+    """Raise ValueError on a negative coefficient or an unknown grouping in a param group."""
+    for key in ("l1", "l2", "group_lasso"):
+        check_nonnegative(key, group[key])
+    if group["groups"] not in GROUPINGS:
+        raise ValueError(f"Invalid groups: {group['groups']!r} (expected one of {', '.join(map(repr, GROUPINGS))})")
+
+
+def split_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
+    """``(tensor, 0.0)`` for a tensor lr, ``(None, lr)`` for a number: the two lr arguments of the ops."""
+    if isinstance(lr, Tensor):
+        return lr.detach().reshape(()), 0.0
+    return None, float(lr)
+
+
+def by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values())
+
+
+def total(values: list[Tensor]) -> Tensor:
+    """The sum of 0-dim tensors on the first one's device, float64 if any is float64."""
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    out = values[0].to(dtype)
+    for v in values[1:]:
+        out = out + v.to(out.device, dtype)
+    return out
+
+
+def with_grads(group: dict[str, Any]) -> list[Tensor]:
+    """The params of ``group`` that have a gradient, checked to be dense and to match their param."""
+    params = []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("sparse gradients are not supported by the proximal step")
+        if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+            raise ValueError(f"a gradient ({tuple(p.grad.shape)}, {p.grad.dtype}, {p.grad.device}) does not match "
+                             f"its param ({tuple(p.shape)}, {p.dtype}, {p.device})")
+        params.append(p)
+    return params
+
+
+class FusedProximalOptimizer(Optimizer):
+    """Base of the optimizers whose step ends with the proximal step in the same pass.
+
+    Subclasses define ``_check_group`` (their own hyperparameters) and ``_step_group`` (one
+    param group; returns the per-(device, dtype) penalty values). State tensors are kept in
+    the accumulation dtype (float32, float64 for float64 params) also across
+    ``load_state_dict``, which would otherwise cast them to the param dtype.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
+                 compute_penalty: bool) -> None:
+        self.compute_penalty = bool(compute_penalty)
+        self.last_penalty: Tensor | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (a dict with ``params`` and any hyperparameter to override); it is validated first."""
+        super().add_param_group(param_group)
+        try:
+            check_regularization(self.param_groups[-1])
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("compute_penalty", False)
+        self.__dict__.setdefault("last_penalty", None)
+        for group in self.param_groups:
+            for key in REGULARIZATION_KEYS:
+                group.setdefault(key, self.defaults[key])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (also one saved without the regularization keys, which get the defaults).
+
+        Floating state tensors are restored in the accumulation dtype from the saved values, so a
+        bfloat16 / float16 model resumes bitwise.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved_state:
+                continue
+            state = self.state[p]
+            for key, value in saved_state[saved_id].items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    state[key] = value.to(p.device, acc_dtype(p.dtype), copy=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every param with a gradient; params whose ``grad`` is None are skipped and get no state.
+
+        ``closure`` (optional) re-evaluates the model and returns the loss; it runs with grad
+        enabled before the update. Returns its loss (or None). Sets :attr:`last_penalty`.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        values: list[Tensor] = []
+        for group in self.param_groups:
+            values.extend(self._step_group(group))
+        if self.compute_penalty:
+            self.last_penalty = total(values) if values else torch.zeros(())
+        return loss

@@ -1,0 +1,75 @@
+"""The fused optimizer steps as ``torch.library`` custom ops: ``regfast::sgd_step_`` and ``regfast::adamw_step_``.
+
+Each op serves one (device, dtype) group of params, as the ops of :mod:`regfast._ops` do; the
+optimizers in :mod:`regfast.optim` group, validate and keep the state. The real implementation
+asks :func:`regfast._dispatch.select` for the backend of the params' device and calls its
+function of the same name when it has one, else the pure-PyTorch one of
+:mod:`regfast.optim._reference`. A backend adds a fused step by defining, with the semantics
+documented there (``lr`` arrives as a float or a 0-dim tensor on the params' device in the
+accumulation dtype, every state tensor is in the accumulation dtype)::
+
+    sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay,
+              maximize, init_buffers, l1, l2, group_lasso, groups, compute_penalty) -> Tensor
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+                eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, prox,
+                compute_penalty) -> Tensor
+
+Both return the penalty of the new params (a 0-dim accumulation-dtype tensor; 0 unless
+``compute_penalty``), ideally reduced in the same pass that writes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from ..reference import Lr, acc_dtype
+from . import _reference
+
+
+def _implementation(params: list[Tensor], name: str):
+    """The selected backend's ``name`` for the params' device, or the reference one when it has none."""
+    return getattr(_dispatch.select(params[0].device), name, None) or getattr(_reference, name)
+
+
+def _lr(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> Lr:
+    return lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
+
+
+@torch.library.custom_op("regfast::sgd_step_", mutates_args=("params", "momentum_buffers"))
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr_tensor: Tensor | None,
+              lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+              init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
+              compute_penalty: bool) -> Tensor:
+    """An SGD step then the proximal step with step lr; the step is ``lr_tensor`` (0-dim) when given, else ``lr``."""
+    return _implementation(params, "sgd_step_")(
+        params, grads, momentum_buffers, _lr(params, lr_tensor, lr), momentum, dampening, nesterov, weight_decay,
+        maximize, init_buffers, l1, l2, group_lasso, groups, compute_penalty)
+
+
+@sgd_step_.register_fake
+def _(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr_tensor: Tensor | None,
+      lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+      init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str, compute_penalty: bool) -> Tensor:
+    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
+
+
+@torch.library.custom_op("regfast::adamw_step_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr_tensor: Tensor | None, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                l1: float, l2: float, group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
+    """An AdamW step then the proximal step; the step is ``lr_tensor`` (0-dim) when given, else ``lr``."""
+    return _implementation(params, "adamw_step_")(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _lr(params, lr_tensor, lr), beta1, beta2,
+        eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, prox, compute_penalty)
+
+
+@adamw_step_.register_fake
+def _(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+      max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr_tensor: Tensor | None, lr: float, beta1: float,
+      beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
+      group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
+    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))

@@ -1,0 +1,96 @@
+"""ProxSGD: torch.optim.SGD with the proximal step of the penalty fused into the update."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..reference import acc_dtype
+from . import _ops
+from ._base import FusedProximalOptimizer, by_device_dtype, check_nonnegative, split_lr, with_grads
+
+__all__ = ["ProxSGD"]
+
+
+class ProxSGD(FusedProximalOptimizer):
+    """Stochastic gradient descent followed, in the same pass, by the proximal step of the penalty.
+
+    Each step is exactly the update of :class:`torch.optim.SGD` (``foreach`` flavour) and then
+    ``w ← prox_{lr·R}(w)`` with ``R = l1·Σ|w| + l2·Σw² + group_lasso·Σ_g √|g|·‖w_g‖₂`` (see
+    :func:`regfast.prox_`): proximal gradient descent, which gives exact zeros. With
+    ``l1 = l2 = group_lasso = 0`` it is ``torch.optim.SGD``.
+
+    Args:
+        params: iterable of tensors or of dicts defining param groups; any hyperparameter
+            below may be overridden per group (e.g. :func:`regfast.param_groups`).
+        lr: learning rate and prox step, a float or a one-element tensor (default: 1e-3).
+        momentum: momentum factor (default: 0).
+        dampening: dampening for momentum (default: 0).
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (default: False).
+        weight_decay: coupled L2 weight decay added to the gradient, as in SGD (default: 0).
+        l1, l2, group_lasso: penalty coefficients, >= 0 (default: 0).
+        groups: ``"row"`` (slices along dim 0), ``"col"`` (along dim 1) or ``"tensor"``; tensors
+            with fewer than 2 dims are one group (default: ``"row"``).
+        maximize: maximize the objective instead of minimizing (default: False).
+        compute_penalty: after each step set :attr:`last_penalty` to the penalty of the new
+            values of the params that were updated, computed by the same op (default: False).
+
+    Params may mix devices and dtypes (float16, bfloat16, float32, float64); each (device,
+    dtype) set of a param group is one ``regfast::sgd_step_`` call. Momentum buffers are
+    float32 (float64 for float64 params); a float16 / bfloat16 param is updated in float32 and
+    rounded once per step. Params whose ``grad`` is None are skipped and get no state.
+    ``step`` mutates the params and ``state[p]["momentum_buffer"]``; grads are left unchanged.
+
+    Attributes:
+        last_penalty: 0-dim float32 (float64 if any param is) tensor, or None without ``compute_penalty``.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0, groups: str = "row",
+                 maximize: bool = False, *, compute_penalty: bool = False) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                        l1=l1, l2=l2, group_lasso=group_lasso, groups=groups, maximize=maximize)
+        super().__init__(params, defaults, compute_penalty)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        check_nonnegative("momentum value", group["momentum"])
+        check_nonnegative("dampening value", group["dampening"])
+        check_nonnegative("weight_decay value", group["weight_decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
+        params = with_grads(group)
+        lr_tensor, lr = split_lr(group["lr"])
+        momentum = group["momentum"]
+        values = []
+        for idx in by_device_dtype(params):
+            bucket = [params[i] for i in idx]
+            # A param's first step sets its buffer to the gradient; the others decay theirs.
+            fresh = {id(p) for p in bucket if self.state.get(p, {}).get("momentum_buffer") is None}
+            for init in (True, False):
+                ps = [p for p in bucket if (id(p) in fresh) == init]
+                if not ps:
+                    continue
+                buffers = []
+                if momentum != 0:
+                    for p in ps:
+                        if init:
+                            self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=acc_dtype(p.dtype))
+                        buffers.append(self.state[p]["momentum_buffer"])
+                values.append(_ops.sgd_step_(
+                    ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
+                    group["nesterov"], group["weight_decay"], group["maximize"], init and momentum != 0,
+                    group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
+        return values
