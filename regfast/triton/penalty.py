@@ -1,0 +1,154 @@
+"""The penalty value, its gradient added into ``grads`` in place, and ``penalty_backward``.
+
+One elementwise kernel serves all three: it reads ``w`` once, optionally writes the gradient
+(``g += ∇`` or ``out = scale·∇``) and optionally writes each work item's partial
+``l1·Σ|w| + l2·Σw²``. With group lasso, :func:`.group.group_coefficients` first turns the group
+norms into one coefficient per group (and the group term of the value), which the elementwise
+kernel multiplies into ``w``. The value is the sum of all partials in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import acc_dtype
+from .functors import group_index, scalar, sign
+from .group import group_coefficients
+from .launcher import acc_tl_dtype, addresses, contiguous, group_layout, layout, tensor_pointer, tl_dtype, write_back
+
+NO_WRITE = tl.constexpr(0)
+ACCUMULATE = tl.constexpr(1)
+ASSIGN = tl.constexpr(2)
+
+
+@triton.jit
+def _penalty_kernel(params, grads, sizes, work, partials, n_work, l1: tl.float64, l2: tl.float64, scale_ptr,
+                    group_coefs, inner_table, ngroups_table, offsets,
+                    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE: tl.constexpr,
+                    SCALED: tl.constexpr, VALUE: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(work + pid)
+    start = tl.load(work + n_work + pid) * CHUNK
+    w_ptr = tensor_pointer(params, t, DTYPE)
+    l1_value = scalar(l1, ACC)
+    l2_value = scalar(l2, ACC)
+    l1_grad = l1_value
+    l2_grad = 2.0 * l2_value
+    if SCALED:
+        scale = tl.load(scale_ptr).to(ACC)
+        l1_grad = l1_grad * scale
+        l2_grad = l2_grad * scale
+    if WRITE != NO_WRITE:
+        g_ptr = tensor_pointer(grads, t, DTYPE)
+    if HAS_GROUPS:
+        inner = tl.load(inner_table + t)
+        ngroups = tl.load(ngroups_table + t)
+        first_group = tl.load(offsets + t)
+    abs_sum = tl.zeros([BLOCK], dtype=ACC)
+    sq_sum = tl.zeros([BLOCK], dtype=ACC)
+    end = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    for j in range(0, end, BLOCK):
+        local = j + tl.arange(0, BLOCK)
+        offs = start + local
+        mask = local < end
+        w = tl.load(w_ptr + offs, mask=mask, other=0).to(ACC)
+        if VALUE:
+            if HAS_L1:
+                abs_sum += tl.abs(w)
+            if HAS_L2:
+                sq_sum += w * w
+        if WRITE != NO_WRITE:
+            grad = tl.zeros([BLOCK], dtype=ACC)
+            if HAS_L1:
+                grad += l1_grad * sign(w)
+            if HAS_L2:
+                grad += l2_grad * w
+            if HAS_GROUPS:
+                coef = tl.load(group_coefs + group_index(offs, inner, ngroups, first_group), mask=mask, other=0)
+                grad += coef * w
+            if WRITE == ACCUMULATE:
+                grad += tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+            tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
+    if VALUE:
+        tl.store(partials + pid, l1_value * tl.sum(abs_sum, axis=0) + l2_value * tl.sum(sq_sum, axis=0))
+
+
+def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float, group_lasso: float, groups: str,
+         write, value: bool, scale: Tensor | None = None) -> Tensor | None:
+    """One (device, dtype) group through the group pass (if any) and the elementwise kernel.
+
+    ``params`` and ``grads`` are contiguous. Returns the penalty value (0-dim, accumulation
+    dtype) when ``value``, else None.
+    """
+    dtype = params[0].dtype
+    acc = acc_dtype(dtype)
+    device = params[0].device
+    lay = layout(params)
+    table = addresses(params)
+    grad_table = addresses(grads) if grads is not None else table
+    elementwise = write != NO_WRITE or bool(l1 or l2)
+    n_partials = lay.n_work if elementwise and value else 0
+    glay = group_layout(params, groups) if group_lasso else None
+    n_values = n_partials + (glay.n_blocks if glay is not None and value else 0)
+    partials = torch.zeros(n_values, dtype=acc, device=device) if value else None
+    # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
+    unused = table
+    group_coefs = unused
+    if glay is not None:
+        group_values = partials[n_partials:] if value else None
+        group_coefs = group_coefficients(table, lay, glay, dtype, group_lasso, values=group_values, scale=scale)
+    if elementwise and lay.n_work:
+        _penalty_kernel[(lay.n_work,)](
+            table, grad_table, lay.sizes, lay.work, partials if value else unused, lay.n_work, l1, l2,
+            scale if scale is not None else unused, group_coefs,
+            glay.inner if glay is not None else unused, glay.ngroups if glay is not None else unused,
+            glay.offsets if glay is not None else unused,
+            DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, HAS_L1=bool(l1),
+            HAS_L2=bool(l2), HAS_GROUPS=glay is not None, WRITE=write, SCALED=scale is not None, VALUE=value)
+    return partials.sum() if value else None
+
+
+def penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
+    """``l1·Σ|w| + l2·Σw² + group_lasso·Σ_g √|g|·‖w_g‖₂`` of one group: 0-dim, accumulation dtype.
+
+    Nothing is mutated; non-contiguous tensors are read through a contiguous copy.
+    """
+    value = _run(contiguous(params), None, l1, l2, group_lasso, groups, NO_WRITE, True)
+    assert value is not None
+    return value
+
+
+def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, group_lasso: float,
+                      groups: str) -> Tensor:
+    """``grads[i] += ∇penalty(params[i])`` in place (same shapes and dtype); returns the value (0-dim, acc dtype).
+
+    ``params`` are only read. A non-contiguous param is read through a contiguous copy; a
+    non-contiguous grad is updated in a contiguous copy that is then copied back.
+    """
+    if not (l1 or l2 or group_lasso):
+        return torch.zeros((), dtype=acc_dtype(params[0].dtype), device=params[0].device)
+    params = contiguous(params)
+    work_grads = contiguous(grads)
+    value = _run(params, work_grads, l1, l2, group_lasso, groups, ACCUMULATE, True)
+    write_back(grads, work_grads)
+    assert value is not None
+    return value
+
+
+def penalty_backward(grad: Tensor, params: list[Tensor], l1: float, l2: float, group_lasso: float,
+                     groups: str) -> list[Tensor]:
+    """``grad`` (0-dim) times the penalty's gradient: one new contiguous tensor per param (param dtype).
+
+    ``grad`` is read on the device (no host sync). Nothing is mutated.
+    """
+    params = contiguous(params)
+    outs = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
+    if not (l1 or l2 or group_lasso):
+        return [out.zero_() for out in outs]
+    scale = grad.detach().to(device=params[0].device, dtype=acc_dtype(params[0].dtype)).reshape(())
+    _run(params, outs, l1, l2, group_lasso, groups, ASSIGN, False, scale=scale)
+    return outs
