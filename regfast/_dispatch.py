@@ -16,8 +16,10 @@ available backend of :data:`AUTO_ORDER` serves.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -85,6 +87,21 @@ def requested() -> str:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{ENV}={name!r} is not a backend; expected one of auto, {', '.join(BACKENDS)}")
     return name
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Set ``REGFAST_BACKEND=name`` inside the block (None: leave it as it is); restored on exit."""
+    old = os.environ.get(ENV)
+    if name is not None:
+        os.environ[ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 def select_name(device: torch.device) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from regfast._dispatch import forced_backend as use_backend  # noqa: F401  (re-exported for the tests)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -17,21 +16,6 @@ DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 # Shapes that stress the launchers: empty, 0-dim, 1 element, odd sizes, multi-dim, large.
 EDGE_SHAPES = [(), (0,), (1,), (7,), (3, 0), (0, 5), (5, 3), (17, 33), (4, 3, 5, 2), (1031,), (2, 65537)]
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force REGFAST_BACKEND inside the block (None: leave it as it is)."""
-    old = os.environ.get("REGFAST_BACKEND")
-    if name is not None:
-        os.environ["REGFAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("REGFAST_BACKEND", None)
-        else:
-            os.environ["REGFAST_BACKEND"] = old
 
 
 def make_params(shapes, dtype=torch.float32, device="cpu", seed=None, scale=1.0, requires_grad=False):

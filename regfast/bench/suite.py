@@ -13,10 +13,8 @@ that a time budget cuts them first.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._dispatch import forced_backend
 from .providers import OPS, Provider, providers
 from .timing import Timing, measure, synchronize
 from .workloads import WORKLOADS, Shapes, numel, scaled
@@ -208,21 +207,6 @@ def compare(state: State, target: str, returned: object, reference: Outcome) -> 
             ref_sq += ref.double().square().sum().item()
         err = max(err, math.sqrt(diff_sq) / (math.sqrt(ref_sq) + eps * reference.scale))
     return err
-
-
-@contextlib.contextmanager
-def forced_backend(name: str | None) -> Iterator[None]:
-    """``REGFAST_BACKEND=name`` inside the block (None: unchanged)."""
-    old = os.environ.get("REGFAST_BACKEND")
-    if name is not None:
-        os.environ["REGFAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("REGFAST_BACKEND", None)
-        else:
-            os.environ["REGFAST_BACKEND"] = old
 
 
 def dtype_name(dtype: torch.dtype) -> str:
