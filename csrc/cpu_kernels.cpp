@@ -17,12 +17,20 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_work_list.h"
 #include "groups.h"
 
 namespace regfast {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;
+using cpu::Chunk;
+using cpu::contiguous_all;
+using cpu::for_each_chunk;
+using cpu::kChunk;
+using cpu::make_work_list;
+using cpu::WorkList;
+using cpu::write_back;
+
 constexpr int kLanes = 16;
 
 template <typename T>
@@ -77,50 +85,6 @@ struct RowScale {
   int64_t offset;
   A operator()(int64_t i) const { return values[i - offset]; }
 };
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-struct WorkList {
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first;  // chunks of tensor t are [first[t], first[t + 1])
-};
-
-WorkList make_work_list(const std::vector<at::Tensor>& ts) {
-  WorkList wl;
-  wl.first.reserve(ts.size() + 1);
-  for (size_t t = 0; t < ts.size(); ++t) {
-    wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
-    const int64_t n = ts[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) wl.chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
-  }
-  wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
-  return wl;
-}
-
-template <typename F>
-void for_each_chunk(const WorkList& wl, F&& f) {
-  at::parallel_for(0, static_cast<int64_t>(wl.chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) f(c, wl.chunks[c]);
-  });
-}
-
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-// In-place ops work on contiguous copies of non-contiguous tensors; this copies the results back.
-void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
-  for (size_t i = 0; i < work.size(); ++i) {
-    if (!originals[i].is_same(work[i])) originals[i].copy_(work[i]);
-  }
-}
 
 void check_group(at::TensorList ts, const char* name) {
   TORCH_CHECK(!ts.empty(), name, " must not be empty");

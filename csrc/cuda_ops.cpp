@@ -1,7 +1,7 @@
 // CUDA implementations of the regfast_C ops: tensors in, work list built, kernels launched.
 //
 // Compiled only when the CUDA kernels are (REGFAST_WITH_CUDA). The kernels (norms.cu,
-// penalty.cu, prox.cu) see plain pointers; this file builds the per-call metadata (tensor
+// penalty.cu, prox.cu, optim.cu) see plain pointers; this file builds the per-call metadata (tensor
 // table, (tensor, chunk) work list, group list) in one pinned host buffer, copies it to the
 // device with one asynchronous copy, and combines per-chunk partials with ATen ops. Nothing
 // here synchronizes with the host.
@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -258,6 +261,186 @@ void prox_cuda(at::TensorList params, const std::optional<at::Tensor>& lr_tensor
   write_back(params, ws);
 }
 
+
+// Per-param state pointers of an optimizer step, in device memory (kept alive by `buffer`).
+struct DeviceState {
+  at::Tensor buffer;
+  const cuda::OptimState* state = nullptr;
+};
+
+DeviceState upload_state(const std::vector<std::vector<at::Tensor>>& lists, size_t n, const at::Device& device) {
+  static_assert(sizeof(cuda::OptimState) == 3 * sizeof(int64_t), "OptimState is packed into int64 words");
+  at::Tensor host = at::zeros({static_cast<int64_t>(3 * n)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* h = reinterpret_cast<cuda::OptimState*>(host.data_ptr<int64_t>());
+  for (size_t i = 0; i < n; ++i) {
+    void* ptrs[3] = {nullptr, nullptr, nullptr};
+    for (size_t k = 0; k < lists.size() && k < 3; ++k) {
+      if (!lists[k].empty()) ptrs[k] = lists[k][i].data_ptr();
+    }
+    h[i] = {ptrs[0], ptrs[1], ptrs[2]};
+  }
+  DeviceState ds;
+  ds.buffer = host.to(device, /*non_blocking=*/true);
+  ds.state = reinterpret_cast<const cuda::OptimState*>(ds.buffer.data_ptr<int64_t>());
+  return ds;
+}
+
+void check_step_lists(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states) {
+  check_group(params, "params");
+  TORCH_CHECK(grads.size() == params.size(), "grads and params differ in length");
+  const auto acc = acc_type(params[0].scalar_type());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(grads[i].device() == params[i].device() && grads[i].scalar_type() == params[i].scalar_type() &&
+                    grads[i].sizes() == params[i].sizes(),
+                "grads[", i, "] does not match params[", i, "] in shape, dtype or device");
+    for (const auto& state : states) {
+      TORCH_CHECK(state.size() == params.size(), "a state list and params differ in length");
+      TORCH_CHECK(state[i].device() == params[i].device() && state[i].scalar_type() == acc &&
+                      state[i].sizes() == params[i].sizes(),
+                  "state of params[", i, "] must be a ", acc, " tensor of its shape on its device");
+    }
+  }
+}
+
+// The scalars of the step that do not depend on the device lr (see cuda::OptimScalars).
+cuda::OptimScalars step_scalars(const at::Tensor& lr_dev, double lr, double l1, double l2, double weight_decay) {
+  cuda::OptimScalars s{};
+  s.lr_ptr = lr_dev.defined() ? lr_dev.data_ptr() : nullptr;
+  s.lr = lr;
+  s.threshold = lr * l1;
+  s.shrink = l2 != 0 ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
+  s.decay = 1.0 - lr * weight_decay;
+  s.l1 = l1;
+  s.l2 = l2;
+  s.weight_decay = weight_decay;
+  return s;
+}
+
+// l1·Σ|w| + l2·Σw² from the per-item partials of the new params (or a zero without them).
+at::Tensor penalty_from_partials(const at::Tensor& partials, int64_t nitems, double l1, double l2,
+                                 const at::TensorOptions& opts) {
+  at::Tensor value = at::zeros({}, opts);
+  if (!partials.defined()) return value;
+  if (l1 != 0) value = value + partials.slice(0, 0, nitems).sum() * l1;
+  if (l2 != 0) value = value + partials.slice(0, nitems, 2 * nitems).sum() * l2;
+  return value;
+}
+
+at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                         const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                         bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                         bool compute_penalty) {
+  if (momentum != 0) {
+    check_step_lists(params, grads, {momentum_buffers});
+  } else {
+    check_step_lists(params, grads, {});
+  }
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto bs = momentum != 0 ? contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
+  const auto opts = acc_options(ws[0]);
+  // A tensor lr stays on the device: the kernel reads it, the host never does.
+  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
+  s.momentum = momentum;
+  s.keep = 1.0 - dampening;
+  s.momentum_mode = momentum == 0 ? cuda::kMomentumNone : (init_buffers ? cuda::kMomentumInit : cuda::kMomentumUpdate);
+  s.nesterov = nesterov;
+  s.maximize = maximize;
+  const DeviceList dl = build(ws, &gs, std::nullopt);
+  const DeviceState ds = upload_state({bs}, ws.size(), ws[0].device());
+  const bool penalty = compute_penalty && (l1 != 0 || l2 != 0);
+  const at::Tensor partials = penalty ? at::empty({2 * dl.nitems}, opts) : at::Tensor();
+  cuda::launch_sgd_step(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, ds.state, s,
+                        penalty ? partials.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  write_back(params, ws);
+  if (!bs.empty()) write_back(momentum_buffers, bs);
+  return penalty_from_partials(partials, dl.nitems, l1, l2, opts);
+}
+
+// Per param (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)) on the device, after incrementing the step counts; as
+// the reference computes them: in double from CPU counts and a float lr, else with foreach ops on
+// the count tensors (on the device, no host sync).
+at::Tensor bias_corrections(at::TensorList steps, const at::Tensor& lr_dev, double lr, double beta1, double beta2,
+                            const at::TensorOptions& opts) {
+  at::_foreach_add_(steps, 1);
+  const int64_t n = static_cast<int64_t>(steps.size());
+  const bool host_counts = std::all_of(steps.begin(), steps.end(), [](const at::Tensor& t) { return t.is_cpu(); });
+  if (host_counts && !lr_dev.defined()) {
+    at::Tensor host = at::empty({2 * n}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+    double* h = host.data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) {
+      const double t = steps[i].item<double>();
+      h[2 * i] = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
+      h[2 * i + 1] = std::pow(1.0 - std::pow(beta2, t), 0.5);
+    }
+    return host.to(opts.device(), /*non_blocking=*/true).to(opts.dtype());
+  }
+  std::vector<at::Tensor> counts;
+  counts.reserve(n);
+  for (const auto& t : steps) counts.push_back(t.to(opts.device()));
+  auto bc1 = at::_foreach_pow(beta1, counts);
+  auto bc2 = at::_foreach_pow(beta2, counts);
+  at::_foreach_sub_(bc1, 1);
+  at::_foreach_sub_(bc2, 1);
+  at::_foreach_neg_(bc2);
+  if (lr_dev.defined()) {
+    at::_foreach_div_(bc1, lr_dev);
+  } else {
+    at::_foreach_div_(bc1, lr);
+  }
+  at::_foreach_reciprocal_(bc1);
+  at::_foreach_sqrt_(bc2);
+  return at::stack({at::stack(bc1), at::stack(bc2)}, 1).reshape({2 * n}).to(opts.dtype());
+}
+
+at::Tensor adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                           const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                           c10::string_view prox, bool compute_penalty) {
+  if (amsgrad) {
+    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
+  } else {
+    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs});
+  }
+  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
+  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
+              std::string(prox), "'");
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto m1 = contiguous_all(exp_avgs);
+  const auto m2 = contiguous_all(exp_avg_sqs);
+  const auto mx = amsgrad ? contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
+  const auto opts = acc_options(ws[0]);
+  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
+  s.beta1_weight = 1.0 - beta1;
+  s.beta2 = beta2;
+  s.beta2_weight = 1.0 - beta2;
+  s.eps = eps;
+  s.prox = l1 == 0 && l2 == 0 ? cuda::kProxNone : (prox == "lr" ? cuda::kProxLr : cuda::kProxPreconditioned);
+  s.amsgrad = amsgrad;
+  s.maximize = maximize;
+  const at::Tensor corrections = bias_corrections(steps, lr_dev, lr, beta1, beta2, opts);
+  const DeviceList dl = build(ws, &gs, std::nullopt);
+  const DeviceState ds = upload_state({m1, m2, mx}, ws.size(), ws[0].device());
+  const bool penalty = compute_penalty && (l1 != 0 || l2 != 0);
+  const at::Tensor partials = penalty ? at::empty({2 * dl.nitems}, opts) : at::Tensor();
+  cuda::launch_adamw_step(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, ds.state, s,
+                          corrections.data_ptr(), penalty ? partials.data_ptr() : nullptr,
+                          c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  write_back(params, ws);
+  write_back(exp_avgs, m1);
+  write_back(exp_avg_sqs, m2);
+  if (amsgrad) write_back(max_exp_avg_sqs, mx);
+  return penalty_from_partials(partials, dl.nitems, l1, l2, opts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regfast_C, CUDA, m) {
@@ -266,6 +449,8 @@ TORCH_LIBRARY_IMPL(regfast_C, CUDA, m) {
   m.impl("penalty_backward", &penalty_backward_cuda);
   m.impl("add_penalty_grad_", &add_penalty_grad_cuda);
   m.impl("prox_", &prox_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("adamw_step_", &adamw_step_cuda);
 }
 
 }  // namespace regfast

@@ -33,5 +33,16 @@ void launch_grad(DType dtype, const WorkItem* items, int64_t nitems, const Tenso
 void launch_prox(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step,
                  const void* group_factor, cudaStream_t stream);
 
+// One SGD step and the prox over every item (meta.data: params, meta.other: grads, state[t].first:
+// the momentum buffer); partials as launch_norms, of the new params, or null for none.
+void launch_sgd_step(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta,
+                     const OptimState* state, const OptimScalars& s, void* partials, cudaStream_t stream);
+
+// One AdamW step and the prox; state[t] = (exp_avg, exp_avg_sq, max_exp_avg_sq), corrections
+// (accumulation dtype, 2 per tensor) = (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)).
+void launch_adamw_step(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta,
+                       const OptimState* state, const OptimScalars& s, const void* corrections, void* partials,
+                       cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace regfast

@@ -1,8 +1,8 @@
 // Entry point of regfast._C: the regfast_C op schemas and the Python module.
 //
-// The kernels register themselves per device (TORCH_LIBRARY_IMPL in cpu_kernels.cpp and
-// cuda_ops.cpp); Python reaches them through torch.ops.regfast_C.*. Importing the module loads
-// the library and with it every registration.
+// The kernels register themselves per device (TORCH_LIBRARY_IMPL in cpu_kernels.cpp, optim_cpu.cpp
+// and cuda_ops.cpp); Python reaches them through torch.ops.regfast_C.*. Importing the module
+// loads the library and with it every registration.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,6 +18,17 @@ TORCH_LIBRARY(regfast_C, m) {
   m.def(
       "prox_(Tensor(a!)[] params, Tensor? lr_tensor, float lr, float l1, float l2, float group_lasso, "
       "str groups) -> ()");
+  // The fused optimizer steps (the ops regfast::sgd_step_ / regfast::adamw_step_ without the
+  // group lasso, which regfast._ext leaves to the reference).
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor? lr_tensor, float lr, "
+      "float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_buffers, "
+      "float l1, float l2, bool compute_penalty) -> Tensor");
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor? lr_tensor, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool amsgrad, bool maximize, float l1, float l2, str prox, "
+      "bool compute_penalty) -> Tensor");
 }
 
 #ifdef REGFAST_WITH_CUDA

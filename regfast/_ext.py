@@ -7,12 +7,18 @@ Each function serves one (device, dtype) group, with the signature of the same f
 :mod:`regfast.reference`, and is one call of a ``torch.ops.regfast_C`` op; the dispatcher picks
 the CPU or CUDA kernel from the tensors' device. The kernels take tensors of any layout
 (non-contiguous ones are processed through contiguous copies, written back when mutated).
+
+:func:`sgd_step_` and :func:`adamw_step_` are the fused optimizer steps of
+:mod:`regfast.optim._ops`, with the signatures and semantics of :mod:`regfast.optim._reference`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .optim import _reference as _optim_reference
+from .reference import Lr
 
 try:
     from . import _C
@@ -23,7 +29,8 @@ except ImportError as exc:  # the extension is optional
 else:
     _IMPORT_ERROR = ""
 
-__all__ = ["add_penalty_grad_", "norms", "penalty", "penalty_backward", "prox_", "unavailable_reason"]
+__all__ = ["add_penalty_grad_", "adamw_step_", "norms", "penalty", "penalty_backward", "prox_", "sgd_step_",
+           "unavailable_reason"]
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -68,3 +75,43 @@ def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_
         torch.ops.regfast_C.prox_(params, lr, 0.0, l1, l2, group_lasso, groups)
     else:
         torch.ops.regfast_C.prox_(params, None, float(lr), l1, l2, group_lasso, groups)
+
+
+def _split_lr(lr: Lr) -> tuple[Tensor | None, float]:
+    return (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
+
+
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr,
+              momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+              init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
+              compute_penalty: bool) -> Tensor:
+    """One SGD step and the proximal step in one pass over params, grads and buffers; returns the penalty.
+
+    Mutates ``params`` and ``momentum_buffers``. With ``group_lasso`` the reference serves the call.
+    """
+    if group_lasso:  # the group shrink needs the group norms of the updated params: a second pass
+        return _optim_reference.sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov,
+                                          weight_decay, maximize, init_buffers, l1, l2, group_lasso, groups,
+                                          compute_penalty)
+    lr_tensor, lr_value = _split_lr(lr)
+    return torch.ops.regfast_C.sgd_step_(params, grads, momentum_buffers, lr_tensor, lr_value, momentum, dampening,
+                                         nesterov, weight_decay, maximize, init_buffers, l1, l2, compute_penalty)
+
+
+def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Lr, beta1: float, beta2: float,
+                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
+                group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
+    """One AdamW step and the proximal step in one pass over params, grads and moments; returns the penalty.
+
+    Increments ``steps`` first. Mutates ``params``, ``exp_avgs``, ``exp_avg_sqs``,
+    ``max_exp_avg_sqs`` and ``steps``. With ``group_lasso`` the reference serves the call.
+    """
+    if group_lasso:  # the group shrink needs the group norms of the updated params: a second pass
+        return _optim_reference.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                                            beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso,
+                                            groups, prox, compute_penalty)
+    lr_tensor, lr_value = _split_lr(lr)
+    return torch.ops.regfast_C.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor,
+                                           lr_value, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2,
+                                           prox, compute_penalty)

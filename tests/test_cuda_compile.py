@@ -37,7 +37,7 @@ def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
 
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     sources = sorted(CSRC.glob("*.cu"))
-    assert {s.name for s in sources} >= {"norms.cu", "penalty.cu", "prox.cu"}
+    assert {s.name for s in sources} >= {"norms.cu", "penalty.cu", "prox.cu", "optim.cu"}
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", "-O3", *gencode, "-Werror", "all-warnings",
              "-c", str(s), "-o", str(tmp_path / (s.stem + ".o"))] for s in sources]

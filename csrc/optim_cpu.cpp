@@ -1,0 +1,268 @@
+// CPU implementations of regfast_C::sgd_step_ and regfast_C::adamw_step_: one pass that reads
+// each param, grad and state element once and writes the param and state once, and sums the
+// penalty of the new params in the same pass (one partial per chunk, summed in list order, so
+// the result does not depend on the thread count).
+//
+// The scalars are prepared here exactly as the reference (regfast/optim/_reference.py) computes
+// them: in double from Python floats, in the accumulation dtype from a tensor lr; the loops are
+// in optim_cpu_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu_work_list.h"
+#include "groups.h"
+#include "optim_cpu.h"
+
+namespace regfast {
+namespace {
+
+using optim_cpu::AdamWArgs;
+using optim_cpu::AdamWTensor;
+using optim_cpu::Elem;
+using optim_cpu::Momentum;
+using optim_cpu::Prox;
+using optim_cpu::SgdArgs;
+using optim_cpu::SgdTensor;
+
+// Whether ATen's vectorized kernels round a·b + c once here: on x86-64 when torch runs its
+// AVX2 / AVX512 kernels (ATEN_CPU_CAPABILITY may lower that), elsewhere always.
+bool aten_fuses_fmadd() {
+#if defined(__x86_64__)
+  return at::get_cpu_capability().rfind("AVX", 0) == 0;
+#else
+  return true;
+#endif
+}
+
+Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return Elem::kHalf;
+    case at::kBFloat16:
+      return Elem::kBFloat16;
+    case at::kFloat:
+      return Elem::kFloat;
+    case at::kDouble:
+      return Elem::kDouble;
+    default:
+      TORCH_CHECK(false, "params must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+void check_params_and_grads(at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK(!params.empty(), "params must not be empty");
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(grads.size() == params.size(), "grads and params differ in length");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu() && params[i].scalar_type() == dtype,
+                "params must all be CPU tensors of one dtype");
+    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].scalar_type() == dtype && grads[i].sizes() == params[i].sizes(),
+                "grads[", i, "] does not match params[", i, "] in shape, dtype or device");
+  }
+}
+
+// A state list: one CPU tensor per param, of its shape, in the accumulation dtype.
+void check_state(at::TensorList state, at::TensorList params, const char* name) {
+  TORCH_CHECK(state.size() == params.size(), name, " and params differ in length");
+  const auto acc = acc_type(params[0].scalar_type());
+  for (size_t i = 0; i < state.size(); ++i) {
+    TORCH_CHECK(state[i].device().is_cpu() && state[i].scalar_type() == acc && state[i].sizes() == params[i].sizes(),
+                name, "[", i, "] must be a CPU ", acc, " tensor of params[", i, "]'s shape");
+  }
+}
+
+// The accumulation-dtype value of a 0-dim lr tensor, held as a double (exact).
+double lr_value(const at::Tensor& lr_tensor, at::ScalarType acc) {
+  TORCH_CHECK(lr_tensor.numel() == 1, "lr_tensor must have one element");
+  return lr_tensor.to(at::kCPU, acc).item<double>();
+}
+
+// The elastic-net scalars lr·l1 and 1/(1 + 2·lr·l2) of reference.prox_: in double for a float lr,
+// in the accumulation dtype (one rounding per op) for a tensor lr.
+void prox_scalars(bool lr_is_tensor, double lr, double l1, double l2, at::ScalarType acc, double& threshold,
+                  double& shrink) {
+  if (!lr_is_tensor) {
+    threshold = lr * l1;
+    shrink = l2 != 0 ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "regfast_prox_scalars", [&] {
+    const auto a_lr = static_cast<scalar_t>(lr);
+    threshold = static_cast<double>(a_lr * static_cast<scalar_t>(l1));
+    const scalar_t twice = scalar_t(2) * a_lr * static_cast<scalar_t>(l2);
+    shrink = l2 != 0 ? static_cast<double>(scalar_t(1) / (twice + scalar_t(1))) : 1.0;
+  });
+}
+
+// Runs run(tensor, begin, end, sums) over every chunk; returns l1·Σ|w| + l2·Σw² from the chunk sums.
+template <typename Run>
+at::Tensor chunked_pass(const std::vector<at::Tensor>& ws, bool penalty, double l1, double l2, Run&& run) {
+  const cpu::WorkList wl = cpu::make_work_list(ws);
+  std::vector<double> sums(penalty ? 2 * wl.chunks.size() : 0);
+  cpu::for_each_chunk(wl, [&](int64_t c, const cpu::Chunk& ch) {
+    run(ch.tensor, ch.begin, ch.end, penalty ? sums.data() + 2 * c : nullptr);
+  });
+  const auto acc = acc_type(ws[0].scalar_type());
+  double value = 0;
+  AT_DISPATCH_FLOATING_TYPES(acc, "regfast_step_penalty", [&] {
+    scalar_t s1 = 0, s2 = 0, v = 0;
+    for (size_t c = 0; c < sums.size(); c += 2) {
+      s1 += static_cast<scalar_t>(sums[c]);
+      s2 += static_cast<scalar_t>(sums[c + 1]);
+    }
+    if (l1 != 0) v += static_cast<scalar_t>(l1) * s1;
+    if (l2 != 0) v += static_cast<scalar_t>(l2) * s2;
+    value = static_cast<double>(v);
+  });
+  return at::scalar_tensor(value, ws[0].options().dtype(acc));
+}
+
+at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                        const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                        bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                        bool compute_penalty) {
+  check_params_and_grads(params, grads);
+  if (momentum != 0) check_state(momentum_buffers, params, "momentum_buffers");
+  const auto acc = acc_type(params[0].scalar_type());
+  SgdArgs args{};
+  args.elem = elem_of(params[0].scalar_type());
+  args.momentum_mode = momentum == 0 ? Momentum::kNone : (init_buffers ? Momentum::kInit : Momentum::kUpdate);
+  args.maximize = maximize;
+  args.has_weight_decay = weight_decay != 0;
+  args.nesterov = nesterov;
+  args.lr_is_tensor = lr_tensor.has_value();
+  args.has_l1 = l1 != 0;
+  args.penalty = compute_penalty && (l1 != 0 || l2 != 0);
+  const double step = args.lr_is_tensor ? lr_value(*lr_tensor, acc) : lr;
+  args.neg_lr = -step;
+  args.weight_decay = weight_decay;
+  args.momentum = momentum;
+  args.keep = 1.0 - dampening;
+  prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
+
+  const auto ws = cpu::contiguous_all(params);
+  const auto gs = cpu::contiguous_all(grads);
+  const auto bs = momentum != 0 ? cpu::contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
+  std::vector<SgdTensor> ts(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
+  }
+  const auto run = aten_fuses_fmadd() ? &optim_cpu::fused::sgd_run : &optim_cpu::rounded_twice::sgd_run;
+  at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
+    run(args, ts[t], begin, end, sums);
+  });
+  cpu::write_back(params, ws);
+  if (!bs.empty()) cpu::write_back(momentum_buffers, bs);
+  return value;
+}
+
+// Increments the step counts, then per param −lr/(1 − β1ᵗ) and √(1 − β2ᵗ), each computed as the
+// reference computes it: Python floats (C pow, in double) for a float lr, foreach ops on the
+// count tensors for a tensor lr.
+void bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                      double beta2, std::vector<AdamWTensor>& ts) {
+  for (const auto& s : steps) {
+    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1, "steps must be one-element CPU tensors");
+  }
+  at::_foreach_add_(steps, 1);
+  if (!lr_tensor.has_value()) {
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const double t = steps[i].item<double>();
+      ts[i].step_size = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
+      ts[i].bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
+    }
+    return;
+  }
+  auto bc1 = at::_foreach_pow(beta1, steps);
+  auto bc2 = at::_foreach_pow(beta2, steps);
+  at::_foreach_sub_(bc1, 1);
+  at::_foreach_sub_(bc2, 1);
+  at::_foreach_neg_(bc2);
+  at::_foreach_div_(bc1, *lr_tensor);
+  at::_foreach_reciprocal_(bc1);
+  at::_foreach_sqrt_(bc2);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    ts[i].step_size = bc1[i].item<double>();
+    ts[i].bc2_sqrt = bc2[i].item<double>();
+  }
+}
+
+at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                          c10::string_view prox, bool compute_penalty) {
+  check_params_and_grads(params, grads);
+  check_state(exp_avgs, params, "exp_avgs");
+  check_state(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) check_state(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
+  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
+              std::string(prox), "'");
+  const auto acc = acc_type(params[0].scalar_type());
+  AdamWArgs args{};
+  args.elem = elem_of(params[0].scalar_type());
+  args.prox = l1 == 0 && l2 == 0 ? Prox::kNone : (prox == "lr" ? Prox::kLr : Prox::kPreconditioned);
+  args.maximize = maximize;
+  args.amsgrad = amsgrad;
+  args.lr_is_tensor = lr_tensor.has_value();
+  args.has_l1 = l1 != 0;
+  args.has_l2 = l2 != 0;
+  args.penalty = compute_penalty && (l1 != 0 || l2 != 0);
+  const double step = args.lr_is_tensor ? lr_value(*lr_tensor, acc) : lr;
+  args.lr = step;
+  args.decay = 1.0;
+  if (weight_decay != 0) {
+    if (args.lr_is_tensor) {
+      AT_DISPATCH_FLOATING_TYPES(acc, "regfast_adamw_decay", [&] {
+        args.decay = static_cast<double>(scalar_t(1) - static_cast<scalar_t>(step) * static_cast<scalar_t>(weight_decay));
+      });
+    } else {
+      args.decay = 1.0 - step * weight_decay;
+    }
+  }
+  args.beta1_weight = 1.0 - beta1;
+  args.beta2 = beta2;
+  args.beta2_weight = 1.0 - beta2;
+  args.eps = eps;
+  args.l1 = l1;
+  args.two_l2 = 2.0 * l2;
+  prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
+
+  const auto ws = cpu::contiguous_all(params);
+  const auto gs = cpu::contiguous_all(grads);
+  const auto m1 = cpu::contiguous_all(exp_avgs);
+  const auto m2 = cpu::contiguous_all(exp_avg_sqs);
+  const auto mx = amsgrad ? cpu::contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
+  std::vector<AdamWTensor> ts(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), m1[i].data_ptr(), m2[i].data_ptr(),
+             mx.empty() ? nullptr : mx[i].data_ptr(), 0.0, 0.0};
+  }
+  bias_corrections(steps, lr_tensor, lr, beta1, beta2, ts);
+  const auto run = aten_fuses_fmadd() ? &optim_cpu::fused::adamw_run : &optim_cpu::rounded_twice::adamw_run;
+  at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
+    run(args, ts[t], begin, end, sums);
+  });
+  cpu::write_back(params, ws);
+  cpu::write_back(exp_avgs, m1);
+  cpu::write_back(exp_avg_sqs, m2);
+  if (amsgrad) cpu::write_back(max_exp_avg_sqs, mx);
+  return value;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regfast_C, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adamw_step_", &adamw_step_cpu);
+}
+
+}  // namespace regfast

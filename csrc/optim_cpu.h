@@ -1,0 +1,88 @@
+// The per-element loops of the fused optimizer steps on the CPU, as plain functions over one run
+// [begin, end) of one tensor. optim_cpu.cpp (the ops) prepares the scalars and the work list and
+// calls them from at::parallel_for.
+//
+// ATen's vectorized CPU kernels round a·b + c once (an fma) when torch runs with AVX2 or AVX512
+// kernels and twice otherwise; to give the same bits as the foreach optimizers the loops are
+// built twice: `rounded_twice` (optim_cpu_kernels.cpp, the baseline ISA) and `fused`
+// (optim_cpu_fma.cpp, AVX2 + FMA on x86-64; elsewhere the same file as rounded_twice).
+#pragma once
+
+#include <cstdint>
+
+namespace regfast {
+namespace optim_cpu {
+
+enum class Elem : int { kHalf, kBFloat16, kFloat, kDouble };
+enum class Momentum : int { kNone, kInit, kUpdate };
+enum class Prox : int { kNone, kLr, kPreconditioned };
+
+// Every double is converted to the accumulation dtype A (float, double for double params) with
+// static_cast, as ATen converts a Scalar; values the reference computes in A are already exact in A.
+struct SgdArgs {
+  Elem elem;
+  Momentum momentum_mode;
+  bool maximize;
+  bool has_weight_decay;
+  bool nesterov;
+  bool lr_is_tensor;  // w + g·neg_lr (two roundings) instead of fma(g, neg_lr, w)
+  bool has_l1;
+  bool penalty;       // write Σ|w| and Σw² of the new (rounded) params
+  double neg_lr;
+  double weight_decay;
+  double momentum;
+  double keep;        // 1 − dampening
+  double threshold;   // lr·l1
+  double shrink;      // 1/(1 + 2·lr·l2); 1 without l2
+};
+
+struct SgdTensor {
+  void* param;
+  const void* grad;
+  void* buffer;  // accumulation dtype; unused without momentum
+};
+
+struct AdamWArgs {
+  Elem elem;
+  Prox prox;
+  bool maximize;
+  bool amsgrad;
+  bool lr_is_tensor;  // w + m/(d/step_size) instead of w + step_size·m/d, and s = lr/d instead of (1/d)·lr
+  bool has_l1;
+  bool has_l2;
+  bool penalty;
+  double lr;
+  double decay;          // 1 − lr·weight_decay (1 without decay)
+  double beta1_weight;   // 1 − β1
+  double beta2;
+  double beta2_weight;   // 1 − β2
+  double eps;
+  double threshold;      // prox "lr": lr·l1
+  double shrink;         // prox "lr": 1/(1 + 2·lr·l2)
+  double l1;             // prox "preconditioned": per element s·l1 and 1/(1 + s·2l2)
+  double two_l2;
+};
+
+struct AdamWTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // unused without amsgrad
+  double step_size;      // −lr/(1 − β1ᵗ)
+  double bc2_sqrt;       // √(1 − β2ᵗ)
+};
+
+// sums[0] = Σ|w|, sums[1] = Σw² of the run's new params (in A, stored exactly) when args.penalty.
+namespace rounded_twice {
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
+}  // namespace rounded_twice
+
+namespace fused {
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
+}  // namespace fused
+
+}  // namespace optim_cpu
+}  // namespace regfast

@@ -1,0 +1,51 @@
+// The per-element loops of the fused optimizer steps with a·b + c rounded once, compiled for
+// AVX2 + FMA on x86-64 (ATen's AVX2 / AVX512 kernels round their fmadd once). optim_cpu.cpp calls
+// them only when torch itself runs AVX2 or AVX512 kernels, so the CPU has both extensions.
+//
+// Every header is included before the target switch: only this file's own functions (internal
+// linkage, see optim_cpu_math.h) are compiled for AVX2, never an inline function shared with
+// other files.
+#if defined(__x86_64__)
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "optim_cpu.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+#include "optim_cpu_math.h"
+
+namespace regfast {
+namespace optim_cpu {
+namespace fused {
+
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  sgd_dispatch<true>(args, t, begin, end, sums);
+}
+
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  adamw_dispatch<true>(args, t, begin, end, sums);
+}
+
+}  // namespace fused
+}  // namespace optim_cpu
+}  // namespace regfast
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif  // __x86_64__

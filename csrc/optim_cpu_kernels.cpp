@@ -1,0 +1,32 @@
+// The per-element loops of the fused optimizer steps for the baseline instruction set: a·b + c
+// rounded twice, as ATen rounds it without AVX2 kernels. On other architectures than x86-64 the
+// fused loops are built here too (std::fma is part of their baseline; see optim_cpu_fma.cpp).
+#include "optim_cpu_math.h"
+
+namespace regfast {
+namespace optim_cpu {
+
+namespace rounded_twice {
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  sgd_dispatch<false>(args, t, begin, end, sums);
+}
+
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  adamw_dispatch<false>(args, t, begin, end, sums);
+}
+}  // namespace rounded_twice
+
+#if !defined(__x86_64__)
+namespace fused {
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  sgd_dispatch<true>(args, t, begin, end, sums);
+}
+
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  adamw_dispatch<true>(args, t, begin, end, sums);
+}
+}  // namespace fused
+#endif
+
+}  // namespace optim_cpu
+}  // namespace regfast

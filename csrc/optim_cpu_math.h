@@ -1,0 +1,360 @@
+// The arithmetic of the fused optimizer steps on the CPU, element by element, in the operation
+// order of torch's foreach SGD / AdamW (as regfast/optim/_reference.py mirrors them), so that
+// the results carry the same bits. Included by optim_cpu_kernels.cpp and optim_cpu_fma.cpp only.
+//
+// Each ATen op of the reference rounds once: w.add_(g, alpha) and lerp_ and addcmul_ are one
+// fmadd in ATen's vectorized kernels (kFused: one rounding when torch runs AVX2/AVX512 kernels),
+// addcdiv_ is (value·t1)/t2 + self, mul/div/sqrt/clamp round each result. Without an fma the
+// file must be compiled with -ffp-contract=off so that the compiler fuses nothing by itself.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "optim_cpu.h"
+
+namespace regfast {
+namespace optim_cpu {
+// Internal linkage: each including file compiles its own copy for its own instruction set, so
+// that no AVX2 instantiation can stand in for a baseline one at link time.
+namespace {
+
+constexpr int kLanes = 16;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// a·b + c rounded as ATen's Vectorized<A>::fmadd rounds it: once (kFused) or twice.
+template <bool kFused, typename A>
+inline A fmadd(A a, A b, A c) {
+  if constexpr (kFused) {
+#if defined(__GNUC__)
+    if constexpr (std::is_same_v<A, float>) {
+      return __builtin_fmaf(a, b, c);
+    } else {
+      return __builtin_fma(a, b, c);
+    }
+#else
+    return std::fma(a, b, c);
+#endif
+  } else {
+    return a * b + c;
+  }
+}
+
+// x − clamp(x, −t, t): the soft threshold; clamp as ATen's (a NaN x stays NaN).
+template <typename A>
+inline A soft_threshold(A x, A t) {
+  const A lower = x < -t ? -t : x;
+  const A clamped = t < lower ? t : lower;
+  return x - clamped;
+}
+
+// torch.maximum: NaN if either is NaN.
+template <typename A>
+inline A maximum(A a, A b) {
+  const A larger = a > b ? a : b;
+  return a != a ? a : (b != b ? b : larger);
+}
+
+// Elements per block: each block is stepped by one plain loop, then, while it is still in the
+// L1 cache, its new values are added to the penalty sums. A multiple of kLanes, so that element
+// i always lands in lane (i − begin) mod kLanes.
+constexpr int64_t kBlock = 1024;
+
+// s1[j] += |w_i|, s2[j] += w_i² over [begin, end) of a block, lane j = (i − begin) mod kLanes.
+template <typename T, typename A>
+inline void add_to_lanes(const T* __restrict__ w, int64_t begin, int64_t end, A* __restrict__ s1,
+                         A* __restrict__ s2) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const A x = static_cast<A>(w[i + j]);
+      s1[j] += std::abs(x);
+      s2[j] += x * x;
+    }
+  }
+  for (int j = 0; i < end; ++i, ++j) {
+    const A x = static_cast<A>(w[i]);
+    s1[j] += std::abs(x);
+    s2[j] += x * x;
+  }
+}
+
+template <typename A>
+inline void add_lanes(const A* s1, const A* s2, double* sums) {
+  A a[kLanes], b[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    a[j] = s1[j];
+    b[j] = s2[j];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) {
+      a[j] += a[j + width];
+      b[j] += b[j + width];
+    }
+  }
+  sums[0] = static_cast<double>(a[0]);
+  sums[1] = static_cast<double>(b[0]);
+}
+
+// A loop-invariant choice, held as a value of A (1 or 0) and compared with 0: a bool would give a
+// byte-sized mask, which GCC's vectorizer cannot combine with A-sized lanes in one loop.
+template <typename A>
+inline A pick(A on, A a, A b) {
+  return on > A(0) ? a : b;
+}
+
+template <typename A>
+inline A flag(bool b) {
+  return b ? A(1) : A(0);
+}
+
+template <typename A>
+struct SgdConst {
+  A neg_lr, weight_decay, momentum, keep, threshold, shrink;
+  A maximize, has_weight_decay, nesterov, lr_is_tensor, has_l1;
+
+  explicit SgdConst(const SgdArgs& a)
+      : neg_lr(static_cast<A>(a.neg_lr)),
+        weight_decay(static_cast<A>(a.weight_decay)),
+        momentum(static_cast<A>(a.momentum)),
+        keep(static_cast<A>(a.keep)),
+        threshold(static_cast<A>(a.threshold)),
+        shrink(static_cast<A>(a.shrink)),
+        maximize(flag<A>(a.maximize)),
+        has_weight_decay(flag<A>(a.has_weight_decay)),
+        nesterov(flag<A>(a.nesterov)),
+        lr_is_tensor(flag<A>(a.lr_is_tensor)),
+        has_l1(flag<A>(a.has_l1)) {}
+};
+
+// One element of the SGD step and the prox.
+template <typename T, bool kFused, Momentum kMode, typename A>
+inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ buf,
+                     int64_t i) {
+  A x = static_cast<A>(w[i]);
+  A g = static_cast<A>(grad[i]);
+  g = pick(c.maximize, -g, g);
+  g = pick(c.has_weight_decay, fmadd<kFused>(x, c.weight_decay, g), g);
+  if constexpr (kMode != Momentum::kNone) {
+    A b = g;
+    if constexpr (kMode == Momentum::kUpdate) b = fmadd<kFused>(g, c.keep, buf[i] * c.momentum);
+    buf[i] = b;
+    g = pick(c.nesterov, fmadd<kFused>(b, c.momentum, g), b);
+  }
+  x = pick(c.lr_is_tensor, x + g * c.neg_lr, fmadd<kFused>(g, c.neg_lr, x));
+  x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
+  w[i] = static_cast<T>(x * c.shrink);
+}
+
+// The element loop of one block. Its own function, not inlined, so that the restrict parameters
+// reach the vectorizer (they are lost when inlined into the caller).
+template <typename T, bool kFused, Momentum kMode, typename A>
+__attribute__((noinline)) void sgd_block(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
+                                         A* __restrict__ buf, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) sgd_element<T, kFused, kMode>(c, w, grad, buf, i);
+}
+
+template <typename T, bool kFused, Momentum kMode, bool kPenalty>
+void sgd_loop(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  using A = acc_t<T>;
+  const SgdConst<A> c(args);
+  T* __restrict__ w = static_cast<T*>(t.param);
+  const T* __restrict__ grad = static_cast<const T*>(t.grad);
+  A* __restrict__ buf = static_cast<A*>(t.buffer);
+  A s1[kLanes] = {}, s2[kLanes] = {};
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    sgd_block<T, kFused, kMode>(c, w, grad, buf, b, e);
+    if constexpr (kPenalty) add_to_lanes(w, b, e, s1, s2);
+  }
+  if constexpr (kPenalty) add_lanes(s1, s2, sums);
+}
+
+template <typename A>
+struct AdamWConst {
+  A lr, decay, beta1_weight, beta1_weight_m1, beta2, beta2_weight, eps, threshold, shrink, l1, two_l2;
+  A step_size, bc2_sqrt;
+  A maximize, lr_is_tensor, small_weight, has_l1, has_l2;
+
+  AdamWConst(const AdamWArgs& a, const AdamWTensor& t)
+      : lr(static_cast<A>(a.lr)),
+        decay(static_cast<A>(a.decay)),
+        beta1_weight(static_cast<A>(a.beta1_weight)),
+        beta1_weight_m1(static_cast<A>(a.beta1_weight) - A(1)),
+        beta2(static_cast<A>(a.beta2)),
+        beta2_weight(static_cast<A>(a.beta2_weight)),
+        eps(static_cast<A>(a.eps)),
+        threshold(static_cast<A>(a.threshold)),
+        shrink(static_cast<A>(a.shrink)),
+        l1(static_cast<A>(a.l1)),
+        two_l2(static_cast<A>(a.two_l2)),
+        step_size(static_cast<A>(t.step_size)),
+        bc2_sqrt(static_cast<A>(t.bc2_sqrt)),
+        maximize(flag<A>(a.maximize)),
+        lr_is_tensor(flag<A>(a.lr_is_tensor)),
+        // ATen's lerp: self + w·(end − self) for |w| < 0.5, else end + (w − 1)·(end − self).
+        small_weight(flag<A>(std::abs(static_cast<A>(a.beta1_weight)) < A(0.5))),
+        has_l1(flag<A>(a.has_l1)),
+        has_l2(flag<A>(a.has_l2)) {}
+};
+
+// One element of the AdamW step and the prox.
+template <typename T, bool kFused, bool kAmsgrad, Prox kProx, typename A>
+inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
+                       A* __restrict__ m2, A* __restrict__ mx, int64_t i) {
+  A x = static_cast<A>(w[i]);
+  A g = static_cast<A>(grad[i]);
+  g = pick(c.maximize, -g, g);
+  x = x * c.decay;
+  A m = m1[i];
+  const A diff = g - m;
+  m = pick(c.small_weight, fmadd<kFused>(c.beta1_weight, diff, m), fmadd<kFused>(c.beta1_weight_m1, diff, g));
+  m1[i] = m;
+  const A v = fmadd<kFused>(c.beta2_weight * g, g, m2[i] * c.beta2);
+  m2[i] = v;
+  A second = v;
+  if constexpr (kAmsgrad) {
+    second = maximum(mx[i], v);
+    mx[i] = second;
+  }
+  const A denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
+  x = pick(c.lr_is_tensor, x + m / (denom / c.step_size), x + (c.step_size * m) / denom);
+  if constexpr (kProx == Prox::kLr) {
+    x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
+    x = x * c.shrink;
+  } else if constexpr (kProx == Prox::kPreconditioned) {
+    // The reference's lr / d: a true division for a tensor lr, reciprocal(d)·lr for a float.
+    const A s = pick(c.lr_is_tensor, c.lr / denom, (A(1) / denom) * c.lr);
+    x = pick(c.has_l1, soft_threshold(x, s * c.l1), x);
+    x = pick(c.has_l2, x * (A(1) / (s * c.two_l2 + A(1))), x);
+  }
+  w[i] = static_cast<T>(x);
+}
+
+template <typename T, bool kFused, bool kAmsgrad, Prox kProx, typename A>
+__attribute__((noinline)) void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
+                                           A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
+                                           int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) adamw_element<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, i);
+}
+
+template <typename T, bool kFused, bool kAmsgrad, Prox kProx, bool kPenalty>
+void adamw_loop(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  using A = acc_t<T>;
+  const AdamWConst<A> c(args, t);
+  T* __restrict__ w = static_cast<T*>(t.param);
+  const T* __restrict__ grad = static_cast<const T*>(t.grad);
+  A* __restrict__ m1 = static_cast<A*>(t.exp_avg);
+  A* __restrict__ m2 = static_cast<A*>(t.exp_avg_sq);
+  A* __restrict__ mx = static_cast<A*>(t.max_exp_avg_sq);
+  A s1[kLanes] = {}, s2[kLanes] = {};
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    adamw_block<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, b, e);
+    if constexpr (kPenalty) add_to_lanes(w, b, e, s1, s2);
+  }
+  if constexpr (kPenalty) add_lanes(s1, s2, sums);
+}
+
+// Runs body(T{}) with T the element type of `elem`.
+template <typename Body>
+inline void dispatch_elem(Elem elem, Body&& body) {
+  switch (elem) {
+    case Elem::kHalf:
+      body(c10::Half{});
+      break;
+    case Elem::kBFloat16:
+      body(c10::BFloat16{});
+      break;
+    case Elem::kFloat:
+      body(float{});
+      break;
+    case Elem::kDouble:
+      body(double{});
+      break;
+  }
+}
+
+template <typename T, bool kFused, Momentum kMode>
+void sgd_for_mode(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  if (args.penalty) {
+    sgd_loop<T, kFused, kMode, true>(args, t, begin, end, sums);
+  } else {
+    sgd_loop<T, kFused, kMode, false>(args, t, begin, end, sums);
+  }
+}
+
+template <typename T, bool kFused>
+void sgd_typed(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  switch (args.momentum_mode) {
+    case Momentum::kNone:
+      sgd_for_mode<T, kFused, Momentum::kNone>(args, t, begin, end, sums);
+      break;
+    case Momentum::kInit:
+      sgd_for_mode<T, kFused, Momentum::kInit>(args, t, begin, end, sums);
+      break;
+    case Momentum::kUpdate:
+      sgd_for_mode<T, kFused, Momentum::kUpdate>(args, t, begin, end, sums);
+      break;
+  }
+}
+
+template <bool kFused>
+void sgd_dispatch(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums) {
+  dispatch_elem(args.elem, [&](auto tag) { sgd_typed<decltype(tag), kFused>(args, t, begin, end, sums); });
+}
+
+template <typename T, bool kFused, bool kAmsgrad, Prox kProx>
+void adamw_for_prox(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  if (args.penalty) {
+    adamw_loop<T, kFused, kAmsgrad, kProx, true>(args, t, begin, end, sums);
+  } else {
+    adamw_loop<T, kFused, kAmsgrad, kProx, false>(args, t, begin, end, sums);
+  }
+}
+
+template <typename T, bool kFused, bool kAmsgrad>
+void adamw_for_amsgrad(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  switch (args.prox) {
+    case Prox::kNone:
+      adamw_for_prox<T, kFused, kAmsgrad, Prox::kNone>(args, t, begin, end, sums);
+      break;
+    case Prox::kLr:
+      adamw_for_prox<T, kFused, kAmsgrad, Prox::kLr>(args, t, begin, end, sums);
+      break;
+    case Prox::kPreconditioned:
+      adamw_for_prox<T, kFused, kAmsgrad, Prox::kPreconditioned>(args, t, begin, end, sums);
+      break;
+  }
+}
+
+template <bool kFused>
+void adamw_dispatch(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
+  dispatch_elem(args.elem, [&](auto tag) {
+    using T = decltype(tag);
+    if (args.amsgrad) {
+      adamw_for_amsgrad<T, kFused, true>(args, t, begin, end, sums);
+    } else {
+      adamw_for_amsgrad<T, kFused, false>(args, t, begin, end, sums);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace optim_cpu
+}  // namespace regfast
