@@ -6,7 +6,8 @@ compiled or interpreted). Importing this package never fails; :func:`unavailable
 why the backend cannot serve when Triton is missing or was set up for the other mode.
 
 Functions (same contract as :mod:`regfast.reference`): :func:`norms`, :func:`penalty`,
-:func:`penalty_backward`, :func:`add_penalty_grad_`, :func:`prox_`.
+:func:`penalty_backward`, :func:`add_penalty_grad_`, :func:`prox_`; and the fused optimizer steps
+:func:`sgd_step_`, :func:`adamw_step_` (same contract as :mod:`regfast.optim._reference`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 
 import torch
 
-__all__ = ["add_penalty_grad_", "norms", "penalty", "penalty_backward", "prox_", "unavailable_reason"]
+__all__ = ["add_penalty_grad_", "adamw_step_", "norms", "penalty", "penalty_backward", "prox_", "sgd_step_",
+           "unavailable_reason"]
 
 
 def _interpret_requested() -> bool:
@@ -32,6 +34,7 @@ except Exception as exc:  # any import failure (missing package, broken install)
 else:
     _IMPORT_ERROR = None
     from .norms import norms
+    from .optim import adamw_step_, sgd_step_
     from .penalty import add_penalty_grad_, penalty, penalty_backward
     from .prox import prox_
 

@@ -57,3 +57,18 @@ def elastic_net(w, threshold, shrink, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr
 def group_index(offs, inner, ngroups, first_group):
     """Group-table index of flat element ``offs`` of a ``[outer, ngroups, inner]`` tensor."""
     return first_group + (offs // inner) % ngroups
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """``x`` (float32 or float64) rounded to nearest-even into ``DTYPE``.
+
+    For bfloat16 the rounding is done on the float32 bits first, so that the final conversion is
+    exact: Triton's interpreter truncates float32 to bfloat16 instead of rounding.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # NaN stays NaN (the carry could turn a NaN with a small payload into inf).
+        x = tl.where(x != x, x.to(tl.float32), bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
