@@ -9,15 +9,90 @@ serves the group's device and calls that backend's function of the same name.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _dispatch
 from .reference import acc_dtype
 
+_PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
+
 
 def _backend(params: list[Tensor]):
     return _dispatch.select(params[0].device)
+
+
+def _version_bump_takes_lists() -> bool:
+    try:
+        torch._C._increment_version([torch.empty(0)])
+    except TypeError:
+        return False
+    return True
+
+
+_BUMP_LISTS = _version_bump_takes_lists()
+
+
+def bump_versions(*tensor_lists: list[Tensor]) -> None:
+    """Mark the tensors of ``tensor_lists`` as modified in place (autograd's version counters), as the op would."""
+    for tensors in tensor_lists:
+        if _BUMP_LISTS:
+            torch._C._increment_version(tensors)
+        else:
+            for t in tensors:
+                torch._C._increment_version(t)
+
+
+def direct_backend(params: list[Tensor], *others: list[Tensor]) -> ModuleType | None:
+    """The backend to call straight for one group in eager mode, or None to go through the custom op.
+
+    For hundreds of small tensors the dispatcher's own Python steps (a version-counter bump per
+    tensor among them) cost more than the kernels. A direct call gives the same result and is
+    taken only where no one could see the difference: no tracing, no torch dispatch or function
+    mode, no functorch transform, and plain tensors only; callers then :func:`bump_versions`.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return None
+    for tensors in (params, *others):
+        if not set(map(type, tensors)) <= _PLAIN_TYPES:
+            return None
+    return _backend(params)
+
+
+def lr_step(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> float | Tensor:
+    """The step the backends take: ``lr``, or ``lr_tensor`` on the params' device in their accumulation dtype."""
+    return lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
+
+
+def run_norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`norms` of one group, straight to the backend when :func:`direct_backend` allows."""
+    backend = direct_backend(params)
+    return backend.norms(params) if backend is not None else norms(params)
+
+
+def run_add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, group_lasso: float,
+                          groups: str) -> Tensor:
+    """:func:`add_penalty_grad_` of one group, straight to the backend when :func:`direct_backend` allows."""
+    backend = direct_backend(params, grads)
+    if backend is None:
+        return add_penalty_grad_(params, grads, l1, l2, group_lasso, groups)
+    value = backend.add_penalty_grad_(params, grads, l1, l2, group_lasso, groups)
+    bump_versions(grads)
+    return value
+
+
+def run_prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
+              group_lasso: float, groups: str) -> None:
+    """:func:`prox_` of one group, straight to the backend when :func:`direct_backend` allows."""
+    backend = direct_backend(params)
+    if backend is None:
+        prox_(params, lr_tensor, lr, l1, l2, group_lasso, groups)
+        return
+    backend.prox_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
+    bump_versions(params)
 
 
 @torch.library.custom_op("regfast::norms", mutates_args=())
@@ -89,8 +164,7 @@ def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, group_las
 def prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
           group_lasso: float, groups: str) -> None:
     """The proximal step in place; the step is ``lr_tensor`` (0-dim) when given, else ``lr``."""
-    step = lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
-    _backend(params).prox_(params, step, l1, l2, group_lasso, groups)
+    _backend(params).prox_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
 
 
 @prox_.register_fake

@@ -11,9 +11,11 @@ parameter and no gradient has changed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
+from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -35,32 +37,72 @@ __all__ = [
 
 Params = nn.Module | Tensor | Iterable[Tensor]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = set(FLOAT_DTYPES)
+_LAYOUT, _DTYPE = attrgetter("layout"), attrgetter("dtype")
+_PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
+# torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use; None where absent.
+_GROUP_BY_DEVICE_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 
-def _named(params: Params) -> tuple[list[Tensor], list[str]]:
+class _Names(Sequence[str]):
+    """The names of a call's tensors (``named_parameters()`` names, else ``params[i]``), made when asked for."""
+
+    def __init__(self, names: list[str] | None = None, index: list[int] | None = None, n: int = 0) -> None:
+        self._names, self._index, self._n = names, index, n
+
+    def __len__(self) -> int:
+        return len(self._names) if self._names is not None else len(self._index) if self._index is not None else self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if self._names is not None:
+            return self._names[i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return f"params[{self._index[i] if self._index is not None else range(self._n)[i]}]"
+
+
+def _eager() -> bool:
+    """True outside tracing: the checks may then take the vectorized route (same results, fewer Python steps)."""
+    return not torch.compiler.is_compiling()
+
+
+def _named(params: Params) -> tuple[list[Tensor], _Names]:
     """The distinct tensors of ``params`` in order, and a name for each (for messages and tables)."""
     if isinstance(params, nn.Module):
-        pairs = list(params.named_parameters())
+        pairs = list(params.named_parameters())  # distinct already
+        tensors, names = [p for _, p in pairs], _Names([n for n, _ in pairs])
     elif isinstance(params, Tensor):
-        pairs = [("params", params)]
+        tensors, names = [params], _Names(["params"])
     else:
         try:
             items = list(params)
         except TypeError:
             raise TypeError(f"params must be an nn.Module, a tensor or an iterable of tensors, "
                             f"not {type(params).__name__}") from None
-        pairs = [(f"params[{i}]", p) for i, p in enumerate(items)]
-    tensors, names, seen = [], [], set()
-    for name, p in pairs:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{name} is a {type(p).__name__}, not a torch.Tensor")
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        _check_tensor(name, p)
-        tensors.append(p)
-        names.append(name)
+        if not all(map(isinstance, items, repeat(Tensor))):
+            bad = next(i for i, p in enumerate(items) if not isinstance(p, Tensor))
+            raise TypeError(f"params[{bad}] is a {type(items[bad]).__name__}, not a torch.Tensor")
+        if len(set(map(id, items))) == len(items):
+            tensors, names = items, _Names(n=len(items))
+        else:
+            first = {id(p): i for i, p in reversed(list(enumerate(items)))}
+            index = sorted(first.values())
+            tensors, names = [items[i] for i in index], _Names(index=index)
+    _check_tensors(tensors, names)
     return tensors, names
+
+
+def _check_tensors(tensors: list[Tensor], names: Sequence[str], suffix: str = "") -> None:
+    if _eager() and set(map(_LAYOUT, tensors)) <= {torch.strided} and set(map(_DTYPE, tensors)) <= _FLOAT_SET:
+        return
+    for i, t in enumerate(tensors):
+        _check_tensor(names[i] + suffix, t)
 
 
 def _check_tensor(name: str, t: Tensor) -> None:
@@ -70,11 +112,45 @@ def _check_tensor(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; regfast needs float16, bfloat16, float32 or float64")
 
 
-def _check_writable(name: str, t: Tensor) -> None:
+def _check_writable(tensors: list[Tensor], names: Sequence[str], suffix: str = "") -> None:
     """In-place updates need every element stored once: refuse views such as ``expand()``."""
-    if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
-        raise ValueError(f"{name} (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself in memory "
-                         f"(made by expand()?); it cannot be updated in place")
+    if _eager() and all(map(Tensor.is_contiguous, tensors)):
+        return
+    for i, t in enumerate(tensors):
+        if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+            raise ValueError(f"{names[i]}{suffix} (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself in "
+                             f"memory (made by expand()?); it cannot be updated in place")
+
+
+def _matching(params: list[Tensor], others: list[Tensor], grouping: list[list[int]]) -> bool:
+    """True if each ``others[i]`` has ``params[i]``'s shape, dtype and device (``grouping = _grouping(params)``).
+
+    Vectorized: element counts, dims and (device, dtype) groups of all, shapes only where dims ≥ 2
+    (equal counts and dims < 2 mean equal shapes).
+    """
+    if list(map(Tensor.numel, others)) != list(map(Tensor.numel, params)):
+        return False
+    dims = list(map(Tensor.dim, params))
+    return (list(map(Tensor.dim, others)) == dims and _grouping(others) == grouping
+            and all(others[i].shape == params[i].shape for i, d in enumerate(dims) if d > 1))
+
+
+def _check_grads(params: list[Tensor], grads: list[Tensor], names: Sequence[str],
+                 grouping: list[list[int]] | None) -> None:
+    """Each ``grads[i]`` is a dense tensor of ``params[i]``'s shape, (float) dtype and device, stored once.
+
+    ``grouping`` is ``_grouping(params)``, or None to compare tensor by tensor.
+    """
+    if not set(map(_LAYOUT, grads)) <= {torch.strided}:
+        _check_tensors(grads, names, ".grad")
+    _check_writable(grads, names, ".grad")
+    if grouping is not None and _matching(params, grads, grouping):
+        return
+    _check_tensors(grads, names, ".grad")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{names[i]}.grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
+                             f"{names[i]} ({tuple(p.shape)}, {p.dtype}, {p.device})")
 
 
 def _check_coef(name: str, value: float) -> float:
@@ -91,8 +167,19 @@ def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple
     return _check_coef("l1", l1), _check_coef("l2", l2), _check_coef("group_lasso", group_lasso)
 
 
+def _grouping(tensors: list[Tensor]) -> list[list[int]] | None:
+    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance, by torch's C++
+    grouping; None while tracing or when a tensor is a subclass (DTensor…)."""
+    if not _eager() or _GROUP_BY_DEVICE_DTYPE is None or not set(map(type, tensors)) <= _PLAIN_TYPES:
+        return None
+    return sorted((idx for _, idx in _GROUP_BY_DEVICE_DTYPE([tensors], True).values()), key=itemgetter(0))
+
+
 def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
     """Indices of the plain tensors grouped by (device, dtype) in order of first appearance, and of the DTensors."""
+    fast = _grouping(tensors) if tensors else None
+    if fast is not None:
+        return fast, []
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     distributed = []
     for i, t in enumerate(tensors):
@@ -103,7 +190,13 @@ def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
     return list(buckets.values()), distributed
 
 
+def _pick(tensors: list[Tensor], idx: list[int]) -> list[Tensor]:
+    return tensors if len(idx) == len(tensors) else [tensors[i] for i in idx]
+
+
 def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
+    if _eager():
+        return torch.float64 if torch.float64 in set(map(_DTYPE, tensors)) else torch.float32
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -142,7 +235,7 @@ def norms(params: Params) -> Norms:
         return Norms(empty.sum(), empty.sum(), empty.sum(), empty, empty.clone())
     with torch.no_grad():
         groups, distributed = _partition(tensors)
-        results = [_ops.norms([tensors[i] for i in idx]) for idx in groups]
+        results = [_ops.run_norms(_pick(tensors, idx)) for idx in groups]
         if distributed:
             groups.append(distributed)
             results.append(_distributed.norms([tensors[i] for i in distributed]))
@@ -174,7 +267,7 @@ def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float
     if not tensors:
         return torch.zeros(())
     plain, distributed = _partition(tensors)
-    values = [_ops.penalty([tensors[i] for i in idx], l1, l2, group_lasso, groups) for idx in plain]
+    values = [_ops.penalty(_pick(tensors, idx), l1, l2, group_lasso, groups) for idx in plain]
     if distributed:
         values.append(_distributed.penalty([tensors[i] for i in distributed], [names[i] for i in distributed],
                                            l1, l2, group_lasso, groups))
@@ -192,26 +285,22 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
     """
     tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
-    for name, p in zip(names, tensors):
-        g = p.grad
-        if g is None:
-            continue
-        _check_tensor(f"{name}.grad", g)
-        _check_writable(f"{name}.grad", g)
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"{name}.grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
-                             f"{name} ({tuple(p.shape)}, {p.dtype}, {p.device})")
     if not tensors:
         return torch.zeros(())
+    plain, distributed = _partition(tensors)
+    grads = [p.grad for p in tensors]
+    missing = [i for i, g in enumerate(grads) if g is None] if any(map(is_, grads, repeat(None))) else []
+    if missing:
+        present = sorted(set(range(len(tensors))) - set(missing))
+        _check_grads([tensors[i] for i in present], [grads[i] for i in present],
+                     _Names([names[i] for i in present]), None)
+    else:
+        _check_grads(tensors, grads, names, None if distributed else plain)
     with torch.no_grad():
-        for p in tensors:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        plain, distributed = _partition(tensors)
-        values = []
-        for idx in plain:
-            group = [tensors[i] for i in idx]
-            values.append(_ops.add_penalty_grad_(group, [p.grad for p in group], l1, l2, group_lasso, groups))
+        for i in missing:
+            grads[i] = tensors[i].grad = torch.zeros_like(tensors[i])
+        values = [_ops.run_add_penalty_grad_(_pick(tensors, idx), _pick(grads, idx), l1, l2, group_lasso, groups)
+                  for idx in plain]
         if distributed:
             values.append(_distributed.add_penalty_grad_([tensors[i] for i in distributed],
                                                          [names[i] for i in distributed], l1, l2, group_lasso, groups))
@@ -244,14 +333,13 @@ def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, 
     tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
     lr_tensor, lr_float = _check_lr(lr)
-    for name, p in zip(names, tensors):
-        _check_writable(name, p)
+    _check_writable(tensors, names)
     if not tensors or not (l1 or l2 or group_lasso):
         return
     with torch.no_grad():
         plain, distributed = _partition(tensors)
         for idx in plain:
-            _ops.prox_([tensors[i] for i in idx], lr_tensor, lr_float, l1, l2, group_lasso, groups)
+            _ops.run_prox_(_pick(tensors, idx), lr_tensor, lr_float, l1, l2, group_lasso, groups)
         if distributed:
             _distributed.prox_([tensors[i] for i in distributed], [names[i] for i in distributed],
                                lr_float if lr_tensor is None else lr_tensor, l1, l2, group_lasso, groups)

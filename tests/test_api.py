@@ -350,3 +350,46 @@ def test_mixed_devices_in_one_list():
     for t, b in zip(ts, before):
         assert_close(t.grad, oracle.grad(b, **_kw(hyper)), torch.float32)
         assert_close(t, oracle.prox(b, 0.2, **_kw(hyper)), torch.float32)
+
+
+def test_in_place_calls_bump_autograd_versions():
+    # In eager mode the ops are called without the dispatcher; autograd must still see the writes.
+    w = torch.randn(4, 3, requires_grad=True)
+    saved = (w * w).sum()  # saves w for backward
+    regfast.prox_([w], 0.1, l1=0.01)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    w.grad = torch.randn(4, 3)
+    before = w.grad._version
+    regfast.add_penalty_grad_([w], l2=0.1)
+    assert w.grad._version > before
+    for opt in (regfast.optim.ProxSGD([w], lr=0.1, momentum=0.9, l1=0.01), regfast.optim.ProxAdamW([w], lr=0.1)):
+        before = w._version
+        opt.step()
+        assert w._version > before
+
+
+def test_calls_reach_the_dispatcher_under_a_dispatch_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ts = make_params([(3, 4), (5,)])
+    for t in ts:
+        t.grad = torch.randn_like(t)
+    expected = [t.detach().clone() for t in ts]
+    regfast.prox_(expected, 0.1, l1=0.2)
+    with Record() as record:
+        regfast.norms(ts)
+        regfast.add_penalty_grad_(ts, l1=0.1)
+        regfast.prox_(ts, 0.1, l1=0.2)
+    assert {"regfast.norms.default", "regfast.add_penalty_grad_.default", "regfast.prox_.default"} <= set(record.ops)
+    for t, e in zip(ts, expected):
+        torch.testing.assert_close(t.detach(), e)

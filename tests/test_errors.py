@@ -140,3 +140,27 @@ def test_forced_unavailable_backend_raises():
         pytest.skip("the compiled extension is built here; nothing to refuse")
     with use_backend("cpp"), pytest.raises(RuntimeError, match="REGFAST_BACKEND=cpp but the cpp backend cannot serve"):
         regfast.penalty(_good(), l1=0.1)
+
+
+def test_names_count_the_caller_list_with_duplicates():
+    ts = _good()
+    snap = _snapshot(ts)
+    for call in _all_calls([ts[0], ts[0], ts[1], torch.ones(2, dtype=torch.int32)], l1=0.1):
+        with pytest.raises(TypeError, match="params\\[3\\] has dtype torch.int32"):
+            call()
+    _assert_untouched(ts, snap)
+
+
+def test_grad_left_behind_by_a_data_swap_is_refused():
+    # torch refuses a .grad of another shape, but `p.data = ...` can still leave one behind.
+    ts = _good()
+    ts[1].grad = torch.randn(5)
+    ts[0].data = torch.randn(4, 3)
+    snap = _snapshot(ts)
+    with pytest.raises(ValueError, match="params\\[0\\].grad \\(\\(3, 4\\).*does not match params\\[0\\] \\(\\(4, 3\\)"):
+        regfast.add_penalty_grad_(ts, l1=0.1)
+    _assert_untouched(ts, snap)
+    for opt in (regfast.optim.ProxSGD(ts, lr=0.1, l1=0.1), regfast.optim.ProxAdamW(ts, lr=0.1, l1=0.1)):
+        with pytest.raises(ValueError, match="does not match its param"):
+            opt.step()
+        _assert_untouched(ts, snap)

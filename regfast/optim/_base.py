@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..api import _LAYOUT, _grouping, _matching
 from ..reference import GROUPINGS, acc_dtype
+
+_GRAD = attrgetter("grad")
 
 REGULARIZATION_KEYS = ("l1", "l2", "group_lasso", "groups")
 
@@ -44,6 +49,9 @@ def split_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
 
 def by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance."""
+    fast = _grouping(tensors)
+    if fast is not None:
+        return fast
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         buckets.setdefault((t.device, t.dtype), []).append(i)
@@ -61,16 +69,26 @@ def total(values: list[Tensor]) -> Tensor:
 
 def with_grads(group: dict[str, Any]) -> list[Tensor]:
     """The params of ``group`` that have a gradient, checked to be dense and to match their param."""
-    params = []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
+    params = group["params"]
+    if torch.compiler.is_compiling():
+        params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
+    else:
+        grads = list(map(_GRAD, params))
+        if any(map(is_, grads, repeat(None))):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if not params:
+            return []
+        if (set(map(_LAYOUT, grads)) <= {torch.strided} and (grouping := _grouping(params)) is not None
+                and _matching(params, grads, grouping)):
+            return params
+    for p, g in zip(params, grads):
+        if g.layout != torch.strided:
             raise RuntimeError("sparse gradients are not supported by the proximal step")
-        if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-            raise ValueError(f"a gradient ({tuple(p.grad.shape)}, {p.grad.dtype}, {p.grad.device}) does not match "
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"a gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
                              f"its param ({tuple(p.shape)}, {p.dtype}, {p.device})")
-        params.append(p)
     return params
 
 

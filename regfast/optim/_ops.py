@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._ops import bump_versions, direct_backend
 from ..reference import Lr, acc_dtype
 from . import _reference
 
@@ -73,3 +74,32 @@ def _(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg
       beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
       group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
     return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
+
+
+def run_sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr_tensor: Tensor | None,
+                  lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+                  init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
+                  compute_penalty: bool) -> Tensor:
+    """:func:`sgd_step_`, straight to the backend when :func:`regfast._ops.direct_backend` allows."""
+    args = (momentum, dampening, nesterov, weight_decay, maximize, init_buffers, l1, l2, group_lasso, groups,
+            compute_penalty)
+    if direct_backend(params, grads, momentum_buffers) is None:
+        return sgd_step_(params, grads, momentum_buffers, lr_tensor, lr, *args)
+    value = _implementation(params, "sgd_step_")(params, grads, momentum_buffers, _lr(params, lr_tensor, lr), *args)
+    bump_versions(params, momentum_buffers)
+    return value
+
+
+def run_adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr_tensor: Tensor | None, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                    l1: float, l2: float, group_lasso: float, groups: str, prox: str,
+                    compute_penalty: bool) -> Tensor:
+    """:func:`adamw_step_`, straight to the backend when :func:`regfast._ops.direct_backend` allows."""
+    state = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    args = (beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, prox, compute_penalty)
+    if direct_backend(params, grads, *state) is None:
+        return adamw_step_(params, grads, *state, lr_tensor, lr, *args)
+    value = _implementation(params, "adamw_step_")(params, grads, *state, _lr(params, lr_tensor, lr), *args)
+    bump_versions(params, *state)
+    return value

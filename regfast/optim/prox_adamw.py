@@ -119,7 +119,7 @@ class ProxAdamW(FusedProximalOptimizer):
         for idx in by_device_dtype(params):
             bucket = [params[i] for i in idx]
             states = [self.state[p] if self.state.get(p) else self._init_state(p, group) for p in bucket]
-            values.append(_ops.adamw_step_(
+            values.append(_ops.run_adamw_step_(
                 bucket, [p.grad for p in bucket], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
                 lr_tensor, lr, beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import repeat
+from operator import is_
 from typing import Any
 
 import torch
@@ -78,19 +80,24 @@ class ProxSGD(FusedProximalOptimizer):
         for idx in by_device_dtype(params):
             bucket = [params[i] for i in idx]
             # A param's first step sets its buffer to the gradient; the others decay theirs.
-            fresh = {id(p) for p in bucket if self.state.get(p, {}).get("momentum_buffer") is None}
-            for init in (True, False):
-                ps = [p for p in bucket if (id(p) in fresh) == init]
+            if momentum == 0:
+                splits = [(False, bucket, [])]
+            else:
+                found = [s.get("momentum_buffer") if s else None for s in map(self.state.get, bucket)]
+                if not any(map(is_, found, repeat(None))):
+                    splits = [(False, bucket, found)]
+                else:
+                    fresh = [p for p, b in zip(bucket, found) if b is None]
+                    for p in fresh:
+                        self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=acc_dtype(p.dtype))
+                    splits = [(True, fresh, [self.state[p]["momentum_buffer"] for p in fresh]),
+                              (False, [p for p, b in zip(bucket, found) if b is not None],
+                               [b for b in found if b is not None])]
+            for init, ps, buffers in splits:
                 if not ps:
                     continue
-                buffers = []
-                if momentum != 0:
-                    for p in ps:
-                        if init:
-                            self.state[p]["momentum_buffer"] = torch.empty_like(p, dtype=acc_dtype(p.dtype))
-                        buffers.append(self.state[p]["momentum_buffer"])
-                values.append(_ops.sgd_step_(
+                values.append(_ops.run_sgd_step_(
                     ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
-                    group["nesterov"], group["weight_decay"], group["maximize"], init and momentum != 0,
+                    group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
         return values
