@@ -9,6 +9,7 @@ serves the group's device and calls that backend's function of the same name.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from types import ModuleType
 
 import torch
@@ -18,6 +19,7 @@ from . import _dispatch
 from .reference import acc_dtype
 
 _PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
+_REQUIRES_GRAD = attrgetter("requires_grad")
 
 
 def _backend(params: list[Tensor]):
@@ -171,3 +173,33 @@ def prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, 
 def _(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
       group_lasso: float, groups: str) -> None:
     return None
+
+
+class _DirectPenalty(torch.autograd.Function):
+    """:func:`penalty` with its gradient, calling one backend straight (see :func:`direct_backend`)."""
+
+    @staticmethod
+    def forward(ctx, backend: ModuleType, hyper: tuple, *params: Tensor) -> Tensor:
+        ctx.backend, ctx.hyper = backend, hyper
+        ctx.save_for_backward(*params)
+        return backend.penalty(list(params), *hyper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        params = list(ctx.saved_tensors)
+        if torch.is_grad_enabled():  # create_graph: the op, which refuses to be differentiated again
+            grads = penalty_backward(grad, params, *ctx.hyper)
+        else:
+            grads = ctx.backend.penalty_backward(grad, params, *ctx.hyper)
+        return (None, None, *grads)
+
+
+def run_penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
+    """:func:`penalty` of one group (differentiable), straight to the backend when :func:`direct_backend` allows."""
+    backend = direct_backend(params)
+    if backend is None:
+        return penalty(params, l1, l2, group_lasso, groups)
+    hyper = (l1, l2, group_lasso, groups)
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, params)):
+        return _DirectPenalty.apply(backend, hyper, *params)
+    return backend.penalty(params, *hyper)

@@ -267,7 +267,7 @@ def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float
     if not tensors:
         return torch.zeros(())
     plain, distributed = _partition(tensors)
-    values = [_ops.penalty(_pick(tensors, idx), l1, l2, group_lasso, groups) for idx in plain]
+    values = [_ops.run_penalty(_pick(tensors, idx), l1, l2, group_lasso, groups) for idx in plain]
     if distributed:
         values.append(_distributed.penalty([tensors[i] for i in distributed], [names[i] for i in distributed],
                                            l1, l2, group_lasso, groups))

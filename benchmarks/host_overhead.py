@@ -1,0 +1,164 @@
+"""Host cost per call of regfast's Python path, beside the naive loop, on many one-element tensors.
+
+    python benchmarks/host_overhead.py [--tensors 2000] [--repeats 30] [--json]
+
+With one element per tensor the arithmetic is negligible, so the time per call is what the
+host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
+
+- ``naive loop``: the loops people write (one or more torch ops per tensor); ``penalty`` rows
+  include ``backward()``;
+- ``torch._foreach_*``: torch's own multi-tensor ops, where one exists;
+- ``regfast[cpp]`` / ``regfast[torch]``: the whole public call on that backend;
+- ``regfast[triton], launch stubbed``: the whole public call on the Triton backend with each
+  kernel launch replaced by a no-op (runs on the CPU with ``TRITON_INTERPRET=1``): regfast's
+  host path without Triton's own launch cost, which a GPU adds once per launch.
+
+Prints a table (median and p20/p80 microseconds per call, speed-up over the naive loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the stubbed rows run on the CPU
+
+import torch  # noqa: E402
+
+import regfast  # noqa: E402
+from regfast import _dispatch  # noqa: E402
+
+
+def _timings(fn, repeats: int) -> list[float]:
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _stub_triton_launches() -> list[tuple[object, str, object]]:
+    import importlib
+
+    saved = []
+    for name in ("norms", "penalty", "prox", "group", "optim"):
+        module = importlib.import_module(f"regfast.triton.{name}")
+        for attr in dir(module):
+            if attr.endswith("_kernel"):
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, _NoLaunch())
+    return saved
+
+
+def _naive_cases(params: list[torch.Tensor]) -> dict[str, object]:
+    def penalty():
+        loss = torch.zeros(())
+        for w in params:
+            loss = loss + 1e-4 * w.abs().sum() + 1e-3 * w.square().sum()
+        loss.backward()
+
+    def add_grad():
+        for w in params:
+            w.grad.add_(torch.sign(w), alpha=1e-4).add_(w, alpha=2e-3)
+
+    def prox():
+        with torch.no_grad():
+            for w in params:
+                w.copy_(torch.sign(w) * torch.clamp(w.abs() - 1e-5, min=0) / (1 + 2e-4))
+
+    def norms():
+        return [(w.abs().sum(), w.square().sum()) for w in params]
+
+    return {"norms": norms, "penalty": penalty, "add_penalty_grad_": add_grad, "prox_": prox}
+
+
+def _foreach_cases(params: list[torch.Tensor]) -> dict[str, object]:
+    grads = [p.grad for p in params]
+    return {
+        "norms": lambda: (torch._foreach_norm(params, 1), torch._foreach_norm(params, 2)),
+        "add_penalty_grad_": lambda: torch._foreach_add_(grads, torch._foreach_sign(params), alpha=1e-4),
+    }
+
+
+def _regfast_cases(params: list[torch.Tensor]) -> dict[str, object]:
+    return {
+        "norms": lambda: regfast.norms(params),
+        "penalty": lambda: regfast.penalty(params, l1=1e-4, l2=1e-3).backward(),
+        "add_penalty_grad_": lambda: regfast.add_penalty_grad_(params, l1=1e-4, l2=1e-3),
+        "prox_": lambda: regfast.prox_(params, 0.1, l1=1e-4, l2=1e-3),
+    }
+
+
+def run(n_tensors: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    params = [torch.randn(1, requires_grad=True) for _ in range(n_tensors)]
+    for p in params:
+        p.grad = torch.randn(1)
+    providers: list[tuple[str, dict[str, object], str | None]] = [
+        ("naive loop", _naive_cases(params), None),
+        ("torch._foreach_*", _foreach_cases(params), None),
+    ]
+    for backend in ("cpp", "torch"):
+        if _dispatch.unavailable_reason(backend, "cpu") is None:
+            providers.append((f"regfast[{backend}]", _regfast_cases(params), backend))
+    if _dispatch.unavailable_reason("triton", "cpu") is None:
+        providers.append(("regfast[triton], launch stubbed", _regfast_cases(params), "triton"))
+    rows = []
+    for op in ("norms", "penalty", "add_penalty_grad_", "prox_"):
+        base = None
+        for name, cases, backend in providers:
+            if op not in cases:
+                continue
+            saved = _stub_triton_launches() if backend == "triton" else []
+            try:
+                with _dispatch.forced_backend(backend or "auto"):
+                    seconds = _timings(cases[op], repeats)
+            finally:
+                for module, attr, value in saved:
+                    setattr(module, attr, value)
+            qs = statistics.quantiles(seconds, n=10)
+            median = statistics.median(seconds)
+            base = base or median
+            rows.append({"op": op, "tensors": n_tensors, "provider": name, "median_us": median * 1e6,
+                         "p20_us": qs[1] * 1e6, "p80_us": qs[7] * 1e6, "speedup": base / median})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[148, 2000])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", action="store_true", help="one JSON row per measurement instead of a table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, regfast {regfast.__version__}, python {sys.version.split()[0]}; "
+          "one-element tensors, 1 thread", file=sys.stderr)
+    for n in args.tensors:
+        rows = run(n, args.repeats)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+            continue
+        print(f"\n{n} tensors        {'provider':<32} {'median us (p20-p80)':>26} {'speed-up':>9}")
+        for r in rows:
+            spread = f"{r['median_us']:.0f} ({r['p20_us']:.0f}-{r['p80_us']:.0f})"
+            print(f"{r['op']:<18} {r['provider']:<32} {spread:>26} {r['speedup']:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
