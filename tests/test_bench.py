@@ -163,3 +163,19 @@ def test_command_line_writes_csv_and_renders_markdown(tmp_path, capsys):
     assert "### prox_" in capsys.readouterr().out
     assert main(["--headline", str(tmp_path / "cpu-quick.csv")]) == 0
     assert "regfast.prox_[" in capsys.readouterr().out
+
+
+def test_host_overhead_script_runs_every_provider():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--tensors", "7", "--repeats", "3", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    providers = {r["provider"] for r in rows}
+    assert {"naive loop", "torch._foreach_*", "regfast[torch]"} <= providers
+    assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_"}
+    assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)

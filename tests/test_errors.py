@@ -157,7 +157,8 @@ def test_grad_left_behind_by_a_data_swap_is_refused():
     ts[1].grad = torch.randn(5)
     ts[0].data = torch.randn(4, 3)
     snap = _snapshot(ts)
-    with pytest.raises(ValueError, match="params\\[0\\].grad \\(\\(3, 4\\).*does not match params\\[0\\] \\(\\(4, 3\\)"):
+    match = "params\\[0\\].grad \\(\\(3, 4\\).*does not match params\\[0\\] \\(\\(4, 3\\)"
+    with pytest.raises(ValueError, match=match):
         regfast.add_penalty_grad_(ts, l1=0.1)
     _assert_untouched(ts, snap)
     for opt in (regfast.optim.ProxSGD(ts, lr=0.1, l1=0.1), regfast.optim.ProxAdamW(ts, lr=0.1, l1=0.1)):
