@@ -116,6 +116,11 @@ def _group_grad_scale(t: Tensor, groups: str) -> Tensor:
     return torch.where(norm == 0, torch.zeros_like(norm), math.sqrt(group_size(t, groups)) / norm)
 
 
+def sign(w: Tensor) -> Tensor:
+    """``torch.sign(w)`` except that NaN stays NaN (torch gives 0): a NaN weight gets a NaN gradient."""
+    return torch.where(torch.isnan(w), w, torch.sign(w))
+
+
 def _axpy(out: Tensor | None, coef: float | Tensor, x: Tensor) -> Tensor:
     """out + coef·x, in place into ``out`` (a new tensor when ``out`` is None); ``coef`` a float or tensor."""
     if out is None:
@@ -129,7 +134,7 @@ def _add_grad(out: Tensor | None, w: Tensor, l1: float | Tensor, l2: float | Ten
               group_lasso: float | Tensor, groups: str) -> Tensor | None:
     """out + l1·sign(w) + 2·l2·w + group term (in place unless ``out`` is None); a float 0 term is skipped."""
     if isinstance(l1, Tensor) or l1:
-        out = _axpy(out, l1, torch.sign(w)) if out is not None else torch.sign(w).mul_(l1)
+        out = _axpy(out, l1, sign(w)) if out is not None else sign(w).mul_(l1)
     if isinstance(l2, Tensor) or l2:
         out = _axpy(out, 2 * l2, w)
     if isinstance(group_lasso, Tensor) or group_lasso:

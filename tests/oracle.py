@@ -40,7 +40,7 @@ def penalty(ts, l1=0.0, l2=0.0, gl=0.0, groups="row") -> torch.Tensor:
 def grad(w: torch.Tensor, l1=0.0, l2=0.0, gl=0.0, groups="row") -> torch.Tensor:
     """∇penalty at ``w`` (float64), with the group term 0 for a zero group."""
     w = w.detach().to(torch.float64)
-    g = l1 * torch.sign(w) + 2 * l2 * w
+    g = l1 * torch.where(w.isnan(), w, torch.sign(w)) + 2 * l2 * w  # a NaN weight: NaN gradient
     if gl:
         rows = groups_of(w, groups)
         if rows.numel():

@@ -179,3 +179,16 @@ def test_host_overhead_script_runs_every_provider():
     assert {"naive loop", "torch._foreach_*", "regfast[torch]"} <= providers
     assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_"}
     assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)
+
+
+def test_readme_headline_tables_match_their_results_files():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"<!-- headline: (\S+) -->\n(.*?)<!-- /headline -->", readme, flags=re.S)
+    assert blocks, "the README has no headline table"
+    for csv_path, table in blocks:
+        expected = report.headline(report.read_csv(root / csv_path), markdown=True)
+        assert table.strip() == expected.strip(), f"regenerate the README table of {csv_path}"

@@ -83,6 +83,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--headline", type=Path, metavar="CSV",
                    help="print one line per (workload, dtype, op) of the results CSV: the fastest regfast row "
                         "against the naive loop, and exit")
+    p.add_argument("--headline-markdown", type=Path, metavar="CSV",
+                   help="the same as a markdown table (the README's, between its headline markers), and exit")
     return p.parse_args(argv)
 
 
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.headline is not None:
         print(report.headline(report.read_csv(args.headline)))
+        return 0
+    if args.headline_markdown is not None:
+        print(report.headline(report.read_csv(args.headline_markdown), markdown=True))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:

@@ -206,16 +206,38 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
-def headline(rows: list[dict[str, str]]) -> str:
-    """One line per (workload, dtype, op): the naive loop, the fastest regfast row, its speed-up and % of copy."""
+def _headline_rows(rows: list[dict[str, str]]) -> list[tuple[str, str, str, dict[str, str]]]:
+    """(workload, dtype, op, fastest regfast row) for each block that has a timed regfast row."""
+    out = []
+    for (workload, dtype, op), group in _groups(rows).items():
+        timed = [r for r in group if r["family"] == "regfast" and r["status"] in ("ok", "mismatch") and r["median_ms"]]
+        if timed:
+            out.append((workload, dtype, op, min(timed, key=lambda r: float(r["median_ms"]))))
+    return out
+
+
+def headline(rows: list[dict[str, str]], markdown: bool = False) -> str:
+    """One line per (workload, dtype, op): the naive loop, the fastest regfast row, its speed-up and % of copy.
+
+    ``markdown``: a markdown table under a line naming the run (the README's table).
+    """
+    if markdown:
+        if not rows:
+            return "(no results)"
+        first = rows[0]
+        lines = [f"{first['device_name']} ({first['device']}, copy {_fmt(first['copy_gbps'], '.1f', 'n/a')} GB/s), "
+                 f"torch {first['torch']}, {first['mode']} run, {first['timestamp']}:", "",
+                 "| workload | dtype | op | naive loop ms | fastest regfast | ms | speed-up | % copy |",
+                 "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+        for workload, dtype, op, best in _headline_rows(rows):
+            lines.append(f"| {workload} | {dtype} | {op} | {_fmt(best['baseline_ms'], '.3f')} | "
+                         f"`{best['provider']}` | {_fmt(best['median_ms'], '.3f')} | {_ratio(best['speedup'])} | "
+                         f"{_fmt(best['pct_copy_bw'], '.0f')} |")
+        return "\n".join(lines)
     head = (f"{'workload':<11} {'dtype':<9} {'op':<18} {'naive ms':>9} {'fastest regfast':<32} {'ms':>9} "
             f"{'speed-up':>9} {'% copy':>7}")
     lines = [head, "-" * len(head)]
-    for (workload, dtype, op), group in _groups(rows).items():
-        timed = [r for r in group if r["family"] == "regfast" and r["status"] in ("ok", "mismatch") and r["median_ms"]]
-        if not timed:
-            continue
-        best = min(timed, key=lambda r: float(r["median_ms"]))
+    for workload, dtype, op, best in _headline_rows(rows):
         lines.append(f"{workload:<11} {dtype:<9} {op:<18} {_fmt(best['baseline_ms'], '.3f'):>9} "
                      f"{best['provider'][:32]:<32} {_fmt(best['median_ms'], '.3f'):>9} {_ratio(best['speedup']):>9} "
                      f"{_fmt(best['pct_copy_bw'], '.1f'):>7}")

@@ -14,9 +14,8 @@ def scalar(value, ACC: tl.constexpr):
 
 @triton.jit
 def sign(w):
-    """sign(w) as ``torch.sign`` computes it: 0 for ±0 and for NaN (a NaN weight's value and its l2
-    and group terms carry the NaN)."""
-    return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+    """sign(w): 0 for ±0, NaN for NaN (so that a NaN weight gets a NaN gradient, as in every backend)."""
+    return tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, tl.where(w == w, 0.0, w)))
 
 
 @triton.jit
