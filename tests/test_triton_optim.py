@@ -178,10 +178,19 @@ def test_chunk_boundaries(chunk):
     lockstep(_sgd(0.05, momentum=0.9, l1=0.02), shapes=shapes, noncontig=(9,), steps=2, chunk=chunk)
 
 
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("groups", ["row", "col", "tensor"])
+def test_group_lasso_after_the_fused_step(groups, lr_kind):
+    # float32: the fused launch applies the elementwise prox, the group launches the group shrink.
+    lockstep(_sgd(0.05, lr_kind, momentum=0.9, group_lasso=0.5, l1=0.01, l2=0.1, groups=groups), steps=2)
+    lockstep(_adamw(0.01, lr_kind, prox="lr", group_lasso=0.5, l2=0.1, groups=groups), steps=2)
+
+
 def test_group_lasso_goes_to_the_reference():
-    # Delegated: the same arithmetic as the torch backend, bit for bit.
-    for make_opt in (_sgd(0.05, momentum=0.9, group_lasso=0.1, l1=0.01), _adamw(0.01, group_lasso=0.1, l2=0.1)):
-        opts, twins = lockstep(make_opt, steps=2)
+    # Adam's metric, and float16 / bfloat16 (rounded once per step): the torch backend's arithmetic, bit for bit.
+    for dtype, make_opt in ((torch.float32, _adamw(0.01, group_lasso=0.1, l2=0.1)),
+                            (torch.bfloat16, _sgd(0.05, momentum=0.9, group_lasso=0.1, l1=0.01))):
+        opts, twins = lockstep(make_opt, dtype=dtype, steps=2)
         for p, e in zip(twins["triton"], twins["torch"]):
             assert torch.equal(p, e)
 

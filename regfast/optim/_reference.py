@@ -98,6 +98,25 @@ def _bias_corrections(steps: list[Tensor], lr: Lr, beta1: float, beta2: float, d
     return bc1, bc2
 
 
+def group_prox_after_step_(backend, params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: float,
+                           groups: str, compute_penalty: bool) -> Tensor:
+    """The group part of the prox with the scalar step ``lr``, after a fused step that applied the elementwise part.
+
+    For the backends whose fused step does the elementwise prox in its pass (``u = sign(w)·max(|w| −
+    lr·l1, 0)/(1 + 2·lr·l2)``) but cannot shrink groups there (that needs every group's norm of
+    ``u``, known only after the pass). The exact prox then scales ``u_g`` by ``max(0, 1 − lr·
+    group_lasso·√|g|/((1 + 2·lr·l2)·‖u_g‖₂))``: ``backend.prox_`` with step ``lr/(1 + 2·lr·l2)``
+    and only the group term (its group-norm and scale passes). Float16 / bfloat16 params are thus
+    rounded twice in the step, not once. Returns the penalty of the result (``backend.penalty``,
+    one more read) or a 0-dim zero, in the accumulation dtype.
+    """
+    step = lr / (1 + 2 * lr * l2) if l2 else lr
+    backend.prox_(params, step, 0.0, 0.0, group_lasso, groups)
+    if compute_penalty:
+        return backend.penalty(params, l1, l2, group_lasso, groups)
+    return params[0].new_zeros((), dtype=acc_dtype(params[0].dtype))
+
+
 def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Lr, beta1: float, beta2: float,
                 eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
