@@ -23,8 +23,10 @@ import regfast
 from regfast.bench.workloads import gpt2_small, make_params
 
 
-def _timings(fn, repeats: int) -> list[float]:
-    fn()
+def _timings(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeats):
         start = time.perf_counter()

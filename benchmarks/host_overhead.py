@@ -23,25 +23,14 @@ import json
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the stubbed rows run on the CPU
 
 import torch  # noqa: E402
+from cpu_bandwidth import _timings  # noqa: E402  (this folder is on sys.path when run as a script)
 
 import regfast  # noqa: E402
 from regfast import _dispatch  # noqa: E402
-
-
-def _timings(fn, repeats: int) -> list[float]:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 class _NoLaunch:
@@ -126,7 +115,7 @@ def run(n_tensors: int, repeats: int) -> list[dict]:
             saved = _stub_triton_launches() if backend == "triton" else []
             try:
                 with _dispatch.forced_backend(backend or "auto"):
-                    seconds = _timings(cases[op], repeats)
+                    seconds = _timings(cases[op], repeats, warmup=3)
             finally:
                 for module, attr, value in saved:
                     setattr(module, attr, value)
