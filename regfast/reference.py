@@ -79,10 +79,7 @@ def group_norms(t: Tensor, groups: str) -> Tensor:
 def _per_tensor(params: list[Tensor], ord: int) -> Tensor:
     """Σ|w| (``ord=1``) or Σw² (``ord=2``) of each tensor, 1-D in the accumulation dtype."""
     acc = acc_dtype(params[0].dtype)
-    if params[0].device.type == "cuda":
-        norms = torch.stack(torch._foreach_norm(params, ord, dtype=acc))
-    else:
-        norms = torch.stack([torch.linalg.vector_norm(t, ord, dtype=torch.float64) for t in params])
+    norms = torch.stack(torch._foreach_norm(params, ord, dtype=_reduce_dtype(params[0])))
     return (norms if ord == 1 else norms.square()).to(acc)
 
 
