@@ -22,6 +22,16 @@ _PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") el
 _REQUIRES_GRAD = attrgetter("requires_grad")
 
 
+def _missing() -> bool:
+    return True  # a torch without one of the checks below: take the custom op every time
+
+
+# Each is true while something could observe a direct call: a torch dispatch mode, a torch function
+# mode, a functorch transform.
+_ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
+    "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
+
+
 def _backend(params: list[Tensor]):
     return _dispatch.select(params[0].device)
 
@@ -55,8 +65,7 @@ def direct_backend(params: list[Tensor], *others: list[Tensor]) -> ModuleType | 
     taken only where no one could see the difference: no tracing, no torch dispatch or function
     mode, no functorch transform, and plain tensors only; callers then :func:`bump_versions`.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     for tensors in (params, *others):
         if not set(map(type, tensors)) <= _PLAIN_TYPES:
