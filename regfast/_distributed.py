@@ -83,13 +83,6 @@ def _all_reduce(items: list[tuple[Tensor, object, tuple[int, ...]]]) -> list[Ten
     return out
 
 
-def _by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values())
-
-
 def _local_group_sumsq(local: Tensor, global_t: Tensor, groups: str) -> Tensor:
     """Σ w² over each group's local part, shaped to broadcast against ``local`` (differentiable)."""
     dims = group_dims(global_t, groups)
@@ -108,7 +101,7 @@ def norms(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
     locals_ = [t.to_local() for t in tensors]
     per_l1: list[Tensor | None] = [None] * len(tensors)
     per_l2sq: list[Tensor | None] = [None] * len(tensors)
-    for idx in _by_device_dtype(locals_):
+    for idx in _ops.by_device_dtype(locals_):
         l1, l2sq = _ops.norms([locals_[i] for i in idx])
         for k, i in enumerate(idx):
             per_l1[i], per_l2sq[i] = l1[k], l2sq[k]
@@ -214,7 +207,7 @@ def prox_(tensors: list[Tensor], names: list[str], lr: float | Tensor, l1: float
     plans, locals_ = _prepare(tensors, names, groups)
     lr_tensor, lr_float = (lr, 0.0) if isinstance(lr, Tensor) else (None, lr)
     if l1 or l2:
-        for idx in _by_device_dtype(locals_):
+        for idx in _ops.by_device_dtype(locals_):
             _ops.prox_([locals_[i] for i in idx], lr_tensor, lr_float, l1, l2, 0.0, groups)
     if not group_lasso:
         return

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_
 from typing import NamedTuple, overload
 
 import torch
@@ -39,9 +39,6 @@ Params = nn.Module | Tensor | Iterable[Tensor]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_SET = set(FLOAT_DTYPES)
 _LAYOUT, _DTYPE = attrgetter("layout"), attrgetter("dtype")
-_PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
-# torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use; None where absent.
-_GROUP_BY_DEVICE_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 
 class _Names(Sequence[str]):
@@ -123,7 +120,7 @@ def _check_writable(tensors: list[Tensor], names: Sequence[str], suffix: str = "
 
 
 def _matching(params: list[Tensor], others: list[Tensor], grouping: list[list[int]]) -> bool:
-    """True if each ``others[i]`` has ``params[i]``'s shape, dtype and device (``grouping = _grouping(params)``).
+    """True if each ``others[i]`` has ``params[i]``'s shape, dtype and device (``grouping``: ``params``' fast grouping).
 
     Vectorized: element counts, dims and (device, dtype) groups of all, shapes only where dims ≥ 2
     (equal counts and dims < 2 mean equal shapes).
@@ -131,7 +128,7 @@ def _matching(params: list[Tensor], others: list[Tensor], grouping: list[list[in
     if list(map(Tensor.numel, others)) != list(map(Tensor.numel, params)):
         return False
     dims = list(map(Tensor.dim, params))
-    return (list(map(Tensor.dim, others)) == dims and _grouping(others) == grouping
+    return (list(map(Tensor.dim, others)) == dims and _ops.fast_grouping(others) == grouping
             and all(others[i].shape == params[i].shape for i, d in enumerate(dims) if d > 1))
 
 
@@ -139,7 +136,7 @@ def _check_grads(params: list[Tensor], grads: list[Tensor], names: Sequence[str]
                  grouping: list[list[int]] | None) -> None:
     """Each ``grads[i]`` is a dense tensor of ``params[i]``'s shape, (float) dtype and device, stored once.
 
-    ``grouping`` is ``_grouping(params)``, or None to compare tensor by tensor.
+    ``grouping`` is ``_ops.fast_grouping(params)``, or None to compare tensor by tensor.
     """
     if not set(map(_LAYOUT, grads)) <= {torch.strided}:
         _check_tensors(grads, names, ".grad")
@@ -167,27 +164,16 @@ def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple
     return _check_coef("l1", l1), _check_coef("l2", l2), _check_coef("group_lasso", group_lasso)
 
 
-def _grouping(tensors: list[Tensor]) -> list[list[int]] | None:
-    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance, by torch's C++
-    grouping; None while tracing or when a tensor is a subclass (DTensor…)."""
-    if not _eager() or _GROUP_BY_DEVICE_DTYPE is None or not set(map(type, tensors)) <= _PLAIN_TYPES:
-        return None
-    return sorted((idx for _, idx in _GROUP_BY_DEVICE_DTYPE([tensors], True).values()), key=itemgetter(0))
-
-
 def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
     """Indices of the plain tensors grouped by (device, dtype) in order of first appearance, and of the DTensors."""
-    fast = _grouping(tensors) if tensors else None
+    fast = _ops.fast_grouping(tensors) if tensors else None
     if fast is not None:
         return fast, []
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    distributed = []
-    for i, t in enumerate(tensors):
-        if _distributed.is_dtensor(t):
-            distributed.append(i)
-        else:
-            buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values()), distributed
+    distributed = [i for i, t in enumerate(tensors) if _distributed.is_dtensor(t)]
+    if not distributed:
+        return _ops.by_device_dtype(tensors), []
+    plain = [i for i, t in enumerate(tensors) if not _distributed.is_dtensor(t)]
+    return [[plain[j] for j in idx] for idx in _ops.by_device_dtype([tensors[i] for i in plain])], distributed
 
 
 def _pick(tensors: list[Tensor], idx: list[int]) -> list[Tensor]:

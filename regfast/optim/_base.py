@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..api import _LAYOUT, _grouping, _matching
+from .._ops import by_device_dtype, fast_grouping
+from ..api import _LAYOUT, _matching
 from ..reference import GROUPINGS, acc_dtype
 
 _GRAD = attrgetter("grad")
@@ -47,17 +48,6 @@ def split_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
     return None, float(lr)
 
 
-def by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance."""
-    fast = _grouping(tensors)
-    if fast is not None:
-        return fast
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values())
-
-
 def total(values: list[Tensor]) -> Tensor:
     """The sum of 0-dim tensors on the first one's device, float64 if any is float64."""
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
@@ -67,8 +57,9 @@ def total(values: list[Tensor]) -> Tensor:
     return out
 
 
-def with_grads(group: dict[str, Any]) -> list[Tensor]:
-    """The params of ``group`` that have a gradient, checked to be dense and to match their param."""
+def with_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[list[int]]]:
+    """The params of ``group`` that have a gradient, checked to be dense and to match their param,
+    and their indices grouped by (device, dtype) as :func:`by_device_dtype` groups them."""
     params = group["params"]
     if torch.compiler.is_compiling():
         params = [p for p in params if p.grad is not None]
@@ -79,17 +70,17 @@ def with_grads(group: dict[str, Any]) -> list[Tensor]:
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
         if not params:
-            return []
-        if (set(map(_LAYOUT, grads)) <= {torch.strided} and (grouping := _grouping(params)) is not None
+            return [], []
+        if (set(map(_LAYOUT, grads)) <= {torch.strided} and (grouping := fast_grouping(params)) is not None
                 and _matching(params, grads, grouping)):
-            return params
+            return params, grouping
     for p, g in zip(params, grads):
         if g.layout != torch.strided:
             raise RuntimeError("sparse gradients are not supported by the proximal step")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise ValueError(f"a gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
                              f"its param ({tuple(p.shape)}, {p.dtype}, {p.device})")
-    return params
+    return params, by_device_dtype(params)
 
 
 class FusedProximalOptimizer(Optimizer):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..reference import acc_dtype
 from . import _ops
-from ._base import FusedProximalOptimizer, by_device_dtype, check_nonnegative, split_lr, with_grads
+from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
 
 __all__ = ["ProxAdamW"]
 
@@ -112,11 +112,11 @@ class ProxAdamW(FusedProximalOptimizer):
         return state
 
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
-        params = with_grads(group)
+        params, buckets = with_grads(group)
         lr_tensor, lr = split_lr(group["lr"])
         beta1, beta2 = group["betas"]
         values = []
-        for idx in by_device_dtype(params):
+        for idx in buckets:
             bucket = [params[i] for i in idx]
             states = [self.state[p] if self.state.get(p) else self._init_state(p, group) for p in bucket]
             values.append(_ops.run_adamw_step_(

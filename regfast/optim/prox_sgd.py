@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..reference import acc_dtype
 from . import _ops
-from ._base import FusedProximalOptimizer, by_device_dtype, check_nonnegative, split_lr, with_grads
+from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
 
 __all__ = ["ProxSGD"]
 
@@ -73,11 +73,11 @@ class ProxSGD(FusedProximalOptimizer):
             group.setdefault("maximize", False)
 
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
-        params = with_grads(group)
+        params, buckets = with_grads(group)
         lr_tensor, lr = split_lr(group["lr"])
         momentum = group["momentum"]
         values = []
-        for idx in by_device_dtype(params):
+        for idx in buckets:
             bucket = [params[i] for i in idx]
             # A param's first step sets its buffer to the gradient; the others decay theirs.
             if momentum == 0:

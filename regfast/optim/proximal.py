@@ -131,7 +131,7 @@ class Proximal(Optimizer):
         values = []
         with torch.no_grad():
             for group in self.optimizer.param_groups:
-                params = with_grads(group)
+                params, _ = with_grads(group)
                 coefs = {k: group.get(k, self.defaults[k]) for k in REGULARIZATION_KEYS}
                 if not params:
                     continue
