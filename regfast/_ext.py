@@ -14,12 +14,9 @@ the CPU or CUDA kernel from the tensors' device. The kernels take tensors of any
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
-from .optim import _reference as _optim_reference
 from .reference import Lr
 
 try:
@@ -83,29 +80,17 @@ def _split_lr(lr: Lr) -> tuple[Tensor | None, float]:
     return (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
 
 
-def _rounds(params: list[Tensor]) -> bool:
-    """True for float16 / bfloat16 params, which the reference rounds once per step (group lasso included)."""
-    return params[0].dtype in (torch.float16, torch.bfloat16)
-
-
 def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr,
               momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
               compute_penalty: bool) -> Tensor:
     """One SGD step and the proximal step in one pass over params, grads and buffers; returns the penalty.
 
-    Mutates ``params`` and ``momentum_buffers``. With ``group_lasso`` the group passes of :func:`prox_`
-    follow (float32 / float64), or the reference serves the call (float16 / bfloat16).
+    Mutates ``params`` and ``momentum_buffers``. ``group_lasso`` must be 0 (the op layer of
+    :mod:`regfast.optim` runs the group passes).
     """
-    if group_lasso and not _rounds(params):  # the group passes follow the fused step
-        sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                  init_buffers, l1, l2, 0.0, groups, False)
-        return _optim_reference.group_prox_after_step_(sys.modules[__name__], params, lr, l1, l2, group_lasso, groups,
-                                                       compute_penalty)
-    if group_lasso:  # float16 / bfloat16: the reference rounds once per step, the split passes would twice
-        return _optim_reference.sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov,
-                                          weight_decay, maximize, init_buffers, l1, l2, group_lasso, groups,
-                                          compute_penalty)
+    if group_lasso:
+        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
     lr_tensor, lr_value = _split_lr(lr)
     return torch.ops.regfast_C.sgd_step_(params, grads, momentum_buffers, lr_tensor, lr_value, momentum, dampening,
                                          nesterov, weight_decay, maximize, init_buffers, l1, l2, compute_penalty)
@@ -118,18 +103,10 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     """One AdamW step and the proximal step in one pass over params, grads and moments; returns the penalty.
 
     Increments ``steps`` first. Mutates ``params``, ``exp_avgs``, ``exp_avg_sqs``,
-    ``max_exp_avg_sqs`` and ``steps``. With ``group_lasso``, the group passes of :func:`prox_` follow
-    (``prox="lr"``, float32 / float64) or the reference serves the call.
+    ``max_exp_avg_sqs`` and ``steps``. ``group_lasso`` must be 0 (see :func:`sgd_step_`).
     """
-    if group_lasso and prox == "lr" and not _rounds(params):  # the group passes follow the fused step
-        adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                    weight_decay, amsgrad, maximize, l1, l2, 0.0, groups, prox, False)
-        return _optim_reference.group_prox_after_step_(sys.modules[__name__], params, lr, l1, l2, group_lasso, groups,
-                                                       compute_penalty)
-    if group_lasso:  # Adam's metric (a Newton solve per group), or float16 / bfloat16 (rounded once): the reference
-        return _optim_reference.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
-                                            beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso,
-                                            groups, prox, compute_penalty)
+    if group_lasso:
+        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
     lr_tensor, lr_value = _split_lr(lr)
     return torch.ops.regfast_C.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor,
                                            lr_value, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2,

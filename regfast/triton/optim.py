@@ -4,10 +4,9 @@
 Each work item of the launcher's list reads its chunk of params, grads and state once, does the
 optimizer update and the elastic-net prox in the accumulation dtype, writes params and state
 once and, with ``compute_penalty``, the partial ``l1·Σ|w| + l2·Σw²`` of the new (rounded)
-params, summed afterwards in a fixed order. Group lasso needs every group's norm after the
-update: on float32 / float64 params with a scalar step (SGD, AdamW with ``prox="lr"``) the
-group launches of :func:`regfast.triton.prox_` follow the fused one; in Adam's metric, and on
-float16 / bfloat16 params (which the reference rounds once per step), the reference serves.
+params, summed afterwards in a fixed order. Group lasso is not done here (``group_lasso`` must
+be 0): it needs every group's norm after the update, and :mod:`regfast.optim._ops` runs the
+group launches of :func:`regfast.triton.prox_` after the fused one, or the reference step.
 
 The arithmetic follows the reference op for op, in the same dtypes and with correctly rounded
 division and square root, so float32 results agree with ``torch.optim`` up to rounding order:
@@ -27,7 +26,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..optim import _reference
 from ..reference import Lr, acc_dtype
 from .functors import elastic_net, prox_step, round_to, scalar
 from .launcher import acc_tl_dtype, addresses, contiguous, layout, tensor_pointer, tl_dtype, write_back
@@ -244,18 +242,6 @@ def _host_bias_table(steps: list[Tensor], lr: float, beta1: float, beta2: float,
     return _to_device(torch.tensor(values, dtype=acc), device)
 
 
-def _backend():
-    """This backend's functions (prox_, penalty), for :func:`regfast.optim._reference.group_prox_after_step_`."""
-    import regfast.triton
-
-    return regfast.triton
-
-
-def _rounds(params: list[Tensor]) -> bool:
-    """True for float16 / bfloat16 params, which the reference rounds once per step (group lasso included)."""
-    return params[0].dtype in (torch.float16, torch.bfloat16)
-
-
 def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr,
               momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
@@ -265,15 +251,8 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
     Same contract as :func:`regfast.optim._reference.sgd_step_`. Non-contiguous params and
     buffers are updated in contiguous copies that are then copied back.
     """
-    if group_lasso and not _rounds(params):
-        # The group shrink needs every group's norm after the update: the group passes follow.
-        sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                  init_buffers, l1, l2, 0.0, groups, False)
-        return _reference.group_prox_after_step_(_backend(), params, lr, l1, l2, group_lasso, groups, compute_penalty)
-    if group_lasso:  # float16 / bfloat16: the reference rounds once per step, the split passes would twice
-        return _reference.sgd_step_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov,
-                                    weight_decay, maximize, init_buffers, l1, l2, group_lasso, groups,
-                                    compute_penalty)
+    if group_lasso:
+        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
     dtype = params[0].dtype
     acc = acc_dtype(dtype)
     device = params[0].device
@@ -312,16 +291,8 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     incremented first (on their own device); non-contiguous params and state tensors are
     updated in contiguous copies that are then copied back.
     """
-    if group_lasso and prox == "lr" and not _rounds(params):
-        # The group shrink needs every group's norm after the update: the group passes follow.
-        adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                    weight_decay, amsgrad, maximize, l1, l2, 0.0, groups, prox, False)
-        return _reference.group_prox_after_step_(_backend(), params, lr, l1, l2, group_lasso, groups, compute_penalty)
     if group_lasso:
-        # Adam's metric (a Newton solve per group), or float16 / bfloat16 (rounded once): the reference.
-        return _reference.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
-                                      beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
-                                      prox, compute_penalty)
+        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
     dtype = params[0].dtype
     acc = acc_dtype(dtype)
     device = params[0].device
