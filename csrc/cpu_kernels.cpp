@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "acc_type.h"
 #include "cpu_work_list.h"
 #include "groups.h"
 
@@ -32,9 +33,6 @@ using cpu::WorkList;
 using cpu::write_back;
 
 constexpr int kLanes = 16;
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename A>
 struct LaneSum {

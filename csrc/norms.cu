@@ -27,12 +27,7 @@ struct NormsFunctor {
           for (int k = 0; k < kVec<T>; ++k) one(to_acc<A>(v.v[k]));
         },
         [&](int64_t i) { one(to_acc<A>(w[i])); });
-    s1 = block_sum(s1, shared);
-    s2 = block_sum(s2, shared);
-    if (threadIdx.x == 0) {
-      partials[c] = s1;
-      partials[nitems + c] = s2;
-    }
+    store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
 };
 

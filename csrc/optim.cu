@@ -76,12 +76,7 @@ struct SgdFunctor {
       s2 += y * y;
     }
     if (partials == nullptr) return;
-    s1 = block_sum(s1, shared);
-    s2 = block_sum(s2, shared);
-    if (threadIdx.x == 0) {
-      partials[c] = s1;
-      partials[nitems + c] = s2;
-    }
+    store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
 };
 
@@ -143,12 +138,7 @@ struct AdamWFunctor {
       s2 += y * y;
     }
     if (partials == nullptr) return;
-    s1 = block_sum(s1, shared);
-    s2 = block_sum(s2, shared);
-    if (threadIdx.x == 0) {
-      partials[c] = s1;
-      partials[nitems + c] = s2;
-    }
+    store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
 };
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "acc_type.h"
 #include "optim_cpu.h"
 
 namespace regfast {
@@ -25,17 +26,6 @@ namespace optim_cpu {
 namespace {
 
 constexpr int kLanes = 16;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
 
 // a·b + c rounded as ATen's Vectorized<A>::fmadd rounds it: once (kFused) or twice.
 template <bool kFused, typename A>

@@ -101,12 +101,7 @@ struct GradFunctor {
           *reinterpret_cast<Vec<T>*>(out + i) = g;
         },
         [&](int64_t i) { out[i] = from_acc<T>(one(to_acc<A>(w[i]), to_acc<A>(out[i]), i)); });
-    s1 = block_sum(s1, shared);
-    s2 = block_sum(s2, shared);
-    if (threadIdx.x == 0) {
-      partials[c] = s1;
-      partials[nitems + c] = s2;
-    }
+    store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
 };
 

@@ -7,21 +7,11 @@
 
 #include <cstdint>
 
+#include "acc_type.h"
 #include "multi_tensor.cuh"
 
 namespace regfast {
 namespace cuda {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
 
 template <typename A, typename T>
 __device__ __forceinline__ A to_acc(T x) {
@@ -67,6 +57,18 @@ __device__ __forceinline__ A block_sum(A v, A* shared) {
   v = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : A(0);
   if (warp == 0) v = warp_sum(v);
   return v;
+}
+
+// Block-reduces a thread's two sums and stores them as work item c's partials, partials[c] and
+// partials[nitems + c]. Every thread of the block must call it.
+template <typename A>
+__device__ __forceinline__ void store_partial_pair(A s1, A s2, A* shared, A* partials, int64_t c, int64_t nitems) {
+  s1 = block_sum(s1, shared);
+  s2 = block_sum(s2, shared);
+  if (threadIdx.x == 0) {
+    partials[c] = s1;
+    partials[nitems + c] = s2;
+  }
 }
 
 // sign(w) with NaN kept as NaN, so a NaN weight gives a NaN gradient.
