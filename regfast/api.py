@@ -180,15 +180,14 @@ def _pick(tensors: list[Tensor], idx: list[int]) -> list[Tensor]:
     return tensors if len(idx) == len(tensors) else [tensors[i] for i in idx]
 
 
-def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
-    if _eager():
-        return torch.float64 if torch.float64 in set(map(_DTYPE, tensors)) else torch.float32
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _result_dtype(tensors: list[Tensor], groups: list[list[int]], distributed: list[int]) -> torch.dtype:
+    """float64 if any tensor is float64, else float32; a (device, dtype) group is judged by its first tensor."""
+    firsts = [tensors[idx[0]] for idx in groups] + [tensors[i] for i in distributed]
+    return torch.float64 if any(t.dtype == torch.float64 for t in firsts) else torch.float32
 
 
-def _total(values: list[Tensor], like: list[Tensor]) -> Tensor:
-    """Sum of per-group values, on the first tensor's device, in float64 if any tensor is float64."""
-    device, dtype = like[0].device, _result_dtype(like)
+def _total(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Sum of per-group values, in ``dtype`` on ``device``."""
     total = values[0].to(device, dtype)
     for v in values[1:]:
         total = total + v.to(device, dtype)
@@ -221,6 +220,7 @@ def norms(params: Params) -> Norms:
         return Norms(empty.sum(), empty.sum(), empty.sum(), empty, empty.clone())
     with torch.no_grad():
         groups, distributed = _partition(tensors)
+        dtype = _result_dtype(tensors, groups, distributed)
         results = [_ops.run_norms(_pick(tensors, idx)) for idx in groups]
         if distributed:
             groups.append(distributed)
@@ -228,7 +228,7 @@ def norms(params: Params) -> Norms:
         if len(groups) == 1 and not distributed:
             per_l1, per_l2sq = results[0]
         else:
-            device, dtype = tensors[0].device, _result_dtype(tensors)
+            device = tensors[0].device
             order = torch.tensor([i for idx in groups for i in idx], device=device)
             per_l1 = torch.empty(len(tensors), device=device, dtype=dtype)
             per_l2sq = torch.empty_like(per_l1)
@@ -257,7 +257,7 @@ def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float
     if distributed:
         values.append(_distributed.penalty([tensors[i] for i in distributed], [names[i] for i in distributed],
                                            l1, l2, group_lasso, groups))
-    return _total(values, tensors)
+    return _total(values, tensors[0].device, _result_dtype(tensors, plain, distributed))
 
 
 def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,
@@ -290,7 +290,7 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
         if distributed:
             values.append(_distributed.add_penalty_grad_([tensors[i] for i in distributed],
                                                          [names[i] for i in distributed], l1, l2, group_lasso, groups))
-        return _total(values, tensors)
+        return _total(values, tensors[0].device, _result_dtype(tensors, plain, distributed))
 
 
 def _check_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
