@@ -222,13 +222,77 @@ def test_tables_are_cached_and_follow_storage():
     ts = make_params([(5, 3), (70,)], torch.float32, DEVICE)
     with launcher.chunked(16):
         assert launcher.layout(ts) is launcher.layout(ts)
-        assert launcher.addresses(ts) is launcher.addresses(ts)
-        before = launcher.addresses(ts)
+        assert launcher.pointer_table(ts) is launcher.pointer_table(ts)
+        before = launcher.pointer_table(ts)
         ts[1].data = torch.randn(70, device=DEVICE)
-        assert launcher.addresses(ts) is not before
+        assert launcher.pointer_table(ts) is not before
         assert_close(rt.norms(ts)[0], reference.norms(to64(ts))[0], torch.float32, scale=70)
         ts[1].data = torch.randn(90, device=DEVICE)
         assert_close(rt.norms(ts)[1], reference.norms(to64(ts))[1], torch.float32, scale=90)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_views(dtype):
+    """Contiguous views that start one element into their storage (not 16-byte aligned) take a correct path."""
+    storage = make_params([(4000,)], dtype, DEVICE)[0]
+    views = [storage[1:31].view(6, 5), storage[40:40 + 3 * 7 * 11].view(3, 7, 11), storage[1001:1001 + 2053]]
+    assert all(v.data_ptr() % 16 for v in views)
+    table, aligned = launcher.pointer_table(views)
+    assert not aligned
+    with launcher.chunked(512):
+        for groups in GROUPINGS:
+            check_backend(views, ALL_TERMS, groups)
+
+
+def test_cached_tables_are_not_copied_again(monkeypatch):
+    ts = make_params([(5, 3), (70,), (2, 2, 9)], torch.float32, DEVICE)
+    grads = [torch.zeros_like(t) for t in ts]
+    l1, l2, gl = _hyper(ALL_TERMS)
+    with launcher.chunked(16):
+        rt.add_penalty_grad_(ts, grads, l1, l2, gl, "col")
+        rt.prox_(ts, 0.1, l1, l2, gl, "col")
+        copies = []
+        real_pack = launcher._pack
+        monkeypatch.setattr(launcher, "_pack", lambda *a: copies.append(a) or real_pack(*a))
+        rt.add_penalty_grad_(ts, grads, l1, l2, gl, "col")
+        rt.prox_(ts, 0.1, l1, l2, gl, "col")
+        rt.norms(ts)
+    assert copies == []
+
+
+def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
+    ts = make_params([(3, 4), (11,)], torch.float32, DEVICE)
+    with launcher.chunked(16):
+        rt.prox_(ts, 0.1, 0.1, 0.0, 0.2, "row")  # warm-up: tables cached outside the capture
+        monkeypatch.setattr(launcher, "capturing", lambda device: True)
+        rt.prox_(ts, 0.1, 0.1, 0.0, 0.2, "row")
+        fresh = [torch.zeros(5, 3 + i, device=DEVICE) for i in range(launcher.CACHE_ENTRIES + 1)]
+        with pytest.raises(RuntimeError, match="once before capturing"):
+            rt.prox_(fresh[:1], 0.1, 0.1, 0.0, 0.2, "row")
+        monkeypatch.setattr(launcher, "capturing", lambda device: False)
+        key = (ts[0].device, 16, (12, 11))
+        table_key = (ts[0].device, tuple(t.data_ptr() for t in ts))
+        for t in fresh:
+            rt.prox_([t], 0.1, 0.1, 0.0, 0.2, "row")
+        assert key in launcher._layouts and table_key in launcher._addresses
+        launcher.unpin_tables()
+        for t in fresh:
+            rt.prox_([t.clone()], 0.1, 0.1, 0.0, 0.2, "row")
+        assert key not in launcher._layouts and table_key not in launcher._addresses
+
+
+def test_launches_run_on_the_tensors_device():
+    assert isinstance(launcher.on_device(torch.device("cuda", 1)), torch.cuda.device)
+    assert launcher.on_device(torch.device("cuda", 1)).idx == 1
+    assert not isinstance(launcher.on_device(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_another_device_than_the_current_one():
+    ts = make_params([(64, 33), (1000,)], torch.float32, "cuda:1")
+    assert torch.cuda.current_device() == 0
+    check_backend(ts, ALL_TERMS, "row")
+    assert torch.cuda.current_device() == 0
 
 
 def test_offsets_past_int32():
@@ -242,8 +306,8 @@ def test_offsets_past_int32():
     buffer = torch.randn(3 * chunk, device=DEVICE)
     numel = (first_chunk + 2) * chunk + 10
     base = buffer.data_ptr() - first_chunk * chunk * buffer.element_size()
-    lay = launcher.Layout.from_work(torch.tensor([numel]), torch.zeros(3, dtype=torch.int64),
-                                    torch.arange(first_chunk, first_chunk + 3), chunk, buffer.device)
+    lay = launcher.Layout.from_work([numel], [0, 0, 0], list(range(first_chunk, first_chunk + 3)), chunk,
+                                    buffer.device)
     table = torch.tensor([base], dtype=torch.int64, device=DEVICE)
     partials = chunk_norms(table, lay, torch.float32)
     pieces = buffer.double().split([chunk, chunk, 10, chunk - 10])[:3]

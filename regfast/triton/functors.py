@@ -1,4 +1,10 @@
-"""Elementwise math shared by the kernels; each gives NaN and inf where :mod:`regfast.reference` does."""
+"""Elementwise math shared by the kernels; each gives NaN and inf where :mod:`regfast.reference` does.
+
+Division and square root are correctly rounded (:func:`div_rn`, :func:`sqrt_rn`), as the reference
+computes them: Triton's plain float32 ``/`` and ``tl.sqrt`` are approximate (``div.full.f32``,
+``sqrt.approx.ftz.f32``, which flushes a subnormal norm to zero). Group indices are formed without
+a 64-bit division per element (:func:`group_position`, :func:`group_advance`, :func:`group_ids`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,42 @@ import triton.language as tl
 def scalar(value, ACC: tl.constexpr):
     """A float64 scalar argument as an ``ACC`` value (without a detour through float32)."""
     return tl.full((), value, ACC)
+
+
+@triton.jit
+def div_rn(a, b, ACC: tl.constexpr):
+    """a / b rounded to nearest even (float64 division is IEEE already)."""
+    if ACC == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def sqrt_rn(x, ACC: tl.constexpr):
+    """√x rounded to nearest even (float64 square root is IEEE already)."""
+    if ACC == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def load(pointer, mask, MASKED: tl.constexpr):
+    """``tl.load``, masked (0 where off) only when ``MASKED``: full blocks load without a mask, as vectors."""
+    if MASKED:
+        return tl.load(pointer, mask=mask, other=0)
+    else:
+        return tl.load(pointer)
+
+
+@triton.jit
+def store(pointer, value, mask, MASKED: tl.constexpr):
+    """``tl.store``, masked only when ``MASKED``."""
+    if MASKED:
+        tl.store(pointer, value, mask=mask)
+    else:
+        tl.store(pointer, value)
 
 
 @triton.jit
@@ -36,7 +78,7 @@ def prox_step(lr_ptr, lr_value, l1, l2, ACC: tl.constexpr, LR_TENSOR: tl.constex
     else:
         step = scalar(lr_value, ACC)
     threshold = step * scalar(l1, ACC)
-    shrink = 1.0 / (1.0 + 2.0 * step * scalar(l2, ACC))
+    shrink = div_rn(scalar(1.0, ACC), 1.0 + 2.0 * step * scalar(l2, ACC), ACC)
     return step, threshold, shrink
 
 
@@ -53,9 +95,47 @@ def elastic_net(w, threshold, shrink, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr
 
 
 @triton.jit
-def group_index(offs, inner, ngroups, first_group):
-    """Group-table index of flat element ``offs`` of a ``[outer, ngroups, inner]`` tensor."""
-    return first_group + (offs // inner) % ngroups
+def group_position(first, inner, ngroups):
+    """Where flat element ``first`` of a ``[outer, ngroups, inner]`` tensor lies: (``first % inner``, its group).
+
+    Two scalar divisions, once per program; :func:`group_advance` then moves block by block.
+    """
+    quotient = first // inner
+    return first - quotient * inner, quotient % ngroups
+
+
+@triton.jit
+def group_advance(r, g, step_r, step_g, inner, ngroups):
+    """The position (``r``, ``g``) moved on by ``step_r + inner·step_g`` elements (``step_r < inner``,
+    ``step_g < ngroups``): comparisons and subtractions, no division."""
+    r = r + step_r
+    carry = r >= inner
+    r = tl.where(carry, r - inner, r)
+    g = g + step_g + carry.to(g.dtype)
+    return r, tl.where(g >= ngroups, g - ngroups, g)
+
+
+@triton.jit
+def group_ids(r, g, inner, ngroups, BLOCK: tl.constexpr):
+    """The groups (int32, within the tensor) of the ``BLOCK`` elements from one at position (``r``, ``g``).
+
+    Element ``i`` is ``(r + i) // inner`` groups on: 0 or 1 when ``inner ≥ BLOCK`` (a comparison),
+    else a 32-bit division of numbers below ``2·BLOCK``; the group wraps at ``ngroups`` with one
+    subtraction when ``ngroups ≥ BLOCK``, else a 32-bit remainder.
+    """
+    i = tl.arange(0, BLOCK)
+    n = ngroups.to(tl.int32)
+    if inner >= BLOCK:
+        boundary = tl.minimum(inner - r, BLOCK).to(tl.int32)
+        ids = g.to(tl.int32) + (i >= boundary).to(tl.int32)
+        ids = tl.where(ids >= n, ids - n, ids)
+    else:
+        ids = g.to(tl.int32) + (r.to(tl.int32) + i) // inner.to(tl.int32)
+        if n >= BLOCK:
+            ids = tl.where(ids >= n, ids - n, ids)
+        else:
+            ids = ids % n
+    return ids
 
 
 @triton.jit

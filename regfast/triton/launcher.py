@@ -2,7 +2,7 @@
 
 A kernel over a list of ``n`` tensors reads three int64 tables on the device:
 
-- ``addresses`` (``n``): each tensor's data pointer, cast to a typed pointer in the kernel;
+- the pointer table (``n``): each tensor's data pointer, cast to a typed pointer in the kernel;
 - ``sizes`` (``n``): each tensor's number of elements;
 - ``work`` (``2 × W``): the work list. Row 0 holds a tensor index, row 1 a chunk index; program
   ``p`` of the launch handles elements ``[work[1, p]·chunk, (work[1, p] + 1)·chunk)`` of tensor
@@ -16,11 +16,18 @@ Group lasso adds a :class:`GroupLayout`: every tensor is viewed as ``[outer, ngr
 consecutive groups into pieces of at most ``max(chunk, BLOCK) // group_block`` elements per group.
 
 Tables depend only on shapes and addresses, so they are built once and cached: :func:`layout`
-and :func:`group_layout` on (device, chunk size, shapes), :func:`addresses` on the data pointers.
-A call whose tensors kept their storage and shapes therefore makes no host-to-device copy, which
-is also what lets the kernels be captured in a CUDA graph. Kernels work on contiguous tensors:
-:func:`contiguous` gives a contiguous copy of any other tensor, and :func:`write_back` copies an
-in-place result back into it.
+and :func:`group_layout` on (device, chunk size, shapes), :func:`pointer_table` on the data
+pointers. A call whose tensors kept their storage and shapes therefore makes no host-to-device
+copy and no host sync, which is what lets the kernels be captured in a CUDA graph: a table used
+while a graph is being captured is pinned (never evicted, as the graph reads it on every replay;
+:func:`unpin_tables` releases them once those graphs are gone), and a table missing during a
+capture is an error that says to run the call once before capturing.
+
+Every part of a table starts 16-byte aligned, and :func:`pointer_table` says whether every data
+pointer is: the kernels then tell the compiler so (``ALIGNED``) and load 128 bits at a time. They
+work on contiguous tensors: :func:`contiguous` gives a contiguous copy of any other tensor, and
+:func:`write_back` copies an in-place result back into it. :func:`on_device` makes the tensors'
+device current, so that each launch runs on it and on its current stream.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +53,13 @@ GROUP_BLOCK = 16
 """Groups one program of the group-norm pass handles together (row and col groupings)."""
 
 CACHE_ENTRIES = 64
+"""Tables kept per cache, pinned ones (used by a captured CUDA graph) not counted."""
+
+VECTOR_BYTES = 16
+"""Width of the kernels' vector loads and stores: data pointers aligned to it take the vector path."""
+
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+"""Compile options of every launch: each multiply and add rounds on its own, as in the reference."""
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
@@ -53,7 +67,8 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 _chunk = DEFAULT_CHUNK
 _layouts: OrderedDict[tuple, Layout] = OrderedDict()
 _group_layouts: OrderedDict[tuple, GroupLayout] = OrderedDict()
-_addresses: OrderedDict[tuple, Tensor] = OrderedDict()
+_addresses: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
+_pinned: dict[int, set] = {}
 
 
 def chunk_size() -> int:
@@ -85,25 +100,70 @@ def acc_tl_dtype(dtype: torch.dtype):
 
 
 @triton.jit
-def tensor_pointer(table, t, DTYPE: tl.constexpr):
-    """The typed pointer to the data of tensor ``t`` of an :func:`addresses` table."""
-    return tl.load(table + t).to(tl.pointer_type(DTYPE))
+def tensor_pointer(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """The typed pointer to the data of tensor ``t`` of a :func:`pointer_table`, 16-byte aligned if ``ALIGNED``."""
+    pointer = tl.load(table + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
-def _cached(cache: OrderedDict, key: tuple, build):
+@triton.jit
+def work_item(work, sizes, n_work, CHUNK: tl.constexpr):
+    """This program's work item: (program id, tensor index, first element, elements in the chunk as int32)."""
+    pid = tl.program_id(0)
+    t = tl.load(work + pid)
+    start = tl.load(work + n_work + pid) * CHUNK
+    count = tl.minimum(tl.load(sizes + t) - start, CHUNK).to(tl.int32)
+    return pid, t, start, count
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` (a CUDA device) is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which launches run on ``device`` and its current stream (a no-op off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def unpin_tables() -> None:
+    """Let the tables used by captured CUDA graphs be evicted again: call it once those graphs are deleted."""
+    _pinned.clear()
+
+
+def _cached(cache: OrderedDict, key: tuple, device: torch.device, build: Callable):
+    """``cache[key]``, built on a miss; pinned when a graph is being captured, evicted least recently used."""
+    graph = capturing(device)
     value = cache.get(key)
     if value is None:
+        if graph:
+            raise RuntimeError("regfast: the device tables of this call are not cached, and building them copies from "
+                               "the host, which a CUDA graph cannot capture: run the same call once before capturing")
         value = build()
         cache[key] = value
-        if len(cache) > CACHE_ENTRIES:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
+    cache.move_to_end(key)
+    pinned = _pinned.setdefault(id(cache), set())
+    if graph:
+        pinned.add(key)
+    if len(cache) - len(pinned) > CACHE_ENTRIES:
+        for old in cache:
+            if old not in pinned:
+                del cache[old]
+                break
     return value
 
 
-def _upload(values: Tensor, device: torch.device) -> Tensor:
-    return values.to(device=device, dtype=torch.int64)
+def _pack(parts: list[list[int]], device: torch.device) -> list[Tensor]:
+    """The int64 lists ``parts`` as views of one device tensor (one copy), each starting 16-byte aligned."""
+    values, bounds = [], []
+    for part in parts:
+        values += [0] * (len(values) % 2)
+        bounds.append((len(values), len(part)))
+        values += part
+    packed = torch.tensor(values, dtype=torch.int64).to(device)
+    return [packed[start:start + size] for start, size in bounds]
 
 
 @dataclass(frozen=True)
@@ -125,29 +185,30 @@ class Layout:
     @staticmethod
     def build(numels: list[int], chunk: int, device: torch.device) -> Layout:
         """The tables of tensors with ``numels`` elements, split in chunks of ``chunk``."""
-        sizes = torch.tensor(numels, dtype=torch.int64)
-        counts = (sizes + chunk - 1) // chunk
-        return Layout.from_work(sizes, torch.repeat_interleave(torch.arange(len(numels)), counts),
-                                torch.cat([torch.arange(int(c)) for c in counts]), chunk, device)
+        counts = [-(-numel // chunk) for numel in numels]
+        work_tensor = [t for t, count in enumerate(counts) for _ in range(count)]
+        return Layout.from_work(list(numels), work_tensor, [c for count in counts for c in range(count)], chunk,
+                                device)
 
     @staticmethod
-    def from_work(sizes: Tensor, work_tensor: Tensor, work_chunk: Tensor, chunk: int,
+    def from_work(sizes: list[int], work_tensor: list[int], work_chunk: list[int], chunk: int,
                   device: torch.device) -> Layout:
         """A layout with an explicit work list (``work_tensor`` non-decreasing); sizes as given."""
-        n = sizes.numel()
-        counts = torch.bincount(work_tensor, minlength=n) if work_tensor.numel() else torch.zeros(n, dtype=torch.int64)
-        segments = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        packed = _upload(torch.cat([sizes, work_tensor, work_chunk, segments]), device)
-        n_work = work_tensor.numel()
-        return Layout(n, n_work, chunk, BLOCK, packed[:n], packed[n:n + 2 * n_work].view(2, n_work),
-                      packed[n + 2 * n_work:])
+        segments = [0] * (len(sizes) + 1)
+        for t in work_tensor:
+            segments[t + 1] += 1
+        for t in range(len(sizes)):
+            segments[t + 1] += segments[t]
+        n_work = len(work_tensor)
+        sizes_t, work, segments_t = _pack([sizes, work_tensor + work_chunk, segments], device)
+        return Layout(len(sizes), n_work, chunk, BLOCK, sizes_t, work.view(2, n_work), segments_t)
 
 
 def layout(params: list[Tensor]) -> Layout:
     """The cached :class:`Layout` of ``params`` for the current chunk size."""
     numels = tuple(map(Tensor.numel, params))
     device = params[0].device
-    return _cached(_layouts, (device, _chunk, numels), lambda: Layout.build(list(numels), _chunk, device))
+    return _cached(_layouts, (device, _chunk, numels), device, lambda: Layout.build(list(numels), _chunk, device))
 
 
 def group_shape(t: Tensor, groups: str) -> tuple[int, int, int]:
@@ -167,12 +228,15 @@ def group_shape(t: Tensor, groups: str) -> tuple[int, int, int]:
 class GroupLayout:
     """The group tables of one tensor list (all int64 on the list's device).
 
-    Per tensor (``n``): ``inner``, ``ngroups`` and ``offsets`` (index of its first group in the
-    list's ``n_groups`` groups; tensors without elements have none). The group-norm work list
+    Per tensor (``n``): ``outer``, ``inner``, ``ngroups`` and ``offsets`` (index of its first group
+    in the list's ``n_groups`` groups; tensors without elements have none). The group-norm work list
     ``work`` (``3 × n_work``) holds (tensor index, first group, first element within the groups);
     ``blocks`` (``2 × n_blocks``) holds (tensor index, first group) of each block of
     ``group_block`` groups, and ``segments`` (``n_blocks + 1``) the first work item of each block.
-    A work item covers at most ``split`` elements of each of its groups.
+    A work item covers at most ``split`` elements of each of its groups. ``vector_sizes``: the
+    element sizes (bytes) for which every row the group kernels load as a vector starts 16-byte
+    aligned when the tensor does: a row of ``inner`` elements when ``outer == 1``, a row of
+    ``ngroups`` when ``inner == 1`` (other tensors take the scalar path).
     """
 
     n_groups: int
@@ -180,6 +244,8 @@ class GroupLayout:
     n_blocks: int
     group_block: int
     split: int
+    vector_sizes: frozenset
+    outer: Tensor
     inner: Tensor
     ngroups: Tensor
     offsets: Tensor
@@ -191,11 +257,12 @@ class GroupLayout:
     def build(shapes: list[tuple[int, int, int]], chunk: int, group_block: int,
               device: torch.device) -> GroupLayout:
         split = max(chunk, BLOCK) // group_block
-        inner, ngroups, offsets = [], [], []
+        outer_sizes, inner, ngroups, offsets = [], [], [], []
         work_t, work_g, work_k, block_t, block_g, per_block = [], [], [], [], [], []
         n_groups = 0
         for t, (outer, groups, size) in enumerate(shapes):
             numel = outer * groups * size
+            outer_sizes.append(max(outer, 1))
             inner.append(max(size, 1))
             ngroups.append(max(groups, 1))
             offsets.append(n_groups)
@@ -214,13 +281,18 @@ class GroupLayout:
         segments = [0]
         for count in per_block:
             segments.append(segments[-1] + count)
-        n = len(shapes)
         n_work, n_blocks = len(work_t), len(block_t)
-        packed = _upload(torch.tensor(inner + ngroups + offsets + work_t + work_g + work_k + block_t + block_g
-                                      + segments, dtype=torch.int64), device)
-        parts = packed.split([n, n, n, 3 * n_work, 2 * n_blocks, n_blocks + 1])
-        return GroupLayout(n_groups, n_work, n_blocks, group_block, split, parts[0], parts[1], parts[2],
-                           parts[3].view(3, n_work), parts[4].view(2, n_blocks), parts[5])
+
+        def rows_aligned(size: int, outer: int, inner: int, groups: int) -> bool:
+            if outer == 1:
+                return groups == 1 or inner * size % VECTOR_BYTES == 0
+            return inner != 1 or groups * size % VECTOR_BYTES == 0
+
+        vector_sizes = frozenset(size for size in (2, 4, 8) if all(rows_aligned(size, *s) for s in shapes))
+        parts = _pack([outer_sizes, inner, ngroups, offsets, work_t + work_g + work_k, block_t + block_g, segments],
+                      device)
+        return GroupLayout(n_groups, n_work, n_blocks, group_block, split, vector_sizes, *parts[:4],
+                           parts[4].view(3, n_work), parts[5].view(2, n_blocks), parts[6])
 
 
 def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
@@ -228,16 +300,17 @@ def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
     shapes = tuple(group_shape(t, groups) for t in params)
     group_block = 1 if all(s[1] == 1 for s in shapes) else GROUP_BLOCK
     device = params[0].device
-    return _cached(_group_layouts, (device, _chunk, group_block, shapes),
+    return _cached(_group_layouts, (device, _chunk, group_block, shapes), device,
                    lambda: GroupLayout.build(list(shapes), _chunk, group_block, device))
 
 
-def addresses(tensors: list[Tensor]) -> Tensor:
-    """The cached int64 device table of the data pointers of ``tensors`` (in order)."""
+def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
+    """The cached int64 device table of the data pointers of ``tensors`` (in order), and whether all are
+    16-byte aligned."""
     pointers = tuple(map(Tensor.data_ptr, tensors))
     device = tensors[0].device
-    return _cached(_addresses, (device, pointers),
-                   lambda: _upload(torch.tensor(pointers, dtype=torch.int64), device))
+    return _cached(_addresses, (device, pointers), device,
+                   lambda: (_pack([list(pointers)], device)[0], all(p % VECTOR_BYTES == 0 for p in pointers)))
 
 
 def contiguous(tensors: list[Tensor]) -> list[Tensor]:

@@ -27,26 +27,20 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import Lr, acc_dtype
-from .functors import elastic_net, prox_step, round_to, scalar
-from .launcher import acc_tl_dtype, addresses, contiguous, layout, tensor_pointer, tl_dtype, write_back
-
-
-@triton.jit
-def _div(a, b, ACC: tl.constexpr):
-    """a / b rounded to nearest, as torch divides (Triton's plain float32 division is approximate)."""
-    if ACC == tl.float32:
-        return tl.div_rn(a, b)
-    else:
-        return a / b
-
-
-@triton.jit
-def _sqrt(x, ACC: tl.constexpr):
-    """√x rounded to nearest (Triton's plain float32 square root is approximate)."""
-    if ACC == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
+from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
+from .launcher import (
+    LAUNCH_OPTIONS,
+    acc_tl_dtype,
+    capturing,
+    contiguous,
+    layout,
+    on_device,
+    pointer_table,
+    tensor_pointer,
+    tl_dtype,
+    work_item,
+    write_back,
+)
 
 
 @triton.jit
@@ -72,13 +66,15 @@ def _power(base, count):
 
 
 @triton.jit
-def _finish_element(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, PENALTY: tl.constexpr):
+def _finish_block(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                  HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, PENALTY: tl.constexpr, MASKED: tl.constexpr):
     """Round the new params into ``DTYPE``, store them and add the rounded values to the penalty sums."""
     rounded = round_to(w, DTYPE)
-    tl.store(w_ptr + offs, rounded, mask=mask)
+    store(w_ptr + offs, rounded, mask, MASKED)
     if PENALTY:
-        value = tl.where(mask, rounded.to(ACC), 0.0)
+        value = rounded.to(ACC)
+        if MASKED:
+            value = tl.where(mask, value, 0.0)
         if HAS_L1:
             abs_sum += tl.abs(value)
         if HAS_L2:
@@ -87,55 +83,108 @@ def _finish_element(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _sgd_kernel(params, grads, buffers, sizes, work, partials, n_work, lr_ptr, lr_value: tl.float64,
+def _sgd_block(w_ptr, g_ptr, buf_ptr, offs, count, abs_sum, sq_sum, step, threshold, shrink, momentum: tl.float64,
+               buffer_grad_scale: tl.float64, weight_decay: tl.float64, DTYPE: tl.constexpr, ACC: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+               INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr,
+               PENALTY: tl.constexpr, MASKED: tl.constexpr):
+    mask = offs < count
+    w = load(w_ptr + offs, mask, MASKED).to(ACC)
+    g = load(g_ptr + offs, mask, MASKED).to(ACC)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + scalar(weight_decay, ACC) * w
+    if HAS_MOMENTUM:
+        if INIT_BUFFERS:
+            buf = g
+        else:
+            buf = load(buf_ptr + offs, mask, MASKED)
+            buf = buf * scalar(momentum, ACC) + scalar(buffer_grad_scale, ACC) * g
+        store(buf_ptr + offs, buf, mask, MASKED)
+        if NESTEROV:
+            g = g + scalar(momentum, ACC) * buf
+        else:
+            g = buf
+    w = w + (-step) * g
+    w = elastic_net(w, threshold, shrink, HAS_L1, HAS_L2)
+    return _finish_block(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE, ACC, HAS_L1, HAS_L2, PENALTY, MASKED)
+
+
+@triton.jit(do_not_specialize=["n_work"])
+def _sgd_kernel(param_ptrs, grads, buffers, sizes, work, partials, n_work, lr_ptr, lr_value: tl.float64,
                 momentum: tl.float64, buffer_grad_scale: tl.float64, weight_decay: tl.float64,
                 l1: tl.float64, l2: tl.float64,
                 DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                 LR_TENSOR: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr,
-                HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, PENALTY: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid) * CHUNK
-    w_ptr = tensor_pointer(params, t, DTYPE)
-    g_ptr = tensor_pointer(grads, t, DTYPE)
+                HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, PENALTY: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, start, count = work_item(work, sizes, n_work, CHUNK)
+    w_ptr = tensor_pointer(param_ptrs, t, DTYPE, ALIGNED) + start
+    g_ptr = tensor_pointer(grads, t, DTYPE, ALIGNED) + start
+    buf_ptr = w_ptr.to(tl.pointer_type(ACC), bitcast=True)
     if HAS_MOMENTUM:
-        buf_ptr = tensor_pointer(buffers, t, ACC)
+        buf_ptr = tensor_pointer(buffers, t, ACC, ALIGNED) + start
     step, threshold, shrink = prox_step(lr_ptr, lr_value, l1, l2, ACC, LR_TENSOR)
     abs_sum = tl.zeros([BLOCK], dtype=ACC)
     sq_sum = tl.zeros([BLOCK], dtype=ACC)
-    end = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-    for j in range(0, end, BLOCK):
-        local = j + tl.arange(0, BLOCK)
-        offs = start + local
-        mask = local < end
-        w = tl.load(w_ptr + offs, mask=mask, other=0).to(ACC)
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-        if MAXIMIZE:
-            g = -g
-        if HAS_WEIGHT_DECAY:
-            g = g + scalar(weight_decay, ACC) * w
-        if HAS_MOMENTUM:
-            if INIT_BUFFERS:
-                buf = g
-            else:
-                buf = tl.load(buf_ptr + offs, mask=mask, other=0)
-                buf = buf * scalar(momentum, ACC) + scalar(buffer_grad_scale, ACC) * g
-            tl.store(buf_ptr + offs, buf, mask=mask)
-            if NESTEROV:
-                g = g + scalar(momentum, ACC) * buf
-            else:
-                g = buf
-        w = w + (-step) * g
-        w = elastic_net(w, threshold, shrink, HAS_L1, HAS_L2)
-        abs_sum, sq_sum = _finish_element(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE, ACC, HAS_L1, HAS_L2,
-                                          PENALTY)
+    full = count - count % BLOCK
+    for j in range(0, full, BLOCK):
+        offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
+        abs_sum, sq_sum = _sgd_block(w_ptr, g_ptr, buf_ptr, offs, count, abs_sum, sq_sum, step, threshold, shrink,
+                                     momentum, buffer_grad_scale, weight_decay, DTYPE, ACC, MAXIMIZE,
+                                     HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, HAS_L1, HAS_L2, PENALTY,
+                                     False)
+    if full < count:
+        abs_sum, sq_sum = _sgd_block(w_ptr, g_ptr, buf_ptr, full + tl.arange(0, BLOCK), count, abs_sum, sq_sum, step,
+                                     threshold, shrink, momentum, buffer_grad_scale, weight_decay, DTYPE, ACC,
+                                     MAXIMIZE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, HAS_L1, HAS_L2,
+                                     PENALTY, True)
     if PENALTY:
         tl.store(partials + pid, scalar(l1, ACC) * tl.sum(abs_sum, axis=0) + scalar(l2, ACC) * tl.sum(sq_sum, axis=0))
 
 
 @triton.jit
-def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sizes, work, partials, n_work, n,
+def _adamw_block(w_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, offs, count, abs_sum, sq_sum, lr, threshold, shrink, decay,
+                 step_size, bc2, avg_w, beta2: tl.float64, sq_weight: tl.float64, eps: tl.float64, l1: tl.float64,
+                 l2: tl.float64, DTYPE: tl.constexpr, ACC: tl.constexpr, LR_TENSOR: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr,
+                 DEVICE_BIAS: tl.constexpr, PRECONDITIONED: tl.constexpr, HAS_L1: tl.constexpr,
+                 HAS_L2: tl.constexpr, PENALTY: tl.constexpr, MASKED: tl.constexpr):
+    mask = offs < count
+    w = load(w_ptr + offs, mask, MASKED).to(ACC)
+    g = load(g_ptr + offs, mask, MASKED).to(ACC)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        w = w * decay
+    m = _lerp(load(m_ptr + offs, mask, MASKED), g, avg_w)
+    v = load(v_ptr + offs, mask, MASKED) * scalar(beta2, ACC) + scalar(sq_weight, ACC) * g * g
+    store(m_ptr + offs, m, mask, MASKED)
+    store(v_ptr + offs, v, mask, MASKED)
+    if AMSGRAD:
+        v = tl.maximum(load(v_max_ptr + offs, mask, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
+        store(v_max_ptr + offs, v, mask, MASKED)
+    denom = div_rn(sqrt_rn(v, ACC), bc2, ACC) + scalar(eps, ACC)
+    if DEVICE_BIAS:
+        w = w + div_rn(m, div_rn(denom, step_size, ACC), ACC)
+    else:
+        w = w + div_rn(step_size * m, denom, ACC)
+    if PRECONDITIONED:
+        # Per-element step lr/d, formed as the reference forms it (a float lr multiplies 1/d).
+        if LR_TENSOR:
+            s = div_rn(lr, denom, ACC)
+        else:
+            s = div_rn(scalar(1.0, ACC), denom, ACC) * lr
+        w = elastic_net(w, s * scalar(l1, ACC), div_rn(scalar(1.0, ACC), 1.0 + s * (2.0 * scalar(l2, ACC)), ACC),
+                        HAS_L1, HAS_L2)
+    else:
+        w = elastic_net(w, threshold, shrink, HAS_L1, HAS_L2)
+    return _finish_block(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE, ACC, HAS_L1, HAS_L2, PENALTY, MASKED)
+
+
+@triton.jit(do_not_specialize=["n_work", "n"])
+def _adamw_kernel(param_ptrs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sizes, work, partials, n_work, n,
                   lr_ptr, lr_value: tl.float64, bias_table, step_counts, beta1_f32: tl.float64,
                   beta2_f32: tl.float64, avg_weight: tl.float64, beta2: tl.float64, sq_weight: tl.float64,
                   eps: tl.float64, decay_value: tl.float64, weight_decay: tl.float64, l1: tl.float64,
@@ -144,17 +193,17 @@ def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sizes, 
                   LR_TENSOR: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                   AMSGRAD: tl.constexpr, DEVICE_BIAS: tl.constexpr, STEP_POINTERS: tl.constexpr,
                   PRECONDITIONED: tl.constexpr, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr,
-                  PENALTY: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid) * CHUNK
-    w_ptr = tensor_pointer(params, t, DTYPE)
-    g_ptr = tensor_pointer(grads, t, DTYPE)
-    m_ptr = tensor_pointer(exp_avgs, t, ACC)
-    v_ptr = tensor_pointer(exp_avg_sqs, t, ACC)
+                  PENALTY: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, start, count = work_item(work, sizes, n_work, CHUNK)
+    w_ptr = tensor_pointer(param_ptrs, t, DTYPE, ALIGNED) + start
+    g_ptr = tensor_pointer(grads, t, DTYPE, ALIGNED) + start
+    m_ptr = tensor_pointer(exp_avgs, t, ACC, ALIGNED) + start
+    v_ptr = tensor_pointer(exp_avg_sqs, t, ACC, ALIGNED) + start
+    v_max_ptr = v_ptr
     if AMSGRAD:
-        v_max_ptr = tensor_pointer(max_exp_avg_sqs, t, ACC)
+        v_max_ptr = tensor_pointer(max_exp_avg_sqs, t, ACC, ALIGNED) + start
     lr, threshold, shrink = prox_step(lr_ptr, lr_value, l1, l2, ACC, LR_TENSOR)
+    decay = scalar(1.0, ACC)
     if HAS_WEIGHT_DECAY:
         if LR_TENSOR:
             decay = 1.0 - lr * scalar(weight_decay, ACC)
@@ -164,58 +213,35 @@ def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sizes, 
         # The reference's float32 tensor math: step_size = −lr/(1 − β1ᵗ), bc2 = √(1 − β2ᵗ), with β
         # rounded to float32 and βᵗ rounded to float32.
         if STEP_POINTERS:
-            count = tl.load(tensor_pointer(step_counts, t, tl.float32))
+            count_t = tl.load(tensor_pointer(step_counts, t, tl.float32))
         else:
-            count = tl.load(step_counts + t)
-        bc1 = _power(beta1_f32, count).to(tl.float32) - 1.0
+            count_t = tl.load(step_counts + t)
+        bc1 = _power(beta1_f32, count_t).to(tl.float32) - 1.0
         if LR_TENSOR:
             bias_lr = lr
         else:
             bias_lr = lr.to(tl.float32).to(ACC)
-        bc1 = _div(bc1.to(ACC), bias_lr, ACC).to(tl.float32)
-        step_size = _div(1.0, bc1, tl.float32).to(ACC)
-        bc2 = _sqrt(1.0 - _power(beta2_f32, count).to(tl.float32), tl.float32).to(ACC)
+        bc1 = div_rn(bc1.to(ACC), bias_lr, ACC).to(tl.float32)
+        step_size = div_rn(scalar(1.0, tl.float32), bc1, tl.float32).to(ACC)
+        bc2 = sqrt_rn(1.0 - _power(beta2_f32, count_t).to(tl.float32), tl.float32).to(ACC)
     else:
         step_size = tl.load(bias_table + t)
         bc2 = tl.load(bias_table + n + t)
     avg_w = scalar(avg_weight, ACC)
     abs_sum = tl.zeros([BLOCK], dtype=ACC)
     sq_sum = tl.zeros([BLOCK], dtype=ACC)
-    end = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-    for j in range(0, end, BLOCK):
-        local = j + tl.arange(0, BLOCK)
-        offs = start + local
-        mask = local < end
-        w = tl.load(w_ptr + offs, mask=mask, other=0).to(ACC)
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-        if MAXIMIZE:
-            g = -g
-        if HAS_WEIGHT_DECAY:
-            w = w * decay
-        m = _lerp(tl.load(m_ptr + offs, mask=mask, other=0), g, avg_w)
-        v = tl.load(v_ptr + offs, mask=mask, other=0) * scalar(beta2, ACC) + scalar(sq_weight, ACC) * g * g
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        if AMSGRAD:
-            v = tl.maximum(tl.load(v_max_ptr + offs, mask=mask, other=0), v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(v_max_ptr + offs, v, mask=mask)
-        denom = _div(_sqrt(v, ACC), bc2, ACC) + scalar(eps, ACC)
-        if DEVICE_BIAS:
-            w = w + _div(m, _div(denom, step_size, ACC), ACC)
-        else:
-            w = w + _div(step_size * m, denom, ACC)
-        if PRECONDITIONED:
-            # Per-element step lr/d, formed as the reference forms it (a float lr multiplies 1/d).
-            if LR_TENSOR:
-                s = _div(lr, denom, ACC)
-            else:
-                s = _div(1.0, denom, ACC) * lr
-            w = elastic_net(w, s * scalar(l1, ACC), _div(1.0, 1.0 + s * (2.0 * scalar(l2, ACC)), ACC),
-                            HAS_L1, HAS_L2)
-        else:
-            w = elastic_net(w, threshold, shrink, HAS_L1, HAS_L2)
-        abs_sum, sq_sum = _finish_element(w, w_ptr, offs, mask, abs_sum, sq_sum, DTYPE, ACC, HAS_L1, HAS_L2,
-                                          PENALTY)
+    full = count - count % BLOCK
+    for j in range(0, full, BLOCK):
+        offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
+        abs_sum, sq_sum = _adamw_block(w_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, offs, count, abs_sum, sq_sum, lr,
+                                       threshold, shrink, decay, step_size, bc2, avg_w, beta2, sq_weight, eps, l1, l2,
+                                       DTYPE, ACC, LR_TENSOR, MAXIMIZE, HAS_WEIGHT_DECAY, AMSGRAD, DEVICE_BIAS,
+                                       PRECONDITIONED, HAS_L1, HAS_L2, PENALTY, False)
+    if full < count:
+        abs_sum, sq_sum = _adamw_block(w_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, full + tl.arange(0, BLOCK), count,
+                                       abs_sum, sq_sum, lr, threshold, shrink, decay, step_size, bc2, avg_w, beta2,
+                                       sq_weight, eps, l1, l2, DTYPE, ACC, LR_TENSOR, MAXIMIZE, HAS_WEIGHT_DECAY,
+                                       AMSGRAD, DEVICE_BIAS, PRECONDITIONED, HAS_L1, HAS_L2, PENALTY, True)
     if PENALTY:
         tl.store(partials + pid, scalar(l1, ACC) * tl.sum(abs_sum, axis=0) + scalar(l2, ACC) * tl.sum(sq_sum, axis=0))
 
@@ -261,21 +287,25 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
     work_grads = contiguous(grads)
     work_buffers = contiguous(momentum_buffers) if momentum != 0 else []
     lay = layout(work_params)
-    table = addresses(work_params)
+    table, aligned = pointer_table(work_params)
+    grad_table, grads_aligned = pointer_table(work_grads)
+    buffer_table, buffers_aligned = pointer_table(work_buffers) if work_buffers else (table, True)
+    aligned = aligned and grads_aligned and buffers_aligned
     penalty = compute_penalty and bool(l1 or l2)
     partials = torch.zeros(lay.n_work if penalty else 0, dtype=acc, device=device)
     lr_tensor = isinstance(lr, Tensor)
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
     if lay.n_work:
-        _sgd_kernel[(lay.n_work,)](
-            table, addresses(work_grads), addresses(work_buffers) if work_buffers else unused, lay.sizes,
-            lay.work, partials, lay.n_work, lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr),
-            float(momentum), 1.0 - dampening, float(weight_decay), float(l1), float(l2),
-            DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, LR_TENSOR=lr_tensor,
-            MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=momentum != 0,
-            INIT_BUFFERS=bool(init_buffers), NESTEROV=bool(nesterov), HAS_L1=bool(l1), HAS_L2=bool(l2),
-            PENALTY=penalty)
+        with on_device(device):
+            _sgd_kernel[(lay.n_work,)](
+                table, grad_table, buffer_table, lay.sizes, lay.work, partials, lay.n_work,
+                lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr), float(momentum), 1.0 - dampening,
+                float(weight_decay), float(l1), float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype),
+                CHUNK=lay.chunk, BLOCK=lay.block, LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize),
+                HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=momentum != 0, INIT_BUFFERS=bool(init_buffers),
+                NESTEROV=bool(nesterov), HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty, ALIGNED=aligned,
+                **LAUNCH_OPTIONS)
     write_back(params, work_params)
     write_back(momentum_buffers if momentum != 0 else [], work_buffers)
     return partials.sum()
@@ -296,6 +326,12 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     dtype = params[0].dtype
     acc = acc_dtype(dtype)
     device = params[0].device
+    device_bias = isinstance(lr, Tensor) or not steps[0].is_cpu
+    step_pointers = device_bias and all(s.device == device and s.dtype == torch.float32 for s in steps)
+    if capturing(device) and not step_pointers:
+        raise RuntimeError("regfast: this AdamW step reads its step counts on the host, so a CUDA graph would replay "
+                           "the bias corrections of the captured step: keep the step counts as float32 tensors on "
+                           "the params' device (capturable=True) to capture it")
     torch._foreach_add_(steps, 1)
     work_params = contiguous(params)
     # Kept alive until the launch: the kernel reads the copies through their addresses.
@@ -304,33 +340,33 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     work_sqs = contiguous(exp_avg_sqs)
     work_maxs = contiguous(max_exp_avg_sqs) if amsgrad else []
     lay = layout(work_params)
-    table = addresses(work_params)
+    tables = [pointer_table(ts) for ts in (work_params, work_grads, work_avgs, work_sqs, work_maxs) if ts]
+    aligned = all(ok for _, ok in tables)
+    table = tables[0][0]
     penalty = compute_penalty and bool(l1 or l2)
     partials = torch.zeros(lay.n_work if penalty else 0, dtype=acc, device=device)
     lr_tensor = isinstance(lr, Tensor)
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
-    device_bias = lr_tensor or not steps[0].is_cpu
-    step_pointers = device_bias and all(s.device == device and s.dtype == torch.float32 for s in steps)
     if not device_bias:
         bias_table, step_counts = _host_bias_table(steps, float(lr), beta1, beta2, acc, device), unused
     elif step_pointers:
-        bias_table, step_counts = unused, addresses(steps)
+        bias_table, step_counts = unused, pointer_table(steps)[0]
     else:
         bias_table = unused
         step_counts = _to_device(torch.stack([s.detach().to("cpu", torch.float32) for s in steps]), device)
     if lay.n_work:
-        _adamw_kernel[(lay.n_work,)](
-            table, addresses(work_grads), addresses(work_avgs), addresses(work_sqs),
-            addresses(work_maxs) if amsgrad else unused, lay.sizes, lay.work, partials, lay.n_work, lay.n,
-            lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr), bias_table, step_counts,
-            _float32(beta1), _float32(beta2),
-            1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), 0.0 if lr_tensor else 1.0 - float(lr) * weight_decay,
-            float(weight_decay), float(l1), float(l2),
-            DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, LR_TENSOR=lr_tensor,
-            MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0, AMSGRAD=bool(amsgrad),
-            DEVICE_BIAS=device_bias, STEP_POINTERS=step_pointers, PRECONDITIONED=prox == "preconditioned",
-            HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty)
+        with on_device(device):
+            _adamw_kernel[(lay.n_work,)](
+                table, tables[1][0], tables[2][0], tables[3][0], tables[4][0] if amsgrad else unused, lay.sizes,
+                lay.work, partials, lay.n_work, lay.n, lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr),
+                bias_table, step_counts, _float32(beta1), _float32(beta2), 1.0 - beta1, float(beta2), 1.0 - beta2,
+                float(eps), 0.0 if lr_tensor else 1.0 - float(lr) * weight_decay, float(weight_decay), float(l1),
+                float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block,
+                LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
+                AMSGRAD=bool(amsgrad), DEVICE_BIAS=device_bias, STEP_POINTERS=step_pointers,
+                PRECONDITIONED=prox == "preconditioned", HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty,
+                ALIGNED=aligned, **LAUNCH_OPTIONS)
     write_back(params, work_params)
     write_back(exp_avgs, work_avgs)
     write_back(exp_avg_sqs, work_sqs)

@@ -15,9 +15,21 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import acc_dtype
-from .functors import group_index, scalar, sign
+from .functors import group_advance, group_ids, group_position, load, scalar, sign, store
 from .group import group_coefficients
-from .launcher import acc_tl_dtype, addresses, contiguous, group_layout, layout, tensor_pointer, tl_dtype, write_back
+from .launcher import (
+    LAUNCH_OPTIONS,
+    acc_tl_dtype,
+    contiguous,
+    group_layout,
+    layout,
+    on_device,
+    pointer_table,
+    tensor_pointer,
+    tl_dtype,
+    work_item,
+    write_back,
+)
 
 NO_WRITE = tl.constexpr(0)
 ACCUMULATE = tl.constexpr(1)
@@ -25,15 +37,39 @@ ASSIGN = tl.constexpr(2)
 
 
 @triton.jit
-def _penalty_kernel(params, grads, sizes, work, partials, n_work, l1: tl.float64, l2: tl.float64, scale_ptr,
+def _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, abs_sum, sq_sum, l1_grad, l2_grad,
+                   DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, HAS_L1: tl.constexpr,
+                   HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE: tl.constexpr, VALUE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    mask = offs < count
+    w = load(w_ptr + offs, mask, MASKED).to(ACC)
+    if VALUE:
+        if HAS_L1:
+            abs_sum += tl.abs(w)
+        if HAS_L2:
+            sq_sum += w * w
+    if WRITE != NO_WRITE:
+        grad = tl.zeros([BLOCK], dtype=ACC)
+        if HAS_L1:
+            grad += l1_grad * sign(w)
+        if HAS_L2:
+            grad += l2_grad * w
+        if HAS_GROUPS:
+            grad += load(coef_ptr + group_ids(r, g, inner, ngroups, BLOCK), mask, MASKED) * w
+        if WRITE == ACCUMULATE:
+            grad += load(g_ptr + offs, mask, MASKED).to(ACC)
+        store(g_ptr + offs, grad.to(DTYPE), mask, MASKED)
+    return abs_sum, sq_sum
+
+
+@triton.jit(do_not_specialize=["n_work"])
+def _penalty_kernel(param_ptrs, grads, sizes, work, partials, n_work, l1: tl.float64, l2: tl.float64, scale_ptr,
                     group_coefs, inner_table, ngroups_table, offsets,
                     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                     HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE: tl.constexpr,
-                    SCALED: tl.constexpr, VALUE: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid) * CHUNK
-    w_ptr = tensor_pointer(params, t, DTYPE)
+                    SCALED: tl.constexpr, VALUE: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, start, count = work_item(work, sizes, n_work, CHUNK)
+    w_ptr = tensor_pointer(param_ptrs, t, DTYPE, ALIGNED) + start
     l1_value = scalar(l1, ACC)
     l2_value = scalar(l2, ACC)
     l1_grad = l1_value
@@ -42,37 +78,37 @@ def _penalty_kernel(params, grads, sizes, work, partials, n_work, l1: tl.float64
         scale = tl.load(scale_ptr).to(ACC)
         l1_grad = l1_grad * scale
         l2_grad = l2_grad * scale
+    g_ptr = w_ptr
     if WRITE != NO_WRITE:
-        g_ptr = tensor_pointer(grads, t, DTYPE)
+        g_ptr = tensor_pointer(grads, t, DTYPE, ALIGNED) + start
+    # The group position of the first element of each block (without groups: unused zeros).
+    inner = start
+    ngroups = start
+    r = start * 0
+    g = start * 0
+    step_r = r
+    step_g = r
+    coef_ptr = group_coefs
     if HAS_GROUPS:
         inner = tl.load(inner_table + t)
         ngroups = tl.load(ngroups_table + t)
-        first_group = tl.load(offsets + t)
+        coef_ptr = group_coefs + tl.load(offsets + t)
+        r, g = group_position(start, inner, ngroups)
+        step_r, step_g = group_position(BLOCK, inner, ngroups)
     abs_sum = tl.zeros([BLOCK], dtype=ACC)
     sq_sum = tl.zeros([BLOCK], dtype=ACC)
-    end = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-    for j in range(0, end, BLOCK):
-        local = j + tl.arange(0, BLOCK)
-        offs = start + local
-        mask = local < end
-        w = tl.load(w_ptr + offs, mask=mask, other=0).to(ACC)
-        if VALUE:
-            if HAS_L1:
-                abs_sum += tl.abs(w)
-            if HAS_L2:
-                sq_sum += w * w
-        if WRITE != NO_WRITE:
-            grad = tl.zeros([BLOCK], dtype=ACC)
-            if HAS_L1:
-                grad += l1_grad * sign(w)
-            if HAS_L2:
-                grad += l2_grad * w
-            if HAS_GROUPS:
-                coef = tl.load(group_coefs + group_index(offs, inner, ngroups, first_group), mask=mask, other=0)
-                grad += coef * w
-            if WRITE == ACCUMULATE:
-                grad += tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-            tl.store(g_ptr + offs, grad.to(DTYPE), mask=mask)
+    full = count - count % BLOCK
+    for j in range(0, full, BLOCK):
+        offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
+        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, abs_sum, sq_sum,
+                                         l1_grad, l2_grad, DTYPE, ACC, BLOCK, HAS_L1, HAS_L2, HAS_GROUPS, WRITE,
+                                         VALUE, False)
+        if HAS_GROUPS:
+            r, g = group_advance(r, g, step_r, step_g, inner, ngroups)
+    if full < count:
+        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, full + tl.arange(0, BLOCK), count, r, g, inner,
+                                         ngroups, abs_sum, sq_sum, l1_grad, l2_grad, DTYPE, ACC, BLOCK, HAS_L1,
+                                         HAS_L2, HAS_GROUPS, WRITE, VALUE, True)
     if VALUE:
         tl.store(partials + pid, l1_value * tl.sum(abs_sum, axis=0) + l2_value * tl.sum(sq_sum, axis=0))
 
@@ -88,10 +124,14 @@ def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float,
     acc = acc_dtype(dtype)
     device = params[0].device
     lay = layout(params)
-    table = addresses(params)
-    grad_table = addresses(grads) if grads is not None else table
+    table, aligned = pointer_table(params)
+    grad_table = table
+    if grads is not None:
+        grad_table, grads_aligned = pointer_table(grads)
+        aligned = aligned and grads_aligned
     elementwise = write != NO_WRITE or bool(l1 or l2)
-    n_partials = lay.n_work if elementwise and value else 0
+    # The group values start at a multiple of 4 elements: their alignment does not depend on the model.
+    n_partials = -(-lay.n_work // 4) * 4 if elementwise and value else 0
     glay = group_layout(params, groups) if group_lasso else None
     n_values = n_partials + (glay.n_blocks if glay is not None and value else 0)
     partials = torch.zeros(n_values, dtype=acc, device=device) if value else None
@@ -100,15 +140,18 @@ def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float,
     group_coefs = unused
     if glay is not None:
         group_values = partials[n_partials:] if value else None
-        group_coefs = group_coefficients(table, lay, glay, dtype, group_lasso, values=group_values, scale=scale)
+        group_coefs = group_coefficients(table, aligned, lay, glay, dtype, group_lasso, values=group_values,
+                                         scale=scale)
     if elementwise and lay.n_work:
-        _penalty_kernel[(lay.n_work,)](
-            table, grad_table, lay.sizes, lay.work, partials if value else unused, lay.n_work, l1, l2,
-            scale if scale is not None else unused, group_coefs,
-            glay.inner if glay is not None else unused, glay.ngroups if glay is not None else unused,
-            glay.offsets if glay is not None else unused,
-            DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, HAS_L1=bool(l1),
-            HAS_L2=bool(l2), HAS_GROUPS=glay is not None, WRITE=write, SCALED=scale is not None, VALUE=value)
+        with on_device(device):
+            _penalty_kernel[(lay.n_work,)](
+                table, grad_table, lay.sizes, lay.work, partials if value else unused, lay.n_work, l1, l2,
+                scale if scale is not None else unused, group_coefs,
+                glay.inner if glay is not None else unused, glay.ngroups if glay is not None else unused,
+                glay.offsets if glay is not None else unused,
+                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, HAS_L1=bool(l1),
+                HAS_L2=bool(l2), HAS_GROUPS=glay is not None, WRITE=write, SCALED=scale is not None, VALUE=value,
+                ALIGNED=aligned, **LAUNCH_OPTIONS)
     return partials.sum() if value else None
 
 

@@ -13,34 +13,67 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .functors import elastic_net, group_index, prox_step
+from .functors import elastic_net, group_advance, group_ids, group_position, load, prox_step, store
 from .group import group_coefficients
-from .launcher import acc_tl_dtype, addresses, contiguous, group_layout, layout, tensor_pointer, tl_dtype, write_back
+from .launcher import (
+    LAUNCH_OPTIONS,
+    acc_tl_dtype,
+    contiguous,
+    group_layout,
+    layout,
+    on_device,
+    pointer_table,
+    tensor_pointer,
+    tl_dtype,
+    work_item,
+    write_back,
+)
 
 
 @triton.jit
-def _prox_kernel(params, sizes, work, n_work, lr_ptr, lr_value: tl.float64, l1: tl.float64, l2: tl.float64,
+def _prox_block(w_ptr, factor_ptr, offs, count, r, g, inner, ngroups, threshold, shrink, DTYPE: tl.constexpr,
+                ACC: tl.constexpr, BLOCK: tl.constexpr, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr,
+                HAS_GROUPS: tl.constexpr, MASKED: tl.constexpr):
+    mask = offs < count
+    u = elastic_net(load(w_ptr + offs, mask, MASKED).to(ACC), threshold, shrink, HAS_L1, HAS_L2)
+    if HAS_GROUPS:
+        u = u * load(factor_ptr + group_ids(r, g, inner, ngroups, BLOCK), mask, MASKED)
+    store(w_ptr + offs, u.to(DTYPE), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["n_work"])
+def _prox_kernel(param_ptrs, sizes, work, n_work, lr_ptr, lr_value: tl.float64, l1: tl.float64, l2: tl.float64,
                  group_factors, inner_table, ngroups_table, offsets,
                  DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 LR_TENSOR: tl.constexpr, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(work + pid)
-    start = tl.load(work + n_work + pid) * CHUNK
-    w_ptr = tensor_pointer(params, t, DTYPE)
+                 LR_TENSOR: tl.constexpr, HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    _, t, start, count = work_item(work, sizes, n_work, CHUNK)
+    w_ptr = tensor_pointer(param_ptrs, t, DTYPE, ALIGNED) + start
     _, threshold, shrink = prox_step(lr_ptr, lr_value, l1, l2, ACC, LR_TENSOR)
+    # The group position of the first element of each block (without groups: unused zeros).
+    inner = start
+    ngroups = start
+    r = start * 0
+    g = start * 0
+    step_r = r
+    step_g = r
+    factor_ptr = group_factors
     if HAS_GROUPS:
         inner = tl.load(inner_table + t)
         ngroups = tl.load(ngroups_table + t)
-        first_group = tl.load(offsets + t)
-    end = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-    for j in range(0, end, BLOCK):
-        local = j + tl.arange(0, BLOCK)
-        offs = start + local
-        mask = local < end
-        u = elastic_net(tl.load(w_ptr + offs, mask=mask, other=0).to(ACC), threshold, shrink, HAS_L1, HAS_L2)
+        factor_ptr = group_factors + tl.load(offsets + t)
+        r, g = group_position(start, inner, ngroups)
+        step_r, step_g = group_position(BLOCK, inner, ngroups)
+    full = count - count % BLOCK
+    for j in range(0, full, BLOCK):
+        offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
+        _prox_block(w_ptr, factor_ptr, offs, count, r, g, inner, ngroups, threshold, shrink, DTYPE, ACC, BLOCK,
+                    HAS_L1, HAS_L2, HAS_GROUPS, False)
         if HAS_GROUPS:
-            u = u * tl.load(group_factors + group_index(offs, inner, ngroups, first_group), mask=mask, other=0)
-        tl.store(w_ptr + offs, u.to(DTYPE), mask=mask)
+            r, g = group_advance(r, g, step_r, step_g, inner, ngroups)
+    if full < count:
+        _prox_block(w_ptr, factor_ptr, full + tl.arange(0, BLOCK), count, r, g, inner, ngroups, threshold, shrink,
+                    DTYPE, ACC, BLOCK, HAS_L1, HAS_L2, HAS_GROUPS, True)
 
 
 def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_lasso: float, groups: str) -> None:
@@ -54,19 +87,21 @@ def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_
     work_params = contiguous(params)
     dtype = work_params[0].dtype
     lay = layout(work_params)
-    table = addresses(work_params)
+    table, aligned = pointer_table(work_params)
     lr_tensor = isinstance(lr, Tensor)
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
     glay = group_layout(work_params, groups) if group_lasso else None
     factors = unused
     if glay is not None:
-        factors = group_coefficients(table, lay, glay, dtype, group_lasso, lr=lr, l1=l1, l2=l2)
+        factors = group_coefficients(table, aligned, lay, glay, dtype, group_lasso, lr=lr, l1=l1, l2=l2)
     if lay.n_work:
-        _prox_kernel[(lay.n_work,)](
-            table, lay.sizes, lay.work, lay.n_work, lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr),
-            l1, l2, factors, glay.inner if glay is not None else unused,
-            glay.ngroups if glay is not None else unused, glay.offsets if glay is not None else unused,
-            DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, LR_TENSOR=lr_tensor,
-            HAS_L1=bool(l1), HAS_L2=bool(l2), HAS_GROUPS=glay is not None)
+        with on_device(table.device):
+            _prox_kernel[(lay.n_work,)](
+                table, lay.sizes, lay.work, lay.n_work, lr if lr_tensor else unused,
+                0.0 if lr_tensor else float(lr), l1, l2, factors, glay.inner if glay is not None else unused,
+                glay.ngroups if glay is not None else unused, glay.offsets if glay is not None else unused,
+                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block,
+                LR_TENSOR=lr_tensor, HAS_L1=bool(l1), HAS_L2=bool(l2), HAS_GROUPS=glay is not None, ALIGNED=aligned,
+                **LAUNCH_OPTIONS)
     write_back(params, work_params)
