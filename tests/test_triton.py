@@ -235,7 +235,7 @@ def test_tables_are_cached_and_follow_storage():
 def test_unaligned_views(dtype):
     """Contiguous views that start one element into their storage (not 16-byte aligned) take a correct path."""
     storage = make_params([(4000,)], dtype, DEVICE)[0]
-    views = [storage[1:31].view(6, 5), storage[40:40 + 3 * 7 * 11].view(3, 7, 11), storage[1001:1001 + 2053]]
+    views = [storage[1:31].view(6, 5), storage[41:41 + 3 * 7 * 11].view(3, 7, 11), storage[1001:1001 + 2053]]
     assert all(v.data_ptr() % 16 for v in views)
     table, aligned = launcher.pointer_table(views)
     assert not aligned

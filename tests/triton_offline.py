@@ -192,6 +192,16 @@ def _count(lines: list[str], pattern: str) -> int:
     return sum(1 for line in lines if re.search(pattern, line))
 
 
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers and stack bytes per thread of a cubin's kernel (``cuobjdump -res-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_triton_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True)
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out.stdout))
+    return {"registers": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1))}
+
+
 def analyze(kernel) -> dict:
     """What a compiled kernel's PTX and SASS show: vector width, local memory, divisions, rounding."""
     ptx = kernel.asm["ptx"]
@@ -216,6 +226,7 @@ def analyze(kernel) -> dict:
         "fma": _count(ptx.splitlines(), r"\bfma\.rn"),
         "enable_fp_fusion": getattr(kernel.metadata, "enable_fp_fusion", None),
         "num_warps": kernel.metadata.num_warps,
+        **resources(kernel.asm["cubin"]),
     }
 
 
@@ -363,7 +374,7 @@ def run(arch: int) -> dict:
         for key, kernel in compiled.items():
             entry = {"kernel": kname, "key": str(key)[:2000]}
             names = kernel.src.fn.arg_names
-            entry["constants"] = {names[k[0]] if isinstance(k, tuple) else str(k): str(v)
+            entry["constants"] = {names[k[0]] if isinstance(k, tuple) else str(k): str(getattr(v, "value", v))
                                   for k, v in kernel.src.constants.items()}
             entry.update(analyze(kernel))
             variants.append(entry)

@@ -47,6 +47,52 @@ def _square_tile(w_ptr, offs, mask, acc, threshold, shrink, ACC: tl.constexpr, E
     return acc + w * w
 
 
+@triton.jit
+def _rows(w_ptr, g, stride, ngroups, first_k, count, acc, threshold, shrink, ACC: tl.constexpr,
+          GROUP_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, ELASTIC_NET: tl.constexpr, HAS_L1: tl.constexpr,
+          HAS_L2: tl.constexpr):
+    """Tiles of rows ``g`` (``stride`` elements apart), loaded along the row."""
+    lane = tl.arange(0, K_BLOCK)
+    rows = w_ptr + (g * stride)[:, None] + first_k
+    in_tensor = tl.broadcast_to((g < ngroups)[:, None], (GROUP_BLOCK, K_BLOCK))
+    full = count - count % K_BLOCK
+    for j in range(0, full, K_BLOCK):
+        offs = tl.broadcast_to((tl.multiple_of(j, K_BLOCK) + lane)[None, :], (GROUP_BLOCK, K_BLOCK))
+        acc = _square_tile(rows, offs, in_tensor, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2, True)
+    if full < count:
+        k = full + lane
+        acc = _square_tile(rows, tl.broadcast_to(k[None, :], (GROUP_BLOCK, K_BLOCK)), in_tensor & (k < count)[None, :],
+                           acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2, True)
+    return acc
+
+
+@triton.jit
+def _columns(w_ptr, g, ngroups, first_group, first_k, count, acc, threshold, shrink, ACC: tl.constexpr,
+             GROUP_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, ELASTIC_NET: tl.constexpr, HAS_L1: tl.constexpr,
+             HAS_L2: tl.constexpr):
+    """Tiles of a matrix's columns ``g`` (rows ``ngroups`` elements long), loaded along the row: a full block
+    of groups without a mask."""
+    lane = tl.arange(0, K_BLOCK)
+    columns = w_ptr + first_k * ngroups + g[:, None]
+    full = count - count % K_BLOCK
+    if first_group + GROUP_BLOCK <= ngroups:
+        for j in range(0, full, K_BLOCK):
+            offs = (tl.multiple_of(j, K_BLOCK) + lane)[None, :] * ngroups
+            acc = _square_tile(columns, offs, None, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2, False)
+        if full < count:
+            k = full + lane
+            mask = tl.broadcast_to((k < count)[None, :], (GROUP_BLOCK, K_BLOCK))
+            acc = _square_tile(columns, k[None, :] * ngroups, mask, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1,
+                               HAS_L2, True)
+    else:
+        for j in range(0, count, K_BLOCK):
+            k = j + lane
+            mask = (g < ngroups)[:, None] & (k < count)[None, :]
+            acc = _square_tile(columns, k[None, :] * ngroups, mask, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1,
+                               HAS_L2, True)
+    return acc
+
+
 @triton.jit(do_not_specialize=["n_work"])
 def _group_partials_kernel(param_ptrs, outer_table, inner_table, ngroups_table, work, partials, n_work,
                            lr_ptr, lr_value: tl.float64, l1: tl.float64, l2: tl.float64,
@@ -61,7 +107,8 @@ def _group_partials_kernel(param_ptrs, outer_table, inner_table, ngroups_table, 
     vectors along ``k``; ``inner == 1`` (columns of a matrix): element ``k`` of groups ``g..`` are
     contiguous, loaded as vectors along the groups; otherwise element ``k`` is at
     ``(k // inner, g, k % inner)``, found without a division per element. ``VECTOR`` (elements per
-    16 bytes, or 1) says that the tensors and their rows are 16-byte aligned.
+    16 bytes, or 1) says that the tensors are 16-byte aligned; the vector loads are taken for the
+    tensors whose rows are too.
     """
     pid = tl.program_id(0)
     t = tl.load(work + pid)
@@ -78,42 +125,25 @@ def _group_partials_kernel(param_ptrs, outer_table, inner_table, ngroups_table, 
     g = first_group + tl.arange(0, GROUP_BLOCK)
     lane = tl.arange(0, K_BLOCK)
     count = (tl.minimum(first_k + SPLIT, outer * inner) - first_k).to(tl.int32)
-    full = count - count % K_BLOCK
     acc = tl.zeros([GROUP_BLOCK, K_BLOCK], dtype=ACC)
+    # A row length known to be a multiple of VECTOR is passed as (n // VECTOR)·VECTOR: the compiler then
+    # knows that each row starts 16-byte aligned (a hint on the value itself would hold outside the branch too).
     if outer == 1:
-        if VECTOR > 1:
-            inner = tl.multiple_of(inner, VECTOR)
-        rows = w_ptr + (g * inner)[:, None] + first_k
-        in_tensor = tl.broadcast_to((g < ngroups)[:, None], (GROUP_BLOCK, K_BLOCK))
-        for j in range(0, full, K_BLOCK):
-            offs = tl.broadcast_to((tl.multiple_of(j, K_BLOCK) + lane)[None, :], (GROUP_BLOCK, K_BLOCK))
-            acc = _square_tile(rows, offs, in_tensor, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2,
-                               True)
-        if full < count:
-            k = full + lane
-            mask = in_tensor & (k < count)[None, :]
-            acc = _square_tile(rows, tl.broadcast_to(k[None, :], (GROUP_BLOCK, K_BLOCK)), mask, acc, threshold,
-                               shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2, True)
-    elif inner == 1:
-        if VECTOR > 1:
-            ngroups = tl.multiple_of(ngroups, VECTOR)
-        columns = w_ptr + first_k * ngroups + g[:, None]
-        if first_group + GROUP_BLOCK <= ngroups:
-            for j in range(0, full, K_BLOCK):
-                offs = (tl.multiple_of(j, K_BLOCK) + lane)[None, :] * ngroups
-                acc = _square_tile(columns, offs, None, acc, threshold, shrink, ACC, ELASTIC_NET, HAS_L1, HAS_L2,
-                                   False)
-            if full < count:
-                k = full + lane
-                mask = tl.broadcast_to((k < count)[None, :], (GROUP_BLOCK, K_BLOCK))
-                acc = _square_tile(columns, k[None, :] * ngroups, mask, acc, threshold, shrink, ACC, ELASTIC_NET,
-                                   HAS_L1, HAS_L2, True)
+        # Row g starts g·inner elements in (a tensor of one group has one row: stride 0).
+        stride = tl.where(ngroups == 1, 0, inner)
+        if stride % VECTOR == 0:
+            acc = _rows(w_ptr, g, (stride // VECTOR) * VECTOR, ngroups, first_k, count, acc, threshold, shrink, ACC,
+                        GROUP_BLOCK, K_BLOCK, ELASTIC_NET, HAS_L1, HAS_L2)
         else:
-            for j in range(0, count, K_BLOCK):
-                k = j + lane
-                mask = (g < ngroups)[:, None] & (k < count)[None, :]
-                acc = _square_tile(columns, k[None, :] * ngroups, mask, acc, threshold, shrink, ACC, ELASTIC_NET,
-                                   HAS_L1, HAS_L2, True)
+            acc = _rows(w_ptr, g, stride, ngroups, first_k, count, acc, threshold, shrink, ACC, GROUP_BLOCK, K_BLOCK,
+                        ELASTIC_NET, HAS_L1, HAS_L2)
+    elif inner == 1:
+        if ngroups % VECTOR == 0:
+            acc = _columns(w_ptr, g, (ngroups // VECTOR) * VECTOR, first_group, first_k, count, acc, threshold,
+                           shrink, ACC, GROUP_BLOCK, K_BLOCK, ELASTIC_NET, HAS_L1, HAS_L2)
+        else:
+            acc = _columns(w_ptr, g, ngroups, first_group, first_k, count, acc, threshold, shrink, ACC, GROUP_BLOCK,
+                           K_BLOCK, ELASTIC_NET, HAS_L1, HAS_L2)
     else:
         o = first_k // inner
         i = first_k - o * inner
@@ -193,8 +223,7 @@ def group_coefficients(table: Tensor, aligned: bool, lay: Layout, glay: GroupLay
     lr_value = 0.0 if lr_tensor or lr is None else float(lr)
     k_block = lay.block // glay.group_block
     partials = torch.empty(glay.n_work, glay.group_block, dtype=acc, device=device)
-    size = dtype.itemsize
-    vector = VECTOR_BYTES // size if aligned and size in glay.vector_sizes else 1
+    vector = VECTOR_BYTES // dtype.itemsize if aligned else 1
     with on_device(device):
         _group_partials_kernel[(glay.n_work,)](
             table, glay.outer, glay.inner, glay.ngroups, glay.work, partials, glay.n_work, lr_ptr, lr_value, l1, l2,

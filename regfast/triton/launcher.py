@@ -58,8 +58,9 @@ CACHE_ENTRIES = 64
 VECTOR_BYTES = 16
 """Width of the kernels' vector loads and stores: data pointers aligned to it take the vector path."""
 
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}
-"""Compile options of every launch: each multiply and add rounds on its own, as in the reference."""
+LAUNCH_OPTIONS = {"enable_fp_fusion": False, "maxnreg": 128}
+"""Compile options of every launch: each multiply and add rounds on its own, as in the reference; up to
+128 registers per thread (left to itself, ptxas keeps some kernels at 64 and spills in the hot loop)."""
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
@@ -233,10 +234,7 @@ class GroupLayout:
     ``work`` (``3 × n_work``) holds (tensor index, first group, first element within the groups);
     ``blocks`` (``2 × n_blocks``) holds (tensor index, first group) of each block of
     ``group_block`` groups, and ``segments`` (``n_blocks + 1``) the first work item of each block.
-    A work item covers at most ``split`` elements of each of its groups. ``vector_sizes``: the
-    element sizes (bytes) for which every row the group kernels load as a vector starts 16-byte
-    aligned when the tensor does: a row of ``inner`` elements when ``outer == 1``, a row of
-    ``ngroups`` when ``inner == 1`` (other tensors take the scalar path).
+    A work item covers at most ``split`` elements of each of its groups.
     """
 
     n_groups: int
@@ -244,7 +242,6 @@ class GroupLayout:
     n_blocks: int
     group_block: int
     split: int
-    vector_sizes: frozenset
     outer: Tensor
     inner: Tensor
     ngroups: Tensor
@@ -282,16 +279,9 @@ class GroupLayout:
         for count in per_block:
             segments.append(segments[-1] + count)
         n_work, n_blocks = len(work_t), len(block_t)
-
-        def rows_aligned(size: int, outer: int, inner: int, groups: int) -> bool:
-            if outer == 1:
-                return groups == 1 or inner * size % VECTOR_BYTES == 0
-            return inner != 1 or groups * size % VECTOR_BYTES == 0
-
-        vector_sizes = frozenset(size for size in (2, 4, 8) if all(rows_aligned(size, *s) for s in shapes))
         parts = _pack([outer_sizes, inner, ngroups, offsets, work_t + work_g + work_k, block_t + block_g, segments],
                       device)
-        return GroupLayout(n_groups, n_work, n_blocks, group_block, split, vector_sizes, *parts[:4],
+        return GroupLayout(n_groups, n_work, n_blocks, group_block, split, *parts[:4],
                            parts[4].view(3, n_work), parts[5].view(2, n_blocks), parts[6])
 
 
