@@ -1,7 +1,9 @@
 """The compiled extension ``regfast._C`` as a backend: ``cpp`` on CPU tensors, ``cuda`` on CUDA tensors.
 
 Importing this module never fails: when ``regfast._C`` is missing (a pure-Python install,
-``REGFAST_NO_EXT=1``, no compiler at install time) :func:`unavailable_reason` says why.
+``REGFAST_NO_EXT=1``, a failed build) or was built for another torch (it is then not loaded: its
+symbols would not resolve), :func:`unavailable_reason` says why, from what the build recorded in
+``regfast._build_info``.
 
 Each function serves one (device, dtype) group, with the signature of the same function in
 :mod:`regfast.reference`, and is one call of a ``torch.ops.regfast_C`` op; the dispatcher picks
@@ -19,14 +21,30 @@ from torch import Tensor
 
 from .reference import Lr
 
-try:
-    from . import _C
-except ImportError as exc:  # the extension is optional
-    _C = None
-    _IMPORT_ERROR = (f"regfast._C is not built ({exc}); reinstall with a C++ compiler present: "
-                     "pip install --no-build-isolation -e .")
-else:
-    _IMPORT_ERROR = ""
+REBUILD = "pip install --no-build-isolation -e . (or pip install --no-build-isolation regfast)"
+
+
+def _load_extension():
+    """``(regfast._C or None, why it is not loaded)``."""
+    try:
+        from . import _build_info
+    except ImportError:  # no build step ran (a source tree on sys.path)
+        _build_info = None
+    if _build_info is not None:
+        if _build_info.NOT_BUILT:
+            return None, _build_info.NOT_BUILT
+        built = _build_info.TORCH_VERSION
+        if built != torch.__version__:
+            return None, (f"regfast._C was built for torch {built}, running torch {torch.__version__}: "
+                          f"rebuild with {REBUILD}")
+    try:
+        from . import _C
+    except ImportError as exc:  # the extension is optional
+        return None, f"regfast._C is not importable ({exc}): rebuild with {REBUILD}"
+    return _C, ""
+
+
+_C, _IMPORT_ERROR = _load_extension()
 
 __all__ = ["add_penalty_grad_", "adamw_step_", "norms", "penalty", "penalty_backward", "prox_", "sgd_step_",
            "unavailable_reason"]

@@ -6,6 +6,7 @@ without the generated c10/cuda/impl/cuda_cmake_macros.h, which this test provide
 checks the glue's syntax with the host compiler. Skipped when nvcc is not found.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ARCHS = ("80", "90")
 
@@ -39,12 +41,20 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     sources = sorted(CSRC.glob("*.cu"))
     assert {s.name for s in sources} >= {"norms.cu", "penalty.cu", "prox.cu", "optim.cu"}
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", "-O3", *gencode, "-Werror", "all-warnings",
-             "-c", str(s), "-o", str(tmp_path / (s.stem + ".o"))] for s in sources]
+    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", "-O3", *gencode, "-Werror", "all-warnings", "-Xptxas",
+             "-v", "-c", str(s), "-o", str(tmp_path / (s.stem + ".o"))] for s in sources]
     with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
         results = list(pool.map(_run, cmds))
+    spec = importlib.util.spec_from_file_location("cuda_build_check", ROOT / "scripts" / "cuda_build_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
     for cmd, r in results:
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+        # ptxas's report, as scripts/cuda_build_check.py reads it from a build log: every kernel, both archs.
+        rows = check.ptxas_table(r.stdout + r.stderr)
+        assert rows and {row["arch"] for row in rows} == {f"sm_{a}" for a in ARCHS}, cmd[-3]
+        assert all(row["registers"] > 0 for row in rows), rows
+        assert "regs" in check.format_table(rows)
         obj = Path(cmd[-1])
         assert obj.stat().st_size > 0
         cuobjdump = CUDA_HOME / "bin" / "cuobjdump"
