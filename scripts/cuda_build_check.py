@@ -70,6 +70,7 @@ def environment(cache: Path) -> Path:
         return python
     shutil.rmtree(venv, ignore_errors=True)
     _run([sys.executable, "-m", "venv", venv])
+    _run([python, "-m", "pip", "install", "--isolated", "-q", "--cache-dir", cache / "pip", "--upgrade", "pip"])
     # --isolated: ignore this machine's pip configuration, which prefers a local CPU build of torch.
     install = [python, "-m", "pip", "install", "--isolated", "-q", "--cache-dir", cache / "pip", TORCH, "numpy",
                "setuptools>=64", "wheel", "ninja"]
@@ -161,13 +162,28 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
+def short_name(name: str) -> str:
+    """A demangled kernel name without its return type, namespaces and parameter list."""
+    name = re.sub(r"^void\s+", "", name)
+    name = name.replace("(anonymous namespace)::", "").replace("regfast::cuda::", "").replace("regfast::", "")
+    depth = 0
+    for i, ch in enumerate(name):  # cut at the parameter list: the first "(" outside template brackets
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    return re.sub(r"\s+", " ", name)[:110]
+
+
 def format_table(rows: list[dict]) -> str:
     names = demangle(sorted({r["kernel"] for r in rows}))
-    short = {k: re.sub(r"\s+", " ", v)[:110] for k, v in names.items()}
-    header = f"{'kernel':<110}  {'arch':<5}  {'regs':>4}  {'spill st':>8}  {'spill ld':>8}  {'stack':>5}  {'smem':>6}"
+    short = {k: short_name(v) for k, v in names.items()}
+    width = max(len(v) for v in short.values())
+    header = (f"{'kernel':<{width}}  {'arch':<5}  {'regs':>4}  {'spill st':>8}  {'spill ld':>8}  {'stack':>5}  "
+              f"{'smem':>6}")
     lines = [header, "-" * len(header)]
     for r in sorted(rows, key=lambda r: (short[r["kernel"]], r["arch"])):
-        lines.append(f"{short[r['kernel']]:<110}  {r['arch']:<5}  {r['registers']:>4}  {r['spill_stores']:>8}  "
+        lines.append(f"{short[r['kernel']]:<{width}}  {r['arch']:<5}  {r['registers']:>4}  {r['spill_stores']:>8}  "
                      f"{r['spill_loads']:>8}  {r['stack']:>5}  {r['smem']:>6}")
     spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     lines.append(f"{len(rows)} kernels compiled; {len(spills)} with spills; "

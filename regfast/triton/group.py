@@ -28,6 +28,7 @@ from .launcher import (
     GroupLayout,
     Layout,
     acc_tl_dtype,
+    block_size,
     on_device,
     tensor_pointer,
     tl_dtype,
@@ -221,7 +222,7 @@ def group_coefficients(table: Tensor, aligned: bool, lay: Layout, glay: GroupLay
     lr_tensor = isinstance(lr, Tensor)
     lr_ptr = lr if lr_tensor else coefficients
     lr_value = 0.0 if lr_tensor or lr is None else float(lr)
-    k_block = lay.block // glay.group_block
+    k_block = block_size(dtype) // glay.group_block
     partials = torch.empty(glay.n_work, glay.group_block, dtype=acc, device=device)
     vector = VECTOR_BYTES // dtype.itemsize if aligned else 1
     with on_device(device):

@@ -47,7 +47,7 @@ DEFAULT_CHUNK = 65536
 """Elements per work item (a power of two)."""
 
 BLOCK = 1024
-"""Elements a program handles per loop iteration (lanes past its chunk's end are masked)."""
+"""Elements a program handles per loop iteration (lanes past its chunk's end are masked), float64 aside."""
 
 GROUP_BLOCK = 16
 """Groups one program of the group-norm pass handles together (row and col groupings)."""
@@ -88,6 +88,12 @@ def chunked(chunk: int) -> Iterator[None]:
         yield
     finally:
         _chunk = old
+
+
+def block_size(dtype: torch.dtype) -> int:
+    """Elements a program of 4 warps handles per loop iteration: 8 per thread for 16- and 32-bit dtypes (one
+    or two 128-bit accesses per tensor), 4 for float64 (two), which keeps every kernel within 128 registers."""
+    return BLOCK // 2 if dtype.itemsize == 8 else BLOCK
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -172,13 +178,12 @@ class Layout:
     """The shape-derived tables of one tensor list (all int64 on the list's device).
 
     ``sizes``: ``n``; ``work``: ``2 × n_work`` (tensor index, chunk index); ``segments``:
-    ``n + 1``, the first work item of each tensor. ``block`` is the kernels' loop step.
+    ``n + 1``, the first work item of each tensor.
     """
 
     n: int
     n_work: int
     chunk: int
-    block: int
     sizes: Tensor
     work: Tensor
     segments: Tensor
@@ -202,7 +207,7 @@ class Layout:
             segments[t + 1] += segments[t]
         n_work = len(work_tensor)
         sizes_t, work, segments_t = _pack([sizes, work_tensor + work_chunk, segments], device)
-        return Layout(len(sizes), n_work, chunk, BLOCK, sizes_t, work.view(2, n_work), segments_t)
+        return Layout(len(sizes), n_work, chunk, sizes_t, work.view(2, n_work), segments_t)
 
 
 def layout(params: list[Tensor]) -> Layout:

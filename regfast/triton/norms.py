@@ -17,6 +17,7 @@ from .launcher import (
     LAUNCH_OPTIONS,
     Layout,
     acc_tl_dtype,
+    block_size,
     contiguous,
     layout,
     on_device,
@@ -76,7 +77,7 @@ def chunk_norms(table: Tensor, lay: Layout, dtype: torch.dtype, aligned: bool = 
         with on_device(table.device):
             _chunk_norms_kernel[(lay.n_work,)](table, lay.sizes, lay.work, partials, lay.n_work,
                                                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk,
-                                               BLOCK=lay.block, ALIGNED=aligned, **LAUNCH_OPTIONS)
+                                               BLOCK=block_size(dtype), ALIGNED=aligned, **LAUNCH_OPTIONS)
     return partials
 
 

@@ -31,6 +31,7 @@ from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sq
 from .launcher import (
     LAUNCH_OPTIONS,
     acc_tl_dtype,
+    block_size,
     capturing,
     contiguous,
     layout,
@@ -302,7 +303,7 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
                 table, grad_table, buffer_table, lay.sizes, lay.work, partials, lay.n_work,
                 lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr), float(momentum), 1.0 - dampening,
                 float(weight_decay), float(l1), float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype),
-                CHUNK=lay.chunk, BLOCK=lay.block, LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize),
+                CHUNK=lay.chunk, BLOCK=block_size(dtype), LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize),
                 HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=momentum != 0, INIT_BUFFERS=bool(init_buffers),
                 NESTEROV=bool(nesterov), HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty, ALIGNED=aligned,
                 **LAUNCH_OPTIONS)
@@ -362,7 +363,8 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 lay.work, partials, lay.n_work, lay.n, lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr),
                 bias_table, step_counts, _float32(beta1), _float32(beta2), 1.0 - beta1, float(beta2), 1.0 - beta2,
                 float(eps), 0.0 if lr_tensor else 1.0 - float(lr) * weight_decay, float(weight_decay), float(l1),
-                float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block,
+                float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk,
+                BLOCK=block_size(dtype),
                 LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
                 AMSGRAD=bool(amsgrad), DEVICE_BIAS=device_bias, STEP_POINTERS=step_pointers,
                 PRECONDITIONED=prox == "preconditioned", HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty,

@@ -20,6 +20,7 @@ from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
     acc_tl_dtype,
+    block_size,
     contiguous,
     group_layout,
     layout,
@@ -149,9 +150,9 @@ def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float,
                 scale if scale is not None else unused, group_coefs,
                 glay.inner if glay is not None else unused, glay.ngroups if glay is not None else unused,
                 glay.offsets if glay is not None else unused,
-                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block, HAS_L1=bool(l1),
-                HAS_L2=bool(l2), HAS_GROUPS=glay is not None, WRITE=write, SCALED=scale is not None, VALUE=value,
-                ALIGNED=aligned, **LAUNCH_OPTIONS)
+                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=block_size(dtype),
+                HAS_L1=bool(l1), HAS_L2=bool(l2), HAS_GROUPS=glay is not None, WRITE=write, SCALED=scale is not None,
+                VALUE=value, ALIGNED=aligned, **LAUNCH_OPTIONS)
     return partials.sum() if value else None
 
 

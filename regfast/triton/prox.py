@@ -18,6 +18,7 @@ from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
     acc_tl_dtype,
+    block_size,
     contiguous,
     group_layout,
     layout,
@@ -101,7 +102,7 @@ def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_
                 table, lay.sizes, lay.work, lay.n_work, lr if lr_tensor else unused,
                 0.0 if lr_tensor else float(lr), l1, l2, factors, glay.inner if glay is not None else unused,
                 glay.ngroups if glay is not None else unused, glay.offsets if glay is not None else unused,
-                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=lay.block,
+                DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=block_size(dtype),
                 LR_TENSOR=lr_tensor, HAS_L1=bool(l1), HAS_L2=bool(l2), HAS_GROUPS=glay is not None, ALIGNED=aligned,
                 **LAUNCH_OPTIONS)
     write_back(params, work_params)
