@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .reference import acc_dtype
+from .reference import acc_dtype, penalty_differentiable, penalty_hvp
 
 # Tensor types the direct calls and the vectorized checks take (subclasses go the general way).
 PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
@@ -181,6 +181,29 @@ def _penalty_backward(ctx, grad: Tensor):
 penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
 
 
+def _penalty_backward_setup_context(ctx, inputs, output) -> None:
+    grad, params, l1, l2, group_lasso, groups = inputs
+    ctx.hyper = (l1, l2, group_lasso, groups)
+    ctx.save_for_backward(grad, *params)
+
+
+def _penalty_backward_backward(ctx, grad_outputs: list[Tensor]):
+    """Second derivatives: d/d(grad) is ⟨∇P(w), v⟩, d/dw is grad·H(w)·v (:func:`penalty_hvp`); both
+    differentiable again (the first through this op, the second in plain torch ops)."""
+    grad, *params = ctx.saved_tensors
+    vectors = [torch.zeros_like(p) if v is None else v for v, p in zip(grad_outputs, params)]
+    grad_grad = params_grad = None
+    if ctx.needs_input_grad[0]:
+        unit = penalty_backward(torch.ones_like(grad), params, *ctx.hyper)
+        grad_grad = torch.stack([(u.to(grad.dtype) * v.to(grad.dtype)).sum() for u, v in zip(unit, vectors)]).sum()
+    if ctx.needs_input_grad[1]:
+        params_grad = [(grad * hv).to(p.dtype) for hv, p in zip(penalty_hvp(params, vectors, *ctx.hyper), params)]
+    return grad_grad, params_grad, None, None, None, None
+
+
+penalty_backward.register_autograd(_penalty_backward_backward, setup_context=_penalty_backward_setup_context)
+
+
 @torch.library.custom_op("regfast::add_penalty_grad_", mutates_args=("grads",))
 def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float,
                       group_lasso: float, groups: str) -> Tensor:
@@ -226,8 +249,20 @@ class _DirectPenalty(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _forward_ad_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def run_penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
-    """:func:`penalty` of one group (differentiable), straight to the backend when :func:`direct_backend` allows."""
+    """:func:`penalty` of one group (differentiable), straight to the backend when :func:`direct_backend` allows.
+
+    Under a functorch transform (``torch.func.grad``, ``jvp``, ``vmap``, ``hessian``…) or forward-mode
+    AD, which a custom op cannot follow, it is :func:`~regfast.reference.penalty_differentiable`:
+    plain torch ops that every transform knows.
+    """
+    if (not torch.compiler.is_compiling() and _ACTIVE_MODE_CHECKS[2]() and _ACTIVE_MODE_CHECKS[2] is not _missing) \
+            or _forward_ad_active():
+        return penalty_differentiable(params, l1, l2, group_lasso, groups)
     backend = direct_backend(params)
     if backend is None:
         return penalty(params, l1, l2, group_lasso, groups)
