@@ -10,7 +10,6 @@ parameter and no gradient has changed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -20,8 +19,7 @@ from typing import NamedTuple, overload
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _ops
-from .reference import GROUPINGS
+from . import _distributed, _ops, _validate
 
 __all__ = [
     "Norms",
@@ -150,18 +148,8 @@ def _check_grads(params: list[Tensor], grads: list[Tensor], names: Sequence[str]
                              f"{names[i]} ({tuple(p.shape)}, {p.dtype}, {p.device})")
 
 
-def _check_coef(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not 0.0 <= value < math.inf:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
-
-
 def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple[float, float, float]:
-    if groups not in GROUPINGS:
-        raise ValueError(f"groups must be one of {', '.join(map(repr, GROUPINGS))}, got {groups!r}")
-    return _check_coef("l1", l1), _check_coef("l2", l2), _check_coef("group_lasso", group_lasso)
+    return _validate.regularization(l1, l2, group_lasso, groups)[:3]
 
 
 def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
@@ -299,7 +287,7 @@ def _check_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
             raise ValueError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
         _check_tensor("lr", lr)
         return lr.detach().reshape(()), 0.0
-    lr = _check_coef("lr", lr)
+    lr = _validate.coefficient("lr", lr)
     if torch.compiler.is_compiling():
         # A float reaching a custom op would be specialized (one graph per lr value); a tensor is not.
         return torch.ones((), dtype=torch.float64) * lr, 0.0
@@ -426,7 +414,7 @@ def sparsity(model_or_params: Params, atol: float = 0.0) -> Sparsity:
 
     Rows are named as in ``named_parameters()`` when a module is given, else ``params[i]``.
     """
-    atol = _check_coef("atol", atol)
+    atol = _validate.coefficient("atol", atol)
     tensors, names = _named(model_or_params)
     zeros = [0] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the culprit, and leaves every param and grad untouched."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_params, use_backend
@@ -165,3 +166,94 @@ def test_grad_left_behind_by_a_data_swap_is_refused():
         with pytest.raises(ValueError, match="does not match its param"):
             opt.step()
         _assert_untouched(ts, snap)
+
+
+NUMBERS = [0.25, 1, np.float32(0.25), np.float64(0.25), np.int64(1), np.float16(0.5)]
+
+
+def _optimizers(params, **coefs):
+    """The ways to give regularization coefficients to an optimizer."""
+    return [
+        lambda: regfast.optim.ProxSGD(params, lr=0.1, **coefs),
+        lambda: regfast.optim.ProxAdamW(params, lr=0.1, **coefs),
+        lambda: regfast.optim.Proximal(torch.optim.SGD(params, lr=0.1), **coefs),
+        lambda: regfast.optim.ProxSGD([{"params": params, **coefs}], lr=0.1),
+        lambda: regfast.optim.Proximal(torch.optim.SGD([{"params": params, **coefs}], lr=0.1)),
+    ]
+
+
+@pytest.mark.parametrize("value", NUMBERS, ids=lambda v: type(v).__name__)
+def test_every_real_number_type_is_accepted_everywhere(value):
+    ts = _good()
+    expected = regfast.penalty(ts, l1=float(value))
+    torch.testing.assert_close(regfast.penalty(ts, l1=value), expected)
+    regfast.prox_([t.detach().clone() for t in ts], value, l2=value)
+    for make in _optimizers([t.detach().clone().requires_grad_() for t in ts], l1=value):
+        opt = make()
+        assert all(isinstance(g["l1"], float) and g["l1"] == float(value) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("value, error", [
+    (torch.tensor(0.1), TypeError), (True, TypeError), ("0.1", TypeError), (10**400, ValueError),
+    (-np.float32(0.5), ValueError), (np.float64("nan"), ValueError),
+], ids=["tensor", "bool", "str", "huge-int", "negative-numpy", "nan-numpy"])
+def test_bad_coefficients_get_the_same_error_everywhere(value, error):
+    ts = _good()
+    snap = _snapshot(ts)
+    for call in _all_calls(ts, l1=value)[:3]:
+        with pytest.raises(error, match="l1 must be"):
+            call()
+    for make in _optimizers(ts, l1=value):
+        with pytest.raises(error, match="l1 must be"):
+            make()
+    _assert_untouched(ts, snap)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: regfast.optim.ProxAdamW(ps, lr=0.1, l1=0.1),
+    lambda ps: regfast.optim.ProxSGD(ps, lr=0.1, momentum=0.9, l1=0.1),
+    lambda ps: regfast.optim.Proximal(torch.optim.SGD(ps, lr=0.1, momentum=0.9), l1=0.1),
+], ids=["ProxAdamW", "ProxSGD", "Proximal"])
+@pytest.mark.parametrize("key, value, error", [("l1", -0.5, ValueError), ("groups", "rows", ValueError),
+                                              ("l2", torch.tensor(0.1), TypeError)])
+def test_a_bad_state_dict_is_refused_before_anything_loads(make, key, value, error):
+    params = [torch.nn.Parameter(torch.randn(3, 4))]
+    params[0].grad = torch.randn(3, 4)
+    opt = make(params)
+    opt.step()
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    bad = {**saved, "param_groups": [{**g, key: value} for g in saved["param_groups"]]}
+    bad["state"] = {k: {n: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t for n, t in s.items()}
+                    for k, s in saved["state"].items()}
+    with pytest.raises(error):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0][key] == saved["param_groups"][0][key]
+    for k, v in before.items():
+        assert torch.equal(opt.state[params[0]][k], v)
+
+
+def _sgd_proximal(model_params):
+    return regfast.optim.Proximal(torch.optim.SGD(model_params, lr=0.1, momentum=0.9), l1=0.01)
+
+
+def test_proximal_refuses_before_the_inner_step_runs():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = _sgd_proximal(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    weight = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), weight) and not opt.state
+
+    lin = torch.nn.Linear(3, 2)
+    opt = _sgd_proximal(lin.parameters())
+    lin(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["groups"] = "rows"
+    snapshot = [p.detach().clone() for p in lin.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in lin.parameters()]
+    with pytest.raises(ValueError, match="groups must be one of"):
+        opt.step()
+    for p, before, buf in zip(lin.parameters(), snapshot, buffers):
+        assert torch.equal(p.detach(), before) and torch.equal(opt.state[p]["momentum_buffer"], buf)

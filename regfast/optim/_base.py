@@ -13,8 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._ops import by_device_dtype, fast_grouping
+from .._validate import regularization
 from ..api import _LAYOUT, _matching
-from ..reference import GROUPINGS, acc_dtype
+from ..reference import acc_dtype
 
 _GRAD = attrgetter("grad")
 
@@ -34,11 +35,10 @@ def check_nonnegative(name: str, value: Any) -> None:
 
 
 def check_regularization(group: dict[str, Any]) -> None:
-    """Raise ValueError on a negative coefficient or an unknown grouping in a param group."""
-    for key in ("l1", "l2", "group_lasso"):
-        check_nonnegative(key, group[key])
-    if group["groups"] not in GROUPINGS:
-        raise ValueError(f"Invalid groups: {group['groups']!r} (expected one of {', '.join(map(repr, GROUPINGS))})")
+    """The regularization keys of a param group, checked as the functions check them (TypeError, ValueError)
+    and stored back as floats (a NumPy scalar becomes a float)."""
+    group.update(zip(REGULARIZATION_KEYS, regularization(group["l1"], group["l2"], group["group_lasso"],
+                                                         group["groups"])))
 
 
 def split_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
@@ -104,7 +104,7 @@ class FusedProximalOptimizer(Optimizer):
         try:
             check_regularization(self.param_groups[-1])
             self._check_group(self.param_groups[-1])
-        except ValueError:
+        except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
@@ -131,6 +131,10 @@ class FusedProximalOptimizer(Optimizer):
         Floating state tensors are restored in the accumulation dtype from the saved values, so a
         bfloat16 / float16 model resumes bitwise.
         """
+        for group in state_dict["param_groups"]:  # checked before anything is loaded
+            merged = {**self.defaults, **group}
+            check_regularization(merged)
+            self._check_group(merged)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)

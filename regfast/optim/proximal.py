@@ -48,8 +48,13 @@ class Proximal(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
         regularization = dict(l1=l1, l2=l2, group_lasso=group_lasso, groups=groups)
         check_regularization(regularization)
+        checked = []
         for group in optimizer.param_groups:
-            check_regularization({**regularization, **{k: group[k] for k in REGULARIZATION_KEYS if k in group}})
+            coefs = {**regularization, **{k: group[k] for k in REGULARIZATION_KEYS if k in group}}
+            check_regularization(coefs)
+            checked.append(coefs)
+        for group, coefs in zip(optimizer.param_groups, checked):
+            group.update({k: coefs[k] for k in REGULARIZATION_KEYS if k in group})
         # Optimizer.__setstate__ creates the hook registries and wraps step for the hooks without
         # creating param_groups and state of its own, which live in the inner optimizer.
         self.__setstate__({"optimizer": optimizer, "defaults": {**optimizer.defaults, **regularization},
@@ -118,15 +123,25 @@ class Proximal(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        for group in state_dict["param_groups"]:  # checked before anything is loaded
+            check_regularization({**{k: self.defaults[k] for k in REGULARIZATION_KEYS}, **group})
         self.optimizer.load_state_dict(state_dict)
         self._fill_regularization()
-        for group in self.optimizer.param_groups:
-            check_regularization(group)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def step(self, closure=None):
-        """The inner optimizer's step (with ``closure`` if given), then the proximal step; returns its loss."""
+        """The inner optimizer's step (with ``closure`` if given), then the proximal step; returns its loss.
+
+        The regularization of every group is checked first, and without ``closure`` the gradients too
+        (dense, matching their params): when the proximal step would refuse, the inner step does not run.
+        """
+        for group in self.optimizer.param_groups:
+            coefs = {k: group.get(k, self.defaults[k]) for k in REGULARIZATION_KEYS}
+            check_regularization(coefs)
+            group.update(coefs)
+            if closure is None:
+                with_grads(group)
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         values = []
         with torch.no_grad():
