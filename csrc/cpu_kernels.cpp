@@ -507,6 +507,14 @@ at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, dou
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
+// clamp(x, −t, t) for the soft threshold x − clamp(x, −t, t): NaN for a NaN threshold (a NaN step), so that
+// the threshold propagates NaN instead of giving 0.
+template <typename A>
+inline A soft_clamp(A x, A t) {
+  const A lower = std::max(x, -t);
+  return lower <= t ? lower : t;
+}
+
 template <typename T>
 void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l2, double gl, Grouping grouping) {
   using A = acc_t<T>;
@@ -515,7 +523,7 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
   const A t = static_cast<A>(lr * l1), shrink = static_cast<A>(shrink_d);
   // The elastic-net step u(w), whose group norms set the group shrink.
   auto elastic = [=](A x) {
-    if (has_t) x = x - std::min(std::max(x, -t), t);
+    if (has_t) x = x - soft_clamp(x, t);
     if (has_shrink) x = x * shrink;
     return x;
   };
@@ -551,7 +559,7 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
       for_scale_runs(shapes[ch.tensor], sc, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
         for (int64_t i = b; i < e; ++i) {
           A x = static_cast<A>(w[i]);
-          if constexpr (kT) x = x - std::min(std::max(x, -t), t);
+          if constexpr (kT) x = x - soft_clamp(x, t);
           if constexpr (kShrink) x = x * shrink;
           if constexpr (kGroup) x = x * scale(i);
           w[i] = static_cast<T>(x);

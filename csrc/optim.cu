@@ -11,10 +11,11 @@ namespace regfast {
 namespace cuda {
 namespace {
 
-// x − clamp(x, −t, t), the soft threshold; NaN stays NaN.
+// x − clamp(x, −t, t), the soft threshold; a NaN x or a NaN threshold (a NaN step) gives NaN.
 template <typename A>
 __device__ __forceinline__ A soft_threshold(A x, A t) {
-  return x - fmin(fmax(x, -t), t);
+  const A lower = fmax(x, -t);
+  return x - (lower <= t ? lower : t);
 }
 
 // torch.maximum: NaN if either is NaN.

@@ -45,11 +45,12 @@ inline A fmadd(A a, A b, A c) {
   }
 }
 
-// x − clamp(x, −t, t): the soft threshold; clamp as ATen's (a NaN x stays NaN).
+// x − clamp(x, −t, t): the soft threshold; clamp as ATen's (a NaN x stays NaN), and a NaN threshold
+// (a NaN step) gives NaN.
 template <typename A>
 inline A soft_threshold(A x, A t) {
   const A lower = x < -t ? -t : x;
-  const A clamped = t < lower ? t : lower;
+  const A clamped = lower <= t ? lower : t;
   return x - clamped;
 }
 

@@ -19,7 +19,7 @@ struct Elastic {
   }
 
   __device__ __forceinline__ A operator()(A x) const {
-    if (has_t) x = x - fmin(fmax(x, -t), t);
+    if (has_t) x = x - (fmax(x, -t) <= t ? fmax(x, -t) : t);  // a NaN t gives NaN
     if (has_shrink) x = x * shrink;
     return x;
   }

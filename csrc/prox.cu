@@ -18,7 +18,7 @@ struct ProxFunctor {
     const A shrink = A(1) / (A(1) + A(2) * lr * static_cast<A>(step.l2));
     const A* factor = kGroup ? group_factor + m.group_offset : nullptr;
     auto one = [&](A x, int64_t i) {
-      if (kT) x = x - fmin(fmax(x, -t), t);
+      if (kT) x = x - (fmax(x, -t) <= t ? fmax(x, -t) : t);  // a NaN t gives NaN
       if (kShrink) x = x * shrink;
       if (kGroup) x = x * factor[(i / m.inner) % m.ngroups];
       return x;

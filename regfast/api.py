@@ -10,7 +10,7 @@ parameter and no gradient has changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, is_
@@ -33,7 +33,7 @@ __all__ = [
     "weights",
 ]
 
-Params = nn.Module | Tensor | Iterable[Tensor]
+Params = nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_SET = set(FLOAT_DTYPES)
 _LAYOUT, _DTYPE = attrgetter("layout"), attrgetter("dtype")
@@ -74,6 +74,14 @@ def _named(params: Params) -> tuple[list[Tensor], _Names]:
         tensors, names = [p for _, p in pairs], _Names([n for n, _ in pairs])
     elif isinstance(params, Tensor):
         tensors, names = [params], _Names(["params"])
+    elif isinstance(params, Mapping):  # {name: tensor}, e.g. dict(model.named_parameters())
+        pairs = list(params.items())
+        bad = next((k for k, v in pairs if not isinstance(v, Tensor)), None)
+        if bad is not None:
+            raise TypeError(f"params[{bad!r}] is a {type(params[bad]).__name__}, not a torch.Tensor")
+        first = {id(v): i for i, (_, v) in reversed(list(enumerate(pairs)))}
+        index = sorted(first.values())
+        tensors, names = [pairs[i][1] for i in index], _Names([str(pairs[i][0]) for i in index])
     else:
         try:
             items = list(params)
@@ -108,7 +116,12 @@ def _check_tensor(name: str, t: Tensor) -> None:
 
 
 def _check_writable(tensors: list[Tensor], names: Sequence[str], suffix: str = "") -> None:
-    """In-place updates need every element stored once: refuse views such as ``expand()``."""
+    """In-place updates need every element stored once (refuse views such as ``expand()``), and an inference
+    tensor only inside inference mode (as torch's own in-place ops)."""
+    if _eager() and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, tensors)):
+        i = next(i for i, t in enumerate(tensors) if t.is_inference())
+        raise RuntimeError(f"{names[i]}{suffix} is an inference tensor: it can be updated in place only inside "
+                           "torch.inference_mode()")
     if _eager() and all(map(Tensor.is_contiguous, tensors)):
         return
     for i, t in enumerate(tensors):

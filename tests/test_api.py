@@ -265,6 +265,20 @@ def test_empty_inputs():
     assert regfast.penalty(nn.ReLU(), l1=1.0).item() == 0.0
 
 
+@pytest.mark.parametrize("terms", [dict(l1=0.1), dict(l2=0.1), dict(group_lasso=0.2), dict(l1=0.1, l2=0.1)],
+                         ids=["l1", "l2", "group", "elastic"])
+def test_a_nan_step_gives_nan_weights_in_every_backend(terms):
+    from regfast import _dispatch
+
+    for backend in ("torch", "cpp", "triton"):
+        if _dispatch.unavailable_reason(backend, "cpu") is not None:
+            continue
+        with use_backend(backend):
+            w = torch.randn(3, 4)
+            regfast.prox_(w, torch.tensor(float("nan")), **terms)
+            assert torch.isnan(w).all(), (backend, w)
+
+
 def test_nan_and_inf_propagate():
     t = torch.tensor([1.0, float("nan"), -2.0], requires_grad=True)
     u = torch.tensor([float("inf"), 1.0])

@@ -257,3 +257,25 @@ def test_proximal_refuses_before_the_inner_step_runs():
         opt.step()
     for p, before, buf in zip(lin.parameters(), snapshot, buffers):
         assert torch.equal(p.detach(), before) and torch.equal(opt.state[p]["momentum_buffer"], buf)
+
+
+def test_a_mapping_of_named_tensors():
+    ts = _good()
+    named = {"encoder.weight": ts[0], "encoder.bias": ts[1], "tied": ts[0]}
+    torch.testing.assert_close(regfast.penalty(named, l1=0.5), regfast.penalty(ts, l1=0.5))
+    with pytest.raises(TypeError, match="encoder.bias has dtype torch.int64"):
+        regfast.penalty({"encoder.weight": ts[0], "encoder.bias": torch.ones(3, dtype=torch.int64)})
+    with pytest.raises(TypeError, match="params\\['scale'\\] is a float, not a torch.Tensor"):
+        regfast.penalty({"scale": 1.0})
+
+
+def test_inference_tensors_are_updated_only_in_inference_mode():
+    with torch.inference_mode():
+        w = torch.randn(3, 4)
+    before = w.clone()
+    with pytest.raises(RuntimeError, match="params is an inference tensor"):
+        regfast.prox_(w, 0.1, l1=0.1)
+    assert torch.equal(w, before)
+    with torch.inference_mode():
+        regfast.prox_(w, 1.0, l1=100.0)
+    assert (w == 0).all()
