@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import regfast
+from regfast import _cli
 from regfast.bench.workloads import WORKLOADS, make_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -26,14 +27,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m regfast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_cli.device, default=None,
+                   help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--workload", default="gpt2-small", choices=sorted(WORKLOADS))
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--scale", type=_cli.positive_float, default=1.0,
                    help="shrink every tensor's dim 0 by this factor for a quicker run (default 1: full size)")
-    p.add_argument("--l1", type=float, default=1e-5, help="L1 coefficient (default 1e-5)")
-    p.add_argument("--l2", type=float, default=1e-4, help="L2 coefficient (default 1e-4)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs of each (median reported; default 5)")
+    p.add_argument("--l1", type=_cli.nonnegative_float, default=1e-5, help="L1 coefficient (default 1e-5)")
+    p.add_argument("--l2", type=_cli.nonnegative_float, default=1e-4, help="L2 coefficient (default 1e-4)")
+    p.add_argument("--repeat", type=_cli.positive_int, default=5,
+                   help="timed runs of each (median reported; default 5)")
     return p.parse_args(argv)
 
 
@@ -57,7 +60,7 @@ def _time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     l1, l2 = args.l1, args.l2
 

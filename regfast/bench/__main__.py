@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import regfast
+from regfast import _cli
 
 from . import report
 from .providers import OPS
@@ -61,29 +62,30 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m regfast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="float32 and bfloat16, full-size workloads, torch.compile")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_cli.device, default=None,
+                   help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: float32 (quick), "
                    "float32 bfloat16 (--full)")
     p.add_argument("--workload", nargs="+", choices=list(WORKLOADS), help="default: all")
     p.add_argument("--op", nargs="+", choices=list(OPS), help="default: all")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=_cli.positive_float, default=None,
                    help="shrink every tensor's dim 0 by this factor (default: 1, or ~2M elements per workload "
                         "in a quick CPU run)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile of the naive loops (default: only with --full)")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--min-time", type=_cli.positive_float, default=None,
                    help="seconds of timed calls per case, at least 5 calls (default 0.1 quick, 0.2 --full)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_cli.positive_int, default=None,
                    help="CPU threads for torch (default: torch's own choice); on a busy machine 1 gives steadier times")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=_cli.positive_float, default=None,
                    help="seconds after which the remaining cases are recorded as skipped (default: none)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results/)")
-    p.add_argument("--markdown", type=Path, metavar="CSV",
+    p.add_argument("--markdown", type=_cli.existing_file, metavar="CSV",
                    help="print the results CSV as markdown tables (for the README) and exit")
-    p.add_argument("--headline", type=Path, metavar="CSV",
+    p.add_argument("--headline", type=_cli.existing_file, metavar="CSV",
                    help="print one line per (workload, dtype, op) of the results CSV: the fastest regfast row "
                         "against the naive loop, and exit")
-    p.add_argument("--headline-markdown", type=Path, metavar="CSV",
+    p.add_argument("--headline-markdown", type=_cli.existing_file, metavar="CSV",
                    help="the same as a markdown table (the README's, between its headline markers), and exit")
     return p.parse_args(argv)
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.headline_markdown is not None:
         print(report.headline(report.read_csv(args.headline_markdown), markdown=True))
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     mode = "full" if args.full else "quick"
