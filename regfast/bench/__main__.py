@@ -73,7 +73,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "in a quick CPU run)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile of the naive loops (default: only with --full)")
-    p.add_argument("--min-time", type=_cli.positive_float, default=None,
+    p.add_argument("--min-time", type=_cli.nonnegative_float, default=None,
                    help="seconds of timed calls per case, at least 5 calls (default 0.1 quick, 0.2 --full)")
     p.add_argument("--threads", type=_cli.positive_int, default=None,
                    help="CPU threads for torch (default: torch's own choice); on a busy machine 1 gives steadier times")
