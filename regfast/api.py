@@ -125,9 +125,20 @@ def _check_writable(tensors: list[Tensor], names: Sequence[str], suffix: str = "
     if _eager() and all(map(Tensor.is_contiguous, tensors)):
         return
     for i, t in enumerate(tensors):
-        if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+        if not t.is_contiguous() and not _stored_once(t):
             raise ValueError(f"{names[i]}{suffix} (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself in "
-                             f"memory (made by expand()?); it cannot be updated in place")
+                             f"memory (made by expand() or as_strided()?); it cannot be updated in place")
+
+
+def _stored_once(t: Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory: with its dims sorted by stride, each stride must step
+    past everything the smaller ones reach (as every view made by slicing, permuting or narrowing does)."""
+    reach = 0  # the largest offset the dims of smaller stride reach
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
 
 
 def _matching(params: list[Tensor], others: list[Tensor], grouping: list[list[int]]) -> bool:

@@ -279,3 +279,14 @@ def test_inference_tensors_are_updated_only_in_inference_mode():
     with torch.inference_mode():
         regfast.prox_(w, 1.0, l1=100.0)
     assert (w == 0).all()
+
+
+@pytest.mark.parametrize("size, stride", [((3, 3), (1, 1)), ((3, 3), (2, 1)), ((4, 2), (1, 3))])
+def test_every_self_overlapping_view_is_refused_before_any_write(size, stride):
+    base = torch.randn(20)
+    view = base.as_strided(size, stride)
+    snap = base.clone()
+    with pytest.raises(ValueError, match="overlaps itself"):
+        regfast.prox_([torch.randn(5), view], 0.1, l1=0.1)
+    assert torch.equal(base, snap)
+    regfast.prox_(base.as_strided((3, 3), (1, 3)), 0.1, l1=0.1)  # a transposed view: each element once
