@@ -290,3 +290,24 @@ def test_every_self_overlapping_view_is_refused_before_any_write(size, stride):
         regfast.prox_([torch.randn(5), view], 0.1, l1=0.1)
     assert torch.equal(base, snap)
     regfast.prox_(base.as_strided((3, 3), (1, 3)), 0.1, l1=0.1)  # a transposed view: each element once
+
+
+def test_proximal_fires_each_step_hook_once():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    calls = []
+    lin = torch.nn.Linear(3, 2)
+    inner = torch.optim.SGD(lin.parameters(), lr=0.1)
+    opt = regfast.optim.Proximal(inner, l1=0.01)
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o).__name__))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", type(o).__name__))),
+               inner.register_step_pre_hook(lambda o, a, k: calls.append(("inner pre", type(o).__name__))),
+               opt.register_step_post_hook(lambda o, a, k: calls.append(("outer post", type(o).__name__)))]
+    try:
+        lin(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(calls) == sorted([("global pre", "Proximal"), ("global post", "Proximal"), ("inner pre", "SGD"),
+                                    ("outer post", "Proximal")])

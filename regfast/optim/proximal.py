@@ -130,6 +130,26 @@ class Proximal(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def _inner_step(self, closure):
+        """The inner optimizer's step with its own step hooks, without the global ones: those fire once, around
+        this optimizer's step (torch wraps each optimizer class's ``step`` with both kinds)."""
+        inner = self.optimizer
+        wrapped = type(inner).step
+        raw = getattr(wrapped, "__wrapped__", None) if getattr(wrapped, "hooked", False) else None
+        if raw is None or "step" in vars(inner) or not hasattr(inner, "_optimizer_step_pre_hooks"):
+            # Not wrapped by torch, or patched on the instance (a scheduler's step counter): the plain call.
+            return inner.step() if closure is None else inner.step(closure)
+        args, kwargs = ((), {}) if closure is None else ((closure,), {})
+        for hook in inner._optimizer_step_pre_hooks.values():
+            result = hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        loss = raw(inner, *args, **kwargs)
+        inner._optimizer_step_code()
+        for hook in inner._optimizer_step_post_hooks.values():
+            hook(inner, args, kwargs)
+        return loss
+
     def step(self, closure=None):
         """The inner optimizer's step (with ``closure`` if given), then the proximal step; returns its loss.
 
@@ -142,7 +162,7 @@ class Proximal(Optimizer):
             group.update(coefs)
             if closure is None:
                 with_grads(group)
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        loss = self._inner_step(closure)
         values = []
         with torch.no_grad():
             for group in self.optimizer.param_groups:
