@@ -603,3 +603,22 @@ def test_compiled_step_matches_eager(name):
             _close(p, t, p.dtype, scale=10.0)
     if name != "proximal":
         assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("make_pair", [
+    lambda ps, qs, impl=impl: (torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, **impl),
+                               ProxSGD(qs, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01))
+    for impl in (dict(foreach=False), dict(foreach=True))
+], ids=["sgd-for-loop", "sgd-foreach"])
+def test_bit_for_bit_with_the_torch_paths_the_readme_names(make_pair):
+    params = _params(torch.float32)
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    theirs, ours = make_pair(twins, params)
+    for _ in range(STEPS):
+        _random_grads(params)
+        for t, p in zip(twins, params):
+            t.grad = p.grad.clone()
+        theirs.step()
+        ours.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
