@@ -163,8 +163,12 @@ def sass(cubin: bytes) -> str:
     return out.stdout
 
 
-def _loops(lines: list[str], label_re: str, branch_re: str) -> list[list[str]]:
-    """The instructions of every loop: from a label to the last branch back to it (nested loops included)."""
+def _loops(lines: list[str], label_re: str, branch_re: str, exit_re: str) -> list[list[str]]:
+    """The instructions of every loop: from a label to the last branch back to it (nested loops included).
+
+    A range that holds the kernel's exit is not a loop: it is a join block laid out before code that
+    jumps to it (the compiler places blocks in any order).
+    """
     labels = {}
     for i, line in enumerate(lines):
         m = re.match(label_re, line)
@@ -175,17 +179,17 @@ def _loops(lines: list[str], label_re: str, branch_re: str) -> list[list[str]]:
         m = re.search(branch_re, line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             bodies[m.group(1)] = (labels[m.group(1)], i)
-    return [lines[a:b + 1] for a, b in bodies.values()]
+    return [lines[a:b + 1] for a, b in bodies.values() if not any(re.search(exit_re, x) for x in lines[a:b + 1])]
 
 
 def sass_loops(text: str) -> list[list[str]]:
     """The loop bodies of a SASS listing (nvdisasm's ``.L_x_N:`` labels and ``BRA `(.L_x_N)``)."""
-    return _loops(text.splitlines(), r"^\s*(\.L_x_\d+):", r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+    return _loops(text.splitlines(), r"^\s*(\.L_x_\d+):", r"BRA\s+`?\(?(\.L_x_\d+)\)?", r"\bEXIT\b")
 
 
 def ptx_loops(text: str) -> list[list[str]]:
     """The loop bodies of a PTX listing (``$L__BB0_N:`` labels and ``bra $L__BB0_N``)."""
-    return _loops(text.splitlines(), r"^\s*(\$L__BB\d+_\d+):", r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+)")
+    return _loops(text.splitlines(), r"^\s*(\$L__BB\d+_\d+):", r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+)", r"^\s*ret;")
 
 
 def _count(lines: list[str], pattern: str) -> int:
