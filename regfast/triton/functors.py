@@ -105,6 +105,30 @@ def group_position(first, inner, ngroups):
 
 
 @triton.jit
+def group_cursor(t, start, inner_table, ngroups_table, offsets, values, BLOCK: tl.constexpr,
+                 HAS_GROUPS: tl.constexpr):
+    """Tensor ``t``'s group shape and where its element ``start`` lies, for the element loop:
+    ``(inner, ngroups, r, g, step_r, step_g, first)`` with (``r``, ``g``) the position of ``start``
+    (:func:`group_position`), (``step_r``, ``step_g``) that of ``BLOCK`` (the move per block) and
+    ``first`` the pointer to the tensor's first entry of the per-group table ``values``. All zeros (and
+    ``values``) without ``HAS_GROUPS``."""
+    inner = start
+    ngroups = start
+    r = start * 0
+    g = r
+    step_r = r
+    step_g = r
+    first = values
+    if HAS_GROUPS:
+        inner = tl.load(inner_table + t)
+        ngroups = tl.load(ngroups_table + t)
+        first = values + tl.load(offsets + t)
+        r, g = group_position(start, inner, ngroups)
+        step_r, step_g = group_position(BLOCK, inner, ngroups)
+    return inner, ngroups, r, g, step_r, step_g, first
+
+
+@triton.jit
 def group_advance(r, g, step_r, step_g, inner, ngroups):
     """The position (``r``, ``g``) moved on by ``step_r + inner·step_g`` elements (``step_r < inner``,
     ``step_g < ngroups``): comparisons and subtractions, no division."""

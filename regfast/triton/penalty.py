@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import acc_dtype
-from .functors import group_advance, group_ids, group_position, load, scalar, sign, store
+from .functors import group_advance, group_cursor, group_ids, load, scalar, sign, store
 from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -83,19 +83,8 @@ def _penalty_kernel(param_ptrs, grads, sizes, work, partials, n_work, l1: tl.flo
     if WRITE != NO_WRITE:
         g_ptr = tensor_pointer(grads, t, DTYPE, ALIGNED) + start
     # The group position of the first element of each block (without groups: unused zeros).
-    inner = start
-    ngroups = start
-    r = start * 0
-    g = start * 0
-    step_r = r
-    step_g = r
-    coef_ptr = group_coefs
-    if HAS_GROUPS:
-        inner = tl.load(inner_table + t)
-        ngroups = tl.load(ngroups_table + t)
-        coef_ptr = group_coefs + tl.load(offsets + t)
-        r, g = group_position(start, inner, ngroups)
-        step_r, step_g = group_position(BLOCK, inner, ngroups)
+    inner, ngroups, r, g, step_r, step_g, coef_ptr = group_cursor(t, start, inner_table, ngroups_table, offsets,
+                                                                group_coefs, BLOCK, HAS_GROUPS)
     abs_sum = tl.zeros([BLOCK], dtype=ACC)
     sq_sum = tl.zeros([BLOCK], dtype=ACC)
     full = count - count % BLOCK

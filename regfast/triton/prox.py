@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .functors import elastic_net, group_advance, group_ids, group_position, load, prox_step, store
+from .functors import elastic_net, group_advance, group_cursor, group_ids, load, prox_step, store
 from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -52,19 +52,8 @@ def _prox_kernel(param_ptrs, sizes, work, n_work, lr_ptr, lr_value: tl.float64, 
     w_ptr = tensor_pointer(param_ptrs, t, DTYPE, ALIGNED) + start
     _, threshold, shrink = prox_step(lr_ptr, lr_value, l1, l2, ACC, LR_TENSOR)
     # The group position of the first element of each block (without groups: unused zeros).
-    inner = start
-    ngroups = start
-    r = start * 0
-    g = start * 0
-    step_r = r
-    step_g = r
-    factor_ptr = group_factors
-    if HAS_GROUPS:
-        inner = tl.load(inner_table + t)
-        ngroups = tl.load(ngroups_table + t)
-        factor_ptr = group_factors + tl.load(offsets + t)
-        r, g = group_position(start, inner, ngroups)
-        step_r, step_g = group_position(BLOCK, inner, ngroups)
+    inner, ngroups, r, g, step_r, step_g, factor_ptr = group_cursor(t, start, inner_table, ngroups_table, offsets,
+                                                                group_factors, BLOCK, HAS_GROUPS)
     full = count - count % BLOCK
     for j in range(0, full, BLOCK):
         offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
