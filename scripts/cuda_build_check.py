@@ -50,7 +50,7 @@ print(f"regfast._C: WITH_CUDA=1, torch {torch.__version__} (CUDA {torch.version.
 
 
 def _run(cmd, log=None, **kwargs) -> subprocess.CompletedProcess:
-    print("+", " ".join(map(str, cmd)), flush=True)
+    print("+", " ".join(str(c) if "\n" not in str(c) else "<script>" for c in cmd), flush=True)
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
     if log is not None:
         with open(log, "a") as f:
