@@ -249,8 +249,11 @@ class _DirectPenalty(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _forward_ad_active() -> bool:
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+def _transform_active() -> bool:
+    """A functorch transform or forward-mode AD is running: what a custom op cannot follow."""
+    functorch = torch._C._are_functorch_transforms_active() if hasattr(torch._C, "_are_functorch_transforms_active") \
+        else False
+    return functorch or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def run_penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
@@ -260,8 +263,7 @@ def run_penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, 
     AD, which a custom op cannot follow, it is :func:`~regfast.reference.penalty_differentiable`:
     plain torch ops that every transform knows.
     """
-    if (not torch.compiler.is_compiling() and _ACTIVE_MODE_CHECKS[2]() and _ACTIVE_MODE_CHECKS[2] is not _missing) \
-            or _forward_ad_active():
+    if not torch.compiler.is_compiling() and _transform_active():
         return penalty_differentiable(params, l1, l2, group_lasso, groups)
     backend = direct_backend(params)
     if backend is None:

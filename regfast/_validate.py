@@ -7,6 +7,8 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 from .reference import GROUPINGS
 
 
@@ -17,7 +19,7 @@ def coefficient(name: str, value: Any) -> float:
     for a negative, NaN, infinite or too large one.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        kind = "a tensor (pass a float)" if type(value).__name__ in ("Tensor", "Parameter") else type(value).__name__
+        kind = "a tensor (pass a float)" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{name} must be a number, not {kind}")
     try:
         number = float(value)

@@ -156,18 +156,18 @@ class Proximal(Optimizer):
         The regularization of every group is checked first, and without ``closure`` the gradients too
         (dense, matching their params): when the proximal step would refuse, the inner step does not run.
         """
+        checked = []  # (coefficients, params with a grad: known before the step unless a closure makes grads)
         for group in self.optimizer.param_groups:
             coefs = {k: group.get(k, self.defaults[k]) for k in REGULARIZATION_KEYS}
             check_regularization(coefs)
             group.update(coefs)
-            if closure is None:
-                with_grads(group)
+            checked.append((coefs, with_grads(group)[0] if closure is None else None))
         loss = self._inner_step(closure)
         values = []
         with torch.no_grad():
-            for group in self.optimizer.param_groups:
-                params, _ = with_grads(group)
-                coefs = {k: group.get(k, self.defaults[k]) for k in REGULARIZATION_KEYS}
+            for group, (coefs, params) in zip(self.optimizer.param_groups, checked):
+                if params is None:
+                    params, _ = with_grads(group)
                 if not params:
                     continue
                 prox_(params, group["lr"], **coefs)

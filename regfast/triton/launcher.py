@@ -308,6 +308,12 @@ def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
                    lambda: (_pack([list(pointers)], device)[0], all(p % VECTOR_BYTES == 0 for p in pointers)))
 
 
+def pointer_tables(*tensor_lists: list[Tensor]) -> tuple[list[Tensor | None], bool]:
+    """:func:`pointer_table` of each list (None for an empty one), and whether every pointer of all is aligned."""
+    found = [pointer_table(ts) if ts else (None, True) for ts in tensor_lists]
+    return [table for table, _ in found], all(aligned for _, aligned in found)
+
+
 def contiguous(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` with each non-contiguous one replaced by a contiguous copy (the kernels index flat memory)."""
     if all(map(Tensor.is_contiguous, tensors)):

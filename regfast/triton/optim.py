@@ -37,6 +37,7 @@ from .launcher import (
     layout,
     on_device,
     pointer_table,
+    pointer_tables,
     tensor_pointer,
     tl_dtype,
     work_item,
@@ -288,10 +289,8 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
     work_grads = contiguous(grads)
     work_buffers = contiguous(momentum_buffers) if momentum != 0 else []
     lay = layout(work_params)
-    table, aligned = pointer_table(work_params)
-    grad_table, grads_aligned = pointer_table(work_grads)
-    buffer_table, buffers_aligned = pointer_table(work_buffers) if work_buffers else (table, True)
-    aligned = aligned and grads_aligned and buffers_aligned
+    (table, grad_table, buffer_table), aligned = pointer_tables(work_params, work_grads, work_buffers)
+    buffer_table = table if buffer_table is None else buffer_table
     penalty = compute_penalty and bool(l1 or l2)
     partials = torch.zeros(lay.n_work if penalty else 0, dtype=acc, device=device)
     lr_tensor = isinstance(lr, Tensor)
@@ -341,9 +340,8 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     work_sqs = contiguous(exp_avg_sqs)
     work_maxs = contiguous(max_exp_avg_sqs) if amsgrad else []
     lay = layout(work_params)
-    tables = [pointer_table(ts) for ts in (work_params, work_grads, work_avgs, work_sqs, work_maxs) if ts]
-    aligned = all(ok for _, ok in tables)
-    table = tables[0][0]
+    (table, grad_table, avg_table, sq_table, max_table), aligned = pointer_tables(
+        work_params, work_grads, work_avgs, work_sqs, work_maxs)
     penalty = compute_penalty and bool(l1 or l2)
     partials = torch.zeros(lay.n_work if penalty else 0, dtype=acc, device=device)
     lr_tensor = isinstance(lr, Tensor)
@@ -359,12 +357,11 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     if lay.n_work:
         with on_device(device):
             _adamw_kernel[(lay.n_work,)](
-                table, tables[1][0], tables[2][0], tables[3][0], tables[4][0] if amsgrad else unused, lay.sizes,
+                table, grad_table, avg_table, sq_table, max_table if amsgrad else unused, lay.sizes,
                 lay.work, partials, lay.n_work, lay.n, lr if lr_tensor else unused, 0.0 if lr_tensor else float(lr),
                 bias_table, step_counts, _float32(beta1), _float32(beta2), 1.0 - beta1, float(beta2), 1.0 - beta2,
                 float(eps), 0.0 if lr_tensor else 1.0 - float(lr) * weight_decay, float(weight_decay), float(l1),
-                float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk,
-                BLOCK=block_size(dtype),
+                float(l2), DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=block_size(dtype),
                 LR_TENSOR=lr_tensor, MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
                 AMSGRAD=bool(amsgrad), DEVICE_BIAS=device_bias, STEP_POINTERS=step_pointers,
                 PRECONDITIONED=prox == "preconditioned", HAS_L1=bool(l1), HAS_L2=bool(l2), PENALTY=penalty,

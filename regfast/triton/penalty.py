@@ -25,7 +25,7 @@ from .launcher import (
     group_layout,
     layout,
     on_device,
-    pointer_table,
+    pointer_tables,
     tensor_pointer,
     tl_dtype,
     work_item,
@@ -114,11 +114,8 @@ def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float,
     acc = acc_dtype(dtype)
     device = params[0].device
     lay = layout(params)
-    table, aligned = pointer_table(params)
-    grad_table = table
-    if grads is not None:
-        grad_table, grads_aligned = pointer_table(grads)
-        aligned = aligned and grads_aligned
+    (table, grad_table), aligned = pointer_tables(params, grads or [])
+    grad_table = table if grad_table is None else grad_table
     elementwise = write != NO_WRITE or bool(l1 or l2)
     # The group values start at a multiple of 4 elements: their alignment does not depend on the model.
     n_partials = -(-lay.n_work // 4) * 4 if elementwise and value else 0
