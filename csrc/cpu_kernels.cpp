@@ -20,6 +20,7 @@
 #include "acc_type.h"
 #include "cpu_work_list.h"
 #include "groups.h"
+#include "norm_parts.h"
 
 namespace regfast {
 namespace {
@@ -70,18 +71,22 @@ inline A sign_of(A w) {
   return w != w ? w : pos - neg;
 }
 
-// Per-element scale of a run of elements: one value for the run, or one per element.
+// Per-element scale of a run of elements, one value for the run or one per element: element i is
+// multiplied by q(i)·(· p(i)), p a power of two that keeps both factors in range (see split_coefficient).
 template <typename A>
 struct ConstScale {
-  A value;
+  A value, pre;
   A operator()(int64_t) const { return value; }
+  A p(int64_t) const { return pre; }
 };
 
 template <typename A>
 struct RowScale {
   const A* values;  // values[i - offset] is the scale of element i
+  const A* pres;    // pres[i - offset] its power-of-two pre-scale
   int64_t offset;
   A operator()(int64_t i) const { return values[i - offset]; }
+  A p(int64_t i) const { return pres[i - offset]; }
 };
 
 void check_group(at::TensorList ts, const char* name) {
@@ -110,18 +115,74 @@ inline void norms_run(const T* __restrict__ w, int64_t begin, int64_t end, LaneS
   std::copy(s2, s2 + kLanes, sq_sum.v);
 }
 
-// Σ f(w)² over a run, in lane order (see norms_run).
+// Parts of a group's square sum (see norm_parts.h): three for double, one otherwise.
+template <typename A>
+constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
+
+inline double pairwise_total(const double* v) {
+  double s[kLanes];
+  std::copy(v, v + kLanes, s);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) s[j] += s[j + width];
+  }
+  return s[0];
+}
+
+// Σ f(w)² over a run in lane order (see norms_run), unscaled, into *out; for double also whether an
+// element is out of range (then the run is summed again by parts, see square_parts_run).
 template <typename A, typename T, typename F>
-inline A sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f) {
-  LaneSum<A> acc;
-  A s[kLanes];
-  std::copy(acc.v, acc.v + kLanes, s);
+inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out) {
+  double s[kLanes] = {}, flags[kLanes] = {};
   lane_loop(begin, end, [&](int64_t i, int j) {
-    const A u = f(static_cast<A>(w[i]));
+    const double u = static_cast<double>(f(static_cast<A>(w[i])));
     s[j] += u * u;
+    if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
   });
-  std::copy(s, s + kLanes, acc.v);
-  return acc.total();
+  *out = pairwise_total(s);
+  return kParts<A> > 1 && pairwise_total(flags) != 0;
+}
+
+// Σ f(w)² over a run by parts (see kParts), into out[0], out[stride], out[2·stride].
+template <typename A, typename T, typename F>
+inline void square_parts_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out, int64_t stride) {
+  constexpr int kP = kParts<A>;
+  double parts[kP][kLanes] = {};
+  lane_loop(begin, end, [&](int64_t i, int j) {
+    add_square<kP>(&parts[0][j], kLanes, static_cast<double>(f(static_cast<A>(w[i]))));
+  });
+  for (int p = 0; p < kP; ++p) out[p * stride] = pairwise_total(parts[p]);
+}
+
+// out[m] += f(row[m])² for a row of columns, unscaled; for double also whether an element is out of range
+// (a count in lanes, as in sumsq_run, so that the loop vectorizes). Its own function so that the
+// restrict parameters reach the vectorizer.
+template <typename A, typename T, typename F>
+__attribute__((noinline)) bool column_squares(const T* __restrict__ row, double* __restrict__ out, int64_t m_len,
+                                              F f) {
+  double flags[kLanes] = {};
+  lane_loop(0, m_len, [&](int64_t m, int j) {
+    const double u = static_cast<double>(f(static_cast<A>(row[m])));
+    out[m] += u * u;
+    if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
+  });
+  return kParts<A> > 1 && pairwise_total(flags) != 0;
+}
+
+// c·x computed as q·(x·p) with p a power of two, for c = weight/norm: p = 1 and q = c unless c is far
+// from 1 (a group of tiny or huge weights), where c itself may leave the range of A (or of double):
+// then p and q each carry about half of c's exponent, and x·p stays within a few powers of two of
+// weight (|x| ≤ norm).
+inline void split_coefficient(double weight, double norm, double& p, double& q) {
+  int ew = 0, en = 0;
+  const double mw = std::frexp(weight, &ew), mn = std::frexp(norm, &en);
+  const int e = ew - en;
+  if (!(std::isfinite(weight) && std::isfinite(norm) && weight > 0) || (e > -60 && e < 60)) {
+    p = 1;
+    q = weight / norm;
+    return;
+  }
+  p = std::ldexp(1.0, e / 2);
+  q = (mw / mn) * std::ldexp(1.0, e - e / 2);
 }
 
 // Per-tensor Σ|w| and Σw², from per-chunk partials summed in order.
@@ -146,16 +207,18 @@ void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, 
   }
 }
 
-// Σ f(w)² over every group of every tensor, concatenated: tensor t's groups start at offsets[t].
+// ‖f(w_g)‖₂ of every group of every tensor, concatenated, in double: tensor t's groups start at offsets[t].
+// No overflow or underflow for any finite input (see kParts).
 //
 // Stage 1 writes partials for fixed pieces of each tensor; stage 2 sums them in a fixed order:
 //   outer == 1, inner <= kChunk: pieces are runs of whole groups, one partial per group;
 //   outer == 1, inner > kChunk: each group is split into kChunk pieces, one partial per piece;
 //   outer > 1: pieces are runs of whole rows [o, :, :], one partial per (piece, column).
 template <typename T, typename F>
-std::vector<acc_t<T>> group_sumsq(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
+std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
                                   std::vector<int64_t>& offsets) {
   using A = acc_t<T>;
+  constexpr int kP = kParts<A>;
   struct Piece {
     int64_t tensor, begin, end, slot;  // begin/end: groups, flat elements or rows, by the tensor's kind
   };
@@ -200,76 +263,117 @@ std::vector<acc_t<T>> group_sumsq(const std::vector<at::Tensor>& ts, const std::
   }
   offsets[nt] = groups;
 
-  std::vector<A> partial(slots, A(0));
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const Piece& pc = pieces[q];
-      const T* w = ts[pc.tensor].template const_data_ptr<T>();
-      const GroupShape& s = shapes[pc.tensor];
-      auto run_sum = [&](int64_t b, int64_t e) {
-        return sumsq_run<A>(w, b, e, f);
-      };
-      switch (kinds[pc.tensor]) {
-        case kWholeGroups:
-          for (int64_t g = pc.begin; g < pc.end; ++g) partial[pc.slot + g - pc.begin] = run_sum(g * s.inner, (g + 1) * s.inner);
-          break;
-        case kSplitGroups:
-          partial[pc.slot] = run_sum(pc.begin, pc.end);
-          break;
-        case kRows: {
-          A* out = partial.data() + pc.slot;
-          const int64_t m_len = s.row_length();
+  // Part-major: part p of slot i at partial[p·slots + i]. Stage 1a sums every piece unscaled into the
+  // middle part and flags the pieces with an out-of-range element (double only); stage 1b sums those
+  // pieces again by parts. The small and big parts exist only if a piece was flagged.
+  std::vector<double> partial(slots, 0.0);
+  std::vector<char> flagged(pieces.size(), 0);
+  auto run_piece = [&](int64_t q, bool by_parts) {
+    const Piece& pc = pieces[q];
+    const T* w = ts[pc.tensor].template const_data_ptr<T>();
+    const GroupShape& s = shapes[pc.tensor];
+    double* base = partial.data();  // stage 1a: the middle part only; stage 1b: all parts
+    bool flag = false;
+    switch (kinds[pc.tensor]) {
+      case kWholeGroups:
+        for (int64_t g = pc.begin; g < pc.end; ++g) {
+          double* out = base + pc.slot + g - pc.begin;
+          if (by_parts) square_parts_run<A>(w, g * s.inner, (g + 1) * s.inner, f, out, slots);
+          else flag |= sumsq_run<A>(w, g * s.inner, (g + 1) * s.inner, f, out);
+        }
+        break;
+      case kSplitGroups:
+        if (by_parts) square_parts_run<A>(w, pc.begin, pc.end, f, base + pc.slot, slots);
+        else flag = sumsq_run<A>(w, pc.begin, pc.end, f, base + pc.slot);
+        break;
+      case kRows: {
+        const int64_t m_len = s.row_length();
+        if (by_parts) {
+          for (int p = 0; p < kP; ++p) std::fill_n(base + p * slots + pc.slot, m_len, 0.0);
           for (int64_t o = pc.begin; o < pc.end; ++o) {
-            const T* row = w + o * m_len;
             for (int64_t m = 0; m < m_len; ++m) {
-              const A u = f(static_cast<A>(row[m]));
-              out[m] += u * u;
+              add_square<kP>(base + pc.slot + m, slots, static_cast<double>(f(static_cast<A>(w[o * m_len + m]))));
             }
           }
-          break;
+        } else {
+          for (int64_t o = pc.begin; o < pc.end; ++o) flag |= column_squares<A>(w + o * m_len, base + pc.slot, m_len, f);
         }
+        break;
       }
     }
+    flagged[q] = flag ? 1 : 0;
+  };
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) run_piece(q, false);
   });
+  int parts = 1;
+  if (kP > 1 && std::find(flagged.begin(), flagged.end(), 1) != flagged.end()) {
+    std::vector<double> middle = std::move(partial);
+    partial.assign(slots * kP, 0.0);
+    std::copy(middle.begin(), middle.end(), partial.begin() + slots);
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        if (flagged[q]) run_piece(q, true);
+      }
+    });
+    parts = kP;
+  }
 
-  std::vector<A> sumsq(groups, A(0));
+  std::vector<double> norms(groups, 0.0);
   at::parallel_for(0, static_cast<int64_t>(nt), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (ts[t].numel() == 0) continue;
       const GroupShape& s = shapes[t];
-      const A* p = partial.data() + slot_base[t];
-      A* out = sumsq.data() + offsets[t];
-      for (int64_t g = 0; g < s.ngroups; ++g) {
-        A acc = 0;
-        if (kinds[t] == kRows) {
+      const double* p = partial.data() + slot_base[t];
+      if (kinds[t] == kRows) {
+        // Pieces in the outer loop, so that each piece's row of partials is read in order; each group's
+        // sum still runs over the pieces in order, then over k.
+        std::vector<double> acc(parts * s.ngroups, 0.0);
+        for (int i = 0; i < parts; ++i) {
+          const double* part = p + i * slots;
+          double* sums = acc.data() + i * s.ngroups;
           for (int64_t q = 0; q < splits[t]; ++q) {
-            for (int64_t k = 0; k < s.inner; ++k) acc += p[q * s.row_length() + g * s.inner + k];
+            const double* row = part + q * s.row_length();
+            for (int64_t k = 0; k < s.inner; ++k) {
+              for (int64_t g = 0; g < s.ngroups; ++g) sums[g] += row[g * s.inner + k];
+            }
           }
-        } else {
-          for (int64_t q = 0; q < splits[t]; ++q) acc += p[g * splits[t] + q];
         }
-        out[g] = acc;
+        for (int64_t g = 0; g < s.ngroups; ++g) {
+          double sums[3] = {};
+          for (int i = 0; i < parts; ++i) sums[i] = acc[i * s.ngroups + g];
+          norms[offsets[t] + g] = norm_from_parts(sums[0], sums[1], sums[2], parts);
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < s.ngroups; ++g) {
+        double acc[3] = {};
+        for (int i = 0; i < parts; ++i) {
+          for (int64_t q = 0; q < splits[t]; ++q) acc[i] += p[i * slots + g * splits[t] + q];
+        }
+        norms[offsets[t] + g] = norm_from_parts(acc[0], acc[1], acc[2], parts);
       }
     }
   });
-  return sumsq;
+  return norms;
 }
 
 // Calls body(b, e, scale) over the runs of chunk [begin, end) that share a scale accessor:
-// no per-group scale (`scales` empty: 0 everywhere), one group at a time (outer == 1), or one
-// row of columns at a time with a per-column scale (outer > 1; `scales` then holds one value per
-// column of the row, i.e. per (g, k)).
+// no per-group scale (`scales` empty: `fixed` everywhere, pre-scale 1), one group at a time
+// (outer == 1), or one row of columns at a time with a per-column scale (outer > 1; `scales` then
+// holds one value per column of the row, i.e. per (g, k)). `pres` is laid out as `scales`.
 template <typename A, typename Body>
-void for_scale_runs(const GroupShape& s, const A* scales, int64_t begin, int64_t end, Body&& body) {
+void for_scale_runs(const GroupShape& s, const A* scales, const A* pres, A fixed, int64_t begin, int64_t end,
+                    Body&& body) {
   if (scales == nullptr) {
-    body(begin, end, ConstScale<A>{A(0)});
+    body(begin, end, ConstScale<A>{fixed, A(1)});
     return;
   }
   if (s.outer == 1) {
     for (int64_t i = begin; i < end;) {
       const int64_t g = i / s.inner;
       const int64_t e = std::min(end, (g + 1) * s.inner);
-      body(i, e, ConstScale<A>{scales[g]});
+      body(i, e, ConstScale<A>{scales[g], pres[g]});
       i = e;
     }
     return;
@@ -278,12 +382,12 @@ void for_scale_runs(const GroupShape& s, const A* scales, int64_t begin, int64_t
   for (int64_t i = begin; i < end;) {
     const int64_t row_start = i - i % m_len;
     const int64_t e = std::min(end, row_start + m_len);
-    body(i, e, RowScale<A>{scales, row_start});
+    body(i, e, RowScale<A>{scales, pres, row_start});
     i = e;
   }
 }
 
-// Per-group scales turned into the layout for_scale_runs reads: per group when outer == 1,
+// Per-group values turned into the layout for_scale_runs reads: per group when outer == 1,
 // per column (g, k) of a row when outer > 1.
 template <typename A>
 std::vector<A> expand_scales(const std::vector<A>& per_group, const std::vector<int64_t>& offsets,
@@ -312,11 +416,11 @@ std::vector<GroupShape> shapes_of(const std::vector<at::Tensor>& ts, Grouping gr
   return shapes;
 }
 
-// One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + (lin + scale(i))·w) for i in
-// [begin, end), adding |w| and w² to the lane sums. The sums live in local arrays and the pointers
+// One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
+// [begin, end), adding |w| and w² to the lane sums (scale(i)·p(i) is 2·l2 plus the group coefficient). The sums live in local arrays and the pointers
 // are restrict-qualified so that the stores to `out` cannot alias them and the loop vectorizes.
 template <typename T, bool kL1, bool kLin, bool kAccumulate, typename A, typename Scale>
-inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A lin, A mult,
+inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
                      Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
   A s1[kLanes], s2[kLanes];
   std::copy(abs_sum.v, abs_sum.v + kLanes, s1);
@@ -327,7 +431,7 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
     s2[j] += x * x;
     A inc = 0;
     if constexpr (kL1) inc += l1 * sign_of(x);
-    if constexpr (kLin) inc += (lin + scale(i)) * x;
+    if constexpr (kLin) inc += scale(i) * (x * scale.p(i));
     if constexpr (kAccumulate) {
       out[i] = static_cast<T>(static_cast<A>(out[i]) + mult * inc);
     } else {
@@ -346,24 +450,29 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   using A = acc_t<T>;
   const size_t nt = ws.size();
   std::vector<GroupShape> shapes;
-  std::vector<A> scales;
+  std::vector<A> scales, pres;
   std::vector<int64_t> scale_offsets;
-  A group_value = 0;
+  double group_value = 0;
   if (gl != 0) {
     shapes = shapes_of(ws, grouping);
     std::vector<int64_t> offsets;
-    std::vector<A> sumsq = group_sumsq<T>(ws, shapes, [](A x) { return x; }, offsets);
-    std::vector<A> per_group(sumsq.size());
+    const std::vector<double> norms = group_norms<T>(ws, shapes, [](A x) { return x; }, offsets);
+    std::vector<A> per_group(norms.size()), pre(norms.size());
     for (size_t t = 0; t < nt; ++t) {
       if (ws[t].numel() == 0) continue;
-      const A root = static_cast<A>(std::sqrt(static_cast<double>(shapes[t].group_size())));
+      const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
       for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
-        const A norm = std::sqrt(sumsq[g]);
+        const double norm = norms[g];
         group_value += root * norm;
-        per_group[g] = norm == A(0) ? A(0) : static_cast<A>(gl) * root / norm;
+        double p = 1, q = 0;
+        if (norm != 0) split_coefficient(gl * root, norm, p, q);
+        // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
+        per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
+        pre[g] = static_cast<A>(p);
       }
     }
     scales = expand_scales(per_group, offsets, shapes, ws, scale_offsets);
+    pres = expand_scales(pre, offsets, shapes, ws, scale_offsets);
   } else {
     shapes.assign(nt, GroupShape{1, 1, 1});
   }
@@ -379,9 +488,10 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
       const T* w = ws[ch.tensor].const_data_ptr<T>();
       T* out = outs[ch.tensor].data_ptr<T>();
       const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
+      const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;
-      for_scale_runs(shapes[ch.tensor], sc, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        grad_run<T, kL1, kLin, kAccumulate>(w, out, b, e, a_l1, a_lin, a_mult, scale, s1, s2);
+      for_scale_runs(shapes[ch.tensor], sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+        grad_run<T, kL1, kLin, kAccumulate>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
       });
       p1[c] = s1.total();
       p2[c] = s2.total();
@@ -406,7 +516,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   A value = 0;
   if (l1 != 0) value += static_cast<A>(l1) * abs_sum;
   if (l2 != 0) value += static_cast<A>(l2) * sq_sum;
-  if (gl != 0) value += static_cast<A>(gl) * group_value;
+  if (gl != 0) value += static_cast<A>(gl * group_value);
   return value;
 }
 
@@ -449,14 +559,14 @@ at::Tensor penalty_cpu(at::TensorList params, double l1, double l2, double gl, c
     if (gl != 0) {
       const auto shapes = shapes_of(ws, grouping);
       std::vector<int64_t> offsets;
-      const auto sumsq = group_sumsq<scalar_t>(ws, shapes, [](A x) { return x; }, offsets);
-      A term = 0;
+      const auto norms = group_norms<scalar_t>(ws, shapes, [](A x) { return x; }, offsets);
+      double term = 0;
       for (size_t t = 0; t < ws.size(); ++t) {
         if (ws[t].numel() == 0) continue;
-        const A root = static_cast<A>(std::sqrt(static_cast<double>(shapes[t].group_size())));
-        for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) term += root * std::sqrt(sumsq[g]);
+        const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
+        for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) term += root * norms[g];
       }
-      v += static_cast<A>(gl) * term;
+      v += static_cast<A>(gl * term);
     }
     value = static_cast<double>(v);
   });
@@ -529,23 +639,25 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
   };
   const size_t nt = ws.size();
   std::vector<GroupShape> shapes;
-  std::vector<A> scales;
+  std::vector<A> scales, pres;
   std::vector<int64_t> scale_offsets;
   if (gl != 0) {
     shapes = shapes_of(ws, grouping);
     std::vector<int64_t> offsets;
-    const auto sumsq = group_sumsq<T>(ws, shapes, elastic, offsets);
-    std::vector<A> factor(sumsq.size());
+    const auto norms = group_norms<T>(ws, shapes, elastic, offsets);
+    std::vector<A> factor(norms.size());
     for (size_t i = 0; i < nt; ++i) {
       if (ws[i].numel() == 0) continue;
-      const A c = static_cast<A>(lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d);
+      const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
       for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
-        const A norm = std::sqrt(sumsq[g]);
-        // std::max(x, 0) keeps a NaN x, so a NaN group stays NaN.
-        factor[g] = norm == A(0) ? A(0) : std::max(A(1) - c / norm, A(0));
+        const double norm = norms[g];
+        // In double: a tiny norm gives c/norm = inf and factor 0. std::max(x, 0) keeps a NaN x, so a NaN
+        // group stays NaN.
+        factor[g] = norm == 0 ? A(0) : static_cast<A>(std::max(1 - c / norm, 0.0));
       }
     }
     scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
+    pres.assign(scales.size(), A(1));
   } else {
     shapes.assign(nt, GroupShape{1, 1, 1});
   }
@@ -556,7 +668,8 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
       T* w = ws[ch.tensor].data_ptr<T>();
       const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
-      for_scale_runs(shapes[ch.tensor], sc, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+      const A* pr = kGroup ? pres.data() + scale_offsets[ch.tensor] : nullptr;
+      for_scale_runs(shapes[ch.tensor], sc, pr, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
         for (int64_t i = b; i < e; ++i) {
           A x = static_cast<A>(w[i]);
           if constexpr (kT) x = x - soft_clamp(x, t);

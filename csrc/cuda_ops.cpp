@@ -129,15 +129,30 @@ at::TensorOptions acc_options(const at::Tensor& like) {
   return like.options().dtype(acc_type(like.scalar_type()));
 }
 
-// Per-group ‖u_g‖ and √|g| (u = w, or the elastic-net step of w when `step` is set).
+// Per-group ‖u_g‖ and √|g|, both double (u = w, or the elastic-net step of w when `step` is set).
 std::tuple<at::Tensor, at::Tensor> group_norms(const std::vector<at::Tensor>& ws, const DeviceList& dl,
                                                const cuda::Step* step) {
-  at::Tensor sumsq = at::empty({dl.total_groups}, acc_options(ws[0]));
-  at::Tensor root = at::empty_like(sumsq);
-  cuda::launch_group_sumsq(dtype_of(ws[0].scalar_type()), dl.groups, dl.total_groups, dl.meta, step,
-                           sumsq.data_ptr(), root.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  at::Tensor norm = at::empty({dl.total_groups}, ws[0].options().dtype(at::kDouble));
+  at::Tensor root = at::empty_like(norm);
+  cuda::launch_group_norms(dtype_of(ws[0].scalar_type()), dl.groups, dl.total_groups, dl.meta, step,
+                           norm.data_ptr<double>(), root.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sumsq.sqrt(), root};
+  return {norm, root};
+}
+
+// The group coefficient weight/norm (double, per group) as the pair (q, p): p a power of two, 1 unless the
+// exponent of weight/norm is beyond ±60 (tiny or huge weights), where q and p each carry about half of it,
+// so that q, p and w·p all stay within the accumulation dtype's range; q·(w·p) = weight·w/norm. A zero
+// group gets q = 0, p = 1.
+std::tuple<at::Tensor, at::Tensor> split_coefficients(const at::Tensor& weight, const at::Tensor& norm) {
+  const at::Tensor usable = (weight > 0) & at::isfinite(weight) & (norm > 0) & at::isfinite(norm);
+  const at::Tensor ew = std::get<1>(at::frexp(at::where(usable, weight, 1.0)));
+  const at::Tensor en = std::get<1>(at::frexp(at::where(usable, norm, 1.0)));
+  const at::Tensor e = ew - en;
+  const at::Tensor half = at::where(usable & ((e <= -60) | (e >= 60)), at::floor_divide(e, 2), 0);
+  const at::Tensor p = at::ldexp(at::ones_like(norm), half);
+  const at::Tensor q = at::where(norm == 0, 0.0, weight / (at::where(norm == 0, 1.0, norm) * p));
+  return {q, p};
 }
 
 std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList params) {
@@ -171,7 +186,7 @@ at::Tensor penalty_cuda(at::TensorList params, double l1, double l2, double gl, 
     const auto ws = contiguous_all(params);
     const DeviceList dl = build(ws, nullptr, grouping);
     const auto [norm, root] = group_norms(ws, dl, nullptr);
-    value = value + (root * norm).sum() * gl;
+    value = value + ((root * norm).sum() * gl).to(value.scalar_type());
   }
   return value;
 }
@@ -183,16 +198,20 @@ at::Tensor grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Te
   at::Tensor value = at::zeros({}, acc_options(ws[0]));
   if (l1 == 0 && l2 == 0 && gl == 0) return value;
   const DeviceList dl = build(ws, &outs, gl != 0 ? std::optional<Grouping>(grouping) : std::nullopt);
-  at::Tensor scale;
+  at::Tensor scale, pre;
   if (gl != 0) {
     const auto [norm, root] = group_norms(ws, dl, nullptr);
-    scale = at::where(norm == 0, at::zeros_like(norm), root * gl / norm);
-    value = value + (root * norm).sum() * gl;
+    auto [q, p] = split_coefficients(root * gl, norm);
+    // (2·l2 + c)·w as (2·l2/p + q)·(w·p), summed in the accumulation dtype as the element loop would.
+    scale = (2 * l2 / p).to(acc_options(ws[0])) + q.to(acc_options(ws[0]));
+    pre = p.to(acc_options(ws[0]));
+    value = value + ((root * norm).sum() * gl).to(value.scalar_type());
   }
   at::Tensor partials = at::empty({2 * dl.nitems}, acc_options(ws[0]));
   cuda::launch_grad(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, l1, l2,
-                    gl != 0 ? scale.data_ptr() : nullptr, mult != nullptr ? mult->data_ptr() : nullptr, accumulate,
-                    partials.data_ptr(), c10::cuda::getCurrentCUDAStream());
+                    gl != 0 ? scale.data_ptr() : nullptr, gl != 0 ? pre.data_ptr() : nullptr,
+                    mult != nullptr ? mult->data_ptr() : nullptr, accumulate, partials.data_ptr(),
+                    c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (l1 != 0) value = value + partials.slice(0, 0, dl.nitems).sum() * l1;
   if (l2 != 0) value = value + partials.slice(0, dl.nitems, 2 * dl.nitems).sum() * l2;
@@ -250,10 +269,11 @@ void prox_cuda(at::TensorList params, const std::optional<at::Tensor>& lr_tensor
   if (gl != 0) {
     const auto [norm, root] = group_norms(ws, dl, &step);
     const at::Tensor lr_t = lr_dev.defined() ? lr_dev : at::scalar_tensor(lr, opts);
-    at::Tensor c = lr_t * gl * root;
-    if (l2 != 0) c = c / (lr_t * (2 * l2) + 1);
-    // clamp_min keeps NaN, so a NaN group stays NaN; a zero group stays zero.
-    factor = at::where(norm == 0, at::zeros_like(norm), (1 - c / norm).clamp_min(0));
+    at::Tensor c = lr_t.to(at::kDouble) * gl * root;
+    if (l2 != 0) c = c / (lr_t * (2 * l2) + 1).to(at::kDouble);
+    // In double: a tiny norm gives c/norm = inf and factor 0. clamp_min keeps NaN, so a NaN group stays NaN;
+    // a zero group stays zero.
+    factor = at::where(norm == 0, 0.0, (1 - c / at::where(norm == 0, 1.0, norm)).clamp_min(0)).to(opts);
   }
   cuda::launch_prox(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, step,
                     gl != 0 ? factor.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());

@@ -19,15 +19,18 @@ void launch_norms(DType dtype, const WorkItem* items, int64_t nitems, const Tens
 void launch_sum_partials(DType dtype, const void* partials, int64_t nitems, const int64_t* first, int64_t ntensors,
                          void* out, cudaStream_t stream);
 
-// Per group (groups: (tensor, g) pairs): sumsq = Σ u² with u = w, or the elastic-net step of w
-// when `step` (a host pointer) is set; root = √|g|. Both in the accumulation dtype, one value per group.
-void launch_group_sumsq(DType dtype, const int64_t* groups, int64_t total_groups, const TensorMeta* meta,
-                        const Step* step, void* sumsq, void* root, cudaStream_t stream);
+// Per group (groups: (tensor, g) pairs): norm = ‖u_g‖₂ with u = w, or the elastic-net step of w when
+// `step` (a host pointer) is set, summed in double without overflow or underflow (norm_parts.h);
+// root = √|g|. Both double, one value per group.
+void launch_group_norms(DType dtype, const int64_t* groups, int64_t total_groups, const TensorMeta* meta,
+                        const Step* step, double* norm, double* root, cudaStream_t stream);
 
-// meta.other[i] = [other[i] +] mult·(l1·sign(w) + (2·l2 + scale_g)·w); partials as launch_norms.
-// group_scale (per group, accumulation dtype) may be null; mult (0-dim accumulation dtype) may be null (1).
+// meta.other[i] = [other[i] +] mult·(l1·sign(w) + scale_g·(w·pre_g)), or with 2·l2·w in place of the
+// group term when group_scale is null; partials as launch_norms. group_scale and group_pre (per group,
+// accumulation dtype) come together; mult (0-dim accumulation dtype) may be null (1).
 void launch_grad(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, double l1, double l2,
-                 const void* group_scale, const void* mult, bool accumulate, void* partials, cudaStream_t stream);
+                 const void* group_scale, const void* group_pre, const void* mult, bool accumulate, void* partials,
+                 cudaStream_t stream);
 
 // w = factor_g·u(w), u the elastic-net step; group_factor (per group) may be null.
 void launch_prox(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, Step step,

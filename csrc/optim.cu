@@ -108,7 +108,10 @@ struct AdamWFunctor {
     const A l1 = static_cast<A>(s.l1), two_l2 = static_cast<A>(2 * s.l2);
     A s1 = 0, s2 = 0;
     for (int64_t i = item.begin + threadIdx.x; i < item.end; i += blockDim.x) {
-      A x = to_acc<A>(w[i]) * decay;
+      A x = to_acc<A>(w[i]);
+      // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
+      const A floor = (s.l2 != 0 ? two_l2 * fabs(x) : A(0)) + l1;
+      x = x * decay;
       A g = to_acc<A>(grad[i]);
       if (s.maximize) g = -g;
       const A diff = g - m1[i];
@@ -122,7 +125,10 @@ struct AdamWFunctor {
         second = maximum(mx[i], v);
         mx[i] = second;
       }
-      const A denom = sqrt(second) / bc2_sqrt + eps;
+      A denom = sqrt(second) / bc2_sqrt + eps;
+      // prox="preconditioned": Adam's denominator is at least the penalty's gradient, for the update and the
+      // prox alike (reference.penalty_gradient_scales); a NaN denominator stays NaN.
+      if (s.prox == kProxPreconditioned && denom < floor) denom = floor;
       x = s.lr_ptr != nullptr ? x + m / (denom / step_size) : x + (step_size * m) / denom;
       if (s.prox == kProxLr) {
         if (s.l1 != 0) x = soft_threshold(x, p.threshold);

@@ -25,7 +25,7 @@ struct SgdArgs {
   bool maximize;
   bool has_weight_decay;
   bool nesterov;
-  bool lr_is_tensor;  // w + g·neg_lr (two roundings) instead of fma(g, neg_lr, w)
+  bool lr_is_tensor;  // the prox scalars in the accumulation dtype, as the reference computes them
   bool has_l1;
   bool penalty;       // write Σ|w| and Σw² of the new (rounded) params
   double neg_lr;

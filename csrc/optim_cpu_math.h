@@ -117,7 +117,7 @@ inline A flag(bool b) {
 template <typename A>
 struct SgdConst {
   A neg_lr, weight_decay, momentum, keep, threshold, shrink;
-  A maximize, has_weight_decay, nesterov, lr_is_tensor, has_l1;
+  A maximize, has_weight_decay, nesterov, has_l1;
 
   explicit SgdConst(const SgdArgs& a)
       : neg_lr(static_cast<A>(a.neg_lr)),
@@ -129,7 +129,6 @@ struct SgdConst {
         maximize(flag<A>(a.maximize)),
         has_weight_decay(flag<A>(a.has_weight_decay)),
         nesterov(flag<A>(a.nesterov)),
-        lr_is_tensor(flag<A>(a.lr_is_tensor)),
         has_l1(flag<A>(a.has_l1)) {}
 };
 
@@ -147,7 +146,8 @@ inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __rest
     buf[i] = b;
     g = pick(c.nesterov, fmadd<kFused>(b, c.momentum, g), b);
   }
-  x = pick(c.lr_is_tensor, x + g * c.neg_lr, fmadd<kFused>(g, c.neg_lr, x));
+  // torch's SGD adds g with alpha = −lr, a tensor lr read as a number: the same rounding for both.
+  x = fmadd<kFused>(g, c.neg_lr, x);
   x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
   w[i] = static_cast<T>(x * c.shrink);
 }
@@ -211,6 +211,8 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   A x = static_cast<A>(w[i]);
   A g = static_cast<A>(grad[i]);
   g = pick(c.maximize, -g, g);
+  // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
+  const A floor = pick(c.has_l2, c.two_l2 * std::abs(x), A(0)) + c.l1;
   x = x * c.decay;
   A m = m1[i];
   const A diff = g - m;
@@ -223,7 +225,10 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
     second = maximum(mx[i], v);
     mx[i] = second;
   }
-  const A denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
+  A denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
+  // prox="preconditioned": Adam's denominator is at least the penalty's gradient (reference.penalty_gradient_scales),
+  // for the update and the prox alike. A NaN denominator stays NaN.
+  if constexpr (kProx == Prox::kPreconditioned) denom = denom < floor ? floor : denom;
   x = pick(c.lr_is_tensor, x + m / (denom / c.step_size), x + (c.step_size * m) / denom);
   if constexpr (kProx == Prox::kLr) {
     x = pick(c.has_l1, soft_threshold(x, c.threshold), x);

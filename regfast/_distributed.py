@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from .reference import acc_dtype, group_dims, group_size
+from .reference import group_dims, group_size
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -84,9 +84,12 @@ def _all_reduce(items: list[tuple[Tensor, object, tuple[int, ...]]]) -> list[Ten
 
 
 def _local_group_sumsq(local: Tensor, global_t: Tensor, groups: str) -> Tensor:
-    """Σ w² over each group's local part, shaped to broadcast against ``local`` (differentiable)."""
+    """Σ w² over each group's local part in float64, shaped to broadcast against ``local`` (differentiable).
+
+    float64 holds the squares of every float32 / float16 / bfloat16 value and their sums in range (float64
+    params: see the README's limits)."""
     dims = group_dims(global_t, groups)
-    sq = local.to(acc_dtype(local.dtype)).square()
+    sq = local.to(torch.float64).square()
     return sq.sum() if dims is None else sq.sum(dim=dims, keepdim=True)
 
 
@@ -196,7 +199,8 @@ def add_penalty_grad_(tensors: list[Tensor], names: list[str], l1: float, l2: fl
     values, norms_, terms = _reduce(tensors, locals_, plans, groups, items, bool(group_lasso), True)
     for loc, g, n, t in zip(locals_, grads, norms_, tensors):
         coef = group_lasso * math.sqrt(group_size(t, groups))
-        g.addcmul_(loc, torch.where(n == 0, torch.zeros_like(n), coef / n))
+        # Each element divided by its group's norm (float64): no factor overflows for tiny groups.
+        g.add_(loc.to(torch.float64) / torch.where(n == 0, 1, n) * coef)
     device = locals_[0].device
     return _sum(values, device) + _sum(terms, device, group_lasso)
 
@@ -214,6 +218,8 @@ def prox_(tensors: list[Tensor], names: list[str], lr: float | Tensor, l1: float
     _, norms_, _ = _reduce(tensors, locals_, plans, groups, [], True, False)
     shrink = 1 + 2 * lr * l2
     for loc, n, t in zip(locals_, norms_, tensors):
-        coef = lr * group_lasso * math.sqrt(group_size(t, groups)) / shrink
-        factor = torch.clamp_min(1 - coef / n, 0)
+        coef = torch.as_tensor(lr * group_lasso * math.sqrt(group_size(t, groups)) / shrink, dtype=torch.float64,
+                               device=n.device)
+        # A true division (number / tensor multiplies by the reciprocal, which overflows for a tiny norm).
+        factor = torch.clamp_min(1 - coef / torch.where(n == 0, 1, n), 0)
         loc.mul_(torch.where(n == 0, torch.zeros_like(n), factor).to(loc.dtype))

@@ -1,8 +1,10 @@
 """Pure-PyTorch implementation of every regfast op: the spec, the CPU path and the test oracle.
 
 Each function serves one (device, dtype) group: ``params`` is a non-empty list of tensors
-that share a device and a floating dtype. Reductions accumulate in :func:`acc_dtype`
-(float32, or float64 for float64 tensors). The math, for coefficients ``l1``, ``l2``,
+that share a device and a floating dtype. Values are returned in :func:`acc_dtype` (float32, or
+float64 for float64 tensors); sums are taken in float64 in an order that depends neither on the
+thread count nor on the device (:func:`_fixed_order_sums`), and group norms never overflow or
+underflow for finite weights (:func:`group_norms`). The math, for coefficients ``l1``, ``l2``,
 ``group_lasso`` (``gl``) and groups ``g`` of size ``|g|``:
 
     penalty  = l1·Σ|w| + l2·Σw² + gl·Σ_g √|g|·‖w_g‖₂
@@ -56,31 +58,98 @@ def group_size(t: Tensor, groups: str) -> int:
     return math.prod(t.shape[d] for d in dims)
 
 
-def _reduce_dtype(t: Tensor) -> torch.dtype:
-    """The dtype norms are reduced in: the accumulation dtype on CUDA (tree reductions), float64 elsewhere.
+# Elements per row of a fixed-order reduction. A reduction with one output over more than 32768
+# elements is split across threads in a thread-count dependent order; a reduction of rows (many
+# outputs, at most this many elements each) reduces each row in one thread, in one order.
+_ROW = 8192
 
-    PyTorch's CPU ``vector_norm`` accumulates float32 sequentially, which loses percents on
-    tensors of tens of millions of elements; reducing in float64 keeps the reference exact.
-    """
-    return acc_dtype(t.dtype) if t.device.type == "cuda" else torch.float64
+
+def _fixed_order_sums(rows: Tensor, reduce) -> Tensor:
+    """``reduce`` (a row reduction to float64: Σ|x|, Σx²) of every row of the 2-D ``rows``, each summed
+    in an order that depends neither on the thread count nor on the device: blocks of :data:`_ROW`
+    elements, then the blocks' sums in the same way. 1-D float64 result, one value per row."""
+    n_rows, length = rows.shape
+    while True:
+        full = length // _ROW * _ROW
+        if full == 0 or (n_rows == 1 and length <= _ROW):
+            return reduce(rows).reshape(n_rows)
+        parts = reduce(rows[:, :full].reshape(n_rows, full // _ROW, _ROW)).reshape(n_rows, full // _ROW)
+        if full < length:
+            parts = torch.cat([parts, reduce(rows[:, full:]).reshape(n_rows, 1)], dim=1)
+        rows, length, reduce = parts, parts.shape[1], _sum_rows
+
+
+def _sum_rows(x: Tensor) -> Tensor:
+    return x.sum(dim=-1, dtype=torch.float64)
+
+
+def _abs_rows(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, 1, dim=-1, dtype=torch.float64)
+
+
+def _square_rows(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, 2, dim=-1, dtype=torch.float64).square()
+
+
+def _group_rows(t: Tensor, groups: str) -> Tensor:
+    """The groups of ``t`` as the rows of a 2-D tensor (a view where the layout allows, else a copy)."""
+    dims = group_dims(t, groups)
+    if dims is None:
+        return t.reshape(1, t.numel())
+    size = group_size(t, groups)
+    if groups == "row":
+        return t.reshape(t.shape[0], size)
+    return t.movedim(1, 0).reshape(t.shape[1], size)
+
+
+def _scales(amax: Tensor) -> tuple[Tensor, Tensor]:
+    """Two powers of two whose product brings ``amax`` (float64) into [0.5, 1) (1 and 1 for 0, inf, NaN).
+
+    Two factors, because the one scale of a subnormal (or near-overflow) float64 value is outside
+    float64's range; each multiplication by a power of two is exact."""
+    _, exponent = torch.frexp(amax)
+    exponent = torch.where(torch.isfinite(amax) & (amax > 0), exponent, 0)
+    half = torch.div(-exponent, 2, rounding_mode="floor")
+    two = torch.ones_like(amax) * 2
+    return torch.pow(two, half), torch.pow(two, -exponent - half)
 
 
 def group_norms(t: Tensor, groups: str) -> Tensor:
-    """‖w_g‖₂ of every group of ``t`` in the accumulation dtype, shaped to broadcast against ``t``."""
-    dims = group_dims(t, groups)
-    reduce = _reduce_dtype(t)
-    if dims is None:
-        norm = torch.linalg.vector_norm(t, 2, dtype=reduce)
+    """‖w_g‖₂ of every group of ``t`` in float64, shaped to broadcast against ``t``.
+
+    Σw² is accumulated in float64, where the squares of every float32 / float16 / bfloat16 value
+    are exact in range; float64 groups are first scaled by a power of two that brings their largest
+    magnitude to [0.5, 1), so no group norm overflows or underflows for finite weights. The sums
+    are in a fixed order (see :func:`_fixed_order_sums`)."""
+    rows = _group_rows(t, groups)
+    if t.dtype == torch.float64 and rows.numel():
+        amax = torch.linalg.vector_norm(rows, math.inf, dim=1, keepdim=True)
+        first, second = _scales(amax)
+        norm = _fixed_order_sums(rows * first * second, _square_rows).sqrt().reshape(amax.shape) / first / second
     else:
-        norm = torch.linalg.vector_norm(t, 2, dim=dims, keepdim=True, dtype=reduce)
-    return norm.to(acc_dtype(t.dtype))
+        norm = _fixed_order_sums(rows, _square_rows).sqrt()
+    dims = group_dims(t, groups)
+    if dims is None:
+        return norm.reshape(())
+    shape = [1] * t.dim()
+    shape[0 if groups == "row" else 1] = t.shape[0 if groups == "row" else 1]
+    return norm.reshape(shape)
 
 
 def _per_tensor(params: list[Tensor], ord: int) -> Tensor:
-    """Σ|w| (``ord=1``) or Σw² (``ord=2``) of each tensor, 1-D in the accumulation dtype."""
-    acc = acc_dtype(params[0].dtype)
-    norms = torch.stack(torch._foreach_norm(params, ord, dtype=_reduce_dtype(params[0])))
-    return (norms if ord == 1 else norms.square()).to(acc)
+    """Σ|w| (``ord=1``) or Σw² (``ord=2``) of each tensor, 1-D in the accumulation dtype (summed in float64,
+    in a fixed order: small tensors in one ``_foreach_norm``, each within one thread)."""
+    reduce = _abs_rows if ord == 1 else _square_rows
+    small = [i for i, t in enumerate(params) if t.numel() <= _ROW]
+    sums: list[Tensor | None] = [None] * len(params)
+    if small:
+        found = torch._foreach_norm([params[i] for i in small], ord, dtype=torch.float64)
+        for i, value in zip(small, found):
+            sums[i] = value if ord == 1 else value.square()
+    for i, t in enumerate(params):
+        if sums[i] is None:
+            sums[i] = _fixed_order_sums(t.reshape(1, -1), reduce).reshape(())
+    return torch.stack(sums).to(acc_dtype(params[0].dtype))
 
 
 def norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -89,8 +158,9 @@ def norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def _group_term(params: list[Tensor], groups: str) -> Tensor:
-    """Σ over tensors and their groups of √|g|·‖w_g‖₂ (without the ``group_lasso`` factor)."""
-    terms = [group_norms(t, groups).sum() * math.sqrt(group_size(t, groups)) for t in params]
+    """Σ over tensors and their groups of √|g|·‖w_g‖₂ (without the ``group_lasso`` factor), in float64."""
+    terms = [_fixed_order_sums(group_norms(t, groups).reshape(1, -1), _sum_rows).reshape(())
+             * math.sqrt(group_size(t, groups)) for t in params]
     return torch.stack(terms).sum()
 
 
@@ -103,14 +173,15 @@ def penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, grou
     if l2:
         value = value + l2 * _per_tensor(params, 2).sum()
     if group_lasso:
-        value = value + group_lasso * _group_term(params, groups)
+        value = value + (group_lasso * _group_term(params, groups)).to(acc)
     return value
 
 
-def _group_grad_scale(t: Tensor, groups: str) -> Tensor:
-    """√|g|/‖w_g‖₂ per group (0 where the group is all zeros), shaped to broadcast against ``t``."""
+def _group_direction(t: Tensor, groups: str) -> Tensor:
+    """√|g|·w_g/‖w_g‖₂ (0 for a zero group), in float64: each element divided by its group's norm, so
+    that no factor overflows, however small or large the group."""
     norm = group_norms(t, groups)
-    return torch.where(norm == 0, torch.zeros_like(norm), math.sqrt(group_size(t, groups)) / norm)
+    return t.to(torch.float64) / torch.where(norm == 0, 1, norm) * math.sqrt(group_size(t, groups))
 
 
 def sign(w: Tensor) -> Tensor:
@@ -135,7 +206,7 @@ def _add_grad(out: Tensor | None, w: Tensor, l1: float | Tensor, l2: float | Ten
     if isinstance(l2, Tensor) or l2:
         out = _axpy(out, 2 * l2, w)
     if isinstance(group_lasso, Tensor) or group_lasso:
-        out = _axpy(out, _group_grad_scale(w, groups) * group_lasso, w)
+        out = _axpy(out, group_lasso, _group_direction(w, groups))
     return out
 
 
@@ -230,5 +301,8 @@ def prox_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: float
             coef = lr * group_lasso * math.sqrt(group_size(w, groups))
             if shrink is not None:
                 coef = coef * shrink
-            factor = torch.clamp_min(1 - coef / norm, 0)
-            w.mul_(torch.where(norm == 0, torch.zeros_like(norm), factor).to(w.dtype))
+            # float64 (a true division: Python's number / tensor multiplies by the reciprocal, which overflows
+            # for a subnormal norm): a tiny norm gives coef/norm = inf and factor 0; a zero group stays 0.
+            coef = torch.as_tensor(coef, dtype=torch.float64, device=norm.device)
+            factor = torch.clamp_min(1 - coef / torch.where(norm == 0, 1, norm), 0)
+            w.mul_(torch.where(norm == 0, 0, factor).to(w.dtype))

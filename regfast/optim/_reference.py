@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference import Lr, acc_dtype, group_dims, group_size
+from ..reference import Lr, acc_dtype, group_dims, group_norms, group_size
 
 # Newton steps of the group shrink in a diagonal metric. The iterates rise monotonically to the
 # root and converge quadratically; with thresholds spread over 14 orders of magnitude, 6 steps
@@ -70,9 +70,10 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
             torch._foreach_mul_(momentum_buffers, momentum)
             torch._foreach_add_(momentum_buffers, g, alpha=1 - dampening)
         g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
-    if isinstance(lr, Tensor):
-        torch._foreach_add_(work, torch._foreach_mul(g, -lr))
+    if isinstance(lr, Tensor) and not lr.is_cpu:
+        torch._foreach_add_(work, torch._foreach_mul(g, -lr))  # no host sync
     else:
+        # torch's SGD in eager mode: alpha = −lr, a CPU tensor lr read as a number.
         torch._foreach_add_(work, g, alpha=-lr)
     if l1 or l2 or group_lasso:
         reference.prox_(work, lr, l1, l2, group_lasso, groups)
@@ -134,6 +135,8 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     if maximize:
         g = torch._foreach_neg(g)
     torch._foreach_add_(steps, 1)
+    metric = prox == "preconditioned" and bool(l1 or l2 or group_lasso)
+    floors = penalty_gradient_scales(work, l1, l2, group_lasso, groups) if metric else None
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
@@ -148,6 +151,9 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     denom = torch._foreach_sqrt(second)
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
+    if floors is not None:
+        torch._foreach_maximum_(denom, floors)
+        del floors
     if isinstance(step_size[0], Tensor):
         torch._foreach_addcdiv_(work, exp_avgs, torch._foreach_div(denom, step_size))
     else:
@@ -159,6 +165,30 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             for w, d in zip(work, denom):
                 metric_prox_(w, lr / d, l1, l2, group_lasso, groups)
     return _finish(params, work, compute_penalty, l1, l2, group_lasso, groups)
+
+
+def penalty_gradient_scales(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str,
+                            ) -> list[Tensor]:
+    """Per element, the size of the penalty's gradient at ``params``: ``l1 + 2·l2·|w| + group_lasso·√|g|·|w|/‖w_g‖``
+    (the group term 0 for a zero group; an absent term is not added), in the params' dtype.
+
+    ``prox="preconditioned"`` uses ``max(√v̂ + eps, this)`` as Adam's denominator, for the update and the
+    prox alike: an element whose gradients are smaller than the penalty's, or that never had one
+    (``v̂ = 0``), gets the step Adam would give it if the penalty's gradient were its gradient (the
+    penalty then moves it by at most about ``lr`` per step), instead of ``lr/eps``. With one metric for
+    both, the fixed points are still the minimizers of loss + penalty.
+    """
+    out = []
+    for w in params:
+        scale = torch.zeros_like(w) if not l2 else w.abs().mul_(2 * l2)
+        if l1:
+            scale.add_(l1)
+        if group_lasso and w.numel():
+            norm = group_norms(w, groups)
+            size = math.sqrt(group_size(w, groups))
+            scale.add_((w.abs().to(torch.float64) / torch.where(norm == 0, 1, norm) * (group_lasso * size)).to(w.dtype))
+        out.append(scale)
+    return out
 
 
 def metric_prox_(w: Tensor, step: Tensor, l1: float, l2: float, group_lasso: float, groups: str) -> None:

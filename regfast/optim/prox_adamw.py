@@ -20,13 +20,19 @@ PROX_MODES = ("preconditioned", "lr")
 class ProxAdamW(FusedProximalOptimizer):
     """AdamW followed, in the same pass, by the proximal step of the penalty.
 
-    Each step is exactly the update of :class:`torch.optim.AdamW` (``foreach`` flavour:
-    decoupled weight decay ``w ← w·(1 − lr·weight_decay)``, then ``w ← w − lr·m̂/d`` with
-    ``d = √v̂ + eps``) and then the proximal step of
+    Each step is the update of :class:`torch.optim.AdamW` (``foreach`` flavour: decoupled weight
+    decay ``w ← w·(1 − lr·weight_decay)``, then ``w ← w − lr·m̂/d`` with ``d = √v̂ + eps``, floored
+    as below with ``prox="preconditioned"``) and then the proximal step of
     ``R = l1·Σ|w| + l2·Σw² + group_lasso·Σ_g √|g|·‖w_g‖₂``:
 
     - ``prox="preconditioned"`` (default): the exact proximal operator of ``R`` in Adam's own
-      metric, i.e. with the per-element step ``s = lr/d``:
+      metric, i.e. with the per-element step ``s = lr/d``, where Adam's denominator is taken no
+      smaller than the size of the penalty's gradient at the weights before the step,
+      ``d = max(√v̂ + eps, l1 + 2·l2·|w| + group_lasso·√|g|·|w|/‖w_g‖)``, in the update and the
+      prox alike. An element with no gradient history (``v̂ = 0``: an embedding row not in the
+      batch, a dead unit) or gradients smaller than the penalty's then gets the step Adam would
+      give it if the penalty's gradient were its gradient, so the penalty moves it by at most
+      about ``lr`` per step, instead of the step ``lr/eps`` that would wipe it. The prox is then:
       ``u = sign(w)·max(|w| − s·l1, 0)/(1 + 2·s·l2)`` per element, and per group the
       minimizer of ``Σ_i (x_i − u_i)²·(1 + 2·s_i·l2)/(2·s_i) + group_lasso·√|g|·‖x_g‖₂``: the
       group is 0 when ``‖u_g/a_g‖₂ ≤ 1`` (``a_i = group_lasso·√|g|·s_i/(1 + 2·s_i·l2)``), else

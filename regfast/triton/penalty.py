@@ -38,7 +38,8 @@ ASSIGN = tl.constexpr(2)
 
 
 @triton.jit
-def _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, abs_sum, sq_sum, l1_grad, l2_grad,
+def _penalty_block(w_ptr, g_ptr, coef_ptr, pre_ptr, offs, count, r, g, inner, ngroups, abs_sum, sq_sum, l1_grad,
+                   l2_grad,
                    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, HAS_L1: tl.constexpr,
                    HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE: tl.constexpr, VALUE: tl.constexpr,
                    MASKED: tl.constexpr):
@@ -56,7 +57,8 @@ def _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, ab
         if HAS_L2:
             grad += l2_grad * w
         if HAS_GROUPS:
-            grad += load(coef_ptr + group_ids(r, g, inner, ngroups, BLOCK), mask, MASKED) * w
+            ids = group_ids(r, g, inner, ngroups, BLOCK)
+            grad += load(coef_ptr + ids, mask, MASKED) * (w * load(pre_ptr + ids, mask, MASKED))
         if WRITE == ACCUMULATE:
             grad += load(g_ptr + offs, mask, MASKED).to(ACC)
         store(g_ptr + offs, grad.to(DTYPE), mask, MASKED)
@@ -65,7 +67,7 @@ def _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, ab
 
 @triton.jit(do_not_specialize=["n_work"])
 def _penalty_kernel(param_ptrs, grads, sizes, work, partials, n_work, l1: tl.float64, l2: tl.float64, scale_ptr,
-                    group_coefs, inner_table, ngroups_table, offsets,
+                    group_coefs, group_pres, inner_table, ngroups_table, offsets,
                     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                     HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE: tl.constexpr,
                     SCALED: tl.constexpr, VALUE: tl.constexpr, ALIGNED: tl.constexpr):
@@ -85,20 +87,23 @@ def _penalty_kernel(param_ptrs, grads, sizes, work, partials, n_work, l1: tl.flo
     # The group position of the first element of each block (without groups: unused zeros).
     inner, ngroups, r, g, step_r, step_g, coef_ptr = group_cursor(t, start, inner_table, ngroups_table, offsets,
                                                                 group_coefs, BLOCK, HAS_GROUPS)
+    pre_ptr = group_pres
+    if HAS_GROUPS:
+        pre_ptr = group_pres + tl.load(offsets + t)
     abs_sum = tl.zeros([BLOCK], dtype=ACC)
     sq_sum = tl.zeros([BLOCK], dtype=ACC)
     full = count - count % BLOCK
     for j in range(0, full, BLOCK):
         offs = tl.multiple_of(j, BLOCK) + tl.arange(0, BLOCK)
-        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, offs, count, r, g, inner, ngroups, abs_sum, sq_sum,
-                                         l1_grad, l2_grad, DTYPE, ACC, BLOCK, HAS_L1, HAS_L2, HAS_GROUPS, WRITE,
-                                         VALUE, False)
+        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, pre_ptr, offs, count, r, g, inner, ngroups,
+                                         abs_sum, sq_sum, l1_grad, l2_grad, DTYPE, ACC, BLOCK, HAS_L1, HAS_L2,
+                                         HAS_GROUPS, WRITE, VALUE, False)
         if HAS_GROUPS:
             r, g = group_advance(r, g, step_r, step_g, inner, ngroups)
     if full < count:
-        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, full + tl.arange(0, BLOCK), count, r, g, inner,
-                                         ngroups, abs_sum, sq_sum, l1_grad, l2_grad, DTYPE, ACC, BLOCK, HAS_L1,
-                                         HAS_L2, HAS_GROUPS, WRITE, VALUE, True)
+        abs_sum, sq_sum = _penalty_block(w_ptr, g_ptr, coef_ptr, pre_ptr, full + tl.arange(0, BLOCK), count, r, g,
+                                         inner, ngroups, abs_sum, sq_sum, l1_grad, l2_grad, DTYPE, ACC, BLOCK,
+                                         HAS_L1, HAS_L2, HAS_GROUPS, WRITE, VALUE, True)
     if VALUE:
         tl.store(partials + pid, l1_value * tl.sum(abs_sum, axis=0) + l2_value * tl.sum(sq_sum, axis=0))
 
@@ -124,16 +129,16 @@ def _run(params: list[Tensor], grads: list[Tensor] | None, l1: float, l2: float,
     partials = torch.zeros(n_values, dtype=acc, device=device) if value else None
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
-    group_coefs = unused
+    group_coefs = group_pres = unused
     if glay is not None:
         group_values = partials[n_partials:] if value else None
-        group_coefs = group_coefficients(table, aligned, lay, glay, dtype, group_lasso, values=group_values,
-                                         scale=scale)
+        group_coefs, group_pres = group_coefficients(table, aligned, lay, glay, dtype, group_lasso,
+                                                     values=group_values, scale=scale)
     if elementwise and lay.n_work:
         with on_device(device):
             _penalty_kernel[(lay.n_work,)](
                 table, grad_table, lay.sizes, lay.work, partials if value else unused, lay.n_work, l1, l2,
-                scale if scale is not None else unused, group_coefs,
+                scale if scale is not None else unused, group_coefs, group_pres,
                 glay.inner if glay is not None else unused, glay.ngroups if glay is not None else unused,
                 glay.offsets if glay is not None else unused,
                 DTYPE=tl_dtype(dtype), ACC=acc_tl_dtype(dtype), CHUNK=lay.chunk, BLOCK=block_size(dtype),

@@ -84,7 +84,7 @@ def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_
     glay = group_layout(work_params, groups) if group_lasso else None
     factors = unused
     if glay is not None:
-        factors = group_coefficients(table, aligned, lay, glay, dtype, group_lasso, lr=lr, l1=l1, l2=l2)
+        factors = group_coefficients(table, aligned, lay, glay, dtype, group_lasso, lr=lr, l1=l1, l2=l2)[0]
     if lay.n_work:
         with on_device(table.device):
             _prox_kernel[(lay.n_work,)](

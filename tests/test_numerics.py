@@ -1,0 +1,122 @@
+"""Group norms at the edges of each dtype's range, and reductions whose bits do not depend on the thread count.
+
+The expected values come from ``math.hypot`` (exact scaling, no overflow or underflow) on the float64
+values of the inputs; every CPU backend is checked: ``torch``, ``cpp`` and ``triton`` (in its
+interpreter), each forced for the call.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import use_backend
+
+import regfast
+from regfast import _dispatch
+
+BACKENDS = [b for b in ("torch", "cpp", "triton") if _dispatch.unavailable_reason(b, "cpu") is None]
+
+# (dtype, scale): weights of about `scale` whose squares leave the dtype's range (or its normal range) below
+# or above, and ordinary ones. float32 5e-42 and float64 1e-318 are subnormal themselves.
+EDGES = [(torch.float32, s) for s in (1e-25, 5e-42, 3e19, 2e36, 1.0)] + \
+        [(torch.bfloat16, s) for s in (1e-25, 3e19)] + \
+        [(torch.float16, s) for s in (1e-4, 300.0)] + \
+        [(torch.float64, s) for s in (1e-170, 1e-318, 1e160, 1e300, 1.0)]
+
+
+def _weights(dtype, scale, groups):
+    """A (3, 4) tensor with entries of mixed signs and sizes around ``scale``, one group all zeros."""
+    base = torch.tensor([[3.0, -4.0, 1.5, 0.25], [0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -0.5, 7.0]], dtype=torch.float64)
+    if groups == "col":
+        base[:, 1] = 0
+    return (base * scale).to(dtype)
+
+
+def _rows(w, groups):
+    w = w.to(torch.float64)
+    if groups == "tensor":
+        return [w.flatten().tolist()]
+    return (w if groups == "row" else w.t()).tolist()
+
+
+def _relative(actual, expected):
+    return abs(actual - expected) / abs(expected) if expected else abs(actual)
+
+
+def _tolerance(dtype, scale):
+    # Relative error of a result stored in `dtype`: a subnormal result has fewer significant bits.
+    info = torch.finfo(dtype)
+    if scale * 0.25 < info.smallest_normal:
+        return 4 * info.smallest_normal * info.eps / (scale * 0.25)
+    return 4 * info.eps if dtype != torch.float32 else 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", ["row", "col", "tensor"])
+@pytest.mark.parametrize("dtype, scale", EDGES, ids=[f"{str(d)[6:]}-{s:g}" for d, s in EDGES])
+def test_group_lasso_at_the_edges_of_the_range(backend, groups, dtype, scale):
+    w = _weights(dtype, scale, groups)
+    rows = _rows(w, groups)
+    size = len(rows[0])
+    norms = [math.hypot(*r) for r in rows]
+    gl = 0.5
+    tol = _tolerance(dtype, scale)
+    with use_backend(backend):
+        value = regfast.penalty([w], group_lasso=gl, groups=groups).item()
+        p = w.clone().requires_grad_()
+        p.grad = torch.zeros_like(p)
+        regfast.add_penalty_grad_([p], group_lasso=gl, groups=groups)
+        # A step that shrinks the largest group by half and zeroes the others.
+        big = max(norms)
+        x = w.clone()
+        regfast.prox_([x], lr=1.0, group_lasso=big / (2 * math.sqrt(size)), groups=groups)
+
+    expected = gl * math.sqrt(size) * sum(norms)
+    assert math.isfinite(value) and _relative(value, expected) <= 4 * tol, (value, expected)
+
+    grad_rows = _rows(p.grad, groups)
+    x_rows = _rows(x, groups)
+    for r, n, g, xr in zip(rows, norms, grad_rows, x_rows):
+        for v, gv, xv in zip(r, g, xr):
+            want = gl * math.sqrt(size) * v / n if n else 0.0
+            assert math.isfinite(gv) and abs(gv - want) <= tol * gl * math.sqrt(size), (gv, want)
+            factor = max(0.0, 1 - big / (2 * n)) if n else 0.0
+            # The result is rounded to `dtype`: compare with its spacing at the weights' scale.
+            assert abs(xv - v * factor) <= tol * abs(v), (xv, v, factor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norms_propagate_nan_and_inf(backend):
+    w = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0], [3.0, 4.0]])
+    with use_backend(backend):
+        p = w.clone().requires_grad_()
+        p.grad = torch.zeros_like(p)
+        regfast.add_penalty_grad_([p], group_lasso=1.0, groups="row")
+        x = w.clone()
+        regfast.prox_([x], lr=1.0, group_lasso=0.1, groups="row")
+    assert p.grad[0].isnan().all()
+    assert p.grad[1, 0].isnan() or p.grad[1, 0].isinf()  # inf / inf
+    assert torch.isfinite(p.grad[2]).all()
+    assert x[0].isnan().all() and torch.isfinite(x[2]).all()
+
+
+# The CPU backends that run on torch's threads (Triton's interpreter does not).
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reductions_do_not_depend_on_the_thread_count(backend, dtype):
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((300, 700), (70001,), (3, 50000))]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with use_backend(backend):
+                out = [regfast.penalty(params, l1=0.3, l2=0.2, group_lasso=0.1, groups=g) for g in ("row", "col")]
+                out += list(regfast.norms(params))
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), (a - b).abs().max()
