@@ -7,17 +7,22 @@
 // unscaled. norm_from_parts combines them.
 #pragma once
 
-#include <c10/macros/Macros.h>
-
 #include <cmath>
 #include <cstdint>
+
+// Host and device functions; no torch header, so that the .cu files build with nvcc alone.
+#if defined(__CUDACC__)
+#define REGFAST_HOST_DEVICE __host__ __device__
+#else
+#define REGFAST_HOST_DEVICE
+#endif
 
 namespace regfast {
 
 constexpr double kSmallSquare = 0x1p-511, kBigSquare = 0x1p486, kUpSmall = 0x1p537, kDownBig = 0x1p-538;
 
 // Whether a nonzero |u| is outside [2^-511, 2^486], where its unscaled square would leave double's range.
-C10_HOST_DEVICE inline bool out_of_range(double u) {
+REGFAST_HOST_DEVICE inline bool out_of_range(double u) {
   const double a = ::fabs(u);
   const bool big = a > kBigSquare, small = a < kSmallSquare, nonzero = a != 0;
   return big | (small & nonzero);  // bitwise: no branch, so the loops using it vectorize
@@ -25,7 +30,7 @@ C10_HOST_DEVICE inline bool out_of_range(double u) {
 
 // Adds u² to the kParts parts s[0] (small), s[stride] (unscaled), s[2·stride] (big); one part: s[0].
 template <int kParts>
-C10_HOST_DEVICE inline void add_square(double* s, int64_t stride, double u) {
+REGFAST_HOST_DEVICE inline void add_square(double* s, int64_t stride, double u) {
   if constexpr (kParts == 1) {
     s[0] += u * u;
   } else {
@@ -38,7 +43,7 @@ C10_HOST_DEVICE inline void add_square(double* s, int64_t stride, double u) {
 }
 
 // ‖u‖₂ from the parts of its square sum: one part (s[0]) or three (small, unscaled, big).
-C10_HOST_DEVICE inline double norm_from_parts(double small, double mid, double big, int parts) {
+REGFAST_HOST_DEVICE inline double norm_from_parts(double small, double mid, double big, int parts) {
   if (parts == 1) return ::sqrt(small);
   if (small != small || mid != mid || big != big) return small + mid + big;  // NaN
   if (big > 0) return ::sqrt(big + (mid * kDownBig) * kDownBig) / kDownBig;
