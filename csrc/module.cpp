@@ -18,8 +18,9 @@ TORCH_LIBRARY(regfast_C, m) {
   m.def(
       "prox_(Tensor(a!)[] params, Tensor? lr_tensor, float lr, float l1, float l2, float group_lasso, "
       "str groups) -> ()");
-  // The fused optimizer steps (the ops regfast::sgd_step_ / regfast::adamw_step_ without the
-  // group lasso, which regfast._ext leaves to the reference).
+  // The fused optimizer steps: the ops regfast::sgd_step_ / regfast::adamw_step_ without the group
+  // lasso, whose shrink needs every group's norm after the update (regfast.optim._ops runs the
+  // group passes of prox_ after the step, or the reference step in Adam's metric).
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor? lr_tensor, float lr, "
       "float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_buffers, "

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from .reference import group_dims, group_size
+from ._common import group_dims, group_size
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard

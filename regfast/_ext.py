@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import Lr
+from ._common import Lr
 
 REBUILD = "pip install --no-build-isolation -e . (or pip install --no-build-isolation regfast)"
 

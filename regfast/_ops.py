@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _dispatch
-from .reference import acc_dtype, penalty_differentiable, penalty_hvp
+from ._common import acc_dtype
+from .reference import penalty_differentiable, penalty_hvp
 
 # Tensor types the direct calls and the vectorized checks take (subclasses go the general way).
 PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}

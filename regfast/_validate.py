@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .reference import GROUPINGS
+from ._common import GROUPINGS
 
 
 def coefficient(name: str, value: Any) -> float:

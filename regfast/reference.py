@@ -27,36 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-Lr = float | Tensor
-
-GROUPINGS = ("row", "col", "tensor")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of ``dtype``: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def group_dims(t: Tensor, groups: str) -> tuple[int, ...] | None:
-    """Dims reduced to form the groups of ``t``; ``None`` means the whole tensor is one group.
-
-    ``"row"`` groups are slices along dim 0 (reduce over dims 1..), ``"col"`` slices along
-    dim 1 (reduce over dim 0 and dims 2..). Tensors with fewer than 2 dims are one group.
-    """
-    if groups == "tensor" or t.dim() < 2:
-        return None
-    if groups == "row":
-        return tuple(range(1, t.dim()))
-    return (0, *range(2, t.dim()))
-
-
-def group_size(t: Tensor, groups: str) -> int:
-    """Number of elements in each group of ``t`` (0 for a tensor with no elements)."""
-    dims = group_dims(t, groups)
-    if dims is None:
-        return t.numel()
-    return math.prod(t.shape[d] for d in dims)
-
+from ._common import Lr, acc_dtype, group_dims, group_size
 
 # Elements per row of a fixed-order reduction. A reduction with one output over more than 32768
 # elements is split across threads in a thread-count dependent order; a reduction of rows (many

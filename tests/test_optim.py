@@ -11,7 +11,7 @@ from helpers import DEVICES, make_params, use_backend
 from torch import nn
 
 import regfast
-from regfast import reference
+from regfast import _common, reference
 from regfast._dispatch import unavailable_reason
 from regfast.optim import ProxAdamW, Proximal, ProxSGD
 from regfast.optim import _ops as optim_ops
@@ -60,7 +60,7 @@ class MasterCopy:
 
     def __init__(self, params, make):
         self.params = params
-        self.copies = [nn.Parameter(p.detach().to(reference.acc_dtype(p.dtype)).clone()) for p in params]
+        self.copies = [nn.Parameter(p.detach().to(_common.acc_dtype(p.dtype)).clone()) for p in params]
         self.opt = make(self.copies)
 
     def step(self):
@@ -103,7 +103,7 @@ def test_prox_sgd_matches_torch_sgd(config, dtype, device):
     if config.get("momentum"):
         for p, c in zip(params, expected.copies):
             buf = opt.state[p]["momentum_buffer"]
-            assert buf.dtype == reference.acc_dtype(dtype)
+            assert buf.dtype == _common.acc_dtype(dtype)
             _close(buf, expected.opt.state[c]["momentum_buffer"], torch.float32 if dtype in LOW else dtype)
 
 
@@ -118,7 +118,7 @@ def test_prox_adamw_matches_torch_adamw(config, dtype, device):
     for p in params:
         state = opt.state[p]
         assert state["step"].item() == STEPS
-        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == reference.acc_dtype(dtype)
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == _common.acc_dtype(dtype)
 
 
 def test_tensor_lr_and_capturable_match_float_lr():
@@ -153,8 +153,8 @@ def _metric_prox_oracle(w, s, l1, l2, gl, groups):
     u = torch.sign(w) * torch.clamp(w.abs() - s * l1, min=0) / (1 + 2 * s * l2)
     if not gl or w.numel() == 0:
         return u
-    a = gl * math.sqrt(reference.group_size(w, groups)) * s / (1 + 2 * s * l2)
-    dims = reference.group_dims(w, groups)
+    a = gl * math.sqrt(_common.group_size(w, groups)) * s / (1 + 2 * s * l2)
+    dims = _common.group_dims(w, groups)
     move = (lambda t: t.reshape(1, -1)) if dims is None else (lambda t: t.movedim(0 if groups == "row" else 1, 0)
                                                               .reshape(t.shape[0 if groups == "row" else 1], -1))
     uu, aa = move(u), move(a)
@@ -200,9 +200,9 @@ def _penalty_gradient_oracle(w, l1, l2, gl, groups):
     w = w.double()
     out = l1 + 2 * l2 * w.abs()
     if gl and w.numel():
-        dims = reference.group_dims(w, groups)
+        dims = _common.group_dims(w, groups)
         norm = w.norm() if dims is None else w.norm(dim=dims, keepdim=True)
-        size = math.sqrt(reference.group_size(w, groups))
+        size = math.sqrt(_common.group_size(w, groups))
         out = out + gl * size * w.abs() / torch.where(norm == 0, torch.ones_like(norm), norm)
     return out
 
@@ -476,7 +476,7 @@ def test_state_dict_bitwise_resume(name, dtype):
         for p in resumed_params:
             for key, value in resumed.state[p].items():
                 if key != "step":
-                    assert value.dtype == reference.acc_dtype(dtype)
+                    assert value.dtype == _common.acc_dtype(dtype)
     _twin_steps([(params, opt), (resumed_params, resumed)], 4)
     for p, q in zip(params, resumed_params):
         assert torch.equal(p, q)

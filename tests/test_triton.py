@@ -12,7 +12,7 @@ import torch
 from helpers import DTYPES, EDGE_SHAPES, RTOL, assert_close, make_params, noncontiguous, to64, use_backend
 
 import regfast
-from regfast import reference
+from regfast import _common, reference
 
 rt = pytest.importorskip("regfast.triton")
 if rt.unavailable_reason() is None:
@@ -47,13 +47,13 @@ def check_backend(ts: list[torch.Tensor], hyper: dict, groups: str, lr: float | 
 
     per_l1, per_l2sq = rt.norms(ts)
     exp_l1, exp_l2sq = reference.norms(ref)
-    assert per_l1.dtype == reference.acc_dtype(dtype) and per_l1.shape == (len(ts),)
+    assert per_l1.dtype == _common.acc_dtype(dtype) and per_l1.shape == (len(ts),)
     assert_close(per_l1, exp_l1, dtype, scale=scale, rtol=_acc_rtol(dtype))
     assert_close(per_l2sq, exp_l2sq, dtype, scale=scale, rtol=_acc_rtol(dtype))
 
     expected_value = reference.penalty(ref, l1, l2, gl, groups)
     value = rt.penalty(ts, l1, l2, gl, groups)
-    assert value.dim() == 0 and value.dtype == reference.acc_dtype(dtype)
+    assert value.dim() == 0 and value.dtype == _common.acc_dtype(dtype)
     assert_close(value, expected_value, dtype, scale=scale, rtol=_acc_rtol(dtype))
 
     grads = make_params([t.shape for t in ts], dtype, ts[0].device)
@@ -65,7 +65,7 @@ def check_backend(ts: list[torch.Tensor], hyper: dict, groups: str, lr: float | 
         assert g.dtype == dtype
         assert_close(g, e, dtype)
 
-    upstream = torch.tensor(1.7, dtype=reference.acc_dtype(dtype), device=ts[0].device)
+    upstream = torch.tensor(1.7, dtype=_common.acc_dtype(dtype), device=ts[0].device)
     outs = rt.penalty_backward(upstream, ts, l1, l2, gl, groups)
     for out, e, t in zip(outs, reference.penalty_backward(upstream.cpu().double(), ref, l1, l2, gl, groups), ts):
         assert out.shape == t.shape and out.dtype == dtype

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._common import acc_dtype
 from .._ops import by_device_dtype, fast_grouping
 from .._validate import regularization
 from ..api import _LAYOUT, _matching
-from ..reference import acc_dtype
 
 _GRAD = attrgetter("grad")
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._common import Lr, acc_dtype
 from .._ops import bump_versions, direct_backend, lr_step
-from ..reference import Lr, acc_dtype
 from . import _reference
 
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference import Lr, acc_dtype, group_dims, group_norms, group_size
+from .._common import Lr, acc_dtype, group_dims, group_size
+from ..reference import group_norms
 
 # Newton steps of the group shrink in a diagonal metric. The iterates rise monotonically to the
 # root and converge quadratically; with thresholds spread over 14 orders of magnitude, 6 steps

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..reference import acc_dtype
+from .._common import acc_dtype
 from . import _ops
 from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import acc_dtype
+from .._common import acc_dtype
 from .functors import clamp_min_zero, elastic_net, load, prox_step, scalar
 from .launcher import (
     LAUNCH_OPTIONS,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import acc_dtype
+from .._common import acc_dtype
 from .functors import load
 from .launcher import (
     LAUNCH_OPTIONS,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import Lr, acc_dtype
+from .._common import Lr, acc_dtype
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
     LAUNCH_OPTIONS,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import acc_dtype
+from .._common import acc_dtype
 from .functors import group_advance, group_cursor, group_ids, load, scalar, sign, store
 from .group import group_coefficients
 from .launcher import (

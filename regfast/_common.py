@@ -1,0 +1,42 @@
+"""What every layer shares: the accumulation dtype, the lr kinds, the groupings and group shapes.
+
+Imported by the public API, the op layer and every backend alike (it imports none of them), so that
+:mod:`regfast.reference` is only the spec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Lr = float | Tensor
+
+GROUPINGS = ("row", "col", "tensor")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_dims(t: Tensor, groups: str) -> tuple[int, ...] | None:
+    """Dims reduced to form the groups of ``t``; ``None`` means the whole tensor is one group.
+
+    ``"row"`` groups are slices along dim 0 (reduce over dims 1..), ``"col"`` slices along
+    dim 1 (reduce over dim 0 and dims 2..). Tensors with fewer than 2 dims are one group.
+    """
+    if groups == "tensor" or t.dim() < 2:
+        return None
+    if groups == "row":
+        return tuple(range(1, t.dim()))
+    return (0, *range(2, t.dim()))
+
+
+def group_size(t: Tensor, groups: str) -> int:
+    """Number of elements in each group of ``t`` (0 for a tensor with no elements)."""
+    dims = group_dims(t, groups)
+    if dims is None:
+        return t.numel()
+    return math.prod(t.shape[d] for d in dims)
