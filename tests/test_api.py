@@ -26,10 +26,15 @@ def _kw(h):
     return dict(l1=h.get("l1", 0.0), l2=h.get("l2", 0.0), gl=h.get("group_lasso", 0.0))
 
 
-@pytest.fixture(params=["auto", "torch"])
-def backend(request):
-    """The automatically chosen backend, and the ``torch`` one (the spec, ``regfast/reference.py``) forced, so
-    that the spec meets the oracle even where a compiled backend is chosen by default."""
+@pytest.fixture(params=["auto", "torch", "triton"])
+def backend(request, device):
+    """The automatically chosen backend, and each other one forced where it can serve ``device`` (the ``torch``
+    one is the spec, ``regfast/reference.py``; Triton runs in its interpreter on CPU tensors), so that every
+    backend meets the oracle, not only the one chosen by default."""
+    if request.param != "auto":
+        reason = unavailable_reason(request.param, device)
+        if reason:
+            pytest.skip(reason)
     with use_backend(None if request.param == "auto" else request.param):
         yield request.param
 
