@@ -35,20 +35,24 @@ using cpu::write_back;
 
 constexpr int kLanes = 16;
 
+// The kLanes values of v summed pairwise, in a fixed order.
+template <typename A>
+inline A pairwise_total(const A* v) {
+  A s[kLanes];
+  std::copy(v, v + kLanes, s);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) s[j] += s[j + width];
+  }
+  return s[0];
+}
+
 template <typename A>
 struct LaneSum {
   A v[kLanes];
 
   LaneSum() { std::fill(v, v + kLanes, A(0)); }
 
-  A total() const {
-    A s[kLanes];
-    std::copy(v, v + kLanes, s);
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int j = 0; j < width; ++j) s[j] += s[j + width];
-    }
-    return s[0];
-  }
+  A total() const { return pairwise_total(v); }
 };
 
 // Calls body(i, lane) for i in [begin, end): whole rounds of kLanes first, so that the lane
@@ -118,15 +122,6 @@ inline void norms_run(const T* __restrict__ w, int64_t begin, int64_t end, LaneS
 // Parts of a group's square sum (see norm_parts.h): three for double, one otherwise.
 template <typename A>
 constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
-
-inline double pairwise_total(const double* v) {
-  double s[kLanes];
-  std::copy(v, v + kLanes, s);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) s[j] += s[j + width];
-  }
-  return s[0];
-}
 
 // Σ f(w)² over a run in lane order (see norms_run), unscaled, into *out; for double also whether an
 // element is out of range (then the run is summed again by parts, see square_parts_run).
@@ -417,8 +412,9 @@ std::vector<GroupShape> shapes_of(const std::vector<at::Tensor>& ts, Grouping gr
 }
 
 // One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
-// [begin, end), adding |w| and w² to the lane sums (scale(i)·p(i) is 2·l2 plus the group coefficient). The sums live in local arrays and the pointers
-// are restrict-qualified so that the stores to `out` cannot alias them and the loop vectorizes.
+// [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums.
+// The sums live in local arrays and the pointers are restrict-qualified so that the stores to `out`
+// cannot alias them and the loop vectorizes.
 template <typename T, bool kL1, bool kLin, bool kAccumulate, typename A, typename Scale>
 inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
                      Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
@@ -639,7 +635,7 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
   };
   const size_t nt = ws.size();
   std::vector<GroupShape> shapes;
-  std::vector<A> scales, pres;
+  std::vector<A> scales;
   std::vector<int64_t> scale_offsets;
   if (gl != 0) {
     shapes = shapes_of(ws, grouping);
@@ -657,7 +653,6 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
       }
     }
     scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
-    pres.assign(scales.size(), A(1));
   } else {
     shapes.assign(nt, GroupShape{1, 1, 1});
   }
@@ -668,8 +663,8 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, double l1, double l
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
       T* w = ws[ch.tensor].data_ptr<T>();
       const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
-      const A* pr = kGroup ? pres.data() + scale_offsets[ch.tensor] : nullptr;
-      for_scale_runs(shapes[ch.tensor], sc, pr, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+      // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
+      for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
         for (int64_t i = b; i < e; ++i) {
           A x = static_cast<A>(w[i]);
           if constexpr (kT) x = x - soft_clamp(x, t);
