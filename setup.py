@@ -29,7 +29,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext as setuptools_build_ext
 
 CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu_kernels.cpp", "csrc/optim_cpu.cpp", "csrc/optim_cpu_kernels.cpp",
-               "csrc/optim_cpu_fma.cpp"]
+               "csrc/optim_cpu_fma.cpp", "csrc/optim_group.cpp"]
 CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/norms.cu", "csrc/penalty.cu", "csrc/prox.cu", "csrc/optim.cu"]
 BUILD_INFO = "_build_info.py"
 REBUILD = "pip install --no-build-isolation -e . (or pip install --no-build-isolation regfast)"

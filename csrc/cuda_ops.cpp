@@ -22,6 +22,7 @@
 
 #include "groups.h"
 #include "launch.h"
+#include "optim_group.h"
 
 namespace regfast {
 namespace {
@@ -346,15 +347,11 @@ at::Tensor penalty_from_partials(const at::Tensor& partials, int64_t nitems, dou
   return value;
 }
 
-at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                         const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
-                         bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
-                         bool compute_penalty) {
-  if (momentum != 0) {
-    check_step_lists(params, grads, {momentum_buffers});
-  } else {
-    check_step_lists(params, grads, {});
-  }
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                     bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                     bool compute_penalty) {
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
@@ -416,19 +413,12 @@ at::Tensor bias_corrections(at::TensorList steps, const at::Tensor& lr_dev, doub
   return at::stack({at::stack(bc1), at::stack(bc2)}, 1).reshape({2 * n}).to(opts.dtype());
 }
 
-at::Tensor adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                           const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
-                           c10::string_view prox, bool compute_penalty) {
-  if (amsgrad) {
-    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
-  } else {
-    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs});
-  }
-  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
-  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
-              std::string(prox), "'");
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                       c10::string_view prox, bool compute_penalty) {
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
@@ -459,6 +449,60 @@ at::Tensor adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   write_back(exp_avg_sqs, m2);
   if (amsgrad) write_back(max_exp_avg_sqs, mx);
   return penalty_from_partials(partials, dl.nitems, l1, l2, opts);
+}
+
+at::Tensor sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                         const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                         bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                         double group_lasso, c10::string_view groups, bool compute_penalty) {
+  if (momentum != 0) {
+    check_step_lists(params, grads, {momentum_buffers});
+  } else {
+    check_step_lists(params, grads, {});
+  }
+  if (group_lasso == 0) {
+    return sgd_fused(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay,
+                     maximize, init_buffers, l1, l2, compute_penalty);
+  }
+  return step_then_group_shrink(
+      params, grads,
+      [&](at::TensorList ps, at::TensorList gs) {
+        sgd_fused(ps, gs, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                  init_buffers, l1, l2, false);
+      },
+      lr_tensor, lr, l1, l2, group_lasso, groups, compute_penalty);
+}
+
+at::Tensor adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                           const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                           double group_lasso, c10::string_view groups, c10::string_view prox,
+                           bool compute_penalty) {
+  if (amsgrad) {
+    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
+  } else {
+    check_step_lists(params, grads, {exp_avgs, exp_avg_sqs});
+  }
+  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
+  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
+              std::string(prox), "'");
+  if (group_lasso == 0) {
+    return adamw_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                       weight_decay, amsgrad, maximize, l1, l2, prox, compute_penalty);
+  }
+  if (prox == "preconditioned") {
+    return adamw_metric_group_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
+                                   beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
+                                   compute_penalty);
+  }
+  return step_then_group_shrink(
+      params, grads,
+      [&](at::TensorList ps, at::TensorList gs) {
+        adamw_fused(ps, gs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                    weight_decay, amsgrad, maximize, l1, l2, prox, false);
+      },
+      lr_tensor, lr, l1, l2, group_lasso, groups, compute_penalty);
 }
 
 }  // namespace

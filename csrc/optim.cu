@@ -2,7 +2,7 @@
 // of the new params, one read and one write of every param and state element.
 //
 // The arithmetic follows csrc/optim_cpu_math.h (the operation order of torch's foreach SGD /
-// AdamW as regfast/optim/_reference.py mirrors it); here every a·b + c of the reference is an
+// AdamW as regfast/reference/optim.py mirrors it); here every a·b + c of the reference is an
 // fma, as CUDA's ATen kernels compile them.
 #include "launch.h"
 #include "reduce.cuh"

@@ -3,7 +3,7 @@
 // penalty of the new params in the same pass (one partial per chunk, summed in list order, so
 // the result does not depend on the thread count).
 //
-// The scalars are prepared here exactly as the reference (regfast/optim/_reference.py) computes
+// The scalars are prepared here exactly as the reference (regfast/reference/optim.py) computes
 // them: in double from Python floats, in the accumulation dtype from a tensor lr; the loops are
 // in optim_cpu_math.h.
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include "cpu_work_list.h"
 #include "groups.h"
 #include "optim_cpu.h"
+#include "optim_group.h"
 
 namespace regfast {
 namespace {
@@ -124,12 +125,11 @@ at::Tensor chunked_pass(const std::vector<at::Tensor>& ws, bool penalty, double 
   return at::scalar_tensor(value, ws[0].options().dtype(acc));
 }
 
-at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                        const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
-                        bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
-                        bool compute_penalty) {
-  check_params_and_grads(params, grads);
-  if (momentum != 0) check_state(momentum_buffers, params, "momentum_buffers");
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                     bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                     bool compute_penalty) {
   const auto acc = acc_type(params[0].scalar_type());
   SgdArgs args{};
   args.elem = elem_of(params[0].scalar_type());
@@ -194,18 +194,12 @@ void bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_
   }
 }
 
-at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                          const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                          double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
-                          c10::string_view prox, bool compute_penalty) {
-  check_params_and_grads(params, grads);
-  check_state(exp_avgs, params, "exp_avgs");
-  check_state(exp_avg_sqs, params, "exp_avg_sqs");
-  if (amsgrad) check_state(max_exp_avg_sqs, params, "max_exp_avg_sqs");
-  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
-  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
-              std::string(prox), "'");
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                       c10::string_view prox, bool compute_penalty) {
   const auto acc = acc_type(params[0].scalar_type());
   AdamWArgs args{};
   args.elem = elem_of(params[0].scalar_type());
@@ -256,6 +250,55 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   cpu::write_back(exp_avg_sqs, m2);
   if (amsgrad) cpu::write_back(max_exp_avg_sqs, mx);
   return value;
+}
+
+at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                        const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                        bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                        double group_lasso, c10::string_view groups, bool compute_penalty) {
+  check_params_and_grads(params, grads);
+  if (momentum != 0) check_state(momentum_buffers, params, "momentum_buffers");
+  if (group_lasso == 0) {
+    return sgd_fused(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay,
+                     maximize, init_buffers, l1, l2, compute_penalty);
+  }
+  return step_then_group_shrink(
+      params, grads,
+      [&](at::TensorList ps, at::TensorList gs) {
+        sgd_fused(ps, gs, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                  init_buffers, l1, l2, false);
+      },
+      lr_tensor, lr, l1, l2, group_lasso, groups, compute_penalty);
+}
+
+at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                          double group_lasso, c10::string_view groups, c10::string_view prox, bool compute_penalty) {
+  check_params_and_grads(params, grads);
+  check_state(exp_avgs, params, "exp_avgs");
+  check_state(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) check_state(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  TORCH_CHECK(steps.size() == params.size(), "steps and params differ in length");
+  TORCH_CHECK(prox == "lr" || prox == "preconditioned", "prox must be 'lr' or 'preconditioned', got '",
+              std::string(prox), "'");
+  if (group_lasso == 0) {
+    return adamw_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                       weight_decay, amsgrad, maximize, l1, l2, prox, compute_penalty);
+  }
+  if (prox == "preconditioned") {
+    return adamw_metric_group_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
+                                   beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
+                                   compute_penalty);
+  }
+  return step_then_group_shrink(
+      params, grads,
+      [&](at::TensorList ps, at::TensorList gs) {
+        adamw_fused(ps, gs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                    weight_decay, amsgrad, maximize, l1, l2, prox, false);
+      },
+      lr_tensor, lr, l1, l2, group_lasso, groups, compute_penalty);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // The arithmetic of the fused optimizer steps on the CPU, element by element, in the operation
-// order of torch's foreach SGD / AdamW (as regfast/optim/_reference.py mirrors them), so that
+// order of torch's foreach SGD / AdamW (as regfast/reference/optim.py mirrors them), so that
 // the results carry the same bits. Included by optim_cpu_kernels.cpp and optim_cpu_fma.cpp only.
 //
 // Each ATen op of the reference rounds once: w.add_(g, alpha) and lerp_ and addcmul_ are one

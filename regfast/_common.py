@@ -21,6 +21,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def lr_step(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> Lr:
+    """The step of an op's ``(lr_tensor, lr)`` pair: ``lr``, or ``lr_tensor`` on the params' device in their
+    accumulation dtype."""
+    return lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
+
+
 def group_dims(t: Tensor, groups: str) -> tuple[int, ...] | None:
     """Dims reduced to form the groups of ``t``; ``None`` means the whole tensor is one group.
 

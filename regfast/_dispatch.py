@@ -1,11 +1,11 @@
 """Which backend serves a call, and why the others do not.
 
-Backends implement the same functions as :mod:`regfast.reference` for one (device, dtype)
-group of tensors:
+Every backend implements each op of :mod:`regfast._schema` under its name, with its schema's
+arguments, for one (device, dtype) group of tensors:
 
 - ``torch``: :mod:`regfast.reference`, pure PyTorch, any device;
-- ``cpp``: the compiled extension's CPU kernels (``regfast._C``), CPU tensors;
-- ``cuda``: the compiled extension's CUDA kernels (``regfast._C``), CUDA tensors;
+- ``cpp``: the compiled extension's CPU kernels (``torch.ops.regfast_C``), CPU tensors;
+- ``cuda``: the compiled extension's CUDA kernels (``torch.ops.regfast_C``), CUDA tensors;
 - ``triton``: :mod:`regfast.triton`, CUDA tensors, or CPU tensors when Triton runs in its
   interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 
@@ -118,11 +118,12 @@ def select_name(device: torch.device) -> str:
     return "torch"
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module that serves tensors on ``device``."""
-    module = _load(select_name(device))
+def select(device: torch.device):
+    """The backend that serves tensors on ``device``: an object with one function per op."""
+    name = select_name(device)
+    module = _load(name)
     assert module is not None
-    return module
+    return module.OPS if name in ("cpp", "cuda") else module
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Every regfast operation as a ``torch.library`` custom op in the ``regfast`` namespace.
+"""Every regfast operation as a ``torch.library`` custom op in the ``regfast`` namespace: the op layer.
 
 Each op serves one (device, dtype) group: a non-empty list of tensors sharing a device and a
-floating dtype (:mod:`regfast.api` groups, validates and sums). The schemas say what each op
-mutates; each op has a fake implementation for tracing and the differentiable one registers
-its autograd formula. The real implementation asks :mod:`regfast._dispatch` which backend
-serves the group's device and calls that backend's function of the same name.
+floating dtype (:mod:`regfast.api` and :mod:`regfast.optim` group, validate and sum). Its schema is
+the one of :mod:`regfast._schema`; it has a fake implementation for tracing, and ``penalty`` /
+``penalty_backward`` register their autograd formulas. The real implementation asks
+:mod:`regfast._dispatch` which backend serves the group's device and calls that backend's function
+of the same name with the same arguments: every backend implements the whole contract.
+
+:func:`call` is how the layers above call an op: straight to the backend in eager mode when
+nothing could observe the difference (:func:`direct_backend`), through the custom op otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch
+from . import _dispatch, _ext
 from ._common import acc_dtype
+from ._schema import SCHEMAS, mutated
 from .reference import penalty_differentiable, penalty_hvp
 
 # Tensor types the direct calls and the vectorized checks take (subclasses go the general way).
@@ -97,73 +102,63 @@ def direct_backend(params: list[Tensor], *others: list[Tensor]) -> ModuleType | 
     return _backend(params)
 
 
-def lr_step(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> float | Tensor:
-    """The step the backends take: ``lr``, or ``lr_tensor`` on the params' device in their accumulation dtype."""
-    return lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
+def _params_of(name: str, args: tuple):
+    """The params of a call of op ``name`` (its first tensor list)."""
+    return args[1] if name == "penalty_backward" else args[0]
 
 
-def run_norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """:func:`norms` of one group, straight to the backend when :func:`direct_backend` allows."""
-    backend = direct_backend(params)
-    return backend.norms(params) if backend is not None else norms(params)
+def _new_scalar(params: list[Tensor], *_) -> Tensor:
+    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
 
 
-def run_add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, group_lasso: float,
-                          groups: str) -> Tensor:
-    """:func:`add_penalty_grad_` of one group, straight to the backend when :func:`direct_backend` allows."""
-    backend = direct_backend(params, grads)
-    if backend is None:
-        return add_penalty_grad_(params, grads, l1, l2, group_lasso, groups)
-    value = backend.add_penalty_grad_(params, grads, l1, l2, group_lasso, groups)
-    bump_versions(grads)
-    return value
-
-
-def run_prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
-              group_lasso: float, groups: str) -> None:
-    """:func:`prox_` of one group, straight to the backend when :func:`direct_backend` allows."""
-    backend = direct_backend(params)
-    if backend is None:
-        prox_(params, lr_tensor, lr, l1, l2, group_lasso, groups)
-        return
-    backend.prox_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
-    bump_versions(params)
-
-
-@torch.library.custom_op("regfast::norms", mutates_args=())
-def norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-tensor Σ|w| and Σw², each 1-D of ``len(params)`` in the accumulation dtype."""
-    return _backend(params).norms(params)
-
-
-@norms.register_fake
-def _(params: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _fake_norms(params: list[Tensor]) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(params[0].dtype)
     return params[0].new_empty(len(params), dtype=acc), params[0].new_empty(len(params), dtype=acc)
 
 
-@torch.library.custom_op("regfast::penalty", mutates_args=())
-def penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
-    """The penalty value, a 0-dim tensor in the accumulation dtype."""
-    return _backend(params).penalty(params, l1, l2, group_lasso, groups)
-
-
-@penalty.register_fake
-def _(params: list[Tensor], l1: float, l2: float, group_lasso: float, groups: str) -> Tensor:
-    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
-
-
-@torch.library.custom_op("regfast::penalty_backward", mutates_args=())
-def penalty_backward(grad: Tensor, params: list[Tensor], l1: float, l2: float,
-                     group_lasso: float, groups: str) -> list[Tensor]:
-    """``grad`` (0-dim) times the penalty's gradient: one new tensor per param."""
-    return _backend(params).penalty_backward(grad, params, l1, l2, group_lasso, groups)
-
-
-@penalty_backward.register_fake
-def _(grad: Tensor, params: list[Tensor], l1: float, l2: float, group_lasso: float,
-      groups: str) -> list[Tensor]:
+def _fake_penalty_backward(grad: Tensor, params: list[Tensor], *_) -> list[Tensor]:
     return [torch.empty_like(p) for p in params]
+
+
+def _fake_none(*_) -> None:
+    return None
+
+
+# What each op returns, for tracing: shapes and dtypes only.
+_FAKES = {"norms": _fake_norms, "penalty": _new_scalar, "penalty_backward": _fake_penalty_backward,
+          "add_penalty_grad_": _new_scalar, "prox_": _fake_none, "sgd_step_": _new_scalar,
+          "adamw_step_": _new_scalar}
+
+
+def _define(name: str):
+    def implementation(*args):
+        return getattr(_backend(_params_of(name, args)), name)(*args)
+
+    implementation.__name__ = name
+    op = torch.library.custom_op(f"regfast::{name}", implementation, mutates_args=mutated(name),
+                                 schema=SCHEMAS[name])
+    op.register_fake(_FAKES[name])
+    return op
+
+
+norms, penalty, penalty_backward, add_penalty_grad_, prox_, sgd_step_, adamw_step_ = map(_define, SCHEMAS)
+_ext.define_ops(SCHEMAS)
+
+# Per op, the positions of the tensor lists it writes (bumped after a direct call).
+_WRITTEN = {name: tuple(i for i, arg in enumerate(getattr(torch.ops.regfast, name).default._schema.arguments)
+                        if arg.name in mutated(name)) for name in SCHEMAS}
+_OPS = {name: getattr(torch.ops.regfast, name) for name in SCHEMAS}
+
+
+def call(name: str, *args):
+    """Op ``name`` on one group, with its schema's arguments: straight to the backend when
+    :func:`direct_backend` allows (then the written tensors' version counters are bumped), else the op."""
+    backend = direct_backend(*(arg for arg in args if isinstance(arg, list)))
+    if backend is None:
+        return _OPS[name](*args)
+    value = getattr(backend, name)(*args)
+    bump_versions(*(args[i] for i in _WRITTEN[name]))
+    return value
 
 
 def _penalty_setup_context(ctx, inputs, output) -> None:
@@ -203,32 +198,6 @@ def _penalty_backward_backward(ctx, grad_outputs: list[Tensor]):
 
 
 penalty_backward.register_autograd(_penalty_backward_backward, setup_context=_penalty_backward_setup_context)
-
-
-@torch.library.custom_op("regfast::add_penalty_grad_", mutates_args=("grads",))
-def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float,
-                      group_lasso: float, groups: str) -> Tensor:
-    """``grads[i] += ∇penalty(params[i])`` in place; returns the penalty value (accumulation dtype)."""
-    return _backend(params).add_penalty_grad_(params, grads, l1, l2, group_lasso, groups)
-
-
-@add_penalty_grad_.register_fake
-def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, group_lasso: float,
-      groups: str) -> Tensor:
-    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
-
-
-@torch.library.custom_op("regfast::prox_", mutates_args=("params",))
-def prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
-          group_lasso: float, groups: str) -> None:
-    """The proximal step in place; the step is ``lr_tensor`` (0-dim) when given, else ``lr``."""
-    _backend(params).prox_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
-
-
-@prox_.register_fake
-def _(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float,
-      group_lasso: float, groups: str) -> None:
-    return None
 
 
 class _DirectPenalty(torch.autograd.Function):

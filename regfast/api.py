@@ -233,7 +233,7 @@ def norms(params: Params) -> Norms:
     with torch.no_grad():
         groups, distributed = _partition(tensors)
         dtype = _result_dtype(tensors, groups, distributed)
-        results = [_ops.run_norms(_pick(tensors, idx)) for idx in groups]
+        results = [_ops.call("norms", _pick(tensors, idx)) for idx in groups]
         if distributed:
             groups.append(distributed)
             results.append(_distributed.norms([tensors[i] for i in distributed]))
@@ -297,7 +297,7 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
     with torch.no_grad():
         for i in missing:
             grads[i] = tensors[i].grad = torch.zeros_like(tensors[i])
-        values = [_ops.run_add_penalty_grad_(_pick(tensors, idx), _pick(grads, idx), l1, l2, group_lasso, groups)
+        values = [_ops.call("add_penalty_grad_", _pick(tensors, idx), _pick(grads, idx), l1, l2, group_lasso, groups)
                   for idx in plain]
         if distributed:
             values.append(_distributed.add_penalty_grad_([tensors[i] for i in distributed],
@@ -337,7 +337,7 @@ def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, 
     with torch.no_grad():
         plain, distributed = _partition(tensors)
         for idx in plain:
-            _ops.run_prox_(_pick(tensors, idx), lr_tensor, lr_float, l1, l2, group_lasso, groups)
+            _ops.call("prox_", _pick(tensors, idx), lr_tensor, lr_float, l1, l2, group_lasso, groups)
         if distributed:
             _distributed.prox_([tensors[i] for i in distributed], [names[i] for i in distributed],
                                lr_float if lr_tensor is None else lr_tensor, l1, l2, group_lasso, groups)

@@ -29,7 +29,7 @@ def _kw(h):
 @pytest.fixture(params=["auto", "torch", "triton"])
 def backend(request, device):
     """The automatically chosen backend, and each other one forced where it can serve ``device`` (the ``torch``
-    one is the spec, ``regfast/reference.py``; Triton runs in its interpreter on CPU tensors), so that every
+    one is the spec, ``regfast/reference``; Triton runs in its interpreter on CPU tensors), so that every
     backend meets the oracle, not only the one chosen by default."""
     if request.param != "auto":
         reason = unavailable_reason(request.param, device)

@@ -84,7 +84,7 @@ def test_norms_edge_shapes(backend, device, dtype):
     ts = make_params(EDGE_SHAPES, dtype, device)
     with use_backend(backend):
         for layout in (ts, [noncontiguous(t) for t in ts]):
-            per_l1, per_l2sq = _ext.norms(layout)
+            per_l1, per_l2sq = _ext.OPS.norms(layout)
             n = regfast.norms(layout)
             ref = to64(ts)
             acc = _value_dtype(dtype)
@@ -117,11 +117,11 @@ def test_noncontiguous(backend, device, groups):
         grads = [noncontiguous(torch.randn(t.shape, dtype=dtype, device=device)) for t in ts]
         before = [g.clone() for g in grads]
         params = [t.clone() for t in ts]
-        _ext.add_penalty_grad_(params, grads, 0.1, 0.2, 0.3, groups)
+        _ext.OPS.add_penalty_grad_(params, grads, 0.1, 0.2, 0.3, groups)
         for p, g, b in zip(params, grads, before):
             assert_close(g, b.double() + oracle.grad(p.double(), 0.1, 0.2, 0.3, groups), dtype, scale=2.0)
         stepped = [noncontiguous(t.contiguous()) for t in ts]
-        _ext.prox_(stepped, 0.1, 0.1, 0.2, 0.3, groups)
+        _ext.OPS.prox_(stepped, None, 0.1, 0.1, 0.2, 0.3, groups)
         for s, t in zip(stepped, ts):
             assert not s.is_contiguous()
             assert_close(s, oracle.prox(t.double(), 0.1, 0.1, 0.2, 0.3, groups), dtype)
@@ -133,7 +133,7 @@ def test_chunk_edges_and_many_tensors(backend, device, dtype):
     shapes = CHUNK_SHAPES + [(int(s),) for s in torch.randint(0, 40, (300,))] + [(3, 4), (5, 1, 2)] * 10
     ts = make_params(shapes, dtype, device)
     with use_backend(backend):
-        per_l1, per_l2sq = _ext.norms(ts)
+        per_l1, per_l2sq = _ext.OPS.norms(ts)
         ref = to64(ts)
         assert_close(per_l1, torch.stack([t.abs().sum() for t in ref]), _value_dtype(dtype))
         assert_close(per_l2sq, torch.stack([(t * t).sum() for t in ref]), _value_dtype(dtype))
@@ -154,7 +154,7 @@ def test_lr_tensor(backend, device, dtype):
                 for s, t in zip(stepped, ts):
                     assert_close(s, oracle.prox(t.double(), 0.05, groups=groups, **_kw(h)), dtype)
                 direct = [t.clone() for t in ts]
-                _ext.prox_(direct, lr.to(_value_dtype(dtype)), groups=groups, **{k: h.get(k, 0.0)
+                _ext.OPS.prox_(direct, lr.to(_value_dtype(dtype)), 0.0, groups=groups, **{k: h.get(k, 0.0)
                                                                                   for k in ("l1", "l2", "group_lasso")})
                 for a, b in zip(direct, stepped):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -167,13 +167,13 @@ def test_nan_and_inf_propagate(backend, device, groups):
     ts[0][2, 3] = float("nan")
     ts[1][5] = float("inf")
     with use_backend(backend):
-        per_l1, per_l2sq = _ext.norms(ts)
+        per_l1, per_l2sq = _ext.OPS.norms(ts)
         assert per_l1[0].isnan() and per_l2sq[0].isnan() and per_l1[1].isinf() and per_l2sq[1].isinf()
         assert torch.isfinite(per_l1[2]) and torch.isfinite(per_l2sq[2])
         for h in HYPERS:
             assert regfast.penalty(ts, groups=groups, **h).isnan()
             grads = [torch.zeros_like(t) for t in ts]
-            _ext.add_penalty_grad_(ts, grads, h.get("l1", 0.0), h.get("l2", 0.0), h.get("group_lasso", 0.0), groups)
+            _ext.OPS.add_penalty_grad_(ts, grads, h.get("l1", 0.0), h.get("l2", 0.0), h.get("group_lasso", 0.0), groups)
             assert grads[0][2, 3].isnan()
             assert torch.isfinite(grads[2]).all()
             stepped = [t.clone() for t in ts]
@@ -194,11 +194,11 @@ def test_deterministic_across_thread_counts(backend, device, dtype):
     def run():
         grads = [torch.ones_like(t) for t in ts]
         stepped = [t.clone() for t in ts]
-        out = [*_ext.norms(ts)]
+        out = [*_ext.OPS.norms(ts)]
         for groups in GROUPINGS:
-            out.append(_ext.penalty(ts, 0.1, 0.2, 0.3, groups))
-            out.append(_ext.add_penalty_grad_(ts, grads, 0.1, 0.2, 0.3, groups))
-            _ext.prox_(stepped, 0.01, 0.1, 0.2, 0.3, groups)
+            out.append(_ext.OPS.penalty(ts, 0.1, 0.2, 0.3, groups))
+            out.append(_ext.OPS.add_penalty_grad_(ts, grads, 0.1, 0.2, 0.3, groups))
+            _ext.OPS.prox_(stepped, None, 0.01, 0.1, 0.2, 0.3, groups)
         return out + grads + stepped
 
     with use_backend(backend):
@@ -223,21 +223,21 @@ def test_group_lasso_groupings_and_zero_groups(backend, device):
     with use_backend(backend):
         for groups in GROUPINGS:
             expected = oracle.penalty([w.cpu(), v.cpu()], gl=0.7, groups=groups)
-            assert_close(_ext.penalty([w, v], 0.0, 0.0, 0.7, groups), expected, torch.float64)
-            out = _ext.penalty_backward(torch.tensor(2.0, dtype=torch.float64, device=device), [w, v],
+            assert_close(_ext.OPS.penalty([w, v], 0.0, 0.0, 0.7, groups), expected, torch.float64)
+            out = _ext.OPS.penalty_backward(torch.tensor(2.0, dtype=torch.float64, device=device), [w, v],
                                         0.0, 0.0, 0.7, groups)
             assert_close(out[0], 2 * oracle.grad(w.cpu(), gl=0.7, groups=groups), torch.float64)
             assert_close(out[1], 2 * oracle.grad(v.cpu(), gl=0.7, groups=groups), torch.float64)
             for lr in (0.01, 10.0):
                 stepped = [w.clone(), v.clone()]
-                _ext.prox_(stepped, lr, 0.0, 0.0, 0.7, groups)
+                _ext.OPS.prox_(stepped, None, lr, 0.0, 0.0, 0.7, groups)
                 assert_close(stepped[0], oracle.prox(w.cpu(), lr, gl=0.7, groups=groups), torch.float64)
                 assert_close(stepped[1], oracle.prox(v.cpu(), lr, gl=0.7, groups=groups), torch.float64)
         # A large step zeroes every group exactly; the "tensor" group norm scales with √numel.
         big = [w.clone()]
-        _ext.prox_(big, 100.0, 0.0, 0.0, 0.7, "tensor")
+        _ext.OPS.prox_(big, None, 100.0, 0.0, 0.0, 0.7, "tensor")
         assert (big[0] == 0).all()
-        assert math.isclose(float(_ext.penalty([w], 0.0, 0.0, 1.0, "tensor")),
+        assert math.isclose(float(_ext.OPS.penalty([w], 0.0, 0.0, 1.0, "tensor")),
                             math.sqrt(w.numel()) * float(w.norm()), rel_tol=1e-12)
 
 

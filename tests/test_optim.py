@@ -11,11 +11,9 @@ from helpers import DEVICES, make_params, use_backend
 from torch import nn
 
 import regfast
-from regfast import _common, reference
+from regfast import _common, _ops, reference
 from regfast._dispatch import unavailable_reason
 from regfast.optim import ProxAdamW, Proximal, ProxSGD
-from regfast.optim import _ops as optim_ops
-from regfast.optim import _reference as optim_ref
 
 SHAPES = [(6, 5), (7,), (), (3, 4, 2), (0, 3), (9, 1)]
 LOW = (torch.float16, torch.bfloat16)
@@ -185,13 +183,13 @@ def test_metric_prox_against_oracle(hyper, groups):
         w[0] *= 0.05  # a group likely to vanish
         s = 10 ** torch.empty(shape, dtype=torch.float64).uniform_(-2, 1)
         out = w.clone()
-        optim_ref.metric_prox_(out, s, kw["l1"], kw["l2"], kw["gl"], groups)
+        reference.metric_prox_(out, s, kw["l1"], kw["l2"], kw["gl"], groups)
         torch.testing.assert_close(out, _metric_prox_oracle(w, s, **kw, groups=groups), rtol=1e-10, atol=1e-12)
         # With one step for every element it is the scalar-step prox.
         scalar = w.clone()
-        optim_ref.metric_prox_(scalar, torch.full_like(w, 0.7), kw["l1"], kw["l2"], kw["gl"], groups)
+        reference.metric_prox_(scalar, torch.full_like(w, 0.7), kw["l1"], kw["l2"], kw["gl"], groups)
         expected = w.clone()
-        reference.prox_([expected], 0.7, kw["l1"], kw["l2"], kw["gl"], groups)
+        reference.prox_step_([expected], 0.7, kw["l1"], kw["l2"], kw["gl"], groups)
         torch.testing.assert_close(scalar, expected, rtol=1e-12, atol=1e-14)
 
 
@@ -226,7 +224,7 @@ def _prox_after(group_hyper, prox="lr"):
                 args = (hyper.get("l1", 0.0), hyper.get("l2", 0.0), hyper.get("group_lasso", 0.0),
                         hyper.get("groups", "row"))
                 if prox == "lr":
-                    reference.prox_(ps, group["lr"], *args)
+                    reference.prox_step_(ps, group["lr"], *args)
                     continue
                 beta1, beta2 = group["betas"]
                 for p in ps:
@@ -586,10 +584,10 @@ def test_opcheck(dtype):
         return [torch.zeros_like(t, dtype=torch.float32) for t in tensors()]
 
     for lr_tensor in (None, torch.tensor(0.1)):
-        torch.library.opcheck(optim_ops.sgd_step_, (tensors(), tensors(), state(), lr_tensor, 0.1, 0.9, 0.1, False,
+        torch.library.opcheck(_ops.sgd_step_, (tensors(), tensors(), state(), lr_tensor, 0.1, 0.9, 0.1, False,
                                                     1e-2, False, False, 0.01, 0.1, 0.02, "row", True))
         steps = [torch.full((), 3.0) for _ in range(3)]
-        torch.library.opcheck(optim_ops.adamw_step_, (
+        torch.library.opcheck(_ops.adamw_step_, (
             tensors(), tensors(), state(), [s.abs_() for s in state()], [], steps, lr_tensor, 0.1, 0.9, 0.999,
             1e-8, 1e-2, False, False, 0.01, 0.1, 0.02, "col", "preconditioned", True))
 

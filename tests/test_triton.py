@@ -71,8 +71,8 @@ def check_backend(ts: list[torch.Tensor], hyper: dict, groups: str, lr: float | 
         assert out.shape == t.shape and out.dtype == dtype
         assert_close(out, e, dtype, scale=1.7)
 
-    rt.prox_(ts, lr, l1, l2, gl, groups)
-    reference.prox_(ref, lr.item() if isinstance(lr, torch.Tensor) else lr, l1, l2, gl, groups)
+    rt.prox_step_(ts, lr, l1, l2, gl, groups)
+    reference.prox_step_(ref, lr.item() if isinstance(lr, torch.Tensor) else lr, l1, l2, gl, groups)
     for t, e in zip(ts, ref):
         assert_close(t, e, dtype)
         if dtype == torch.float64:
@@ -148,8 +148,8 @@ def test_non_contiguous_inputs():
         reference.add_penalty_grad_(ref, ref_grads, l1, l2, gl, "col")
         for g, e in zip(grads, ref_grads):
             assert_close(g, e, torch.float32)
-        rt.prox_(params, 0.5, l1, l2, gl, "col")
-        reference.prox_(ref, 0.5, l1, l2, gl, "col")
+        rt.prox_step_(params, 0.5, l1, l2, gl, "col")
+        reference.prox_step_(ref, 0.5, l1, l2, gl, "col")
         for p, e in zip(params, ref):
             assert_close(p, e, torch.float32)
 
@@ -176,7 +176,7 @@ def test_public_api_through_triton():
             for leaf, e in zip(leaves, expected_grads):
                 assert_close(leaf.grad, e, dtype)
             regfast.prox_(ts, torch.tensor(0.5), **ALL_TERMS, groups="tensor")
-            reference.prox_(ref, 0.5, l1, l2, gl, "tensor")
+            reference.prox_step_(ref, 0.5, l1, l2, gl, "tensor")
             for t, e in zip(ts, ref):
                 assert_close(t, e, dtype)
 
@@ -199,8 +199,8 @@ def test_nan_and_inf_propagate():
             for out, e in zip(outs, expected):
                 assert_close(out, e, torch.float32)
             params, ref_params = [t.clone() for t in ts], [t.clone() for t in ref]
-            rt.prox_(params, 0.5, l1, l2, gl, "row")
-            reference.prox_(ref_params, 0.5, l1, l2, gl, "row")
+            rt.prox_step_(params, 0.5, l1, l2, gl, "row")
+            reference.prox_step_(ref_params, 0.5, l1, l2, gl, "row")
             for p, e in zip(params, ref_params):
                 assert_close(p, e, torch.float32)
 
@@ -250,12 +250,12 @@ def test_cached_tables_are_not_copied_again(monkeypatch):
     l1, l2, gl = _hyper(ALL_TERMS)
     with launcher.chunked(16):
         rt.add_penalty_grad_(ts, grads, l1, l2, gl, "col")
-        rt.prox_(ts, 0.1, l1, l2, gl, "col")
+        rt.prox_step_(ts, 0.1, l1, l2, gl, "col")
         copies = []
         real_pack = launcher._pack
         monkeypatch.setattr(launcher, "_pack", lambda *a: copies.append(a) or real_pack(*a))
         rt.add_penalty_grad_(ts, grads, l1, l2, gl, "col")
-        rt.prox_(ts, 0.1, l1, l2, gl, "col")
+        rt.prox_step_(ts, 0.1, l1, l2, gl, "col")
         rt.norms(ts)
     assert copies == []
 
@@ -263,21 +263,21 @@ def test_cached_tables_are_not_copied_again(monkeypatch):
 def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     ts = make_params([(3, 4), (11,)], torch.float32, DEVICE)
     with launcher.chunked(16):
-        rt.prox_(ts, 0.1, 0.1, 0.0, 0.2, "row")  # warm-up: tables cached outside the capture
+        rt.prox_step_(ts, 0.1, 0.1, 0.0, 0.2, "row")  # warm-up: tables cached outside the capture
         monkeypatch.setattr(launcher, "capturing", lambda device: True)
-        rt.prox_(ts, 0.1, 0.1, 0.0, 0.2, "row")
+        rt.prox_step_(ts, 0.1, 0.1, 0.0, 0.2, "row")
         fresh = [torch.zeros(5, 3 + i, device=DEVICE) for i in range(launcher.CACHE_ENTRIES + 1)]
         with pytest.raises(RuntimeError, match="once before capturing"):
-            rt.prox_(fresh[:1], 0.1, 0.1, 0.0, 0.2, "row")
+            rt.prox_step_(fresh[:1], 0.1, 0.1, 0.0, 0.2, "row")
         monkeypatch.setattr(launcher, "capturing", lambda device: False)
         key = (ts[0].device, 16, (12, 11))
         table_key = (ts[0].device, tuple(t.data_ptr() for t in ts))
         for t in fresh:
-            rt.prox_([t], 0.1, 0.1, 0.0, 0.2, "row")
+            rt.prox_step_([t], 0.1, 0.1, 0.0, 0.2, "row")
         assert key in launcher._layouts and table_key in launcher._addresses
         launcher.unpin_tables()
         for t in fresh:
-            rt.prox_([t.clone()], 0.1, 0.1, 0.0, 0.2, "row")
+            rt.prox_step_([t.clone()], 0.1, 0.1, 0.0, 0.2, "row")
         assert key not in launcher._layouts and table_key not in launcher._addresses
 
 
@@ -326,7 +326,7 @@ def test_tensor_over_int32_elements():
     per_l1, per_l2sq = rt.norms([w, torch.ones(3, dtype=torch.float16, device="cuda")])
     assert per_l1[0].item() == pytest.approx(numel + 3, rel=1e-6)
     assert per_l2sq[0].item() == pytest.approx(numel + 9, rel=1e-6)
-    rt.prox_([w], 0.5, 1.0, 0.0, 0.0, "row")
+    rt.prox_step_([w], 0.5, 1.0, 0.0, 0.0, "row")
     assert w[-1].item() == 1.5 and w[-4].item() == 0.5 and w[0].item() == 0.5
     del w
     torch.cuda.empty_cache()
@@ -343,18 +343,18 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.stream(stream):
         # Warm-up builds and caches the tables and compiles the kernels outside the capture.
         rt.add_penalty_grad_(ts, grads, l1, l2, gl, "row")
-        rt.prox_(ts, lr, l1, l2, gl, "row")
+        rt.prox_step_(ts, lr, l1, l2, gl, "row")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         value = rt.add_penalty_grad_(ts, grads, l1, l2, gl, "row")
-        rt.prox_(ts, lr, l1, l2, gl, "row")
+        rt.prox_step_(ts, lr, l1, l2, gl, "row")
     for step in (0.25, 0.125):
         ref, ref_grads = to64(ts), to64(grads)
         lr.fill_(step)
         graph.replay()
         expected_value = reference.add_penalty_grad_(ref, ref_grads, l1, l2, gl, "row")
-        reference.prox_(ref, step, l1, l2, gl, "row")
+        reference.prox_step_(ref, step, l1, l2, gl, "row")
         assert_close(value, expected_value, torch.float32, scale=2000)
         for t, e, g, eg in zip(ts, ref, grads, ref_grads):
             assert_close(t, e, torch.float32)

@@ -317,11 +317,11 @@ def calls(model, terms=TERMS, groupings=GROUPINGS) -> list[tuple[str, object]]:
                     torch.tensor(1.5, dtype=acc), model(dtype), *h)))
                 for lname, lr in _lrs(dtype).items():
                     out.append((f"prox_ {tag} lr={lname}",
-                                lambda dtype=dtype, h=hyper, lr=lr: rt.prox_(model(dtype), lr, *h)))
+                                lambda dtype=dtype, h=hyper, lr=lr: rt.prox_step_(model(dtype), lr, *h)))
         for lname, lr in _lrs(dtype).items():
             for tname, (l1, l2, _) in terms.items():
                 if tname == "gl":
-                    continue  # the fused steps take no group term
+                    continue  # with a group term the steps run the fused kernel, then prox_'s group kernels
                 for momentum, init, nesterov in ((0.0, False, False), (0.9, True, False), (0.9, False, False),
                                                  (0.9, False, True)):
                     out.append((f"sgd_step_ {dname} {tname} lr={lname} momentum={momentum} init={init} "
@@ -338,10 +338,15 @@ def calls(model, terms=TERMS, groupings=GROUPINGS) -> list[tuple[str, object]]:
     return out
 
 
+def _split(lr):
+    """An op's ``(lr_tensor, lr)`` pair for a float or tensor ``lr``."""
+    return (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
+
+
 def _sgd(rt, params, lr, momentum, init, nesterov, l1, l2, acc):
     buffers = [torch.zeros(p.shape, dtype=acc) for p in params] if momentum else []
-    return rt.sgd_step_(params, _like(params), buffers, lr, momentum, 0.0, nesterov, 0.01, False, init, l1, l2, 0.0,
-                        "row", True)
+    return rt.sgd_step_(params, _like(params), buffers, *_split(lr), momentum, 0.0, nesterov, 0.01, False, init, l1,
+                        l2, 0.0, "row", True)
 
 
 def _adamw(rt, params, lr, amsgrad, prox, steps_on, l1, l2, acc):
@@ -350,8 +355,8 @@ def _adamw(rt, params, lr, amsgrad, prox, steps_on, l1, l2, acc):
     steps = [torch.zeros((), dtype=torch.float32) for _ in params]
     if steps_on == "cpu" and not isinstance(lr, torch.Tensor):
         steps = [torch.zeros(()) for _ in params]
-    return rt.adamw_step_(params, _like(params), state[0], state[1], state[2] if amsgrad else [], steps, lr, 0.9,
-                          0.999, 1e-8, 0.01, amsgrad, False, l1, l2, 0.0, "row", prox, True)
+    return rt.adamw_step_(params, _like(params), state[0], state[1], state[2] if amsgrad else [], steps, *_split(lr),
+                          0.9, 0.999, 1e-8, 0.01, amsgrad, False, l1, l2, 0.0, "row", prox, True)
 
 
 def _run_calls(model, failures: list, **matrix) -> None:

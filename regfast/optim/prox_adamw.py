@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _ops
 from .._common import acc_dtype
-from . import _ops
 from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
 
 __all__ = ["ProxAdamW"]
@@ -125,8 +125,9 @@ class ProxAdamW(FusedProximalOptimizer):
         for idx in buckets:
             bucket = [params[i] for i in idx]
             states = [self.state[p] if self.state.get(p) else self._init_state(p, group) for p in bucket]
-            values.append(_ops.run_adamw_step_(
-                bucket, [p.grad for p in bucket], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            values.append(_ops.call(
+                "adamw_step_", bucket, [p.grad for p in bucket], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
                 lr_tensor, lr, beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"],
                 group["maximize"], group["l1"], group["l2"], group["group_lasso"], group["groups"], group["prox"],

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _ops
 from .._common import acc_dtype
-from . import _ops
 from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
 
 __all__ = ["ProxSGD"]
@@ -96,8 +96,8 @@ class ProxSGD(FusedProximalOptimizer):
             for init, ps, buffers in splits:
                 if not ps:
                     continue
-                values.append(_ops.run_sgd_step_(
-                    ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
+                values.append(_ops.call(
+                    "sgd_step_", ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
                     group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
         return values

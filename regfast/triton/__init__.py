@@ -5,9 +5,9 @@ set before this package is imported: Triton decides at kernel definition whether
 compiled or interpreted). Importing this package never fails; :func:`unavailable_reason` says
 why the backend cannot serve when Triton is missing or was set up for the other mode.
 
-Functions (same contract as :mod:`regfast.reference`): :func:`norms`, :func:`penalty`,
-:func:`penalty_backward`, :func:`add_penalty_grad_`, :func:`prox_`; and the fused optimizer steps
-:func:`sgd_step_`, :func:`adamw_step_` (same contract as :mod:`regfast.optim._reference`).
+Functions (the contract of :mod:`regfast._schema`, as in :mod:`regfast.reference`): :func:`norms`,
+:func:`penalty`, :func:`penalty_backward`, :func:`add_penalty_grad_`, :func:`prox_`, and the fused
+optimizer steps :func:`sgd_step_`, :func:`adamw_step_`.
 """
 
 from __future__ import annotations

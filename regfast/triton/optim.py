@@ -1,12 +1,14 @@
 """The fused optimizer steps: one launch per (device, dtype) group updates params and state and applies the prox.
 
-:func:`sgd_step_` and :func:`adamw_step_` have the contract of :mod:`regfast.optim._reference`.
+:func:`sgd_step_` and :func:`adamw_step_` have the contract of :mod:`regfast.reference.optim`.
 Each work item of the launcher's list reads its chunk of params, grads and state once, does the
 optimizer update and the elastic-net prox in the accumulation dtype, writes params and state
 once and, with ``compute_penalty``, the partial ``l1·Σ|w| + l2·Σw²`` of the new (rounded)
-params, summed afterwards in a fixed order. Group lasso is not done here (``group_lasso`` must
-be 0): it needs every group's norm after the update, and :mod:`regfast.optim._ops` runs the
-group launches of :func:`regfast.triton.prox_` after the fused one, or the reference step.
+params, summed afterwards in a fixed order. Group lasso needs every group's norm after the
+update, so the group shrink is a second pass: the group launches of :func:`regfast.triton.prox_`
+after the fused one (float16 / bfloat16 params stepped in float32 copies and rounded once, as the
+reference does), and in Adam's metric (``prox="preconditioned"``) the reference step, whose
+per-group Newton iterations run as torch ops.
 
 The arithmetic follows the reference op for op, in the same dtypes and with correctly rounded
 division and square root, so float32 results agree with ``torch.optim`` up to rounding order:
@@ -26,7 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._common import Lr, acc_dtype
+from .. import reference
+from .._common import Lr, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -43,6 +46,8 @@ from .launcher import (
     work_item,
     write_back,
 )
+from .penalty import penalty as _penalty
+from .prox import prox_step_
 
 
 @triton.jit
@@ -279,17 +284,44 @@ def _host_bias_table(steps: list[Tensor], lr: float, beta1: float, beta2: float,
     return _to_device(torch.tensor(values, dtype=acc), device)
 
 
-def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr,
-              momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+def _step_then_group_shrink(params: list[Tensor], grads: list[Tensor], fused, lr: Lr, l1: float, l2: float,
+                            group_lasso: float, groups: str, compute_penalty: bool) -> Tensor:
+    """``fused(params, grads)`` (the step with the elementwise prox), then the group shrink with the scalar step
+    ``lr``: ``u_g ← max(0, 1 − lr·group_lasso·√|g|/((1 + 2·lr·l2)·‖u_g‖₂))·u_g``, i.e. the group launches of
+    :func:`prox_step_` with step ``lr/(1 + 2·lr·l2)``. Float16 / bfloat16 params are stepped in float32 copies
+    and rounded once. Returns the penalty of the new params, or a 0-dim zero."""
+    acc = acc_dtype(params[0].dtype)
+    copies = params[0].dtype != acc
+    work = [p.to(acc) for p in params] if copies else params
+    fused(work, [g.to(acc) for g in grads] if copies else grads)
+    prox_step_(work, lr / (1 + 2 * lr * l2) if l2 else lr, 0.0, 0.0, group_lasso, groups)
+    if copies:
+        torch._foreach_copy_(params, work)
+    if compute_penalty:
+        return _penalty(params, l1, l2, group_lasso, groups)
+    return params[0].new_zeros((), dtype=acc)
+
+
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr_tensor: Tensor | None,
+              lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
               compute_penalty: bool) -> Tensor:
-    """One ``torch.optim.SGD`` step followed by the proximal step with step ``lr``, in place, in one launch.
+    """One ``torch.optim.SGD`` step followed by the proximal step, in place: one launch, and the group
+    launches with group lasso. Same contract as :func:`regfast.reference.sgd_step_`."""
+    step = lr_step(params, lr_tensor, lr)
+    args = (momentum, dampening, nesterov, weight_decay, maximize, init_buffers, l1, l2)
+    if not group_lasso:
+        return _sgd_fused(params, grads, momentum_buffers, step, *args, compute_penalty)
+    return _step_then_group_shrink(params, grads, lambda ps, gs: _sgd_fused(ps, gs, momentum_buffers, step, *args,
+                                                                            False),
+                                   step, l1, l2, group_lasso, groups, compute_penalty)
 
-    Same contract as :func:`regfast.optim._reference.sgd_step_`. Non-contiguous params and
-    buffers are updated in contiguous copies that are then copied back.
-    """
-    if group_lasso:
-        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
+
+def _sgd_fused(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr, momentum: float,
+               dampening: float, nesterov: bool, weight_decay: float, maximize: bool, init_buffers: bool, l1: float,
+               l2: float, compute_penalty: bool) -> Tensor:
+    """The SGD step with the elastic-net prox in one launch. Non-contiguous params and buffers are updated in
+    contiguous copies that are then copied back."""
     dtype = params[0].dtype
     acc = acc_dtype(dtype)
     device = params[0].device
@@ -321,17 +353,32 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
 
 
 def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Lr, beta1: float, beta2: float,
-                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
-                group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
-    """One ``torch.optim.AdamW`` step followed by the proximal step, in place, in one launch.
+                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr_tensor: Tensor | None, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                l1: float, l2: float, group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
+    """One ``torch.optim.AdamW`` step followed by the proximal step, in place: one launch, and the group
+    launches with group lasso (the reference step in Adam's metric). Same contract as
+    :func:`regfast.reference.adamw_step_`."""
+    if group_lasso and prox == "preconditioned":
+        return reference.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr,
+                                     beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
+                                     prox, compute_penalty)
+    step = lr_step(params, lr_tensor, lr)
+    state = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    args = (beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2, prox)
+    if not group_lasso:
+        return _adamw_fused(params, grads, *state, step, *args, compute_penalty)
+    return _step_then_group_shrink(params, grads, lambda ps, gs: _adamw_fused(ps, gs, *state, step, *args, False),
+                                   step, l1, l2, group_lasso, groups, compute_penalty)
 
-    Same contract as :func:`regfast.optim._reference.adamw_step_`. The step counts are
-    incremented first (on their own device); non-contiguous params and state tensors are
-    updated in contiguous copies that are then copied back.
-    """
-    if group_lasso:
-        raise ValueError("the fused step takes no group lasso: regfast.optim's op layer runs the group passes")
+
+def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Lr, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float, prox: str,
+                 compute_penalty: bool) -> Tensor:
+    """The AdamW step with the elastic-net prox in one launch. The step counts are incremented first (on their
+    own device); non-contiguous params and state tensors are updated in contiguous copies that are then copied
+    back."""
     dtype = params[0].dtype
     acc = acc_dtype(dtype)
     device = params[0].device

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._common import lr_step
 from .functors import elastic_net, group_advance, group_cursor, group_ids, load, prox_step, store
 from .group import group_coefficients
 from .launcher import (
@@ -66,7 +67,14 @@ def _prox_kernel(param_ptrs, sizes, work, n_work, lr_ptr, lr_value: tl.float64, 
                     DTYPE, ACC, BLOCK, HAS_L1, HAS_L2, HAS_GROUPS, True)
 
 
-def prox_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_lasso: float, groups: str) -> None:
+def prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float, group_lasso: float,
+          groups: str) -> None:
+    """The proximal step of one (device, dtype) group, in place; the step is ``lr_tensor`` when given, else ``lr``."""
+    prox_step_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
+
+
+def prox_step_(params: list[Tensor], lr: float | Tensor, l1: float, l2: float, group_lasso: float,
+               groups: str) -> None:
     """The proximal step of one (device, dtype) group with step ``lr``, in place on ``params``.
 
     ``lr`` is a float or a 0-dim tensor in the accumulation dtype on the params' device. A

@@ -1,10 +1,10 @@
 """Pure-PyTorch fused optimizer steps: the spec, the CPU path and the test oracle of the optimizer ops.
 
-Each function serves one (device, dtype) group, like :mod:`regfast.reference`: ``params`` is a
-non-empty list of tensors sharing a device and a floating dtype, ``grads`` matches it tensor by
+Each function serves one (device, dtype) group, like :mod:`regfast.reference.penalty`: ``params``
+is a non-empty list of tensors sharing a device and a floating dtype, ``grads`` matches it tensor by
 tensor, and every state tensor (momentum buffers, Adam moments) has the params' shapes in the
-accumulation dtype (float32, float64 for float64 params). ``lr`` is a float or a 0-dim tensor
-on the params' device in the accumulation dtype. The update mirrors the ``foreach``
+accumulation dtype (float32, float64 for float64 params). The step is ``lr_tensor`` (0-dim, taken to
+the params' device in the accumulation dtype) when given, else the float ``lr``. The update mirrors the ``foreach``
 implementation of ``torch.optim.SGD`` / ``torch.optim.AdamW`` op for op, so that with no
 penalty the two agree to the last bit on float32 params; float16 / bfloat16 params are read
 into float32, updated and proximally shrunk there, and rounded once per step.
@@ -21,9 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from .. import reference
-from .._common import Lr, acc_dtype, group_dims, group_size
-from ..reference import group_norms
+from .._common import Lr, acc_dtype, group_dims, group_size, lr_step
+from .penalty import group_norms, penalty, prox_step_
 
 # Newton steps of the group shrink in a diagonal metric. The iterates rise monotonically to the
 # root and converge quadratically; with thresholds spread over 14 orders of magnitude, 6 steps
@@ -45,12 +44,12 @@ def _finish(params: list[Tensor], work: list[Tensor], compute_penalty: bool, l1:
     if work is not params:
         torch._foreach_copy_(params, work)
     if compute_penalty:
-        return reference.penalty(params, l1, l2, group_lasso, groups)
+        return penalty(params, l1, l2, group_lasso, groups)
     return params[0].new_zeros((), dtype=acc_dtype(params[0].dtype))
 
 
-def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: Lr,
-              momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr_tensor: Tensor | None,
+              lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               init_buffers: bool, l1: float, l2: float, group_lasso: float, groups: str,
               compute_penalty: bool) -> Tensor:
     """One ``torch.optim.SGD`` step followed by the proximal step with step ``lr``, in place.
@@ -59,6 +58,7 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
     are ignored and they are set to the (decayed) gradient, as SGD does on a param's first step.
     Mutates ``params`` and ``momentum_buffers``.
     """
+    lr = lr_step(params, lr_tensor, lr)
     work, g = _working_copies(params, grads)
     if maximize:
         g = torch._foreach_neg(g)
@@ -77,7 +77,7 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
         # torch's SGD in eager mode: alpha = −lr, a CPU tensor lr read as a number.
         torch._foreach_add_(work, g, alpha=-lr)
     if l1 or l2 or group_lasso:
-        reference.prox_(work, lr, l1, l2, group_lasso, groups)
+        prox_step_(work, lr, l1, l2, group_lasso, groups)
     return _finish(params, work, compute_penalty, l1, l2, group_lasso, groups)
 
 
@@ -100,29 +100,10 @@ def _bias_corrections(steps: list[Tensor], lr: Lr, beta1: float, beta2: float, d
     return bc1, bc2
 
 
-def group_prox_after_step_(backend, params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: float,
-                           groups: str, compute_penalty: bool) -> Tensor:
-    """The group part of the prox with the scalar step ``lr``, after a fused step that applied the elementwise part.
-
-    For the backends whose fused step does the elementwise prox in its pass (``u = sign(w)·max(|w| −
-    lr·l1, 0)/(1 + 2·lr·l2)``) but cannot shrink groups there (that needs every group's norm of
-    ``u``, known only after the pass). The exact prox then scales ``u_g`` by ``max(0, 1 − lr·
-    group_lasso·√|g|/((1 + 2·lr·l2)·‖u_g‖₂))``: ``backend.prox_`` with step ``lr/(1 + 2·lr·l2)``
-    and only the group term (its group-norm and scale passes). Float16 / bfloat16 params are thus
-    rounded twice in the step, not once. Returns the penalty of the result (``backend.penalty``,
-    one more read) or a 0-dim zero, in the accumulation dtype.
-    """
-    step = lr / (1 + 2 * lr * l2) if l2 else lr
-    backend.prox_(params, step, 0.0, 0.0, group_lasso, groups)
-    if compute_penalty:
-        return backend.penalty(params, l1, l2, group_lasso, groups)
-    return params[0].new_zeros((), dtype=acc_dtype(params[0].dtype))
-
-
 def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Lr, beta1: float, beta2: float,
-                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, l1: float, l2: float,
-                group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
+                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr_tensor: Tensor | None, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                l1: float, l2: float, group_lasso: float, groups: str, prox: str, compute_penalty: bool) -> Tensor:
     """One ``torch.optim.AdamW`` step followed by the proximal step, in place.
 
     ``steps`` holds one float32 0-dim step count per param (on the CPU, or on the params'
@@ -132,6 +113,7 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     :func:`metric_prox_`). Mutates ``params``, ``exp_avgs``, ``exp_avg_sqs``,
     ``max_exp_avg_sqs`` and ``steps``.
     """
+    lr = lr_step(params, lr_tensor, lr)
     work, g = _working_copies(params, grads)
     if maximize:
         g = torch._foreach_neg(g)
@@ -161,7 +143,7 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         torch._foreach_addcdiv_(work, exp_avgs, denom, step_size)
     if l1 or l2 or group_lasso:
         if prox == "lr":
-            reference.prox_(work, lr, l1, l2, group_lasso, groups)
+            prox_step_(work, lr, l1, l2, group_lasso, groups)
         else:
             for w, d in zip(work, denom):
                 metric_prox_(w, lr / d, l1, l2, group_lasso, groups)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementation of every regfast op: the spec, the CPU path and the test oracle.
+"""The penalty ops in pure PyTorch: the spec, the CPU path and the test oracle.
 
 Each function serves one (device, dtype) group: ``params`` is a non-empty list of tensors
 that share a device and a floating dtype. Values are returned in :func:`acc_dtype` (float32, or
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import Lr, acc_dtype, group_dims, group_size
+from .._common import Lr, acc_dtype, group_dims, group_size, lr_step
 
 # Elements per row of a fixed-order reduction. A reduction with one output over more than 32768
 # elements is split across threads in a thread-count dependent order; a reduction of rows (many
@@ -257,8 +257,15 @@ def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: 
     return value
 
 
-def prox_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: float, groups: str) -> None:
-    """The proximal step of the penalty with step ``lr`` (float or 0-dim tensor), in place."""
+def prox_(params: list[Tensor], lr_tensor: Tensor | None, lr: float, l1: float, l2: float, group_lasso: float,
+          groups: str) -> None:
+    """The proximal step of the penalty in place; the step is ``lr_tensor`` (0-dim) when given, else ``lr``."""
+    prox_step_(params, lr_step(params, lr_tensor, lr), l1, l2, group_lasso, groups)
+
+
+def prox_step_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: float, groups: str) -> None:
+    """The proximal step of the penalty with step ``lr`` (a float, or a 0-dim tensor on the params' device in
+    their accumulation dtype), in place."""
     shrink = 1 / (1 + 2 * lr * l2) if l2 else None
     threshold = lr * l1 if l1 else None
     for w in params:

@@ -1,0 +1,37 @@
+// Group lasso in the fused optimizer steps, for every device.
+//
+// A fused step applies the elementwise prox (l1, l2) in its one pass over the params; the group
+// shrink needs every group's norm after the update, so it runs after that pass, through the
+// device's own regfast_C::prox_ group passes. The two cases where the step's rounding or metric
+// forbids that split have their own path here, composed of ATen ops (see optim_group.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace regfast {
+
+// The device's fused step on (params, grads), without group lasso and without the penalty.
+using FusedStep = c10::function_ref<void(at::TensorList params, at::TensorList grads)>;
+
+// `fused`, then the group part of the prox with the scalar step lr (SGD, AdamW with prox="lr"):
+// u_g ← max(0, 1 − lr·group_lasso·√|g| / ((1 + 2·lr·l2)·‖u_g‖₂))·u_g. Float16 / bfloat16 params
+// are stepped and shrunk in float32 copies and rounded once, as the reference does. Returns the
+// penalty of the new params when compute_penalty, else a 0-dim zero (accumulation dtype).
+at::Tensor step_then_group_shrink(at::TensorList params, at::TensorList grads, FusedStep fused,
+                                  const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+                                  double group_lasso, c10::string_view groups, bool compute_penalty);
+
+// AdamW with prox="preconditioned" and group lasso: the step of regfast/reference/optim.py
+// (Adam's denominator floored by the penalty's gradient size, then the exact group prox in that
+// diagonal metric, found by Newton's method per group), op for op in ATen.
+at::Tensor adamw_metric_group_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                                   const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                                   double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                                   double group_lasso, c10::string_view groups, bool compute_penalty);
+
+}  // namespace regfast
