@@ -16,8 +16,8 @@ import os
 
 import torch
 
-__all__ = ["add_penalty_grad_", "adamw_step_", "norms", "penalty", "penalty_backward", "prox_", "sgd_step_",
-           "unavailable_reason"]
+__all__ = ["add_penalty_grad_", "adamw_step_", "norms", "penalty", "penalty_backward", "prox_", "prox_step_",
+           "sgd_step_", "unavailable_reason"]
 
 
 def _interpret_requested() -> bool:
@@ -36,7 +36,7 @@ else:
     from .norms import norms
     from .optim import adamw_step_, sgd_step_
     from .penalty import add_penalty_grad_, penalty, penalty_backward
-    from .prox import prox_
+    from .prox import prox_, prox_step_
 
 
 def unavailable_reason() -> str | None:
