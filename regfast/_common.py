@@ -1,4 +1,5 @@
-"""What every layer shares: the accumulation dtype, the lr kinds, the groupings and group shapes.
+"""What every layer shares: the accumulation dtype, the lr kinds, the groupings and group shapes, and
+the grouping of tensor lists by (device, dtype).
 
 Imported by the public API, the op layer and every backend alike (it imports none of them), so that
 :mod:`regfast.reference` is only the spec.
@@ -7,11 +8,15 @@ Imported by the public API, the op layer and every backend alike (it imports non
 from __future__ import annotations
 
 import math
+from operator import itemgetter
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Lr = float | Tensor
+
+# Tensor types the direct calls and the vectorized checks take (subclasses go the general way).
+PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
 
 GROUPINGS = ("row", "col", "tensor")
 
@@ -46,3 +51,25 @@ def group_size(t: Tensor, groups: str) -> int:
     if dims is None:
         return t.numel()
     return math.prod(t.shape[d] for d in dims)
+
+
+# torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use; None where absent.
+_GROUP_BY_DEVICE_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
+
+
+def fast_grouping(tensors: list[Tensor]) -> list[list[int]] | None:
+    """:func:`by_device_dtype` by torch's C++ grouping, or None while tracing or for tensor subclasses (DTensor…)."""
+    if torch.compiler.is_compiling() or _GROUP_BY_DEVICE_DTYPE is None or not set(map(type, tensors)) <= PLAIN_TYPES:
+        return None
+    return sorted((idx for _, idx in _GROUP_BY_DEVICE_DTYPE([tensors], True).values()), key=itemgetter(0))
+
+
+def by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance: one op call each."""
+    fast = fast_grouping(tensors) if tensors else None
+    if fast is not None:
+        return fast
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values())

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops
-from ._common import group_dims, group_size
+from ._common import by_device_dtype, group_dims, group_size
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -104,7 +104,7 @@ def norms(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
     locals_ = [t.to_local() for t in tensors]
     per_l1: list[Tensor | None] = [None] * len(tensors)
     per_l2sq: list[Tensor | None] = [None] * len(tensors)
-    for idx in _ops.by_device_dtype(locals_):
+    for idx in by_device_dtype(locals_):
         l1, l2sq = _ops.norms([locals_[i] for i in idx])
         for k, i in enumerate(idx):
             per_l1[i], per_l2sq[i] = l1[k], l2sq[k]
@@ -211,7 +211,7 @@ def prox_(tensors: list[Tensor], names: list[str], lr: float | Tensor, l1: float
     plans, locals_ = _prepare(tensors, names, groups)
     lr_tensor, lr_float = (lr, 0.0) if isinstance(lr, Tensor) else (None, lr)
     if l1 or l2:
-        for idx in _ops.by_device_dtype(locals_):
+        for idx in by_device_dtype(locals_):
             _ops.prox_([locals_[i] for i in idx], lr_tensor, lr_float, l1, l2, 0.0, groups)
     if not group_lasso:
         return

@@ -13,19 +13,17 @@ nothing could observe the difference (:func:`direct_backend`), through the custo
 
 from __future__ import annotations
 
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from types import ModuleType
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _dispatch, _ext
-from ._common import acc_dtype
+from ._common import PLAIN_TYPES, acc_dtype
 from ._schema import SCHEMAS, mutated
 from .reference import penalty_differentiable, penalty_hvp
 
-# Tensor types the direct calls and the vectorized checks take (subclasses go the general way).
-PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") else ())}
 _REQUIRES_GRAD = attrgetter("requires_grad")
 
 
@@ -37,28 +35,6 @@ def _missing() -> bool:
 # mode, a functorch transform.
 _ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
     "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
-
-
-# torch's C++ grouping of tensor lists by (device, dtype), as its foreach optimizers use; None where absent.
-_GROUP_BY_DEVICE_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
-
-
-def fast_grouping(tensors: list[Tensor]) -> list[list[int]] | None:
-    """:func:`by_device_dtype` by torch's C++ grouping, or None while tracing or for tensor subclasses (DTensor…)."""
-    if torch.compiler.is_compiling() or _GROUP_BY_DEVICE_DTYPE is None or not set(map(type, tensors)) <= PLAIN_TYPES:
-        return None
-    return sorted((idx for _, idx in _GROUP_BY_DEVICE_DTYPE([tensors], True).values()), key=itemgetter(0))
-
-
-def by_device_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), groups in order of first appearance: one op call each."""
-    fast = fast_grouping(tensors) if tensors else None
-    if fast is not None:
-        return fast
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values())
 
 
 def _backend(params: list[Tensor]):

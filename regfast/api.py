@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter, is_
+from operator import is_
 from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
 
 from . import _distributed, _ops, _validate
+from ._common import by_device_dtype, fast_grouping
 
 __all__ = [
     "Norms",
@@ -34,9 +35,6 @@ __all__ = [
 ]
 
 Params = nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor]
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_SET = set(FLOAT_DTYPES)
-_LAYOUT, _DTYPE = attrgetter("layout"), attrgetter("dtype")
 
 
 class _Names(Sequence[str]):
@@ -60,11 +58,6 @@ class _Names(Sequence[str]):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         return f"params[{self._index[i] if self._index is not None else range(self._n)[i]}]"
-
-
-def _eager() -> bool:
-    """True outside tracing: the checks may then take the vectorized route (same results, fewer Python steps)."""
-    return not torch.compiler.is_compiling()
 
 
 def _named(params: Params) -> tuple[list[Tensor], _Names]:
@@ -97,79 +90,8 @@ def _named(params: Params) -> tuple[list[Tensor], _Names]:
             first = {id(p): i for i, p in reversed(list(enumerate(items)))}
             index = sorted(first.values())
             tensors, names = [items[i] for i in index], _Names(index=index)
-    _check_tensors(tensors, names)
+    _validate.tensors(tensors, names)
     return tensors, names
-
-
-def _check_tensors(tensors: list[Tensor], names: Sequence[str], suffix: str = "") -> None:
-    if _eager() and set(map(_LAYOUT, tensors)) <= {torch.strided} and set(map(_DTYPE, tensors)) <= _FLOAT_SET:
-        return
-    for i, t in enumerate(tensors):
-        _check_tensor(names[i] + suffix, t)
-
-
-def _check_tensor(name: str, t: Tensor) -> None:
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} is a {t.layout} tensor; regfast needs dense (strided) tensors")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; regfast needs float16, bfloat16, float32 or float64")
-
-
-def _check_writable(tensors: list[Tensor], names: Sequence[str], suffix: str = "") -> None:
-    """In-place updates need every element stored once (refuse views such as ``expand()``), and an inference
-    tensor only inside inference mode (as torch's own in-place ops)."""
-    if _eager() and not torch.is_inference_mode_enabled() and any(map(Tensor.is_inference, tensors)):
-        i = next(i for i, t in enumerate(tensors) if t.is_inference())
-        raise RuntimeError(f"{names[i]}{suffix} is an inference tensor: it can be updated in place only inside "
-                           "torch.inference_mode()")
-    if _eager() and all(map(Tensor.is_contiguous, tensors)):
-        return
-    for i, t in enumerate(tensors):
-        if not t.is_contiguous() and not _stored_once(t):
-            raise ValueError(f"{names[i]}{suffix} (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself in "
-                             f"memory (made by expand() or as_strided()?); it cannot be updated in place")
-
-
-def _stored_once(t: Tensor) -> bool:
-    """Whether no two elements of ``t`` share memory: with its dims sorted by stride, each stride must step
-    past everything the smaller ones reach (as every view made by slicing, permuting or narrowing does)."""
-    reach = 0  # the largest offset the dims of smaller stride reach
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
-        if stride <= reach:
-            return False
-        reach += (size - 1) * stride
-    return True
-
-
-def _matching(params: list[Tensor], others: list[Tensor], grouping: list[list[int]]) -> bool:
-    """True if each ``others[i]`` has ``params[i]``'s shape, dtype and device (``grouping``: ``params``' fast grouping).
-
-    Vectorized: element counts, dims and (device, dtype) groups of all, shapes only where dims ≥ 2
-    (equal counts and dims < 2 mean equal shapes).
-    """
-    if list(map(Tensor.numel, others)) != list(map(Tensor.numel, params)):
-        return False
-    dims = list(map(Tensor.dim, params))
-    return (list(map(Tensor.dim, others)) == dims and _ops.fast_grouping(others) == grouping
-            and all(others[i].shape == params[i].shape for i, d in enumerate(dims) if d > 1))
-
-
-def _check_grads(params: list[Tensor], grads: list[Tensor], names: Sequence[str],
-                 grouping: list[list[int]] | None) -> None:
-    """Each ``grads[i]`` is a dense tensor of ``params[i]``'s shape, (float) dtype and device, stored once.
-
-    ``grouping`` is ``_ops.fast_grouping(params)``, or None to compare tensor by tensor.
-    """
-    if not set(map(_LAYOUT, grads)) <= {torch.strided}:
-        _check_tensors(grads, names, ".grad")
-    _check_writable(grads, names, ".grad")
-    if grouping is not None and _matching(params, grads, grouping):
-        return
-    _check_tensors(grads, names, ".grad")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"{names[i]}.grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
-                             f"{names[i]} ({tuple(p.shape)}, {p.dtype}, {p.device})")
 
 
 def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple[float, float, float]:
@@ -178,14 +100,14 @@ def _check_hyper(l1: float, l2: float, group_lasso: float, groups: str) -> tuple
 
 def _partition(tensors: list[Tensor]) -> tuple[list[list[int]], list[int]]:
     """Indices of the plain tensors grouped by (device, dtype) in order of first appearance, and of the DTensors."""
-    fast = _ops.fast_grouping(tensors) if tensors else None
+    fast = fast_grouping(tensors) if tensors else None
     if fast is not None:
         return fast, []
     distributed = [i for i, t in enumerate(tensors) if _distributed.is_dtensor(t)]
     if not distributed:
-        return _ops.by_device_dtype(tensors), []
+        return by_device_dtype(tensors), []
     plain = [i for i, t in enumerate(tensors) if not _distributed.is_dtensor(t)]
-    return [[plain[j] for j in idx] for idx in _ops.by_device_dtype([tensors[i] for i in plain])], distributed
+    return [[plain[j] for j in idx] for idx in by_device_dtype([tensors[i] for i in plain])], distributed
 
 
 def _pick(tensors: list[Tensor], idx: list[int]) -> list[Tensor]:
@@ -290,10 +212,10 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
     missing = [i for i, g in enumerate(grads) if g is None] if any(map(is_, grads, repeat(None))) else []
     if missing:
         present = sorted(set(range(len(tensors))) - set(missing))
-        _check_grads([tensors[i] for i in present], [grads[i] for i in present],
+        _validate.grads([tensors[i] for i in present], [grads[i] for i in present],
                      _Names([names[i] for i in present]), None)
     else:
-        _check_grads(tensors, grads, names, None if distributed else plain)
+        _validate.grads(tensors, grads, names, None if distributed else plain)
     with torch.no_grad():
         for i in missing:
             grads[i] = tensors[i].grad = torch.zeros_like(tensors[i])
@@ -309,7 +231,7 @@ def _check_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
-        _check_tensor("lr", lr)
+        _validate.tensor("lr", lr)
         return lr.detach().reshape(()), 0.0
     lr = _validate.coefficient("lr", lr)
     if torch.compiler.is_compiling():
@@ -331,7 +253,7 @@ def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, 
     tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
     lr_tensor, lr_float = _check_lr(lr)
-    _check_writable(tensors, names)
+    _validate.writable(tensors, names)
     if not tensors or not (l1 or l2 or group_lasso):
         return
     with torch.no_grad():

@@ -12,10 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._common import acc_dtype
-from .._ops import by_device_dtype, fast_grouping
-from .._validate import regularization
-from ..api import _LAYOUT, _matching
+from .._common import acc_dtype, by_device_dtype, fast_grouping
+from .._validate import matching, regularization, strided
 
 _GRAD = attrgetter("grad")
 
@@ -71,8 +69,7 @@ def with_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[list[int]]]:
             grads = [g for g in grads if g is not None]
         if not params:
             return [], []
-        if (set(map(_LAYOUT, grads)) <= {torch.strided} and (grouping := fast_grouping(params)) is not None
-                and _matching(params, grads, grouping)):
+        if strided(grads) and (grouping := fast_grouping(params)) is not None and matching(params, grads, grouping):
             return params, grouping
     for p, g in zip(params, grads):
         if g.layout != torch.strided:
