@@ -45,19 +45,5 @@ void for_each_chunk(const WorkList& wl, F&& f) {
   });
 }
 
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-// In-place ops work on contiguous copies of non-contiguous tensors; this copies the results back.
-inline void write_back(at::TensorList originals, const std::vector<at::Tensor>& work) {
-  for (size_t i = 0; i < work.size(); ++i) {
-    if (!originals[i].is_same(work[i])) originals[i].copy_(work[i]);
-  }
-}
-
 }  // namespace cpu
 }  // namespace regfast

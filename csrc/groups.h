@@ -39,9 +39,4 @@ inline GroupShape group_shape(const at::Tensor& t, Grouping grouping) {
   return {t.size(0), t.size(1), n / (t.size(0) * t.size(1))};
 }
 
-// The dtype reductions accumulate in: float64 for float64 tensors, float32 otherwise.
-inline at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 }  // namespace regfast

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "work_list.h"
+#include "cuda_launch.h"
 
 namespace regfast {
 namespace cuda {

@@ -1,5 +1,5 @@
 // Per-tensor Σ|w| and Σw² in one pass, and the per-tensor combination of per-chunk partials.
-#include "launch.h"
+#include "cuda_launch.h"
 #include "reduce.cuh"
 
 namespace regfast {

@@ -4,25 +4,12 @@
 // The arithmetic follows csrc/optim_cpu_math.h (the operation order of torch's foreach SGD /
 // AdamW as regfast/reference/optim.py mirrors it); here every a·b + c of the reference is an
 // fma, as CUDA's ATen kernels compile them.
-#include "launch.h"
+#include "cuda_launch.h"
 #include "reduce.cuh"
 
 namespace regfast {
 namespace cuda {
 namespace {
-
-// x − clamp(x, −t, t), the soft threshold; a NaN x or a NaN threshold (a NaN step) gives NaN.
-template <typename A>
-__device__ __forceinline__ A soft_threshold(A x, A t) {
-  const A lower = fmax(x, -t);
-  return x - (lower <= t ? lower : t);
-}
-
-// torch.maximum: NaN if either is NaN.
-template <typename A>
-__device__ __forceinline__ A maximum(A a, A b) {
-  return (a != a || b != b) ? a + b : (a > b ? a : b);
-}
 
 // The step-dependent scalars of the elastic-net prox with step lr: from the device lr when
 // given (computed in A, one rounding per op, as the reference does with a tensor lr), else the
@@ -36,12 +23,12 @@ struct ProxScalars {
       return {static_cast<A>(-s.lr), static_cast<A>(s.lr), static_cast<A>(s.threshold), static_cast<A>(s.shrink)};
     }
     const A lr = *static_cast<const A*>(s.lr_ptr);
-    const A shrink = s.l2 != 0 ? A(1) / (A(2) * lr * static_cast<A>(s.l2) + A(1)) : A(1);
-    return {-lr, lr, lr * static_cast<A>(s.l1), shrink};
+    const ElasticStep<A> u = ElasticStep<A>::from_acc(lr, s.l1, s.l2);
+    return {-lr, lr, u.threshold, u.shrink};
   }
 };
 
-template <typename T, int kMode>
+template <typename T, Momentum kMode>
 struct SgdFunctor {
   using A = acc_t<T>;
   OptimScalars s;
@@ -62,8 +49,8 @@ struct SgdFunctor {
       A g = to_acc<A>(grad[i]);
       if (s.maximize) g = -g;
       if (s.weight_decay != 0) g = fma(x, wd, g);
-      if (kMode != kMomentumNone) {
-        const A b = kMode == kMomentumInit ? g : fma(g, keep, buf[i] * mom);
+      if (kMode != Momentum::kNone) {
+        const A b = kMode == Momentum::kInit ? g : fma(g, keep, buf[i] * mom);
         buf[i] = b;
         g = s.nesterov ? fma(b, mom, g) : b;
       }
@@ -128,12 +115,12 @@ struct AdamWFunctor {
       A denom = sqrt(second) / bc2_sqrt + eps;
       // prox="preconditioned": Adam's denominator is at least the penalty's gradient, for the update and the
       // prox alike (reference.penalty_gradient_scales); a NaN denominator stays NaN.
-      if (s.prox == kProxPreconditioned && denom < floor) denom = floor;
+      if (s.prox == ProxMode::kPreconditioned && denom < floor) denom = floor;
       x = s.lr_ptr != nullptr ? x + m / (denom / step_size) : x + (step_size * m) / denom;
-      if (s.prox == kProxLr) {
+      if (s.prox == ProxMode::kLr) {
         if (s.l1 != 0) x = soft_threshold(x, p.threshold);
         if (s.l2 != 0) x = x * p.shrink;
-      } else if (s.prox == kProxPreconditioned) {
+      } else if (s.prox == ProxMode::kPreconditioned) {
         const A step = s.lr_ptr != nullptr ? p.lr / denom : (A(1) / denom) * p.lr;
         if (s.l1 != 0) x = soft_threshold(x, step * l1);
         if (s.l2 != 0) x = x * (A(1) / (step * two_l2 + A(1)));
@@ -149,7 +136,7 @@ struct AdamWFunctor {
   }
 };
 
-template <typename T, int kMode>
+template <typename T, Momentum kMode>
 void sgd_apply(const WorkItem* items, int64_t nitems, const TensorMeta* meta, const OptimState* state,
                const OptimScalars& s, void* partials, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -162,12 +149,12 @@ void sgd_apply(const WorkItem* items, int64_t nitems, const TensorMeta* meta, co
 void launch_sgd_step(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta,
                      const OptimState* state, const OptimScalars& s, void* partials, cudaStream_t stream) {
   REGFAST_DISPATCH(dtype, {
-    if (s.momentum_mode == kMomentumNone) {
-      sgd_apply<scalar_t, kMomentumNone>(items, nitems, meta, state, s, partials, stream);
-    } else if (s.momentum_mode == kMomentumInit) {
-      sgd_apply<scalar_t, kMomentumInit>(items, nitems, meta, state, s, partials, stream);
+    if (s.momentum_mode == Momentum::kNone) {
+      sgd_apply<scalar_t, Momentum::kNone>(items, nitems, meta, state, s, partials, stream);
+    } else if (s.momentum_mode == Momentum::kInit) {
+      sgd_apply<scalar_t, Momentum::kInit>(items, nitems, meta, state, s, partials, stream);
     } else {
-      sgd_apply<scalar_t, kMomentumUpdate>(items, nitems, meta, state, s, partials, stream);
+      sgd_apply<scalar_t, Momentum::kUpdate>(items, nitems, meta, state, s, partials, stream);
     }
   });
 }

@@ -17,18 +17,17 @@
 #include <vector>
 
 #include "cpu_work_list.h"
+#include "elementwise.h"
 #include "groups.h"
+#include "optim_common.h"
 #include "optim_cpu.h"
-#include "optim_group.h"
+#include "tensor_list.h"
 
 namespace regfast {
 namespace {
 
 using optim_cpu::AdamWArgs;
 using optim_cpu::AdamWTensor;
-using optim_cpu::Elem;
-using optim_cpu::Momentum;
-using optim_cpu::Prox;
 using optim_cpu::SgdArgs;
 using optim_cpu::SgdTensor;
 
@@ -40,21 +39,6 @@ bool aten_fuses_fmadd() {
 #else
   return true;
 #endif
-}
-
-Elem elem_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return Elem::kHalf;
-    case at::kBFloat16:
-      return Elem::kBFloat16;
-    case at::kFloat:
-      return Elem::kFloat;
-    case at::kDouble:
-      return Elem::kDouble;
-    default:
-      TORCH_CHECK(false, "params must be float16, bfloat16, float32 or float64, got ", t);
-  }
 }
 
 void check_params_and_grads(at::TensorList params, at::TensorList grads) {
@@ -85,20 +69,17 @@ double lr_value(const at::Tensor& lr_tensor, at::ScalarType acc) {
   return lr_tensor.to(at::kCPU, acc).item<double>();
 }
 
-// The elastic-net scalars lr·l1 and 1/(1 + 2·lr·l2) of reference.prox_: in double for a float lr,
-// in the accumulation dtype (one rounding per op) for a tensor lr.
+// The elastic-net scalars lr·l1 and 1/(1 + 2·lr·l2) as the reference computes them (elementwise.h).
 void prox_scalars(bool lr_is_tensor, double lr, double l1, double l2, at::ScalarType acc, double& threshold,
                   double& shrink) {
   if (!lr_is_tensor) {
-    threshold = lr * l1;
-    shrink = l2 != 0 ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
+    elastic_scalars(lr, l1, l2, threshold, shrink);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "regfast_prox_scalars", [&] {
-    const auto a_lr = static_cast<scalar_t>(lr);
-    threshold = static_cast<double>(a_lr * static_cast<scalar_t>(l1));
-    const scalar_t twice = scalar_t(2) * a_lr * static_cast<scalar_t>(l2);
-    shrink = l2 != 0 ? static_cast<double>(scalar_t(1) / (twice + scalar_t(1))) : 1.0;
+    const auto step = ElasticStep<scalar_t>::from_acc(static_cast<scalar_t>(lr), l1, l2);
+    threshold = static_cast<double>(step.threshold);
+    shrink = static_cast<double>(step.shrink);
   });
 }
 
@@ -132,7 +113,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
                      bool compute_penalty) {
   const auto acc = acc_type(params[0].scalar_type());
   SgdArgs args{};
-  args.elem = elem_of(params[0].scalar_type());
+  args.elem = dtype_of(params[0].scalar_type());
   args.momentum_mode = momentum == 0 ? Momentum::kNone : (init_buffers ? Momentum::kInit : Momentum::kUpdate);
   args.maximize = maximize;
   args.has_weight_decay = weight_decay != 0;
@@ -147,9 +128,9 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   args.keep = 1.0 - dampening;
   prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
 
-  const auto ws = cpu::contiguous_all(params);
-  const auto gs = cpu::contiguous_all(grads);
-  const auto bs = momentum != 0 ? cpu::contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto bs = momentum != 0 ? contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
   std::vector<SgdTensor> ts(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) {
     ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
@@ -158,40 +139,9 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });
-  cpu::write_back(params, ws);
-  if (!bs.empty()) cpu::write_back(momentum_buffers, bs);
+  write_back(params, ws);
+  if (!bs.empty()) write_back(momentum_buffers, bs);
   return value;
-}
-
-// Increments the step counts, then per param −lr/(1 − β1ᵗ) and √(1 − β2ᵗ), each computed as the
-// reference computes it: Python floats (C pow, in double) for a float lr, foreach ops on the
-// count tensors for a tensor lr.
-void bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
-                      double beta2, std::vector<AdamWTensor>& ts) {
-  for (const auto& s : steps) {
-    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1, "steps must be one-element CPU tensors");
-  }
-  at::_foreach_add_(steps, 1);
-  if (!lr_tensor.has_value()) {
-    for (size_t i = 0; i < steps.size(); ++i) {
-      const double t = steps[i].item<double>();
-      ts[i].step_size = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
-      ts[i].bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
-    }
-    return;
-  }
-  auto bc1 = at::_foreach_pow(beta1, steps);
-  auto bc2 = at::_foreach_pow(beta2, steps);
-  at::_foreach_sub_(bc1, 1);
-  at::_foreach_sub_(bc2, 1);
-  at::_foreach_neg_(bc2);
-  at::_foreach_div_(bc1, *lr_tensor);
-  at::_foreach_reciprocal_(bc1);
-  at::_foreach_sqrt_(bc2);
-  for (size_t i = 0; i < steps.size(); ++i) {
-    ts[i].step_size = bc1[i].item<double>();
-    ts[i].bc2_sqrt = bc2[i].item<double>();
-  }
 }
 
 // The one-pass step with the elementwise prox (no group lasso); params and state are checked.
@@ -202,8 +152,8 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
                        c10::string_view prox, bool compute_penalty) {
   const auto acc = acc_type(params[0].scalar_type());
   AdamWArgs args{};
-  args.elem = elem_of(params[0].scalar_type());
-  args.prox = l1 == 0 && l2 == 0 ? Prox::kNone : (prox == "lr" ? Prox::kLr : Prox::kPreconditioned);
+  args.elem = dtype_of(params[0].scalar_type());
+  args.prox = l1 == 0 && l2 == 0 ? ProxMode::kNone : (prox == "lr" ? ProxMode::kLr : ProxMode::kPreconditioned);
   args.maximize = maximize;
   args.amsgrad = amsgrad;
   args.lr_is_tensor = lr_tensor.has_value();
@@ -230,25 +180,34 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   args.two_l2 = 2.0 * l2;
   prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
 
-  const auto ws = cpu::contiguous_all(params);
-  const auto gs = cpu::contiguous_all(grads);
-  const auto m1 = cpu::contiguous_all(exp_avgs);
-  const auto m2 = cpu::contiguous_all(exp_avg_sqs);
-  const auto mx = amsgrad ? cpu::contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto m1 = contiguous_all(exp_avgs);
+  const auto m2 = contiguous_all(exp_avg_sqs);
+  const auto mx = amsgrad ? contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
   std::vector<AdamWTensor> ts(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) {
     ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), m1[i].data_ptr(), m2[i].data_ptr(),
              mx.empty() ? nullptr : mx[i].data_ptr(), 0.0, 0.0};
   }
-  bias_corrections(steps, lr_tensor, lr, beta1, beta2, ts);
+  for (const auto& s : steps) {
+    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1, "steps must be one-element CPU tensors");
+  }
+  const std::optional<at::Tensor> lr_acc =
+      args.lr_is_tensor ? std::optional<at::Tensor>(lr_tensor->to(at::kCPU, acc)) : std::nullopt;
+  const BiasCorrections bc = bias_corrections(steps, lr_acc, lr, beta1, beta2, at::kCPU);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    ts[i].step_size = bc.on_host() ? bc.step_size[i] : bc.bc1[i].item<double>();
+    ts[i].bc2_sqrt = bc.on_host() ? bc.bc2_sqrt[i] : bc.bc2[i].item<double>();
+  }
   const auto run = aten_fuses_fmadd() ? &optim_cpu::fused::adamw_run : &optim_cpu::rounded_twice::adamw_run;
   at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });
-  cpu::write_back(params, ws);
-  cpu::write_back(exp_avgs, m1);
-  cpu::write_back(exp_avg_sqs, m2);
-  if (amsgrad) cpu::write_back(max_exp_avg_sqs, mx);
+  write_back(params, ws);
+  write_back(exp_avgs, m1);
+  write_back(exp_avg_sqs, m2);
+  if (amsgrad) write_back(max_exp_avg_sqs, mx);
   return value;
 }
 

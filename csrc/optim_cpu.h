@@ -4,23 +4,21 @@
 //
 // ATen's vectorized CPU kernels round a·b + c once (an fma) when torch runs with AVX2 or AVX512
 // kernels and twice otherwise; to give the same bits as the foreach optimizers the loops are
-// built twice: `rounded_twice` (optim_cpu_kernels.cpp, the baseline ISA) and `fused`
+// built twice: `rounded_twice` (optim_cpu_baseline.cpp, the baseline ISA) and `fused`
 // (optim_cpu_fma.cpp, AVX2 + FMA on x86-64; elsewhere the same file as rounded_twice).
 #pragma once
 
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace regfast {
 namespace optim_cpu {
-
-enum class Elem : int { kHalf, kBFloat16, kFloat, kDouble };
-enum class Momentum : int { kNone, kInit, kUpdate };
-enum class Prox : int { kNone, kLr, kPreconditioned };
 
 // Every double is converted to the accumulation dtype A (float, double for double params) with
 // static_cast, as ATen converts a Scalar; values the reference computes in A are already exact in A.
 struct SgdArgs {
-  Elem elem;
+  DType elem;
   Momentum momentum_mode;
   bool maximize;
   bool has_weight_decay;
@@ -43,8 +41,8 @@ struct SgdTensor {
 };
 
 struct AdamWArgs {
-  Elem elem;
-  Prox prox;
+  DType elem;
+  ProxMode prox;
   bool maximize;
   bool amsgrad;
   bool lr_is_tensor;  // w + m/(d/step_size) instead of w + step_size·m/d, and s = lr/d instead of (1/d)·lr

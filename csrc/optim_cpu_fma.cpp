@@ -4,7 +4,7 @@
 //
 // Every header is included before the target switch: only this file's own functions (internal
 // linkage, see optim_cpu_math.h) are compiled for AVX2, never an inline function shared with
-// other files.
+// other files (elementwise.h's, for one, stay baseline code that the AVX2 loops inline).
 #if defined(__x86_64__)
 
 #include <c10/util/BFloat16.h>
@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "elementwise.h"
+#include "kernel_types.h"
 #include "optim_cpu.h"
 
 #if defined(__clang__)

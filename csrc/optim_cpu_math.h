@@ -1,6 +1,6 @@
 // The arithmetic of the fused optimizer steps on the CPU, element by element, in the operation
 // order of torch's foreach SGD / AdamW (as regfast/reference/optim.py mirrors them), so that
-// the results carry the same bits. Included by optim_cpu_kernels.cpp and optim_cpu_fma.cpp only.
+// the results carry the same bits. Included by optim_cpu_baseline.cpp and optim_cpu_fma.cpp only.
 //
 // Each ATen op of the reference rounds once: w.add_(g, alpha) and lerp_ and addcmul_ are one
 // fmadd in ATen's vectorized kernels (kFused: one rounding when torch runs AVX2/AVX512 kernels),
@@ -16,7 +16,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "acc_type.h"
+#include "elementwise.h"
+#include "kernel_types.h"
 #include "optim_cpu.h"
 
 namespace regfast {
@@ -43,22 +44,6 @@ inline A fmadd(A a, A b, A c) {
   } else {
     return a * b + c;
   }
-}
-
-// x − clamp(x, −t, t): the soft threshold; clamp as ATen's (a NaN x stays NaN), and a NaN threshold
-// (a NaN step) gives NaN.
-template <typename A>
-inline A soft_threshold(A x, A t) {
-  const A lower = x < -t ? -t : x;
-  const A clamped = lower <= t ? lower : t;
-  return x - clamped;
-}
-
-// torch.maximum: NaN if either is NaN.
-template <typename A>
-inline A maximum(A a, A b) {
-  const A larger = a > b ? a : b;
-  return a != a ? a : (b != b ? b : larger);
 }
 
 // Elements per block: each block is stepped by one plain loop, then, while it is still in the
@@ -205,7 +190,7 @@ struct AdamWConst {
 };
 
 // One element of the AdamW step and the prox.
-template <typename T, bool kFused, bool kAmsgrad, Prox kProx, typename A>
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                        A* __restrict__ m2, A* __restrict__ mx, int64_t i) {
   A x = static_cast<A>(w[i]);
@@ -228,12 +213,12 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   A denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
   // prox="preconditioned": Adam's denominator is at least the penalty's gradient (reference.penalty_gradient_scales),
   // for the update and the prox alike. A NaN denominator stays NaN.
-  if constexpr (kProx == Prox::kPreconditioned) denom = denom < floor ? floor : denom;
+  if constexpr (kProx == ProxMode::kPreconditioned) denom = denom < floor ? floor : denom;
   x = pick(c.lr_is_tensor, x + m / (denom / c.step_size), x + (c.step_size * m) / denom);
-  if constexpr (kProx == Prox::kLr) {
+  if constexpr (kProx == ProxMode::kLr) {
     x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
     x = x * c.shrink;
-  } else if constexpr (kProx == Prox::kPreconditioned) {
+  } else if constexpr (kProx == ProxMode::kPreconditioned) {
     // The reference's lr / d: a true division for a tensor lr, reciprocal(d)·lr for a float.
     const A s = pick(c.lr_is_tensor, c.lr / denom, (A(1) / denom) * c.lr);
     x = pick(c.has_l1, soft_threshold(x, s * c.l1), x);
@@ -242,14 +227,14 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   w[i] = static_cast<T>(x);
 }
 
-template <typename T, bool kFused, bool kAmsgrad, Prox kProx, typename A>
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 __attribute__((noinline)) void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                            A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
                                            int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) adamw_element<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, i);
 }
 
-template <typename T, bool kFused, bool kAmsgrad, Prox kProx, bool kPenalty>
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kPenalty>
 void adamw_loop(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
   using A = acc_t<T>;
   const AdamWConst<A> c(args, t);
@@ -269,18 +254,18 @@ void adamw_loop(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int6
 
 // Runs body(T{}) with T the element type of `elem`.
 template <typename Body>
-inline void dispatch_elem(Elem elem, Body&& body) {
+inline void dispatch_elem(DType elem, Body&& body) {
   switch (elem) {
-    case Elem::kHalf:
+    case DType::kHalf:
       body(c10::Half{});
       break;
-    case Elem::kBFloat16:
+    case DType::kBFloat16:
       body(c10::BFloat16{});
       break;
-    case Elem::kFloat:
+    case DType::kFloat:
       body(float{});
       break;
-    case Elem::kDouble:
+    case DType::kDouble:
       body(double{});
       break;
   }
@@ -315,7 +300,7 @@ void sgd_dispatch(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_
   dispatch_elem(args.elem, [&](auto tag) { sgd_typed<decltype(tag), kFused>(args, t, begin, end, sums); });
 }
 
-template <typename T, bool kFused, bool kAmsgrad, Prox kProx>
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx>
 void adamw_for_prox(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
   if (args.penalty) {
     adamw_loop<T, kFused, kAmsgrad, kProx, true>(args, t, begin, end, sums);
@@ -327,14 +312,14 @@ void adamw_for_prox(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, 
 template <typename T, bool kFused, bool kAmsgrad>
 void adamw_for_amsgrad(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
   switch (args.prox) {
-    case Prox::kNone:
-      adamw_for_prox<T, kFused, kAmsgrad, Prox::kNone>(args, t, begin, end, sums);
+    case ProxMode::kNone:
+      adamw_for_prox<T, kFused, kAmsgrad, ProxMode::kNone>(args, t, begin, end, sums);
       break;
-    case Prox::kLr:
-      adamw_for_prox<T, kFused, kAmsgrad, Prox::kLr>(args, t, begin, end, sums);
+    case ProxMode::kLr:
+      adamw_for_prox<T, kFused, kAmsgrad, ProxMode::kLr>(args, t, begin, end, sums);
       break;
-    case Prox::kPreconditioned:
-      adamw_for_prox<T, kFused, kAmsgrad, Prox::kPreconditioned>(args, t, begin, end, sums);
+    case ProxMode::kPreconditioned:
+      adamw_for_prox<T, kFused, kAmsgrad, ProxMode::kPreconditioned>(args, t, begin, end, sums);
       break;
   }
 }

@@ -1,5 +1,5 @@
 // The proximal step: elastic-net shrink of every element, then the group factor.
-#include "launch.h"
+#include "cuda_launch.h"
 #include "reduce.cuh"
 
 namespace regfast {
@@ -13,13 +13,10 @@ struct ProxFunctor {
 
   __device__ void operator()(int64_t, const WorkItem& item, const TensorMeta& m) const {
     T* w = static_cast<T*>(m.data);
-    const A lr = step.lr_ptr != nullptr ? *static_cast<const A*>(step.lr_ptr) : static_cast<A>(step.lr);
-    const A t = lr * static_cast<A>(step.l1);
-    const A shrink = A(1) / (A(1) + A(2) * lr * static_cast<A>(step.l2));
+    const ElasticStep<A> u = elastic_of<A>(step);
     const A* factor = kGroup ? group_factor + m.group_offset : nullptr;
     auto one = [&](A x, int64_t i) {
-      if (kT) x = x - (fmax(x, -t) <= t ? fmax(x, -t) : t);  // a NaN t gives NaN
-      if (kShrink) x = x * shrink;
+      x = elastic_step(x, kT, u.threshold, kShrink, u.shrink);
       if (kGroup) x = x * factor[(i / m.inner) % m.ngroups];
       return x;
     };

@@ -7,7 +7,8 @@
 
 #include <cstdint>
 
-#include "acc_type.h"
+#include "elementwise.h"
+#include "kernel_types.h"
 #include "multi_tensor.cuh"
 
 namespace regfast {
@@ -71,10 +72,11 @@ __device__ __forceinline__ void store_partial_pair(A s1, A s2, A* shared, A* par
   }
 }
 
-// sign(w) with NaN kept as NaN, so a NaN weight gives a NaN gradient.
+// The elastic-net step of a proximal step: from the device lr when given, else the host's scalars.
 template <typename A>
-__device__ __forceinline__ A sign_of(A w) {
-  return w > A(0) ? A(1) : (w < A(0) ? A(-1) : w);
+__device__ __forceinline__ ElasticStep<A> elastic_of(const Step& s) {
+  if (s.lr_ptr != nullptr) return ElasticStep<A>::from_acc(*static_cast<const A*>(s.lr_ptr), s.l1, s.l2);
+  return ElasticStep<A>::from_double(s.threshold, s.shrink, s.l1 != 0, s.l2 != 0);
 }
 
 // Elements per 16-byte vector, and whether [begin, end) of these pointers can use 16-byte accesses.
@@ -125,22 +127,22 @@ __global__ void sum_partials_kernel(const A* partials, int64_t stride, const int
 // Runs the statement with scalar_t bound to the element type of `dtype`.
 #define REGFAST_DISPATCH(dtype, ...)                          \
   switch (dtype) {                                            \
-    case ::regfast::cuda::DType::kHalf: {                     \
+    case ::regfast::DType::kHalf: {                     \
       using scalar_t = __half;                                \
       __VA_ARGS__;                                            \
       break;                                                  \
     }                                                         \
-    case ::regfast::cuda::DType::kBFloat16: {                 \
+    case ::regfast::DType::kBFloat16: {                 \
       using scalar_t = __nv_bfloat16;                         \
       __VA_ARGS__;                                            \
       break;                                                  \
     }                                                         \
-    case ::regfast::cuda::DType::kFloat: {                    \
+    case ::regfast::DType::kFloat: {                    \
       using scalar_t = float;                                 \
       __VA_ARGS__;                                            \
       break;                                                  \
     }                                                         \
-    case ::regfast::cuda::DType::kDouble: {                   \
+    case ::regfast::DType::kDouble: {                   \
       using scalar_t = double;                                \
       __VA_ARGS__;                                            \
       break;                                                  \

@@ -1,15 +1,81 @@
-// Host entry points of the CUDA kernels. Plain pointers and CUDA types only, so that the
-// kernels build with nvcc alone; cuda_ops.cpp turns tensors into these arguments.
+// The CUDA launcher's interface: the plain structs the host code fills and the kernels read (the
+// work list, tensor table, steps and optimizer scalars), and the host entry point of every kernel.
+// Plain pointers and CUDA types only, so that the kernels build with nvcc alone; the *_cuda.cpp
+// files turn tensors into these arguments.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "work_list.h"
+#include "kernel_types.h"
 
 namespace regfast {
 namespace cuda {
+
+constexpr int64_t kChunk = 1 << 16;
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// One tensor of a list: its data, an optional second tensor of the same shape (grads or
+// outputs), its group layout [outer, ngroups, inner] and where its groups start in per-group arrays.
+struct TensorMeta {
+  void* data;
+  void* other;
+  int64_t numel;
+  int64_t ngroups;
+  int64_t inner;
+  int64_t group_offset;
+};
+
+// A proximal step: lr from the 0-dim accumulation-dtype tensor at lr_ptr when set, else `lr`.
+// The elastic-net scalars threshold = lr·l1 and shrink = 1/(1 + 2·lr·l2) of a float lr are computed
+// on the host in double (elementwise.h's elastic_scalars), as the reference computes them.
+struct Step {
+  const void* lr_ptr;
+  double lr;
+  double l1;
+  double l2;
+  double threshold;
+  double shrink;
+};
+
+// The state tensors of one param in an optimizer step: the momentum buffer (SGD), or exp_avg,
+// exp_avg_sq and max_exp_avg_sq (AdamW); accumulation dtype, absent ones null.
+struct OptimState {
+  void* first;
+  void* second;
+  void* third;
+};
+
+// The hyperparameters of an optimizer step. lr from the 0-dim accumulation-dtype tensor at
+// lr_ptr when set, else `lr` with threshold = lr·l1, shrink = 1/(1 + 2·lr·l2) and (AdamW)
+// decay = 1 − lr·weight_decay computed in double, as the reference computes them from a float.
+struct OptimScalars {
+  const void* lr_ptr;
+  double lr;
+  double threshold;
+  double shrink;
+  double decay;
+  double l1;
+  double l2;
+  double weight_decay;
+  double momentum;
+  double keep;  // 1 − dampening
+  double beta1_weight;  // 1 − β1
+  double beta2;
+  double beta2_weight;  // 1 − β2
+  double eps;
+  Momentum momentum_mode;
+  ProxMode prox;
+  bool nesterov;
+  bool maximize;
+  bool amsgrad;
+};
 
 // partials (accumulation dtype, 2·nitems): Σ|w| of item c at [c], Σw² at [nitems + c].
 void launch_norms(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta, void* partials,

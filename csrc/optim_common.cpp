@@ -1,17 +1,19 @@
-// Group lasso in the fused optimizer steps (see optim_group.h). Device-generic: the group passes
-// are the device's regfast_C::prox_ and regfast_C::penalty, reached through the dispatcher.
-#include "optim_group.h"
+// The device-generic host code of the fused optimizer steps (see optim_common.h). The group passes
+// are the device's own regfast_C::prox_ and regfast_C::penalty, reached through the dispatcher.
+#include "optim_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "groups.h"
+#include "tensor_list.h"
 
 namespace regfast {
 namespace {
@@ -148,6 +150,37 @@ void metric_prox_(at::Tensor& w, at::Tensor step, double l1, double l2, double g
 
 }  // namespace
 
+BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
+                                 double beta1, double beta2, const at::Device& device) {
+  at::_foreach_add_(steps, 1);
+  BiasCorrections out;
+  const bool host_counts = std::all_of(steps.begin(), steps.end(), [](const at::Tensor& t) { return t.is_cpu(); });
+  if (host_counts && !lr_tensor.has_value()) {
+    for (const auto& s : steps) {
+      const double t = s.item<double>();
+      out.step_size.push_back((lr / (1.0 - std::pow(beta1, t))) * -1.0);
+      out.bc2_sqrt.push_back(std::pow(1.0 - std::pow(beta2, t), 0.5));
+    }
+    return out;
+  }
+  std::vector<at::Tensor> counts;
+  counts.reserve(steps.size());
+  for (const auto& t : steps) counts.push_back(t.to(device));
+  out.bc1 = at::_foreach_pow(beta1, counts);
+  out.bc2 = at::_foreach_pow(beta2, counts);
+  at::_foreach_sub_(out.bc1, 1);
+  at::_foreach_sub_(out.bc2, 1);
+  at::_foreach_neg_(out.bc2);
+  if (lr_tensor.has_value()) {
+    at::_foreach_div_(out.bc1, *lr_tensor);
+  } else {
+    at::_foreach_div_(out.bc1, lr);
+  }
+  at::_foreach_reciprocal_(out.bc1);
+  at::_foreach_sqrt_(out.bc2);
+  return out;
+}
+
 at::Tensor step_then_group_shrink(at::TensorList params, at::TensorList grads, FusedStep fused,
                                   const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
                                   double group_lasso, c10::string_view groups, bool compute_penalty) {
@@ -186,7 +219,7 @@ at::Tensor adamw_metric_group_step(at::TensorList params, at::TensorList grads, 
   std::vector<at::Tensor> work, g;
   const bool copies = working_copies(params, grads, work, g);
   if (maximize) g = at::_foreach_neg(g);
-  at::_foreach_add_(steps, 1);
+  // The floors read the weights before the step; the step counts are incremented with the bias corrections.
   const std::vector<at::Tensor> floors = penalty_gradient_scales(work, l1, l2, group_lasso, grouping);
   if (weight_decay != 0) {
     if (lr_t.has_value()) {
@@ -205,37 +238,19 @@ at::Tensor adamw_metric_group_step(at::TensorList params, at::TensorList grads, 
     second = max_exp_avg_sqs;
   }
   std::vector<at::Tensor> denom = at::_foreach_sqrt(second);
-  const bool host_scalars = steps[0].is_cpu() && !lr_t.has_value();
-  if (host_scalars) {
-    std::vector<at::Scalar> step_size, bc2_sqrt;
-    for (const auto& s : steps) {
-      const double t = s.item<double>();
-      step_size.emplace_back((lr / (1 - std::pow(beta1, t))) * -1);
-      bc2_sqrt.emplace_back(std::pow(1 - std::pow(beta2, t), 0.5));
-    }
+  const BiasCorrections bc = bias_corrections(steps, lr_t, lr, beta1, beta2, device);
+  if (bc.on_host()) {
+    const std::vector<at::Scalar> step_size(bc.step_size.begin(), bc.step_size.end());
+    const std::vector<at::Scalar> bc2_sqrt(bc.bc2_sqrt.begin(), bc.bc2_sqrt.end());
     at::_foreach_div_(denom, bc2_sqrt);
     at::_foreach_add_(denom, eps);
     at::_foreach_maximum_(denom, floors);
     at::_foreach_addcdiv_(work, exp_avgs, denom, step_size);
   } else {
-    std::vector<at::Tensor> counts;
-    for (const auto& s : steps) counts.push_back(s.to(device));
-    auto bc1 = at::_foreach_pow(beta1, counts);
-    auto bc2 = at::_foreach_pow(beta2, counts);
-    at::_foreach_sub_(bc1, 1);
-    at::_foreach_sub_(bc2, 1);
-    at::_foreach_neg_(bc2);
-    if (lr_t.has_value()) {
-      at::_foreach_div_(bc1, *lr_t);
-    } else {
-      at::_foreach_div_(bc1, lr);
-    }
-    at::_foreach_reciprocal_(bc1);
-    at::_foreach_sqrt_(bc2);
-    at::_foreach_div_(denom, bc2);
+    at::_foreach_div_(denom, bc.bc2);
     at::_foreach_add_(denom, eps);
     at::_foreach_maximum_(denom, floors);
-    at::_foreach_addcdiv_(work, exp_avgs, at::_foreach_div(denom, bc1));
+    at::_foreach_addcdiv_(work, exp_avgs, at::_foreach_div(denom, bc.bc1));
   }
   for (size_t i = 0; i < work.size(); ++i) {
     // Python's lr / d: a tensor lr divides, a float one multiplies d's reciprocal.

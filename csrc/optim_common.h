@@ -1,9 +1,10 @@
-// Group lasso in the fused optimizer steps, for every device.
+// The host code the fused optimizer steps share across devices: AdamW's bias corrections, and group
+// lasso.
 //
 // A fused step applies the elementwise prox (l1, l2) in its one pass over the params; the group
 // shrink needs every group's norm after the update, so it runs after that pass, through the
 // device's own regfast_C::prox_ group passes. The two cases where the step's rounding or metric
-// forbids that split have their own path here, composed of ATen ops (see optim_group.cpp).
+// forbids that split have their own path here, composed of ATen ops (see optim_common.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,8 +12,22 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <vector>
 
 namespace regfast {
+
+// AdamW's per-param −lr/(1 − β1ᵗ) and √(1 − β2ᵗ), after incrementing the step counts, computed as
+// the reference computes them: in double (C pow) from CPU counts and a float lr (`step_size`,
+// `bc2_sqrt`), else with foreach ops on the counts taken to `device` (`bc1`, `bc2`: 0-dim tensors, no
+// host sync). `lr_tensor`, when given, is already on `device` in the accumulation dtype.
+struct BiasCorrections {
+  std::vector<double> step_size, bc2_sqrt;
+  std::vector<at::Tensor> bc1, bc2;
+  bool on_host() const { return bc1.empty(); }
+};
+
+BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
+                                 double beta1, double beta2, const at::Device& device);
 
 // The device's fused step on (params, grads), without group lasso and without the penalty.
 using FusedStep = c10::function_ref<void(at::TensorList params, at::TensorList grads)>;

@@ -1,0 +1,369 @@
+// The building blocks of the CPU kernels (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp): lane sums,
+// per-tensor norms, group norms, and the runs of elements that share a per-group scale.
+//
+// Each tensor is split into fixed-size chunks of kChunk elements; the (tensor, chunk) work list
+// is spread over threads with at::parallel_for (cpu_work_list.h). A reduction writes one partial per
+// chunk and the partials are summed in list order afterwards, so results do not depend on the thread
+// count. Inside a chunk, sums run over kLanes independent accumulators (one per lane, vectorized by
+// the compiler) combined pairwise in a fixed order.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_work_list.h"
+#include "groups.h"
+#include "kernel_types.h"
+#include "norm_parts.h"
+
+namespace regfast {
+namespace cpu {
+
+constexpr int kLanes = 16;
+
+// The kLanes values of v summed pairwise, in a fixed order.
+template <typename A>
+inline A pairwise_total(const A* v) {
+  A s[kLanes];
+  std::copy(v, v + kLanes, s);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) s[j] += s[j + width];
+  }
+  return s[0];
+}
+
+template <typename A>
+struct LaneSum {
+  A v[kLanes];
+
+  LaneSum() { std::fill(v, v + kLanes, A(0)); }
+
+  A total() const { return pairwise_total(v); }
+};
+
+// Calls body(i, lane) for i in [begin, end): whole rounds of kLanes first, so that the lane
+// index is a compile-time pattern the vectorizer maps onto registers, then the tail.
+template <typename Body>
+inline void lane_loop(int64_t begin, int64_t end, Body&& body) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) body(i + j, j);
+  }
+  for (int j = 0; i < end; ++i, ++j) body(i, j);
+}
+
+// Per-element scale of a run of elements, one value for the run or one per element: element i is
+// multiplied by q(i)·(· p(i)), p a power of two that keeps both factors in range (see split_coefficient).
+template <typename A>
+struct ConstScale {
+  A value, pre;
+  A operator()(int64_t) const { return value; }
+  A p(int64_t) const { return pre; }
+};
+
+template <typename A>
+struct RowScale {
+  const A* values;  // values[i - offset] is the scale of element i
+  const A* pres;    // pres[i - offset] its power-of-two pre-scale
+  int64_t offset;
+  A operator()(int64_t i) const { return values[i - offset]; }
+  A p(int64_t i) const { return pres[i - offset]; }
+};
+
+// The lane sums of a run of elements live in local arrays and `w` is restrict-qualified, so that
+// the compiler knows the loads cannot alias the sums and vectorizes the loop (as in grad_run).
+template <typename T, typename A>
+inline void norms_run(const T* __restrict__ w, int64_t begin, int64_t end, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
+  A s1[kLanes], s2[kLanes];
+  std::copy(abs_sum.v, abs_sum.v + kLanes, s1);
+  std::copy(sq_sum.v, sq_sum.v + kLanes, s2);
+  lane_loop(begin, end, [&](int64_t i, int j) {
+    const A x = static_cast<A>(w[i]);
+    s1[j] += std::abs(x);
+    s2[j] += x * x;
+  });
+  std::copy(s1, s1 + kLanes, abs_sum.v);
+  std::copy(s2, s2 + kLanes, sq_sum.v);
+}
+
+// Parts of a group's square sum (see norm_parts.h): three for double, one otherwise.
+template <typename A>
+constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
+
+// Σ f(w)² over a run in lane order (see norms_run), unscaled, into *out; for double also whether an
+// element is out of range (then the run is summed again by parts, see square_parts_run).
+template <typename A, typename T, typename F>
+inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out) {
+  double s[kLanes] = {}, flags[kLanes] = {};
+  lane_loop(begin, end, [&](int64_t i, int j) {
+    const double u = static_cast<double>(f(static_cast<A>(w[i])));
+    s[j] += u * u;
+    if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
+  });
+  *out = pairwise_total(s);
+  return kParts<A> > 1 && pairwise_total(flags) != 0;
+}
+
+// Σ f(w)² over a run by parts (see kParts), into out[0], out[stride], out[2·stride].
+template <typename A, typename T, typename F>
+inline void square_parts_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out, int64_t stride) {
+  constexpr int kP = kParts<A>;
+  double parts[kP][kLanes] = {};
+  lane_loop(begin, end, [&](int64_t i, int j) {
+    add_square<kP>(&parts[0][j], kLanes, static_cast<double>(f(static_cast<A>(w[i]))));
+  });
+  for (int p = 0; p < kP; ++p) out[p * stride] = pairwise_total(parts[p]);
+}
+
+// out[m] += f(row[m])² for a row of columns, unscaled; for double also whether an element is out of range
+// (a count in lanes, as in sumsq_run, so that the loop vectorizes). Its own function so that the
+// restrict parameters reach the vectorizer.
+template <typename A, typename T, typename F>
+__attribute__((noinline)) bool column_squares(const T* __restrict__ row, double* __restrict__ out, int64_t m_len,
+                                              F f) {
+  double flags[kLanes] = {};
+  lane_loop(0, m_len, [&](int64_t m, int j) {
+    const double u = static_cast<double>(f(static_cast<A>(row[m])));
+    out[m] += u * u;
+    if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
+  });
+  return kParts<A> > 1 && pairwise_total(flags) != 0;
+}
+
+// Per-tensor Σ|w| and Σw², from per-chunk partials summed in order.
+template <typename T>
+void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, std::vector<acc_t<T>>& l2sq) {
+  using A = acc_t<T>;
+  const WorkList wl = make_work_list(ts);
+  std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
+  for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
+    LaneSum<A> s1, s2;
+    norms_run(ts[ch.tensor].const_data_ptr<T>(), ch.begin, ch.end, s1, s2);
+    p1[c] = s1.total();
+    p2[c] = s2.total();
+  });
+  l1.assign(ts.size(), A(0));
+  l2sq.assign(ts.size(), A(0));
+  for (size_t t = 0; t < ts.size(); ++t) {
+    for (int64_t c = wl.first[t]; c < wl.first[t + 1]; ++c) {
+      l1[t] += p1[c];
+      l2sq[t] += p2[c];
+    }
+  }
+}
+
+// ‖f(w_g)‖₂ of every group of every tensor, concatenated, in double: tensor t's groups start at offsets[t].
+// No overflow or underflow for any finite input (see kParts).
+//
+// Stage 1 writes partials for fixed pieces of each tensor; stage 2 sums them in a fixed order:
+//   outer == 1, inner <= kChunk: pieces are runs of whole groups, one partial per group;
+//   outer == 1, inner > kChunk: each group is split into kChunk pieces, one partial per piece;
+//   outer > 1: pieces are runs of whole rows [o, :, :], one partial per (piece, column).
+template <typename T, typename F>
+std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
+                                  std::vector<int64_t>& offsets) {
+  using A = acc_t<T>;
+  constexpr int kP = kParts<A>;
+  struct Piece {
+    int64_t tensor, begin, end, slot;  // begin/end: groups, flat elements or rows, by the tensor's kind
+  };
+  enum Kind { kWholeGroups, kSplitGroups, kRows };
+  const size_t nt = ts.size();
+  std::vector<Kind> kinds(nt);
+  std::vector<int64_t> slot_base(nt), splits(nt, 1);
+  std::vector<Piece> pieces;
+  int64_t slots = 0, groups = 0;
+  offsets.assign(nt + 1, 0);
+  for (size_t t = 0; t < nt; ++t) {
+    offsets[t] = groups;
+    slot_base[t] = slots;
+    if (ts[t].numel() == 0) continue;
+    const GroupShape& s = shapes[t];
+    groups += s.ngroups;
+    const auto ti = static_cast<int64_t>(t);
+    if (s.outer == 1 && s.inner <= kChunk) {
+      kinds[t] = kWholeGroups;
+      const int64_t per_piece = std::max<int64_t>(1, kChunk / s.inner);
+      for (int64_t g = 0; g < s.ngroups; g += per_piece) pieces.push_back({ti, g, std::min(s.ngroups, g + per_piece), slots + g});
+      slots += s.ngroups;
+    } else if (s.outer == 1) {
+      kinds[t] = kSplitGroups;
+      splits[t] = (s.inner + kChunk - 1) / kChunk;
+      for (int64_t g = 0; g < s.ngroups; ++g) {
+        for (int64_t p = 0; p < splits[t]; ++p) {
+          const int64_t b = g * s.inner + p * kChunk;
+          pieces.push_back({ti, b, std::min(b + kChunk, (g + 1) * s.inner), slots + g * splits[t] + p});
+        }
+      }
+      slots += s.ngroups * splits[t];
+    } else {
+      kinds[t] = kRows;
+      const int64_t rows = std::max<int64_t>(1, kChunk / s.row_length());
+      splits[t] = (s.outer + rows - 1) / rows;
+      for (int64_t p = 0; p < splits[t]; ++p) {
+        pieces.push_back({ti, p * rows, std::min(s.outer, (p + 1) * rows), slots + p * s.row_length()});
+      }
+      slots += splits[t] * s.row_length();
+    }
+  }
+  offsets[nt] = groups;
+
+  // Part-major: part p of slot i at partial[p·slots + i]. Stage 1a sums every piece unscaled into the
+  // middle part and flags the pieces with an out-of-range element (double only); stage 1b sums those
+  // pieces again by parts. The small and big parts exist only if a piece was flagged.
+  std::vector<double> partial(slots, 0.0);
+  std::vector<char> flagged(pieces.size(), 0);
+  auto run_piece = [&](int64_t q, bool by_parts) {
+    const Piece& pc = pieces[q];
+    const T* w = ts[pc.tensor].template const_data_ptr<T>();
+    const GroupShape& s = shapes[pc.tensor];
+    double* base = partial.data();  // stage 1a: the middle part only; stage 1b: all parts
+    bool flag = false;
+    switch (kinds[pc.tensor]) {
+      case kWholeGroups:
+        for (int64_t g = pc.begin; g < pc.end; ++g) {
+          double* out = base + pc.slot + g - pc.begin;
+          if (by_parts) square_parts_run<A>(w, g * s.inner, (g + 1) * s.inner, f, out, slots);
+          else flag |= sumsq_run<A>(w, g * s.inner, (g + 1) * s.inner, f, out);
+        }
+        break;
+      case kSplitGroups:
+        if (by_parts) square_parts_run<A>(w, pc.begin, pc.end, f, base + pc.slot, slots);
+        else flag = sumsq_run<A>(w, pc.begin, pc.end, f, base + pc.slot);
+        break;
+      case kRows: {
+        const int64_t m_len = s.row_length();
+        if (by_parts) {
+          for (int p = 0; p < kP; ++p) std::fill_n(base + p * slots + pc.slot, m_len, 0.0);
+          for (int64_t o = pc.begin; o < pc.end; ++o) {
+            for (int64_t m = 0; m < m_len; ++m) {
+              add_square<kP>(base + pc.slot + m, slots, static_cast<double>(f(static_cast<A>(w[o * m_len + m]))));
+            }
+          }
+        } else {
+          for (int64_t o = pc.begin; o < pc.end; ++o) flag |= column_squares<A>(w + o * m_len, base + pc.slot, m_len, f);
+        }
+        break;
+      }
+    }
+    flagged[q] = flag ? 1 : 0;
+  };
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) run_piece(q, false);
+  });
+  int parts = 1;
+  if (kP > 1 && std::find(flagged.begin(), flagged.end(), 1) != flagged.end()) {
+    std::vector<double> middle = std::move(partial);
+    partial.assign(slots * kP, 0.0);
+    std::copy(middle.begin(), middle.end(), partial.begin() + slots);
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        if (flagged[q]) run_piece(q, true);
+      }
+    });
+    parts = kP;
+  }
+
+  std::vector<double> norms(groups, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(nt), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (ts[t].numel() == 0) continue;
+      const GroupShape& s = shapes[t];
+      const double* p = partial.data() + slot_base[t];
+      if (kinds[t] == kRows) {
+        // Pieces in the outer loop, so that each piece's row of partials is read in order; each group's
+        // sum still runs over the pieces in order, then over k.
+        std::vector<double> acc(parts * s.ngroups, 0.0);
+        for (int i = 0; i < parts; ++i) {
+          const double* part = p + i * slots;
+          double* sums = acc.data() + i * s.ngroups;
+          for (int64_t q = 0; q < splits[t]; ++q) {
+            const double* row = part + q * s.row_length();
+            for (int64_t k = 0; k < s.inner; ++k) {
+              for (int64_t g = 0; g < s.ngroups; ++g) sums[g] += row[g * s.inner + k];
+            }
+          }
+        }
+        for (int64_t g = 0; g < s.ngroups; ++g) {
+          double sums[3] = {};
+          for (int i = 0; i < parts; ++i) sums[i] = acc[i * s.ngroups + g];
+          norms[offsets[t] + g] = norm_from_parts(sums[0], sums[1], sums[2], parts);
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < s.ngroups; ++g) {
+        double acc[3] = {};
+        for (int i = 0; i < parts; ++i) {
+          for (int64_t q = 0; q < splits[t]; ++q) acc[i] += p[i * slots + g * splits[t] + q];
+        }
+        norms[offsets[t] + g] = norm_from_parts(acc[0], acc[1], acc[2], parts);
+      }
+    }
+  });
+  return norms;
+}
+
+// Calls body(b, e, scale) over the runs of chunk [begin, end) that share a scale accessor:
+// no per-group scale (`scales` empty: `fixed` everywhere, pre-scale 1), one group at a time
+// (outer == 1), or one row of columns at a time with a per-column scale (outer > 1; `scales` then
+// holds one value per column of the row, i.e. per (g, k)). `pres` is laid out as `scales`.
+template <typename A, typename Body>
+void for_scale_runs(const GroupShape& s, const A* scales, const A* pres, A fixed, int64_t begin, int64_t end,
+                    Body&& body) {
+  if (scales == nullptr) {
+    body(begin, end, ConstScale<A>{fixed, A(1)});
+    return;
+  }
+  if (s.outer == 1) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t g = i / s.inner;
+      const int64_t e = std::min(end, (g + 1) * s.inner);
+      body(i, e, ConstScale<A>{scales[g], pres[g]});
+      i = e;
+    }
+    return;
+  }
+  const int64_t m_len = s.row_length();
+  for (int64_t i = begin; i < end;) {
+    const int64_t row_start = i - i % m_len;
+    const int64_t e = std::min(end, row_start + m_len);
+    body(i, e, RowScale<A>{scales, pres, row_start});
+    i = e;
+  }
+}
+
+// Per-group values turned into the layout for_scale_runs reads: per group when outer == 1,
+// per column (g, k) of a row when outer > 1.
+template <typename A>
+std::vector<A> expand_scales(const std::vector<A>& per_group, const std::vector<int64_t>& offsets,
+                             const std::vector<GroupShape>& shapes, const std::vector<at::Tensor>& ts,
+                             std::vector<int64_t>& scale_offsets) {
+  std::vector<A> out;
+  scale_offsets.assign(ts.size(), 0);
+  for (size_t t = 0; t < ts.size(); ++t) {
+    scale_offsets[t] = static_cast<int64_t>(out.size());
+    if (ts[t].numel() == 0) continue;
+    const GroupShape& s = shapes[t];
+    const A* g = per_group.data() + offsets[t];
+    if (s.outer == 1) {
+      out.insert(out.end(), g, g + s.ngroups);
+    } else {
+      for (int64_t j = 0; j < s.ngroups; ++j) out.insert(out.end(), s.inner, g[j]);
+    }
+  }
+  return out;
+}
+
+inline std::vector<GroupShape> shapes_of(const std::vector<at::Tensor>& ts, Grouping grouping) {
+  std::vector<GroupShape> shapes;
+  shapes.reserve(ts.size());
+  for (const auto& t : ts) shapes.push_back(t.numel() ? group_shape(t, grouping) : GroupShape{1, 1, 0});
+  return shapes;
+}
+
+}  // namespace cpu
+}  // namespace regfast

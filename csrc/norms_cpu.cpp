@@ -1,0 +1,45 @@
+// CPU implementation of regfast_C::norms: per-tensor Σ|w| and Σw² in one pass (cpu_kernels.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "elementwise.h"
+#include "groups.h"
+#include "tensor_list.h"
+
+namespace regfast {
+namespace {
+
+using namespace cpu;  // the building blocks of every CPU kernel (cpu_kernels.h)
+
+void check_params(at::TensorList params) { check_group(params, "params", c10::kCPU); }
+
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
+  check_params(params);
+  const auto ws = contiguous_all(params);
+  const auto acc = acc_type(params[0].scalar_type());
+  at::Tensor l1 = at::empty({static_cast<int64_t>(ws.size())}, params[0].options().dtype(acc));
+  at::Tensor l2sq = at::empty_like(l1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_norms_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    std::vector<A> v1, v2;
+    tensor_norms<scalar_t>(ws, v1, v2);
+    std::copy(v1.begin(), v1.end(), l1.data_ptr<A>());
+    std::copy(v2.begin(), v2.end(), l2sq.data_ptr<A>());
+  });
+  return {l1, l2sq};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regfast_C, CPU, m) { m.impl("norms", &norms_cpu); }
+
+}  // namespace regfast
