@@ -11,9 +11,14 @@ host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
 - ``regfast[cpp]`` / ``regfast[torch]``: the whole public call on that backend;
 - ``regfast[triton], launch stubbed``: the whole public call on the Triton backend with each
   kernel launch replaced by a no-op (runs on the CPU with ``TRITON_INTERPRET=1``): regfast's
-  host path without Triton's own launch cost, which a GPU adds once per launch.
+  host path without Triton's own launch cost, which a GPU adds once per launch;
+- optimizer steps (momentum SGD, AdamW; l1 = 1e-4): torch's own (``foreach``, ``fused``) beside
+  ``ProxSGD``, ``ProxAdamW`` (both prox modes) and ``Proximal`` around torch's SGD;
+- ``torch._foreach_add_(grads, params)``: the cheapest multi-tensor op torch has, as a yardstick.
 
-Prints a table (median and p20/p80 microseconds per call, speed-up over the naive loop).
+Prints a table (median and p20/p80 microseconds per call, speed-up over the first row of each op), and
+for each row measured at two sizes the cost ratio of the larger to the smaller (10x tensors: 10x is
+linear).
 """
 
 from __future__ import annotations
@@ -92,6 +97,33 @@ def _regfast_cases(params: list[torch.Tensor]) -> dict[str, object]:
     }
 
 
+def _optimizer_cases() -> dict[str, list[tuple[str, object]]]:
+    """Per optimizer op, (provider, maker of an optimizer over a param list)."""
+    from regfast.optim import ProxAdamW, Proximal, ProxSGD
+
+    sgd = dict(lr=0.01, momentum=0.9)
+    return {
+        "SGD step": [
+            ("torch SGD(foreach)", lambda ps: torch.optim.SGD(ps, **sgd, foreach=True)),
+            ("regfast ProxSGD", lambda ps: ProxSGD(ps, **sgd, l1=1e-4)),
+            ("regfast Proximal(SGD(foreach))", lambda ps: Proximal(torch.optim.SGD(ps, **sgd, foreach=True), l1=1e-4)),
+        ],
+        "AdamW step": [
+            ("torch AdamW(fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+            ("torch AdamW(foreach)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+            ("regfast ProxAdamW", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4)),
+            ("regfast ProxAdamW(prox=lr)", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4, prox="lr")),
+        ],
+    }
+
+
+def _row(op: str, n_tensors: int, name: str, seconds: list[float], base: float | None) -> dict:
+    qs = statistics.quantiles(seconds, n=10)
+    median = statistics.median(seconds)
+    return {"op": op, "tensors": n_tensors, "provider": name, "median_us": median * 1e6, "p20_us": qs[1] * 1e6,
+            "p80_us": qs[7] * 1e6, "speedup": (base or median) / median}
+
+
 def run(n_tensors: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     params = [torch.randn(1, requires_grad=True) for _ in range(n_tensors)]
@@ -119,33 +151,61 @@ def run(n_tensors: int, repeats: int) -> list[dict]:
             finally:
                 for module, attr, value in saved:
                     setattr(module, attr, value)
-            qs = statistics.quantiles(seconds, n=10)
-            median = statistics.median(seconds)
-            base = base or median
-            rows.append({"op": op, "tensors": n_tensors, "provider": name, "median_us": median * 1e6,
-                         "p20_us": qs[1] * 1e6, "p80_us": qs[7] * 1e6, "speedup": base / median})
+            rows.append(_row(op, n_tensors, name, seconds, base))
+            base = base or rows[-1]["median_us"] / 1e6
+    for op, cases in _optimizer_cases().items():
+        base = None
+        for name, make in cases:
+            ps = [torch.randn(1, requires_grad=True) for _ in range(n_tensors)]
+            for p in ps:
+                p.grad = torch.randn(1)
+            opt = make(ps)
+            seconds = _timings(opt.step, repeats, warmup=3)
+            rows.append(_row(op, n_tensors, name, seconds, base))
+            base = base or rows[-1]["median_us"] / 1e6
+    grads = [p.grad for p in params]
+    rows.append(_row("yardstick", n_tensors, "torch._foreach_add_(grads, params)",
+                     _timings(lambda: torch._foreach_add_(grads, params), repeats, warmup=3), None))
     return rows
+
+
+def _ratios(all_rows: list[dict]) -> list[str]:
+    """For each (op, provider) measured at more than one size: the cost at the largest over the smallest."""
+    lines = []
+    by_key: dict[tuple[str, str], dict[int, float]] = {}
+    for r in all_rows:
+        by_key.setdefault((r["op"], r["provider"]), {})[r["tensors"]] = r["median_us"]
+    for (op, provider), sizes in by_key.items():
+        if len(sizes) > 1:
+            lo, hi = min(sizes), max(sizes)
+            lines.append(f"{op:<18} {provider:<34} {hi}/{lo} tensors: {sizes[hi] / sizes[lo]:6.1f}x")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tensors", type=int, nargs="+", default=[148, 2000])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[148, 2000, 20000])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", action="store_true", help="one JSON row per measurement instead of a table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, regfast {regfast.__version__}, python {sys.version.split()[0]}; "
           "one-element tensors, 1 thread", file=sys.stderr)
+    all_rows = []
     for n in args.tensors:
         rows = run(n, args.repeats)
+        all_rows.extend(rows)
         if args.json:
             for row in rows:
                 print(json.dumps(row))
             continue
-        print(f"\n{n} tensors        {'provider':<32} {'median us (p20-p80)':>26} {'speed-up':>9}")
+        print(f"\n{n} tensors        {'provider':<34} {'median us (p20-p80)':>26} {'speed-up':>9}")
         for r in rows:
             spread = f"{r['median_us']:.0f} ({r['p20_us']:.0f}-{r['p80_us']:.0f})"
-            print(f"{r['op']:<18} {r['provider']:<32} {spread:>26} {r['speedup']:>8.2f}x")
+            print(f"{r['op']:<18} {r['provider']:<34} {spread:>26} {r['speedup']:>8.2f}x")
+    if not args.json and len(args.tensors) > 1:
+        print("\ncost ratio, largest over smallest size")
+        print("\n".join(_ratios(all_rows)))
     return 0
 
 

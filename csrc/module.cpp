@@ -1,11 +1,14 @@
 // Entry point of regfast._C: the Python module. Importing it loads the library, and with it the
 // kernels, which register themselves per device as implementations of the regfast_C ops
-// (TORCH_LIBRARY_IMPL in the files of each op).
+// (TORCH_LIBRARY_IMPL in the files of each op); the module's functions are the host path of the
+// public calls (host_path.cpp).
 //
 // The ops' schemas are not written here: regfast._ops defines each op once, in the regfast
 // namespace, and defines regfast_C with the same schemas when this module loads (regfast._ext),
 // so the compiled kernels implement exactly the contract every other backend implements.
 #include <Python.h>
+
+#include "host_path.h"
 
 #ifdef REGFAST_WITH_CUDA
 #define REGFAST_CUDA_FLAG 1
@@ -13,8 +16,27 @@
 #define REGFAST_CUDA_FLAG 0
 #endif
 
+// The public calls' host path in one C++ walk (host_path.cpp); regfast._ops calls them.
+static PyMethodDef regfast_methods[] = {
+    {"norms_walk", regfast::host::norms, METH_VARARGS,
+     "norms_walk(params, types, cpu, cuda) -> (per_l1, per_l2sq) or None"},
+    {"add_penalty_grad_walk", regfast::host::add_penalty_grad, METH_VARARGS,
+     "add_penalty_grad_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups) -> value or None"},
+    {"prox_walk", regfast::host::prox, METH_VARARGS,
+     "prox_walk(params, types, cpu, cuda, lr_tensor, lr, l1, l2, group_lasso, groups) -> True or None"},
+    {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
+     "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
+    {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,
+     "sgd_step_walk(params, types, cpu, cuda, planned, buffers, lr_tensor, lr, momentum, dampening, weight_decay, "
+     "nesterov, maximize, l1, l2, group_lasso, groups, compute_penalty) -> [value per group] or None"},
+    {"adamw_step_walk", regfast::host::adamw_step, METH_VARARGS,
+     "adamw_step_walk(params, types, cpu, cuda, planned, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, "
+     "lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, prox, compute_penalty) "
+     "-> [value per group] or None"},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef regfast_module = {PyModuleDef_HEAD_INIT, "_C", "regfast's compiled kernels (regfast_C ops).", -1,
-                                     nullptr};
+                                     regfast_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&regfast_module);

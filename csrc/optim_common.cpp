@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -152,17 +153,28 @@ void metric_prox_(at::Tensor& w, at::Tensor step, double l1, double l2, double g
 
 BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
                                  double beta1, double beta2, const at::Device& device) {
-  at::_foreach_add_(steps, 1);
   BiasCorrections out;
   const bool host_counts = std::all_of(steps.begin(), steps.end(), [](const at::Tensor& t) { return t.is_cpu(); });
   if (host_counts && !lr_tensor.has_value()) {
     for (const auto& s : steps) {
-      const double t = s.item<double>();
+      // A float32 count is incremented in place as _foreach_add_(steps, 1) would (t + 1 rounded to float32),
+      // without a dispatch per tensor.
+      double t = 0;
+      if (s.scalar_type() == at::kFloat && s.numel() == 1 && s.is_non_overlapping_and_dense()) {
+        float* count = s.data_ptr<float>();
+        *count = *count + 1.0f;
+        torch::autograd::impl::bump_version(s);
+        t = *count;
+      } else {
+        s.add_(1);
+        t = s.item<double>();
+      }
       out.step_size.push_back((lr / (1.0 - std::pow(beta1, t))) * -1.0);
       out.bc2_sqrt.push_back(std::pow(1.0 - std::pow(beta2, t), 0.5));
     }
     return out;
   }
+  at::_foreach_add_(steps, 1);
   std::vector<at::Tensor> counts;
   counts.reserve(steps.size());
   for (const auto& t : steps) counts.push_back(t.to(device));

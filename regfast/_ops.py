@@ -37,6 +37,30 @@ _ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
     "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
 
 
+def walk(name: str, params, *args):
+    """Public call ``name`` (``"norms"``, ``"add_penalty_grad"``, ``"prox"``) on the list ``params`` in one C++
+    walk (:mod:`regfast._C`'s host path: checks, repeats, grouping, kernels, version counters), or None when
+    the walk does not take it: no extension, tracing, a mode or transform active, a device another backend
+    serves, or any tensor it cannot prove valid. On None nothing was written; the caller's Python path runs."""
+    if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
+        return None
+    cpu = _dispatch.select_name(_CPU) == "cpp"
+    cuda = _dispatch.select_name(_CUDA) == "cuda"
+    if not (cpu or cuda):
+        return None
+    return getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
+
+
+def grads_ready(params) -> bool:
+    """Whether every tensor of the list ``params`` is a plain dense floating tensor with a ``grad`` of its shape,
+    dtype and device, in one C++ walk; False also when that walk is not available (then check in Python)."""
+    return _ext._C is not None and _ext._C.grads_ready(params, _PLAIN_TUPLE) is True
+
+
+_CPU, _CUDA = torch.device("cpu"), torch.device("cuda")
+_PLAIN_TUPLE = tuple(PLAIN_TYPES)
+
+
 def _backend(params: list[Tensor]):
     return _dispatch.select(params[0].device)
 

@@ -60,6 +60,14 @@ class _Names(Sequence[str]):
         return f"params[{self._index[i] if self._index is not None else range(self._n)[i]}]"
 
 
+def _listed(params: Params):
+    """``params`` as a list or tuple of tensors for the C++ walk when it is one (a module's parameters), else
+    ``params`` itself (the walk then declines)."""
+    if isinstance(params, nn.Module):
+        return list(params.parameters())
+    return params
+
+
 def _named(params: Params) -> tuple[list[Tensor], _Names]:
     """The distinct tensors of ``params`` in order, and a name for each (for messages and tables)."""
     if isinstance(params, nn.Module):
@@ -148,6 +156,11 @@ def norms(params: Params) -> Norms:
     Accumulates in float32 (float64 for float64 tensors); the values stay on the device (no
     host sync). An empty ``params`` gives zeros on the CPU.
     """
+    walked = _ops.walk("norms", _listed(params))
+    if walked is not None:
+        per_l1, per_l2sq = walked
+        l2sq = per_l2sq.sum()
+        return Norms(per_l1.sum(), l2sq, l2sq.sqrt(), per_l1, per_l2sq)
     tensors, _ = _named(params)
     if not tensors:
         empty = torch.zeros(0)
@@ -203,8 +216,11 @@ def add_penalty_grad_(params: Params, l1: float = 0.0, l2: float = 0.0, group_la
     The value is detached, 0-dim, float32 (float64 if any param is float64), on the first
     param's device. Arguments as in :func:`penalty`.
     """
-    tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
+    walked = _ops.walk("add_penalty_grad", _listed(params), l1, l2, group_lasso, groups)
+    if walked is not None:
+        return walked
+    tensors, names = _named(params)
     if not tensors:
         return torch.zeros(())
     plain, distributed = _partition(tensors)
@@ -250,9 +266,12 @@ def prox_(params: Params, lr: float | Tensor, l1: float = 0.0, l2: float = 0.0, 
     one-element tensor (on the params' device or the CPU; its value is not checked, so that
     no host sync happens). Arguments otherwise as in :func:`penalty`.
     """
-    tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
     lr_tensor, lr_float = _check_lr(lr)
+    if (l1 or l2 or group_lasso) and _ops.walk("prox", _listed(params), lr_tensor, lr_float, l1, l2, group_lasso,
+                                               groups):
+        return
+    tensors, names = _named(params)
     _validate.writable(tensors, names)
     if not tensors or not (l1 or l2 or group_lasso):
         return

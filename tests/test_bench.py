@@ -176,8 +176,10 @@ def test_host_overhead_script_runs_every_provider():
                          capture_output=True, text=True, check=True, timeout=600).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     providers = {r["provider"] for r in rows}
-    assert {"naive loop", "torch._foreach_*", "regfast[torch]"} <= providers
-    assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_"}
+    assert {"naive loop", "torch._foreach_*", "regfast[torch]", "torch AdamW(fused)", "regfast ProxAdamW",
+            "regfast Proximal(SGD(foreach))", "torch._foreach_add_(grads, params)"} <= providers
+    assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_", "SGD step", "AdamW step",
+                                       "yardstick"}
     assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _ops
 from .._common import acc_dtype, by_device_dtype, fast_grouping
 from .._validate import matching, regularization, strided
 
@@ -93,11 +94,13 @@ class FusedProximalOptimizer(Optimizer):
                  compute_penalty: bool) -> None:
         self.compute_penalty = bool(compute_penalty)
         self.last_penalty: Tensor | None = None
+        self._plans: dict[int, tuple] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (a dict with ``params`` and any hyperparameter to override); it is validated first."""
         super().add_param_group(param_group)
+        self.__dict__.setdefault("_plans", {}).clear()
         try:
             check_regularization(self.param_groups[-1])
             self._check_group(self.param_groups[-1])
@@ -111,6 +114,24 @@ class FusedProximalOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
         raise NotImplementedError
 
+    def _walk(self, group: dict[str, Any], name: str, *hyper) -> list[Tensor] | None:
+        """The step of ``group`` in one C++ walk (:func:`regfast._ops.walk`) from its plan, or None (no plan,
+        or the walk declines: a param without a grad, a param or state that no longer fits the plan…)."""
+        plan = self._plans.get(id(group))
+        if plan is None or plan[0] is not self.state or plan[1] != len(self.state):
+            return None
+        return _ops.walk(name, group["params"], *plan[2], *hyper)
+
+    def _keep_plan(self, group: dict[str, Any], updated: list[Tensor], *states: tuple[Tensor, ...]) -> None:
+        """After a step that updated every param of ``group`` (``updated``), remember the group's params and state
+        tensors (one tuple per state, in param order) for the next steps' walks. A plan lives until
+        :meth:`add_param_group` or :meth:`load_state_dict`, or until ``state`` changes size; state tensors
+        assigned by hand into ``state`` need :meth:`load_state_dict`."""
+        if len(updated) != len(group["params"]):
+            self._plans.pop(id(group), None)
+            return
+        self._plans[id(group)] = (self.state, len(self.state), (tuple(updated), *states))
+
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}
 
@@ -118,6 +139,7 @@ class FusedProximalOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("compute_penalty", False)
         self.__dict__.setdefault("last_penalty", None)
+        self._plans = {}
         for group in self.param_groups:
             for key in REGULARIZATION_KEYS:
                 group.setdefault(key, self.defaults[key])
@@ -134,6 +156,7 @@ class FusedProximalOptimizer(Optimizer):
             self._check_group(merged)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
+        self._plans.clear()
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):

@@ -118,18 +118,25 @@ class ProxAdamW(FusedProximalOptimizer):
         return state
 
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
-        params, buckets = with_grads(group)
         lr_tensor, lr = split_lr(group["lr"])
         beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        hyper = (lr_tensor, lr, beta1, beta2, group["eps"], group["weight_decay"], amsgrad, group["maximize"],
+                 group["l1"], group["l2"], group["group_lasso"], group["groups"], group["prox"], self.compute_penalty)
+        walked = self._walk(group, "adamw_step", *hyper)
+        if walked is not None:
+            return walked
+        params, buckets = with_grads(group)
         values = []
         for idx in buckets:
             bucket = [params[i] for i in idx]
             states = [self.state[p] if self.state.get(p) else self._init_state(p, group) for p in bucket]
             values.append(_ops.call(
                 "adamw_step_", bucket, [p.grad for p in bucket], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-                lr_tensor, lr, beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"],
-                group["maximize"], group["l1"], group["l2"], group["group_lasso"], group["groups"], group["prox"],
-                self.compute_penalty))
+                [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                [s["step"] for s in states], *hyper))
+        states = [self.state[p] for p in params]
+        self._keep_plan(group, params, *(tuple(s[key] for s in states) if key else ()
+                                         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None,
+                                                     "step")))
         return values

@@ -73,9 +73,14 @@ class ProxSGD(FusedProximalOptimizer):
             group.setdefault("maximize", False)
 
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
-        params, buckets = with_grads(group)
         lr_tensor, lr = split_lr(group["lr"])
         momentum = group["momentum"]
+        hyper = (momentum, group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"],
+                 group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty)
+        walked = self._walk(group, "sgd_step", lr_tensor, lr, *hyper)
+        if walked is not None:
+            return walked
+        params, buckets = with_grads(group)
         values = []
         for idx in buckets:
             bucket = [params[i] for i in idx]
@@ -100,4 +105,6 @@ class ProxSGD(FusedProximalOptimizer):
                     "sgd_step_", ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
                     group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
+        buffers = tuple(self.state[p]["momentum_buffer"] for p in params) if momentum != 0 else ()
+        self._keep_plan(group, params, buffers)
         return values

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _ops
 from ..api import penalty, prox_
 from ._base import REGULARIZATION_KEYS, check_regularization, total, with_grads
 
@@ -161,7 +162,12 @@ class Proximal(Optimizer):
             coefs = {k: group.get(k, self.defaults[k]) for k in REGULARIZATION_KEYS}
             check_regularization(coefs)
             group.update(coefs)
-            checked.append((coefs, with_grads(group)[0] if closure is None else None))
+            if closure is not None:
+                checked.append((coefs, None))
+            elif _ops.grads_ready(group["params"]):
+                checked.append((coefs, group["params"]))
+            else:
+                checked.append((coefs, with_grads(group)[0]))
         loss = self._inner_step(closure)
         values = []
         with torch.no_grad():

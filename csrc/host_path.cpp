@@ -1,0 +1,465 @@
+// The host path of norms, add_penalty_grad_ and prox_ in one C++ walk over the caller's list.
+//
+// For a model of thousands of small tensors the host work is the whole cost of a call: checking
+// every tensor, dropping repeats, grouping by (device, dtype), converting lists, dispatching. Here
+// one pass over the Python list does all of it, with no Python step per tensor; then each group's
+// regfast_C kernel runs (below autograd: the caller is eager code under no_grad), and the version
+// counters of the written tensors are bumped, as the op would.
+//
+// The walk takes only what it can prove valid without a message of its own: plain tensors (the
+// types the caller passes), dense, of a floating dtype, on a device whose backend is the extension,
+// grads present and matching their params, written tensors contiguous and not inference tensors.
+// Anything else returns None before anything is written, and the Python path (regfast.api) runs:
+// it gives the same results, and raises the errors regfast documents.
+#include "host_path.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace regfast {
+namespace host {
+namespace {
+
+// One (device, dtype) group of a call: its tensors, their grads, their positions among the distinct tensors.
+struct Group {
+  at::Device device;
+  at::ScalarType dtype;
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> grads;
+  std::vector<int64_t> index;
+  std::vector<std::vector<at::Tensor>> states;  // optimizer steps: one list per state of the plan
+};
+
+// What a call reads and writes, for the checks of the walk.
+struct Needs {
+  bool grads;         // read p.grad (and write it)
+  bool write_params;  // params are written in place
+};
+
+// The tensor types a walk takes (torch.Tensor, nn.Parameter, nn.Buffer: subclasses take the Python
+// path) and the devices whose backend is the extension.
+struct Allowed {
+  PyObject* types;  // a tuple of types
+  bool cpu;
+  bool cuda;
+};
+
+bool floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+bool plain_type(PyObject* obj, PyObject* types) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(types);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types, i)) return true;
+  }
+  return false;
+}
+
+// A tensor to write in place: contiguous (so stored once) and, outside inference mode, not an inference tensor.
+bool writable(const at::Tensor& t) {
+  return t.is_contiguous() && (!t.is_inference() || c10::InferenceMode::is_enabled());
+}
+
+// Open addressing on object addresses: drops repeats in O(1) per tensor.
+class Seen {
+ public:
+  explicit Seen(size_t n) {
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    slots_.assign(cap, nullptr);
+  }
+
+  // True the first time `p` is offered.
+  bool insert(PyObject* p) {
+    const size_t mask = slots_.size() - 1;
+    size_t i = (reinterpret_cast<uintptr_t>(p) >> 4) * 0x9E3779B97F4A7C15ull >> 7 & mask;
+    while (slots_[i] != nullptr) {
+      if (slots_[i] == p) return false;
+      i = (i + 1) & mask;
+    }
+    slots_[i] = p;
+    return true;
+  }
+
+ private:
+  std::vector<PyObject*> slots_;
+};
+
+// The walk: every check, repeats dropped, groups formed. False (nothing touched) when the call is not
+// one it takes; `first` is then meaningless.
+bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group>& groups, int64_t& count,
+          at::Tensor& first) {
+  if (!PyList_Check(list) && !PyTuple_Check(list)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
+  if (n == 0) return false;
+  PyObject** items = PySequence_Fast_ITEMS(list);
+  Seen seen(static_cast<size_t>(n));
+  count = 0;
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = items[k];
+    if (!THPVariable_Check(obj) || !plain_type(obj, allowed.types)) return false;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.layout() != at::kStrided || !floating(t.scalar_type())) return false;
+    const at::Device device = t.device();
+    if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
+    if (needs.write_params && !writable(t)) return false;
+    if (needs.grads) {
+      const at::Tensor& g = t.grad();
+      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != t.scalar_type() || g.device() != device ||
+          !g.sizes().equals(t.sizes()) || !writable(g)) {
+        return false;
+      }
+    }
+    if (!seen.insert(obj)) continue;
+    if (count == 0) first = t;
+    Group* group = nullptr;
+    for (auto& candidate : groups) {
+      if (candidate.device == device && candidate.dtype == t.scalar_type()) {
+        group = &candidate;
+        break;
+      }
+    }
+    if (group == nullptr) {
+      groups.push_back(Group{device, t.scalar_type(), {}, {}, {}});
+      group = &groups.back();
+    }
+    group->params.push_back(t);
+    if (needs.grads) group->grads.push_back(t.grad());
+    group->index.push_back(count++);
+  }
+  return true;
+}
+
+Group& group_of(std::vector<Group>& groups, const at::Device& device, at::ScalarType dtype, size_t nstates) {
+  for (auto& candidate : groups) {
+    if (candidate.device == device && candidate.dtype == dtype) return candidate;
+  }
+  groups.push_back(Group{device, dtype, {}, {}, {}, std::vector<std::vector<at::Tensor>>(nstates)});
+  return groups.back();
+}
+
+// The walk of an optimizer step over a param group with a plan: `list` (the group's params) must hold
+// exactly the plan's params, each with a grad matching it, and each state tensor of the plan (tuples
+// `states`, one entry per param, accumulation dtype) must still fit its param. Groups by (device,
+// dtype) in order of first appearance, as the Python path does.
+bool walk_plan(PyObject* list, PyObject* planned, const std::vector<PyObject*>& states, const Allowed& allowed,
+               std::vector<Group>& groups) {
+  if (!PyList_Check(list) || !PyTuple_Check(planned)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
+  for (PyObject* s : states) {
+    if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
+  }
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = PyList_GET_ITEM(list, k);
+    if (obj != PyTuple_GET_ITEM(planned, k) || !THPVariable_Check(obj) || !plain_type(obj, allowed.types)) {
+      return false;
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    const auto dtype = t.scalar_type();
+    if (t.layout() != at::kStrided || !floating(dtype)) return false;
+    const at::Device device = t.device();
+    if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
+    const at::Tensor& g = t.grad();
+    if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != dtype || g.device() != device ||
+        !g.sizes().equals(t.sizes())) {
+      return false;
+    }
+    Group& group = group_of(groups, device, dtype, states.size());
+    group.params.push_back(t);
+    group.grads.push_back(g);
+    for (size_t j = 0; j < states.size(); ++j) {
+      PyObject* so = PyTuple_GET_ITEM(states[j], k);
+      if (!THPVariable_Check(so)) return false;
+      group.states[j].push_back(THPVariable_Unpack(so));
+    }
+  }
+  return true;
+}
+
+bool parse_allowed(PyObject* types, int cpu, int cuda, Allowed& allowed) {
+  if (!PyTuple_Check(types)) {
+    PyErr_SetString(PyExc_TypeError, "types must be a tuple of types");
+    return false;
+  }
+  allowed = {types, cpu != 0, cuda != 0};
+  return true;
+}
+
+// float64 if any group is, else float32: the dtype of a call's totals.
+at::ScalarType result_dtype(const std::vector<Group>& groups) {
+  for (const auto& g : groups) {
+    if (g.dtype == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+void bump(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts) torch::autograd::impl::bump_version(t);
+}
+
+// State list j of a group has each param's shape, on its device, in its accumulation dtype.
+bool states_fit(const Group& g, size_t j) {
+  const auto acc = g.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  for (size_t i = 0; i < g.params.size(); ++i) {
+    const at::Tensor& s = g.states[j][i];
+    if (s.scalar_type() != acc || s.device() != g.device || !s.sizes().equals(g.params[i].sizes())) return false;
+  }
+  return true;
+}
+
+PyObject* wrap_list(const std::vector<at::Tensor>& ts) {
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(ts.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < ts.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(ts[i]));
+  return out;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+PyObject* norms(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr;
+  int cpu = 0, cuda = 0;
+  if (!PyArg_ParseTuple(args, "OO!pp", &list, &PyTuple_Type, &types, &cpu, &cuda)) return nullptr;
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  std::vector<Group> groups;
+  int64_t count = 0;
+  at::Tensor first;
+  if (!walk(list, allowed, Needs{false, false}, groups, count, first)) Py_RETURN_NONE;
+  static const auto norms_op = op<std::tuple<at::Tensor, at::Tensor>(at::TensorList)>("regfast_C::norms");
+  at::Tensor per_l1, per_l2sq;
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    if (groups.size() == 1) {
+      std::tie(per_l1, per_l2sq) = norms_op.call(groups[0].params);
+    } else {
+      const auto dtype = result_dtype(groups);
+      const auto options = at::TensorOptions().device(first.device()).dtype(dtype);
+      per_l1 = at::empty({count}, options);
+      per_l2sq = at::empty({count}, options);
+      for (const auto& g : groups) {
+        const auto [a, b] = norms_op.call(g.params);
+        const at::Tensor index = at::tensor(g.index, at::TensorOptions().dtype(at::kLong)).to(first.device());
+        per_l1.index_copy_(0, index, a.to(first.device(), dtype));
+        per_l2sq.index_copy_(0, index, b.to(first.device(), dtype));
+      }
+    }
+  }
+  return Py_BuildValue("(NN)", THPVariable_Wrap(per_l1), THPVariable_Wrap(per_l2sq));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* add_penalty_grad(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr;
+  int cpu = 0, cuda = 0;
+  double l1 = 0, l2 = 0, gl = 0;
+  const char* groups_arg = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!ppddds", &list, &PyTuple_Type, &types, &cpu, &cuda, &l1, &l2, &gl, &groups_arg)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  std::vector<Group> groups;
+  int64_t count = 0;
+  at::Tensor first;
+  if (!walk(list, allowed, Needs{true, false}, groups, count, first)) Py_RETURN_NONE;
+  static const auto grad_op = op<at::Tensor(at::TensorList, at::TensorList, double, double, double, c10::string_view)>(
+      "regfast_C::add_penalty_grad_");
+  const std::string grouping(groups_arg);
+  at::Tensor total;
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    const auto dtype = result_dtype(groups);
+    for (const auto& g : groups) {
+      const at::Tensor value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);
+      total = total.defined() ? total + value : value;
+    }
+    for (const auto& g : groups) bump(g.grads);
+  }
+  return THPVariable_Wrap(total);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* prox(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr, *lr_obj = nullptr;
+  int cpu = 0, cuda = 0;
+  double lr = 0, l1 = 0, l2 = 0, gl = 0;
+  const char* groups_arg = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!ppOdddds", &list, &PyTuple_Type, &types, &cpu, &cuda, &lr_obj, &lr, &l1, &l2, &gl,
+                        &groups_arg)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  std::optional<at::Tensor> lr_tensor;
+  if (lr_obj != Py_None) {
+    if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
+    lr_tensor = THPVariable_Unpack(lr_obj);
+  }
+  std::vector<Group> groups;
+  int64_t count = 0;
+  at::Tensor first;
+  if (!walk(list, allowed, Needs{false, true}, groups, count, first)) Py_RETURN_NONE;
+  static const auto prox_op =
+      op<void(at::TensorList, const std::optional<at::Tensor>&, double, double, double, double, c10::string_view)>(
+          "regfast_C::prox_");
+  const std::string grouping(groups_arg);
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    for (const auto& g : groups) {
+      // A tensor lr is read where the params are, in their accumulation dtype (as regfast._common.lr_step).
+      std::optional<at::Tensor> step;
+      if (lr_tensor.has_value()) {
+        step = lr_tensor->to(g.device, g.dtype == at::kDouble ? at::kDouble : at::kFloat);
+      }
+      prox_op.call(g.params, step, lr, l1, l2, gl, grouping);
+    }
+    for (const auto& g : groups) bump(g.params);
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* grads_ready(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!", &list, &PyTuple_Type, &types)) return nullptr;
+  Allowed allowed{types, true, true};
+  std::vector<Group> groups;
+  int64_t count = 0;
+  at::Tensor first;
+  if (!walk(list, allowed, Needs{true, false}, groups, count, first)) Py_RETURN_NONE;
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* sgd_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *planned = nullptr, *buffers = nullptr, *types = nullptr, *lr_obj = nullptr;
+  int cpu = 0, cuda = 0, nesterov = 0, maximize = 0, compute_penalty = 0;
+  double lr = 0, momentum = 0, dampening = 0, weight_decay = 0, l1 = 0, l2 = 0, gl = 0;
+  const char* groups_arg = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!ppOOOddddppdddsp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &buffers,
+                        &lr_obj, &lr, &momentum, &dampening, &weight_decay, &nesterov, &maximize, &l1, &l2, &gl,
+                        &groups_arg, &compute_penalty)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  std::optional<at::Tensor> lr_tensor;
+  if (lr_obj != Py_None) {
+    if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
+    lr_tensor = THPVariable_Unpack(lr_obj);
+  }
+  std::vector<Group> groups;
+  const bool has_buffers = momentum != 0;
+  std::vector<PyObject*> states;
+  if (has_buffers) states.push_back(buffers);
+  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  for (const auto& g : groups) {
+    if (has_buffers && !states_fit(g, 0)) Py_RETURN_NONE;
+  }
+  static const auto sgd_op =
+      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, const std::optional<at::Tensor>&, double, double,
+                    double, bool, double, bool, bool, double, double, double, c10::string_view, bool)>(
+          "regfast_C::sgd_step_");
+  const std::string grouping(groups_arg);
+  std::vector<at::Tensor> values;
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    for (const auto& g : groups) {
+      const std::vector<at::Tensor> none;
+      values.push_back(sgd_op.call(g.params, g.grads, has_buffers ? g.states[0] : none, lr_tensor, lr, momentum,
+                                   dampening, nesterov != 0, weight_decay, maximize != 0, false, l1, l2, gl, grouping,
+                                   compute_penalty != 0));
+    }
+    for (const auto& g : groups) {
+      bump(g.params);
+      for (const auto& s : g.states) bump(s);
+    }
+  }
+  return wrap_list(values);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* adamw_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *planned = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_sqs = nullptr,
+           *steps = nullptr, *types = nullptr, *lr_obj = nullptr;
+  int cpu = 0, cuda = 0, amsgrad = 0, maximize = 0, compute_penalty = 0;
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, l1 = 0, l2 = 0, gl = 0;
+  const char *groups_arg = nullptr, *prox_arg = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!ppOOOOOOdddddppdddssp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
+                        &exp_avgs, &exp_avg_sqs, &max_sqs, &steps, &lr_obj, &lr, &beta1, &beta2, &eps, &weight_decay,
+                        &amsgrad, &maximize, &l1, &l2, &gl, &groups_arg, &prox_arg, &compute_penalty)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  std::optional<at::Tensor> lr_tensor;
+  if (lr_obj != Py_None) {
+    if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
+    lr_tensor = THPVariable_Unpack(lr_obj);
+  }
+  std::vector<PyObject*> states = {exp_avgs, exp_avg_sqs, steps};
+  if (amsgrad) states.push_back(max_sqs);
+  std::vector<Group> groups;
+  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  for (const auto& g : groups) {
+    if (!states_fit(g, 0) || !states_fit(g, 1) || (amsgrad && !states_fit(g, 3))) Py_RETURN_NONE;
+  }
+  static const auto adamw_op =
+      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    const std::optional<at::Tensor>&, double, double, double, double, double, bool, bool, double,
+                    double, double, c10::string_view, c10::string_view, bool)>("regfast_C::adamw_step_");
+  const std::string grouping(groups_arg), prox_mode(prox_arg);
+  std::vector<at::Tensor> values;
+  {
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    for (const auto& g : groups) {
+      const std::vector<at::Tensor> none;
+      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], amsgrad ? g.states[3] : none,
+                                     g.states[2], lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad != 0,
+                                     maximize != 0, l1, l2, gl, grouping, prox_mode, compute_penalty != 0));
+    }
+    for (const auto& g : groups) {
+      bump(g.params);
+      for (const auto& s : g.states) bump(s);
+    }
+  }
+  return wrap_list(values);
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace host
+}  // namespace regfast

@@ -1,0 +1,22 @@
+// The public calls' host path in one C++ walk (host_path.cpp): the Python functions of regfast._C
+// that module.cpp registers.
+#pragma once
+
+#include <Python.h>
+
+namespace regfast {
+namespace host {
+
+// Each returns None when the walk cannot take the call (a check fails, a tensor subclass, a grad
+// to create, a device another backend serves): the Python path then runs, and raises where the
+// input is wrong. See host_path.cpp.
+PyObject* norms(PyObject* self, PyObject* args);
+PyObject* add_penalty_grad(PyObject* self, PyObject* args);
+PyObject* prox(PyObject* self, PyObject* args);
+PyObject* sgd_step(PyObject* self, PyObject* args);
+// True when every tensor of the list is a plain dense float tensor with a grad matching it, else None.
+PyObject* grads_ready(PyObject* self, PyObject* args);
+PyObject* adamw_step(PyObject* self, PyObject* args);
+
+}  // namespace host
+}  // namespace regfast

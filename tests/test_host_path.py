@@ -1,0 +1,184 @@
+"""The C++ walk of the public calls (regfast._C's host path) against the Python path, and when it declines.
+
+The walk checks, dedupes and groups the caller's list and runs each group's kernel itself; wherever it
+cannot prove the input valid it declines (returns None, having written nothing) and the Python path runs.
+Both must give the same bits, the same version-counter bumps and, through the Python path, the same errors.
+"""
+
+import pytest
+import torch
+from helpers import make_params, noncontiguous, use_backend
+from torch import nn
+
+import regfast
+from regfast import _ext, _ops
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"regfast._C is not built: {_ext.unavailable_reason('cpu')}")
+
+SHAPES = [(5, 3), (7,), (), (0,), (4, 2, 3), (2**15 + 3,), (1,)]
+
+
+def _model(dtypes=(torch.float32,)):
+    params = []
+    for i, shape in enumerate(SHAPES * len(dtypes)):
+        p = nn.Parameter(make_params([shape], dtypes[i % len(dtypes)], seed=i)[0])
+        p.grad = make_params([shape], p.dtype, seed=100 + i)[0]
+        params.append(p)
+    return params
+
+
+CALLS = {
+    "norms": lambda ps: regfast.norms(ps),
+    "add_penalty_grad_": lambda ps: regfast.add_penalty_grad_(ps, l1=0.01, l2=0.1, group_lasso=0.05, groups="col"),
+    "prox_": lambda ps: regfast.prox_(ps, 0.1, l1=0.01, l2=0.1, group_lasso=0.05, groups="row"),
+    "prox_ tensor lr": lambda ps: regfast.prox_(ps, torch.tensor(0.1, dtype=torch.float64), l1=0.01, l2=0.1),
+}
+
+
+def _state(ps):
+    return [(p.detach().clone(), p.grad.clone(), p._version, p.grad._version) for p in ps]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=str)
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.float64, torch.bfloat16)], ids=str)
+def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, monkeypatch):
+    walked, python = _model(dtypes), _model(dtypes)
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    out = CALLS[call](walked + walked[:2])  # repeats count once
+    assert taken and taken[-1] is not None, "the walk declined a plain list"
+    monkeypatch.setattr(_ops, "walk", lambda *a: None)
+    expected = CALLS[call](python + python[:2])
+    if out is not None:
+        outs, expecteds = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
+        for a, b in zip(outs, expecteds):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    for (w, g, wv, gv), (w2, g2, wv2, gv2) in zip(_state(walked), _state(python)):
+        assert torch.equal(w, w2) and torch.equal(g, g2)
+        assert (wv, gv) == (wv2, gv2), "version counters bumped differently"
+
+
+@pytest.mark.parametrize("container", [list, tuple, "module"])
+def test_the_walk_takes_lists_tuples_and_modules(container):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    params = model if container == "module" else container(model.parameters())
+    from regfast.api import _listed
+    assert _ops.walk("add_penalty_grad", _listed(params), 0.1, 0.0, 0.0, "row") is not None
+    assert _ops.walk("norms", _listed(params)) is not None
+    assert _ops.walk("prox", _listed(params), None, 0.1, 0.1, 0.0, 0.0, "row") is True
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _declines(name, params, *args):
+    snapshot = [(p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params]
+    assert _ops.walk(name, params, *args) is None
+    for p, (w, g) in zip(params, snapshot):
+        assert torch.equal(p.detach(), w) and (g is None or torch.equal(p.grad, g))
+
+
+def test_the_walk_declines_what_it_cannot_prove_and_writes_nothing():
+    ps = _model()
+    grad_args = (0.1, 0.1, 0.1, "row")
+    prox_args = (None, 0.1, 0.1, 0.1, 0.1, "row")
+    _declines("add_penalty_grad", (p for p in ps), *grad_args)  # a generator: the Python path consumes it
+    _declines("add_penalty_grad", [], *grad_args)
+    missing = _model()
+    missing[2].grad = None
+    _declines("add_penalty_grad", missing, *grad_args)  # a grad to create
+    strided_grad = _model()
+    strided_grad[0].grad = noncontiguous(strided_grad[0].grad)
+    _declines("add_penalty_grad", strided_grad, *grad_args)
+    sub = _model()
+    sub[1] = torch.randn(7).as_subclass(_Sub)
+    _declines("norms", sub)
+    ints = _model()
+    ints[0] = torch.ones(3, dtype=torch.int32)
+    _declines("norms", ints)
+    view = _model()
+    view[0] = noncontiguous(view[0].detach())
+    _declines("prox", view, *prox_args)  # a strided param to write: the Python path checks it is stored once
+    with torch.inference_mode():
+        frozen = [torch.randn(3)]
+    _declines("prox", frozen, *prox_args)
+    with use_backend("torch"):
+        _declines("norms", ps)
+        _declines("prox", ps, *prox_args)
+
+
+def test_errors_come_from_the_python_path_unchanged():
+    ps = _model()
+    ps[1].grad = torch.randn(7)
+    with torch.no_grad():
+        ps[1].data = torch.randn(3)  # leaves a grad of another shape behind
+    with pytest.raises(ValueError, match="params\\[1\\].grad \\(\\(7,\\).*does not match params\\[1\\]"):
+        regfast.add_penalty_grad_(ps, l1=0.1)
+    ps = _model()
+    ps[3] = torch.ones(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="params\\[3\\] has dtype torch.int64"):
+        regfast.norms(ps)
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: regfast.optim.ProxSGD(ps, lr=0.05, momentum=0.9, l1=0.01, l2=0.1, compute_penalty=True),
+    "sgd plain": lambda ps: regfast.optim.ProxSGD(ps, lr=torch.tensor(0.05), l1=0.01),
+    "sgd group lasso": lambda ps: regfast.optim.ProxSGD(ps, lr=0.05, momentum=0.9, group_lasso=0.05, groups="col"),
+    "adamw": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, amsgrad=True, compute_penalty=True),
+    "adamw lr": lambda ps: regfast.optim.ProxAdamW(ps, lr=torch.tensor(0.01), l2=0.1, prox="lr"),
+    "adamw group lasso": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, group_lasso=0.05),
+}
+
+
+def _steps(make, params, n, monkeypatch, walk):
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", (lambda *a: taken.append(r := original(*a)) or r) if walk else (lambda *a: None))
+    opt = make(params)
+    penalties = []
+    for k in range(n):
+        for p in params:
+            p.grad = make_params([p.shape], p.dtype, seed=1000 * k + p.numel())[0]
+        opt.step()
+        penalties.append(opt.last_penalty)
+    return opt, penalties, taken
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=str)
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float64)], ids=str)
+def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, monkeypatch):
+    walked, python = _model(dtypes), _model(dtypes)
+    opt, pens, taken = _steps(OPTIMIZERS[make], walked, 4, monkeypatch, walk=True)
+    assert len(taken) == 3 and all(t is not None for t in taken), "every step after the first walks from the plan"
+    ref, ref_pens, _ = _steps(OPTIMIZERS[make], python, 4, monkeypatch, walk=False)
+    for p, q in zip(walked, python):
+        assert torch.equal(p, q)
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    for a, b in zip(pens, ref_pens):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_a_plan_is_dropped_when_the_group_or_the_state_changes(monkeypatch):
+    params = _model()
+    opt = regfast.optim.ProxAdamW(params[:3], lr=0.01, l1=0.01)
+    opt.step()
+    assert opt._plans
+    opt.add_param_group({"params": params[3:]})
+    assert not opt._plans
+    opt.step()
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert not opt._plans
+    opt.step()
+    opt.state.clear()  # a fresh state: the plan's tensors are no longer the state
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 1 for p in params)
+    params[0].grad = None  # a param without a grad: the walk declines, the Python path skips it
+    before = params[0].detach().clone()
+    opt.step()
+    assert torch.equal(params[0].detach(), before) and opt.state[params[1]]["step"].item() == 2
