@@ -1,11 +1,16 @@
-"""The public API against a plain float64 oracle, on fresh random inputs, for every dtype and layout."""
+"""The public API against a plain float64 oracle, on fresh random inputs, for every dtype and layout.
+
+The matrix runs on every backend that can serve each device (the ``backend`` fixture of tests/conftest.py):
+``torch`` (the spec), ``cpp``, ``cuda`` and ``triton`` (in its interpreter on CPU tensors), each against the
+oracle, not only the one chosen by default.
+"""
 
 import math
 
 import oracle
 import pytest
 import torch
-from helpers import DEVICES, DTYPES, EDGE_SHAPES, RTOL, assert_close, make_params, noncontiguous, to64, use_backend
+from helpers import DTYPES, EDGE_SHAPES, RTOL, assert_close, make_params, noncontiguous, to64, use_backend
 from torch import nn
 
 import regfast
@@ -26,25 +31,11 @@ def _kw(h):
     return dict(l1=h.get("l1", 0.0), l2=h.get("l2", 0.0), gl=h.get("group_lasso", 0.0))
 
 
-@pytest.fixture(params=["auto", "torch", "triton"])
-def backend(request, device):
-    """The automatically chosen backend, and each other one forced where it can serve ``device`` (the ``torch``
-    one is the spec, ``regfast/reference``; Triton runs in its interpreter on CPU tensors), so that every
-    backend meets the oracle, not only the one chosen by default."""
-    if request.param != "auto":
-        reason = unavailable_reason(request.param, device)
-        if reason:
-            pytest.skip(reason)
-    with use_backend(None if request.param == "auto" else request.param):
-        yield request.param
-
-
 def _layouts(ts):
     """Each tensor as given, and a non-contiguous copy of it."""
     return [ts, [noncontiguous(t) for t in ts]]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norms(dtype, device, backend):
     ts = make_params(EDGE_SHAPES, dtype, device)
@@ -82,7 +73,6 @@ def test_norms_no_grad_and_deterministic():
     assert torch.equal(a.per_tensor_l1, b.per_tensor_l1) and torch.equal(a.l2sq, b.l2sq)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("hyper", HYPERS)
@@ -136,7 +126,6 @@ def test_penalty_grad_is_zero_at_zero():
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("hyper", HYPERS)
@@ -166,7 +155,6 @@ def test_add_penalty_grad_creates_missing_grads_and_matches_autograd():
     assert all(p.grad.grad_fn is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("hyper", HYPERS)
@@ -280,16 +268,10 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize("terms", [dict(l1=0.1), dict(l2=0.1), dict(group_lasso=0.2), dict(l1=0.1, l2=0.1)],
                          ids=["l1", "l2", "group", "elastic"])
-def test_a_nan_step_gives_nan_weights_in_every_backend(terms):
-    from regfast import _dispatch
-
-    for backend in ("torch", "cpp", "triton"):
-        if _dispatch.unavailable_reason(backend, "cpu") is not None:
-            continue
-        with use_backend(backend):
-            w = torch.randn(3, 4)
-            regfast.prox_(w, torch.tensor(float("nan")), **terms)
-            assert torch.isnan(w).all(), (backend, w)
+def test_a_nan_step_gives_nan_weights_in_every_backend(terms, backend, device):
+    w = torch.randn(3, 4, device=device)
+    regfast.prox_(w, torch.tensor(float("nan"), device=device), **terms)
+    assert torch.isnan(w).all(), (backend, w)
 
 
 def test_nan_and_inf_propagate():

@@ -1,0 +1,556 @@
+"""The fused optimizer steps of every backend, step for step against the torch backend's.
+
+ProxSGD and ProxAdamW step twin param sets on the same grads, one under the backend tested and one under
+``REGFAST_BACKEND=torch`` (regfast.reference.optim, which mirrors torch's foreach optimizers; tests/test_optim.py
+checks it against an independent oracle), and params, optimizer state and penalty are compared after every step
+(:func:`lockstep`), as closely as each backend's arithmetic allows (:func:`agreement`):
+
+- ``cpp`` / ``cuda``: SGD is the same arithmetic op for op, so on the CPU params and buffers agree bitwise.
+  AdamW's moments agree bitwise; its params agree to a few ulps because torch's CPU ``sqrt`` goes through MKL's
+  vector math, which is not correctly rounded (about 0.7% of float32 and float64 results differ by one ulp from
+  the correctly rounded square root the fused pass takes), so the denominator ``√v̂ + eps`` and with it the
+  update can differ by an ulp. With group lasso, float32 / float64 params get the fused pass's elementwise prox
+  and the backend's group passes (a few ulps), bfloat16 ones go to the reference (rounded once per step), bit
+  for bit; Adam's metric is the extension's own ATen composition of the reference's ops, with group norms
+  summed in another order: a few ulps.
+- ``triton``: both backends do the same float32 (float64) arithmetic op for op, so float32 / float64 params
+  differ by rounding order at most; float16 / bfloat16 params are that float32 math rounded once per step, so
+  at most one unit in the last place; the moments to float32 (float64) rounding. Adam's metric with group lasso
+  is the reference step itself: params bit for bit.
+
+The penalty is reduced in another order than the reference's float64 norms: a float32-rounding tolerance.
+
+The compiled kernels step tensors around their chunk and block sizes for 5 steps; Triton steps small tensors
+over chunks of 64 elements (non-contiguous ones among them) for 3 steps, so that they span many chunks. In
+Triton's CPU interpreter, which is slow, the cases are fewer (:func:`helpers.skip_in_interpreter`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import (
+    KERNEL_CHUNK,
+    interpreted,
+    launching,
+    make_params,
+    noncontiguous,
+    same_layout_copy,
+    select,
+    skip_in_interpreter,
+    use_backend,
+)
+from torch import nn
+
+from regfast.optim import ProxAdamW, ProxSGD
+
+
+@pytest.fixture(autouse=True)
+def _not_the_reference(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend is the reference side of the lockstep (tests/test_optim.py checks it "
+                    "against an independent oracle)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How closely a backend's steps follow the reference's.
+
+Compare = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit."""
+    assert torch.equal(actual, expected), f"max diff {(actual.double() - expected.double()).abs().max().item():.3g}"
+
+
+def ulps(n: int) -> Compare:
+    """|a − e| ≤ n·eps(dtype)·max(|e|, 1): a few units in the last place of values of order 1."""
+    def compare(actual, expected):
+        eps = torch.finfo(expected.dtype).eps
+        diff = (actual.double() - expected.double()).abs()
+        bound = n * eps * expected.double().abs().clamp_min(1.0)
+        assert bool((diff <= bound).all()), f"max diff {diff.max().item():.3g} > {n} ulps"
+    return compare
+
+
+def within(tol: float, atol: float | None = None) -> Compare:
+    """|a − e| ≤ ``atol`` + ``tol``·|e| (``atol`` = ``tol`` unless given)."""
+    def compare(actual, expected):
+        torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=tol,
+                                   atol=tol if atol is None else atol, equal_nan=True)
+    return compare
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How params, optimizer state (step counts aside: those always agree exactly) and the penalty agree."""
+
+    params: Compare
+    state: Compare
+    penalty: Compare
+
+
+# Triton's params against the reference's: float32 / float64 to rounding order, fp16 / bf16 to one ulp.
+TRITON_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+# Triton's penalty: per-chunk float32 partials against the reference's float64 sums.
+TRITON_PENALTY_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def agreement(backend: str, device: str, kind: str, dtype: torch.dtype, config: dict) -> Agreement:
+    """What the module docstring claims for ``backend`` stepping ``kind`` ("sgd" or "adamw") with ``config``."""
+    group_lasso = bool(config.get("group_lasso"))
+    metric = kind == "adamw" and group_lasso and config.get("prox", "preconditioned") == "preconditioned"
+    double = dtype == torch.float64
+    if backend == "triton":
+        tol = TRITON_TOL[dtype]
+        if double and device == "cuda" and kind == "adamw" and (isinstance(config.get("lr"), torch.Tensor | DeviceLr)
+                                                                or config.get("capturable")):
+            # With a tensor lr or capturable, both backends compute AdamW's bias corrections in float32; torch's
+            # CUDA pow may round them one float32 ulp apart from the kernel: a relative 6e-8 of each update
+            # (about lr) instead of float64 rounding. On CPU both round alike.
+            tol = 1e-8
+        return Agreement(exact if metric else within(tol), within(1e-12 if double else 1e-6),
+                         within(TRITON_PENALTY_RTOL[dtype]))
+    if group_lasso and dtype == torch.bfloat16 and not metric:
+        params = exact
+    elif kind == "sgd" and device == "cpu" and not group_lasso:
+        params = exact
+    else:
+        params = ulps(4)
+    # float32 sums of ~10⁵ terms in another order than the reference's: √n·eps ≈ 2e-5.
+    return Agreement(params, exact, within(1e-12 if double else 2e-5, atol=1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Twin optimizers in lockstep.
+
+
+class DeviceLr(float):
+    """A step given as a 0-dim tensor on the params' device (a ``torch.tensor`` lr in a config stays on the CPU)."""
+
+    def __repr__(self) -> str:
+        return f"device_tensor({float(self)})"
+
+
+def optimizer(kind: str, config: dict, compute_penalty: bool = True) -> Callable[[list], torch.optim.Optimizer]:
+    """A maker of ProxSGD (``kind="sgd"``, lr 0.05 unless given) or ProxAdamW (lr 0.01 unless given) with
+    ``config``; without ``compute_penalty`` the optimizer keeps its default (off)."""
+    def make(params):
+        kw = dict(config)
+        lr = kw.pop("lr", 0.05 if kind == "sgd" else 0.01)
+        if isinstance(lr, DeviceLr):
+            lr = torch.tensor(float(lr), device=params[0].device)
+        elif isinstance(lr, torch.Tensor):
+            lr = lr.clone()
+        if compute_penalty:
+            kw["compute_penalty"] = True
+        return (ProxSGD if kind == "sgd" else ProxAdamW)(params, lr=lr, **kw)
+    return make
+
+
+@dataclass
+class Twins:
+    """The optimizer and params stepped under the backend tested, and their twins stepped under ``torch``."""
+
+    opt: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    ref_opt: torch.optim.Optimizer | None
+    ref_params: list[nn.Parameter] | None
+
+
+def lockstep(backend: str, make_opt, shapes, dtype: torch.dtype, device: str, agree: Agreement | None, steps: int,
+             noncontig=(), chunk: int | None = None, seed: int = 0) -> Twins:
+    """Step ``make_opt(params)`` on twin param sets, one under ``backend`` and one under the ``torch`` backend, on
+    the same random grads for ``steps`` steps, and after every step compare: params (dtype, shape, strides, values
+    by ``agree.params``), optimizer state (the same keys, dtypes and devices; step counts exactly, the rest by
+    ``agree.state``) and the penalty (dtype, device, value by ``agree.penalty``; or None on both sides).
+
+    The params at the indices ``noncontig`` are non-contiguous (transposed, or strided 1-D), and so are their
+    grads (and their state, where the layout can be kept); Triton launches with ``chunk`` elements per work item.
+    With ``agree`` None only the backend's side is stepped (to compare its runs with each other).
+    """
+    names = (backend, "torch") if agree is not None else (backend,)
+    tensors = [noncontiguous(t) if i in noncontig else t for i, t in enumerate(make_params(shapes, dtype, device,
+                                                                                           seed=seed))]
+    params = {name: [nn.Parameter(same_layout_copy(t)) for t in tensors] for name in names}
+    opts = {name: make_opt(params[name]) for name in names}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device) for s in shapes]
+        for name in names:
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone() if p.is_contiguous() else noncontiguous(g)
+            with use_backend(name), launching(name, chunk):
+                opts[name].step()
+        if agree is None:
+            continue
+        ours, theirs = opts[backend], opts["torch"]
+        for p, q in zip(params[backend], params["torch"], strict=True):
+            assert p.dtype == q.dtype == dtype and p.shape == q.shape and p.stride() == q.stride()
+            agree.params(p.detach(), q.detach())
+            assert ours.state[p].keys() == theirs.state[q].keys()
+            for key, value in theirs.state[q].items():
+                mine = ours.state[p][key]
+                assert mine.dtype == value.dtype and mine.device == value.device, key
+                (exact if key == "step" else agree.state)(mine, value)
+        a, b = ours.last_penalty, theirs.last_penalty
+        if b is None:
+            assert a is None
+        else:
+            assert a.dtype == b.dtype and a.device == b.device
+            agree.penalty(a, b)
+    return Twins(opts[backend], params[backend], opts.get("torch"), params.get("torch"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The params a backend's lockstep runs step by default: their shapes, which are non-contiguous, how many
+    steps, and Triton's chunk."""
+
+    shapes: list[tuple[int, ...]]
+    noncontig: tuple[int, ...]
+    steps: int
+    chunk: int | None
+
+
+# Around the CPU chunk (2**15) and block (1024) sizes, empty and 0-dim tensors between others.
+KERNEL_SETTING = Setting([(37, 53), (0,), (), (1031,), (5, 7, 3), (2**15 + 3,), (1,), (0, 4), (17, 1024)], (), 5,
+                         None)
+# Empty, 0-dim and 1-element tensors between others; (33, 17) spans 9 chunks of 64; (6, 5) and (33, 17) are
+# transposed and (7,) strided.
+TRITON_SETTING = Setting([(6, 5), (0, 3), (7,), (), (1,), (33, 17), (130,), (2, 0), (4, 3, 2)], (0, 2, 5), 3, 64)
+
+
+def setting(backend: str) -> Setting:
+    return TRITON_SETTING if backend == "triton" else KERNEL_SETTING
+
+
+def run(backend, device, kind, config, dtype=torch.float32, shapes=None, noncontig=None, steps=None, chunk=None,
+        compute_penalty=True, reference=True) -> Twins:
+    """:func:`lockstep` of ``kind`` with ``config`` in ``backend``'s :class:`Setting` (or what is given instead),
+    held to its :func:`agreement` (without ``reference``: the backend's side only)."""
+    s = setting(backend)
+    agree = agreement(backend, device, kind, dtype, config) if reference else None
+    return lockstep(backend, optimizer(kind, config, compute_penalty), s.shapes if shapes is None else shapes, dtype,
+                    device, agree, s.steps if steps is None else steps, s.noncontig if noncontig is None else noncontig,
+                    s.chunk if chunk is None else chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cases: (config, dtypes, dtypes in Triton's interpreter). The interpreter is slow: it runs fewer configs, most
+# in float32 only (on the CPU a tensor lr is on the params' device either way).
+
+NONE = ()
+F32 = (torch.float32,)
+ALL = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+SGD_CASES = [
+    (dict(), ALL, F32),
+    (dict(l1=0.02), F32, F32),
+    (dict(momentum=0.9, l1=0.01, l2=0.1), ALL, NONE),
+    (dict(momentum=0.9, l1=0.02, l2=0.1), F32, F32),
+    (dict(momentum=0.8, dampening=0.3, weight_decay=1e-2, maximize=True, l1=0.02), ALL, NONE),
+    (dict(momentum=0.8, dampening=0.3, weight_decay=1e-2, l2=0.1), F32, F32),
+    (dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l2=0.3), ALL, NONE),
+    (dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l1=0.02, l2=0.05), ALL, ALL),
+    (dict(momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True, l1=0.02, l2=0.05), F32, F32),
+    (dict(weight_decay=1e-2, l1=0.05), ALL, NONE),
+    (dict(lr=torch.tensor(0.05), momentum=0.9, l1=0.01, l2=0.1), ALL, NONE),
+    (dict(lr=torch.tensor(0.05), momentum=0.9, nesterov=True, l2=0.2, maximize=True), ALL, NONE),
+    (dict(lr=DeviceLr(0.05)), F32, F32),
+    (dict(lr=DeviceLr(0.05), l1=0.02), F32, F32),
+    (dict(lr=DeviceLr(0.05), momentum=0.9, l1=0.02, l2=0.1), F32, F32),
+    (dict(lr=DeviceLr(0.05), momentum=0.8, dampening=0.3, weight_decay=1e-2, l2=0.1), F32, F32),
+    (dict(lr=DeviceLr(0.05), momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True, l1=0.02, l2=0.05), F32,
+     F32),
+]
+ADAMW_CASES = [
+    (dict(), ALL, F32),
+    (dict(l1=0.02), F32, F32),
+    (dict(l1=0.01, l2=0.1), ALL, NONE),
+    (dict(l1=0.02, l2=0.1), ALL, ALL),
+    (dict(l1=0.02, l2=0.1, prox="lr"), F32, F32),
+    (dict(l1=0.02, prox="lr", amsgrad=True, maximize=True), ALL, NONE),
+    (dict(amsgrad=True, eps=1e-6, l1=0.02, l2=0.1, maximize=True), F32, F32),
+    (dict(weight_decay=0.0, betas=(0.8, 0.99), l2=0.2, prox="lr", amsgrad=True), F32, F32),
+    (dict(l2=0.3, betas=(0.3, 0.9), weight_decay=0.0, eps=1e-6), ALL, NONE),
+    # β1 < 0.5: torch.lerp's second formula.
+    (dict(betas=(0.3, 0.9), l1=0.01), F32, F32),
+    (dict(capturable=True, l1=0.02, l2=0.1), F32, F32),
+    (dict(capturable=True, amsgrad=True, prox="lr", l1=0.02), F32, F32),
+    (dict(lr=torch.tensor(0.01), l1=0.01, l2=0.1), ALL, NONE),
+    (dict(lr=torch.tensor(0.01), l1=0.01, l2=0.1, prox="lr", amsgrad=True, betas=(0.6, 0.99)), ALL, NONE),
+    (dict(lr=torch.tensor(0.01), capturable=True, l1=0.01), ALL, NONE),
+    (dict(lr=DeviceLr(0.01)), F32, F32),
+    (dict(lr=DeviceLr(0.01), l1=0.02), F32, F32),
+    (dict(lr=DeviceLr(0.01), l1=0.02, l2=0.1, prox="lr"), F32, F32),
+    (dict(lr=DeviceLr(0.01), amsgrad=True, eps=1e-6, l1=0.02, l2=0.1, maximize=True), F32, F32),
+    (dict(lr=DeviceLr(0.01), weight_decay=0.0, betas=(0.8, 0.99), l2=0.2, prox="lr", amsgrad=True), F32, F32),
+    (dict(lr=DeviceLr(0.01), betas=(0.3, 0.9), l1=0.01), F32, F32),
+    (dict(lr=DeviceLr(0.01), capturable=True, l1=0.02, l2=0.1), F32, F32),
+    (dict(lr=DeviceLr(0.01), capturable=True, amsgrad=True, prox="lr", l1=0.02), F32, F32),
+    (dict(lr=DeviceLr(0.01), amsgrad=True, l1=0.02, prox="lr"), ALL, ALL),
+    (dict(lr=DeviceLr(0.01), capturable=True, l1=0.02, l2=0.1, maximize=True), ALL, ALL),
+]
+GROUP_CASES = [
+    ("sgd", dict(momentum=0.9, l1=0.01, group_lasso=0.05)),
+    ("sgd", dict(lr=torch.tensor(0.05), momentum=0.9, l2=0.1, group_lasso=0.05, groups="col")),
+    ("sgd", dict(weight_decay=1e-2, l1=0.02, l2=0.3, group_lasso=0.2, groups="tensor")),
+    ("adamw", dict(prox="lr", l2=0.1, group_lasso=0.05, groups="col")),
+    ("adamw", dict(prox="lr", lr=torch.tensor(0.01), amsgrad=True, l1=0.01, l2=0.2, group_lasso=0.3)),
+]
+
+
+def _name(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"cpu_tensor({value.item():g})"
+    return repr(value) if isinstance(value, DeviceLr) else str(value)
+
+
+def _id(config: dict) -> str:
+    return ",".join(f"{k}={_name(v)}" for k, v in config.items()) or "defaults"
+
+
+def _params(cases):
+    """(config, dtype, whether Triton's interpreter runs it) for each dtype of each case."""
+    return [pytest.param(config, dtype, dtype in interpreter, id=f"{_id(config)}-{str(dtype)[6:]}")
+            for config, dtypes, interpreter in cases for dtype in dtypes]
+
+
+def _skip_unless(in_interpreter, backend, device):
+    if not in_interpreter:
+        skip_in_interpreter(backend, device, "it runs fewer configs, most in float32 only")
+
+
+def _assert_state_layout(twins: Twins, noncontig) -> None:
+    """The state of a non-contiguous (matrix) param is non-contiguous too."""
+    for i in noncontig:
+        p = twins.params[i]
+        if p.dim() >= 2:
+            for key, value in twins.opt.state[p].items():
+                if key != "step":
+                    assert not value.is_contiguous(), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, dtype, in_interpreter", _params(SGD_CASES))
+def test_prox_sgd(backend, device, config, dtype, in_interpreter):
+    """ProxSGD: plain, momentum (dampening, Nesterov), weight decay, maximize, a float or tensor lr."""
+    _skip_unless(in_interpreter, backend, device)
+    twins = run(backend, device, "sgd", config, dtype)
+    if config.get("momentum"):
+        _assert_state_layout(twins, setting(backend).noncontig)
+
+
+@pytest.mark.parametrize("config, dtype, in_interpreter", _params(ADAMW_CASES))
+def test_prox_adamw(backend, device, config, dtype, in_interpreter):
+    """ProxAdamW: both proxes, amsgrad, betas (β1 on both sides of 0.5), eps, weight decay, maximize, capturable
+    step counts (on the params' device), a float or tensor lr."""
+    _skip_unless(in_interpreter, backend, device)
+    twins = run(backend, device, "adamw", config, dtype)
+    _assert_state_layout(twins, setting(backend).noncontig)
+    for p in twins.params:
+        step = twins.opt.state[p]["step"]
+        assert step.item() == setting(backend).steps
+        assert step.device.type == (device if config.get("capturable") else "cpu")
+
+
+NONCONTIGUOUS_CASES = [("sgd", SGD_CASES[4][0]), ("sgd", SGD_CASES[10][0]), ("adamw", ADAMW_CASES[5][0]),
+                       ("adamw", ADAMW_CASES[12][0])]
+
+
+@pytest.mark.parametrize("kind, config", NONCONTIGUOUS_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
+def test_noncontiguous_params_grads_and_state(backend, device, kind, config):
+    """Every param non-contiguous (transposed, or strided 1-D), and so its grad and state."""
+    shapes = [(6, 5), (17,), (4, 3, 2), (9, 33)] if backend == "triton" else [(37, 53), (1031,), (5, 7, 3), (64, 600)]
+    twins = run(backend, device, kind, config, shapes=shapes, noncontig=range(len(shapes)))
+    assert not any(p.is_contiguous() for p in twins.params)
+    _assert_state_layout(twins, range(len(shapes)))
+
+
+def many_shapes(c: int) -> list[tuple[int, ...]]:
+    """300 tiny tensors (0 to 60 elements), with empty, 1-element and multi-chunk ones (for chunks of ``c``)
+    among them."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(s,) if i % 3 else (2, s) for i, s in enumerate(torch.randint(0, 31, (300,), generator=gen).tolist())]
+    big = [(0,), (1,), (4, c + 1), (0, 3), (3 * c + 7,), (c - 1,), (3, 4), (c + 1,), (5, 1, 2), (2 * c + 3, 2)]
+    for i, s in enumerate(big):
+        shapes.insert(10 + 29 * i, s)
+    return shapes
+
+
+@pytest.mark.parametrize("kind, config", [("sgd", dict(momentum=0.9, l1=0.02, l2=0.1)),
+                                          ("adamw", dict(lr=DeviceLr(0.01), l1=0.02, l2=0.1))],
+                         ids=["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_tiny_tensors(backend, device, kind, config, dtype):
+    """Hundreds of tiny tensors in one step, big ones between them."""
+    if dtype != torch.float32:
+        skip_in_interpreter(backend, device, "float32 covers many tensors there")
+    s = setting(backend)
+    c = s.chunk or KERNEL_CHUNK[backend]
+    run(backend, device, kind, config, dtype, shapes=many_shapes(c), noncontig=(3, 12) if s.noncontig else (),
+        steps=2 if backend == "triton" else s.steps)
+
+
+def test_chunk_boundaries(backend, device):
+    """Tensors ending just before, at and just after chunk boundaries, around each chunk the backend launches
+    with (Triton: 16 and 32)."""
+    for c in [16, 32] if backend == "triton" else [KERNEL_CHUNK[backend]]:
+        shapes = [(s,) for s in [c - 1, c, c + 1, 1, 0, 2 * c - 1, 2 * c, 0, 2 * c + 1]] + [(3, c + 1)]
+        for kind, config in (("adamw", dict(amsgrad=True, l1=0.02, l2=0.1)), ("sgd", dict(momentum=0.9, l1=0.02))):
+            run(backend, device, kind, config, shapes=shapes, noncontig=(9,), steps=2, chunk=c)
+
+
+@pytest.mark.parametrize("kind, config", [("sgd", dict(momentum=0.9, l1=0.01, l2=0.1)),
+                                          ("adamw", dict(l1=0.01, l2=0.1)),
+                                          ("adamw", dict(amsgrad=True, l1=0.02, l2=0.1))],
+                         ids=["sgd", "adamw", "adamw_amsgrad"])
+def test_without_compute_penalty(backend, device, kind, config):
+    """compute_penalty off (the default): no penalty on either side, the same steps."""
+    twins = run(backend, device, kind, config, compute_penalty=False)
+    assert twins.opt.last_penalty is None and twins.ref_opt.last_penalty is None
+
+
+def _group_cases():
+    cases = [pytest.param(kind, config, dtype, False, id=f"{kind}-{_id(config)}-{str(dtype)[6:]}")
+             for kind, config in GROUP_CASES for dtype in (torch.float32, torch.float64, torch.bfloat16)]
+    for groups in ("row", "col", "tensor"):
+        for lr in (float, DeviceLr):
+            for kind, config in (("sgd", dict(lr=lr(0.05), momentum=0.9, group_lasso=0.5, l1=0.01, l2=0.1,
+                                              groups=groups)),
+                                 ("adamw", dict(lr=lr(0.01), prox="lr", group_lasso=0.5, l2=0.1, groups=groups))):
+                cases.append(pytest.param(kind, config, torch.float32, True, id=f"{kind}-{_id(config)}-float32"))
+    # bfloat16 params stepped in float32 copies and rounded once per step, as the reference does.
+    config = dict(momentum=0.9, group_lasso=0.1, l1=0.01)
+    cases.append(pytest.param("sgd", config, torch.bfloat16, True, id=f"sgd-{_id(config)}-bfloat16"))
+    return cases
+
+
+@pytest.mark.parametrize("kind, config, dtype, in_interpreter", _group_cases())
+def test_group_lasso_after_the_fused_step(backend, device, kind, config, dtype, in_interpreter):
+    """The fused step with the elementwise prox, then the group shrink: in every grouping, with a float and a
+    tensor lr."""
+    _skip_unless(in_interpreter, backend, device)
+    s = setting(backend)
+    steps = 2 if backend == "triton" else s.steps
+    twins = run(backend, device, kind, config, dtype, steps=steps)
+    if not interpreted(backend, device):
+        without = run(backend, device, kind, {**config, "group_lasso": 0.0}, dtype, steps=steps, reference=False)
+        assert not all(torch.equal(p, q) for p, q in zip(twins.params, without.params))  # the group term did act
+
+
+METRIC_CASES = [pytest.param(dict(l1=0.01, l2=0.1, group_lasso=0.05, groups=groups, prox="preconditioned",
+                                  amsgrad=True), dtype, id=f"amsgrad-{groups}-{str(dtype)[6:]}")
+                for groups in ("row", "col", "tensor") for dtype in (torch.float32, torch.float64, torch.bfloat16)]
+METRIC_CASES.append(pytest.param(dict(group_lasso=0.1, l2=0.1), torch.float32, id="defaults-row-float32"))
+
+
+@pytest.mark.parametrize("config, dtype", METRIC_CASES)
+def test_group_lasso_in_adams_metric(backend, device, config, dtype):
+    """Group lasso in Adam's metric (``prox="preconditioned"``), in every grouping."""
+    run(backend, device, "adamw", config, dtype, steps=2 if backend == "triton" else None)
+
+
+def test_direct_calls_mutate_and_return_the_penalty(backend, device):
+    """The backend functions themselves: state written in place, the penalty of the new params returned."""
+    ops = select(device)
+    params = make_params([(9, 7), (13,)], torch.float32, device)
+    grads = make_params([(9, 7), (13,)], torch.float32, device)
+    bufs = [torch.full_like(p, 7.0) for p in params]
+    value = ops.sgd_step_(params, grads, bufs, None, 0.1, 0.9, 0.0, False, 0.0, False, True, 0.01, 0.1, 0.0, "row",
+                          True)
+    for b, g in zip(bufs, grads):
+        assert torch.equal(b, g)  # init_buffers: the buffer is the gradient, whatever it held
+    expected = sum(0.01 * p.abs().sum().double() + 0.1 * p.double().square().sum() for p in params)
+    torch.testing.assert_close(value.double().cpu(), expected.cpu(), rtol=1e-6, atol=0)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in params]
+    ops.adamw_step_(params, grads, *state, [], steps, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 0.1, 0.0, 0.0,
+                    "row", "lr", False)
+    assert all(s.item() == 1 for s in steps)
+    assert not any(torch.equal(s, torch.zeros_like(s)) for s in state[0])
+
+
+DETERMINISM_CASES = [("sgd", SGD_CASES[4][0]), ("adamw", dict(lr=DeviceLr(0.01), amsgrad=True, l1=0.02, l2=0.1))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deterministic_across_thread_counts(backend, device, dtype):
+    """The same params, state and penalties on every run; with 1 and 2 CPU threads for the CPU kernels."""
+    if dtype != torch.float32:
+        skip_in_interpreter(backend, device, "float32 covers determinism there")
+    s = setting(backend)
+    shapes = s.shapes if backend == "triton" else [(300, 257), (2**16 + 5,), (65, 3, 17), (0,), ()]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 2) if backend == "cpp" else (threads, threads):
+            torch.set_num_threads(n)
+            results = []
+            for kind, config in DETERMINISM_CASES:
+                twins = run(backend, device, kind, config, dtype, shapes=shapes,
+                            steps=2 if backend == "triton" else None, reference=False)
+                states = [t for p in twins.params for t in twins.opt.state[p].values()]
+                results += [*twins.params, *states, twins.opt.last_penalty]
+            runs.append(results)
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_cuda_graph_capture_and_replay(backend, device, kind):
+    """A captured step replayed with new grads and a new lr matches the reference's steps."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    if backend != "triton":
+        pytest.skip("CUDA graph capture of the steps is a Triton backend feature (README)")
+    lr = torch.tensor(0.05, device="cuda")
+    cls, config = (ProxSGD, dict(momentum=0.9)) if kind == "sgd" else (ProxAdamW, dict(capturable=True, amsgrad=True))
+
+    def make(ps):
+        return cls(ps, lr=lr, l1=0.02, l2=0.1, compute_penalty=True, **config)
+
+    shapes = [(64, 33), (1000,), (5,), (0,)]
+    params = [nn.Parameter(t) for t in make_params(shapes, torch.float32, "cuda", seed=0)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    opt, expected = make(params), make(twins)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def new_grads():
+        with torch.no_grad():
+            for p, t in zip(params, twins):
+                p.grad.copy_(torch.randn_like(p))
+                t.grad = p.grad.clone()
+        with use_backend("torch"):
+            expected.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # Warm-up: creates the state, caches the tables and compiles the kernels (the first step and
+        # the later ones are different specializations) outside the capture.
+        for _ in range(2):
+            new_grads()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    agree = agreement(backend, device, kind, torch.float32, config)
+    for step in (0.02, 0.01):
+        lr.fill_(step)
+        new_grads()
+        graph.replay()
+        for p, e in zip(params, twins):
+            agree.params(p.detach(), e.detach())
+        agree.penalty(opt.last_penalty, expected.last_penalty)
