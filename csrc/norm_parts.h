@@ -10,12 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-// Host and device functions; no torch header, so that the .cu files build with nvcc alone.
-#if defined(__CUDACC__)
-#define REGFAST_HOST_DEVICE __host__ __device__
-#else
-#define REGFAST_HOST_DEVICE
-#endif
+#include "kernel_types.h"  // REGFAST_HOST_DEVICE; no torch header, so the .cu files build with nvcc alone
 
 namespace regfast {
 
