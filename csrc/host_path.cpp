@@ -20,11 +20,14 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "tensor_list.h"
 
 namespace regfast {
 namespace host {
@@ -34,10 +37,10 @@ namespace {
 struct Group {
   at::Device device;
   at::ScalarType dtype;
-  std::vector<at::Tensor> params;
-  std::vector<at::Tensor> grads;
+  TensorRefs params;  // borrowed from the caller's objects, as are grads and states (see kernels())
+  TensorRefs grads;
   std::vector<int64_t> index;
-  std::vector<std::vector<at::Tensor>> states;  // optimizer steps: one list per state of the plan
+  std::vector<TensorRefs> states;  // optimizer steps: one list per state of the plan
 };
 
 // What a call reads and writes, for the checks of the walk.
@@ -69,6 +72,13 @@ bool plain_type(PyObject* obj, PyObject* types) {
 // A tensor to write in place: contiguous (so stored once) and, outside inference mode, not an inference tensor.
 bool writable(const at::Tensor& t) {
   return t.is_contiguous() && (!t.is_inference() || c10::InferenceMode::is_enabled());
+}
+
+// `t` has a grad to write in place: dense, of its dtype, device and shape.
+bool grad_fits(const at::Tensor& t) {
+  const at::Tensor& g = t.grad();
+  return g.defined() && g.layout() == at::kStrided && g.scalar_type() == t.scalar_type() && g.device() == t.device() &&
+         g.sizes().equals(t.sizes()) && writable(g);
 }
 
 // Open addressing on object addresses: drops repeats in O(1) per tensor.
@@ -114,13 +124,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     const at::Device device = t.device();
     if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
     if (needs.write_params && !writable(t)) return false;
-    if (needs.grads) {
-      const at::Tensor& g = t.grad();
-      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != t.scalar_type() || g.device() != device ||
-          !g.sizes().equals(t.sizes()) || !writable(g)) {
-        return false;
-      }
-    }
+    if (needs.grads && !grad_fits(t)) return false;
     if (!seen.insert(obj)) continue;
     if (count == 0) first = t;
     Group* group = nullptr;
@@ -131,22 +135,30 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       }
     }
     if (group == nullptr) {
-      groups.push_back(Group{device, t.scalar_type(), {}, {}, {}});
+      groups.push_back(Group{device, t.scalar_type(), {}, {}, {}, {}});
+      groups.back().params.reserve(static_cast<size_t>(n));
+      if (needs.grads) groups.back().grads.reserve(static_cast<size_t>(n));
       group = &groups.back();
     }
-    group->params.push_back(t);
-    if (needs.grads) group->grads.push_back(t.grad());
+    group->params.borrow(t);
+    if (needs.grads) group->grads.borrow(t.grad());
     group->index.push_back(count++);
   }
   return true;
 }
 
-Group& group_of(std::vector<Group>& groups, const at::Device& device, at::ScalarType dtype, size_t nstates) {
+Group& group_of(std::vector<Group>& groups, const at::Device& device, at::ScalarType dtype, size_t nstates,
+                size_t n) {
   for (auto& candidate : groups) {
     if (candidate.device == device && candidate.dtype == dtype) return candidate;
   }
-  groups.push_back(Group{device, dtype, {}, {}, {}, std::vector<std::vector<at::Tensor>>(nstates)});
-  return groups.back();
+  groups.push_back(Group{device, dtype, {}, {}, {}, {}});
+  Group& group = groups.back();
+  group.params.reserve(n);
+  group.grads.reserve(n);
+  group.states.resize(nstates);
+  for (auto& s : group.states) s.reserve(n);
+  return group;
 }
 
 // The walk of an optimizer step over a param group with a plan: `list` (the group's params) must hold
@@ -176,13 +188,13 @@ bool walk_plan(PyObject* list, PyObject* planned, const std::vector<PyObject*>& 
         !g.sizes().equals(t.sizes())) {
       return false;
     }
-    Group& group = group_of(groups, device, dtype, states.size());
-    group.params.push_back(t);
-    group.grads.push_back(g);
+    Group& group = group_of(groups, device, dtype, states.size(), static_cast<size_t>(n));
+    group.params.borrow(t);
+    group.grads.borrow(g);
     for (size_t j = 0; j < states.size(); ++j) {
       PyObject* so = PyTuple_GET_ITEM(states[j], k);
       if (!THPVariable_Check(so)) return false;
-      group.states[j].push_back(THPVariable_Unpack(so));
+      group.states[j].borrow(THPVariable_Unpack(so));
     }
   }
   return true;
@@ -205,7 +217,7 @@ at::ScalarType result_dtype(const std::vector<Group>& groups) {
   return at::kFloat;
 }
 
-void bump(const std::vector<at::Tensor>& ts) {
+void bump(at::TensorList ts) {
   for (const auto& t : ts) torch::autograd::impl::bump_version(t);
 }
 
@@ -219,12 +231,41 @@ bool states_fit(const Group& g, size_t j) {
   return true;
 }
 
-PyObject* wrap_list(const std::vector<at::Tensor>& ts) {
+PyObject* wrap_list(at::TensorList ts) {
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(ts.size()));
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < ts.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(ts[i]));
   return out;
 }
+
+// The kernels of a call run with the interpreter lock released only when their work dwarfs the cost of
+// taking a reference to every tensor of the groups (a borrowed tensor is safe only while the lock keeps
+// other threads from dropping the caller's objects): below that, releasing buys nothing. With the lock held,
+// no kernel may copy a tensor on a worker thread of at::parallel_for (a copy of a borrowed tensor takes the
+// lock, which this thread holds while it waits for the workers); the CPU kernels read data pointers only.
+class KernelScope {
+ public:
+  explicit KernelScope(std::vector<Group>& groups) {
+    int64_t elements = 0, tensors = 0;
+    for (const auto& g : groups) {
+      for (const auto& t : g.params) elements += t.numel();
+      tensors += static_cast<int64_t>(g.params.size());
+    }
+    if (elements >= std::max<int64_t>(int64_t{1} << 20, 1024 * tensors)) {
+      for (auto& g : groups) {
+        g.params.own_all();
+        g.grads.own_all();
+        for (auto& s : g.states) s.own_all();
+      }
+      release_.emplace();
+    }
+  }
+
+ private:
+  std::optional<pybind11::gil_scoped_release> release_;
+  at::AutoDispatchBelowADInplaceOrView below_autograd_;
+  at::NoGradGuard no_grad_;
+};
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -247,9 +288,7 @@ PyObject* norms(PyObject*, PyObject* args) {
   static const auto norms_op = op<std::tuple<at::Tensor, at::Tensor>(at::TensorList)>("regfast_C::norms");
   at::Tensor per_l1, per_l2sq;
   {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::NoGradGuard no_grad;
+    KernelScope scope(groups);
     if (groups.size() == 1) {
       std::tie(per_l1, per_l2sq) = norms_op.call(groups[0].params);
     } else {
@@ -289,9 +328,7 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
   const std::string grouping(groups_arg);
   at::Tensor total;
   {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::NoGradGuard no_grad;
+    KernelScope scope(groups);
     const auto dtype = result_dtype(groups);
     for (const auto& g : groups) {
       const at::Tensor value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);
@@ -329,9 +366,7 @@ PyObject* prox(PyObject*, PyObject* args) {
           "regfast_C::prox_");
   const std::string grouping(groups_arg);
   {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::NoGradGuard no_grad;
+    KernelScope scope(groups);
     for (const auto& g : groups) {
       // A tensor lr is read where the params are, in their accumulation dtype (as regfast._common.lr_step).
       std::optional<at::Tensor> step;
@@ -350,12 +385,58 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr;
   if (!PyArg_ParseTuple(args, "OO!", &list, &PyTuple_Type, &types)) return nullptr;
-  Allowed allowed{types, true, true};
+  // The walk's checks of each tensor and its grad, without its grouping: repeats and groups do not matter here.
+  if (!PyList_Check(list) && !PyTuple_Check(list)) Py_RETURN_NONE;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
+  PyObject** items = PySequence_Fast_ITEMS(list);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = items[k];
+    if (!THPVariable_Check(obj) || !plain_type(obj, types)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.layout() != at::kStrided || !floating(t.scalar_type()) || !grad_fits(t)) Py_RETURN_NONE;
+  }
+  if (n == 0) Py_RETURN_NONE;
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* groups(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr;
+  int cpu = 0, cuda = 0, grads = 0, write_params = 0;
+  if (!PyArg_ParseTuple(args, "OO!pppp", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{true, false}, groups, count, first)) Py_RETURN_NONE;
-  Py_RETURN_TRUE;
+  if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first)) Py_RETURN_NONE;
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
+    PyObject* index = Py_None;
+    if (groups.size() > 1) {
+      index = PyTuple_New(static_cast<Py_ssize_t>(g.index.size()));
+      if (index == nullptr) break;
+      for (size_t j = 0; j < g.index.size(); ++j) {
+        PyTuple_SET_ITEM(index, static_cast<Py_ssize_t>(j), PyLong_FromLongLong(g.index[j]));
+      }
+    } else {
+      Py_INCREF(index);
+    }
+    PyObject* item = Py_BuildValue("(NNN)", wrap_list(g.params), grads ? wrap_list(g.grads) : Py_NewRef(Py_None),
+                                   index);
+    if (item == nullptr) break;
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  if (PyErr_Occurred()) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
   END_HANDLE_TH_ERRORS
 }
 
@@ -392,12 +473,9 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
   const std::string grouping(groups_arg);
   std::vector<at::Tensor> values;
   {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::NoGradGuard no_grad;
+    KernelScope scope(groups);
     for (const auto& g : groups) {
-      const std::vector<at::Tensor> none;
-      values.push_back(sgd_op.call(g.params, g.grads, has_buffers ? g.states[0] : none, lr_tensor, lr, momentum,
+      values.push_back(sgd_op.call(g.params, g.grads, has_buffers ? at::TensorList(g.states[0]) : at::TensorList(), lr_tensor, lr, momentum,
                                    dampening, nesterov != 0, weight_decay, maximize != 0, false, l1, l2, gl, grouping,
                                    compute_penalty != 0));
     }
@@ -443,12 +521,9 @@ PyObject* adamw_step(PyObject*, PyObject* args) {
   const std::string grouping(groups_arg), prox_mode(prox_arg);
   std::vector<at::Tensor> values;
   {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::NoGradGuard no_grad;
+    KernelScope scope(groups);
     for (const auto& g : groups) {
-      const std::vector<at::Tensor> none;
-      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], amsgrad ? g.states[3] : none,
+      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], amsgrad ? at::TensorList(g.states[3]) : at::TensorList(),
                                      g.states[2], lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad != 0,
                                      maximize != 0, l1, l2, gl, grouping, prox_mode, compute_penalty != 0));
     }

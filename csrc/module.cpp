@@ -24,6 +24,9 @@ static PyMethodDef regfast_methods[] = {
      "add_penalty_grad_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups) -> value or None"},
     {"prox_walk", regfast::host::prox, METH_VARARGS,
      "prox_walk(params, types, cpu, cuda, lr_tensor, lr, l1, l2, group_lasso, groups) -> True or None"},
+    {"groups_walk", regfast::host::groups, METH_VARARGS,
+     "groups_walk(params, types, cpu, cuda, grads, write_params) -> [(params, grads or None, index or None)] per "
+     "(device, dtype) group in order of first appearance, or None"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

@@ -156,6 +156,9 @@ BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::T
   BiasCorrections out;
   const bool host_counts = std::all_of(steps.begin(), steps.end(), [](const at::Tensor& t) { return t.is_cpu(); });
   if (host_counts && !lr_tensor.has_value()) {
+    out.step_size.reserve(steps.size());
+    out.bc2_sqrt.reserve(steps.size());
+    double last_t = -1, last_step_size = 0, last_bc2_sqrt = 0;  // the counts of a model are mostly one value
     for (const auto& s : steps) {
       // A float32 count is incremented in place as _foreach_add_(steps, 1) would (t + 1 rounded to float32),
       // without a dispatch per tensor.
@@ -169,8 +172,13 @@ BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::T
         s.add_(1);
         t = s.item<double>();
       }
-      out.step_size.push_back((lr / (1.0 - std::pow(beta1, t))) * -1.0);
-      out.bc2_sqrt.push_back(std::pow(1.0 - std::pow(beta2, t), 0.5));
+      if (t != last_t) {
+        last_t = t;
+        last_step_size = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
+        last_bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
+      }
+      out.step_size.push_back(last_step_size);
+      out.bc2_sqrt.push_back(last_bc2_sqrt);
     }
     return out;
   }

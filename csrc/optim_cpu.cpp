@@ -130,7 +130,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
 
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
-  const auto bs = momentum != 0 ? contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
+  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
   std::vector<SgdTensor> ts(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) {
     ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
@@ -184,7 +184,7 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto gs = contiguous_all(grads);
   const auto m1 = contiguous_all(exp_avgs);
   const auto m2 = contiguous_all(exp_avg_sqs);
-  const auto mx = amsgrad ? contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
+  const auto mx = contiguous_all(amsgrad ? max_exp_avg_sqs : at::TensorList());
   std::vector<AdamWTensor> ts(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) {
     ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), m1[i].data_ptr(), m2[i].data_ptr(),

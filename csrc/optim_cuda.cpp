@@ -95,7 +95,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
-  const auto bs = momentum != 0 ? contiguous_all(momentum_buffers) : std::vector<at::Tensor>();
+  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
   const auto opts = acc_options(ws[0]);
   // A tensor lr stays on the device: the kernel reads it, the host never does.
   const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
@@ -147,7 +147,7 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto gs = contiguous_all(grads);
   const auto m1 = contiguous_all(exp_avgs);
   const auto m2 = contiguous_all(exp_avg_sqs);
-  const auto mx = amsgrad ? contiguous_all(max_exp_avg_sqs) : std::vector<at::Tensor>();
+  const auto mx = contiguous_all(amsgrad ? max_exp_avg_sqs : at::TensorList());
   const auto opts = acc_options(ws[0]);
   const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
   cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);

@@ -40,15 +40,60 @@ _ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
 def walk(name: str, params, *args):
     """Public call ``name`` (``"norms"``, ``"add_penalty_grad"``, ``"prox"``) on the list ``params`` in one C++
     walk (:mod:`regfast._C`'s host path: checks, repeats, grouping, kernels, version counters), or None when
-    the walk does not take it: no extension, tracing, a mode or transform active, a device another backend
-    serves, or any tensor it cannot prove valid. On None nothing was written; the caller's Python path runs."""
+    the walk does not take it: no extension, tracing, a mode or transform active, a device the ``torch``
+    backend serves, or any tensor it cannot prove valid. On None nothing was written; the caller's Python path
+    runs. Where a device's backend launches from Python (Triton), the walk checks and groups, and each
+    group's kernels are launched here (:func:`_run_groups`)."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
-    cpu = _dispatch.select_name(_CPU) == "cpp"
-    cuda = _dispatch.select_name(_CUDA) == "cuda"
-    if not (cpu or cuda):
+    on_cpu, on_cuda = _dispatch.select_name(_CPU), _dispatch.select_name(_CUDA)
+    cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
+    if cpu or cuda:
+        walked = getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
+        if walked is not None or "triton" not in (on_cpu, on_cuda):
+            return walked
+    elif "triton" not in (on_cpu, on_cuda):
         return None
-    return getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
+    grads, write = _WALK_NEEDS[name]
+    groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write)
+    return None if groups is None else _run_groups(name, groups, *args)
+
+
+# Per public call: (reads and writes the grads, writes the params).
+_WALK_NEEDS = {"norms": (False, False), "add_penalty_grad": (True, False), "prox": (False, True)}
+
+
+def _run_groups(name: str, groups: list[tuple], *args):
+    """Public call ``name`` on the (params, grads, index) groups of :func:`walk`, each group on its backend, with
+    the results combined as the C++ walk combines them."""
+    first = groups[0][0][0]
+    wide = any(group[0][0].dtype == torch.float64 for group in groups)
+    dtype = torch.float64 if wide else torch.float32
+    with torch.no_grad():
+        if name == "norms":
+            if len(groups) == 1:
+                return _backend(groups[0][0]).norms(groups[0][0])
+            count = sum(len(params) for params, _, _ in groups)
+            per_l1 = torch.empty(count, device=first.device, dtype=dtype)
+            per_l2sq = torch.empty_like(per_l1)
+            for params, _, index in groups:
+                a, b = _backend(params).norms(params)
+                order = torch.tensor(index, device=first.device)
+                per_l1.index_copy_(0, order, a.to(first.device, dtype))
+                per_l2sq.index_copy_(0, order, b.to(first.device, dtype))
+            return per_l1, per_l2sq
+        if name == "add_penalty_grad":
+            total = None
+            for params, grads, _ in groups:
+                value = _backend(params).add_penalty_grad_(params, grads, *args).to(first.device, dtype)
+                total = value if total is None else total + value
+            bump_versions(*(grads for _, grads, _ in groups))
+            return total
+        lr_tensor, *rest = args
+        for params, _, _ in groups:
+            _backend(params).prox_(params, lr_tensor, *rest)
+        bump_versions(*(params for params, _, _ in groups))
+        return True
 
 
 def grads_ready(params) -> bool:

@@ -11,7 +11,7 @@ from helpers import make_params, noncontiguous, use_backend
 from torch import nn
 
 import regfast
-from regfast import _ext, _ops
+from regfast import _dispatch, _ext, _ops
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"regfast._C is not built: {_ext.unavailable_reason('cpu')}")
 
@@ -39,17 +39,28 @@ def _state(ps):
     return [(p.detach().clone(), p.grad.clone(), p._version, p.grad._version) for p in ps]
 
 
+def _triton_on_cpu() -> bool:
+    return _dispatch.unavailable_reason("triton", "cpu") is None
+
+
+# "cpp": the whole call in C++; "triton": the C++ walk checks and groups, Triton launches each group.
+_TRITON_SKIP = pytest.mark.skipif(not _triton_on_cpu(), reason="Triton cannot run on the CPU here")
+WALKED_BACKENDS = ["cpp", pytest.param("triton", marks=_TRITON_SKIP)]
+
+
+@pytest.mark.parametrize("backend", WALKED_BACKENDS)
 @pytest.mark.parametrize("call", CALLS, ids=str)
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.float64, torch.bfloat16)], ids=str)
-def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, monkeypatch):
+def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, backend, monkeypatch):
     walked, python = _model(dtypes), _model(dtypes)
     taken = []
     original = _ops.walk
     monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
-    out = CALLS[call](walked + walked[:2])  # repeats count once
-    assert taken and taken[-1] is not None, "the walk declined a plain list"
-    monkeypatch.setattr(_ops, "walk", lambda *a: None)
-    expected = CALLS[call](python + python[:2])
+    with use_backend(backend):
+        out = CALLS[call](walked + walked[:2])  # repeats count once
+        assert taken and taken[-1] is not None, "the walk declined a plain list"
+        monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        expected = CALLS[call](python + python[:2])
     if out is not None:
         outs, expecteds = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
         for a, b in zip(outs, expecteds):
@@ -109,6 +120,27 @@ def test_the_walk_declines_what_it_cannot_prove_and_writes_nothing():
     with use_backend("torch"):
         _declines("norms", ps)
         _declines("prox", ps, *prox_args)
+
+
+@pytest.mark.parametrize(("backend", "numel"),
+                         [("cpp", 1), ("cpp", 2**20 + 1), pytest.param("triton", 1, marks=_TRITON_SKIP)],
+                         ids=["cpp-small", "cpp-large", "triton-small"])  # large: the kernels run without the GIL
+def test_the_walk_leaves_reference_counts_as_it_found_them(backend, numel):
+    """The walk borrows the caller's tensors (no reference taken) and, where it releases the interpreter lock,
+    takes references first: every count is back where it was, and results match a fresh Python-path run."""
+    import sys
+
+    ps = [nn.Parameter(torch.randn(numel)) for _ in range(3)] + _model()
+    for p in ps[:3]:
+        p.grad = torch.randn(numel)
+    before = [(sys.getrefcount(p), sys.getrefcount(p.grad)) for p in ps]
+    with use_backend(backend):
+        for _ in range(3):
+            for call in CALLS.values():
+                call(ps)
+            regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01).step()
+            regfast.optim.ProxSGD(ps, lr=0.01, momentum=0.9, l1=0.01).step()
+    assert [(sys.getrefcount(p), sys.getrefcount(p.grad)) for p in ps] == before
 
 
 def test_errors_come_from_the_python_path_unchanged():
