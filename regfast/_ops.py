@@ -38,22 +38,23 @@ _ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
 
 
 def walk(name: str, params, *args):
-    """Public call ``name`` (``"norms"``, ``"add_penalty_grad"``, ``"prox"``) on the list ``params`` in one C++
-    walk (:mod:`regfast._C`'s host path: checks, repeats, grouping, kernels, version counters), or None when
-    the walk does not take it: no extension, tracing, a mode or transform active, a device the ``torch``
-    backend serves, or any tensor it cannot prove valid. On None nothing was written; the caller's Python path
-    runs. Where a device's backend launches from Python (Triton), the walk checks and groups, and each
-    group's kernels are launched here (:func:`_run_groups`)."""
+    """Public call ``name`` (``"norms"``, ``"add_penalty_grad"``, ``"prox"``; ``"sgd_step"``, ``"adamw_step"`` from an
+    optimizer's plan) on the list ``params`` in one C++ walk (:mod:`regfast._C`'s host path: checks, repeats, grouping,
+    kernels, version counters), or None when the walk does not take it: no extension, tracing, a mode or
+    transform active, a device the ``torch`` backend serves, or any tensor it cannot prove valid. On None
+    nothing was written; the caller's Python path runs. Where a device's backend launches from Python
+    (Triton), the walk checks and groups the public calls' lists, and each group's kernels are launched here
+    (:func:`_run_groups`); the optimizer steps then take the Python path."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.select_name(_CPU), _dispatch.select_name(_CUDA)
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     if cpu or cuda:
         walked = getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
-        if walked is not None or "triton" not in (on_cpu, on_cuda):
+        if walked is not None or "triton" not in (on_cpu, on_cuda) or name not in _WALK_NEEDS:
             return walked
-    elif "triton" not in (on_cpu, on_cuda):
-        return None
+    elif "triton" not in (on_cpu, on_cuda) or name not in _WALK_NEEDS:
+        return None  # the optimizer steps: the Python path
     grads, write = _WALK_NEEDS[name]
     groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write)
     return None if groups is None else _run_groups(name, groups, *args)
