@@ -105,7 +105,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   s.momentum_mode = momentum == 0 ? Momentum::kNone : (init_buffers ? Momentum::kInit : Momentum::kUpdate);
   s.nesterov = nesterov;
   s.maximize = maximize;
-  const DeviceList dl = build(ws, &gs, std::nullopt);
+  const DeviceList dl = build(ws, &static_cast<const std::vector<at::Tensor>&>(gs), std::nullopt);
   const DeviceState ds = upload_state({bs}, ws.size(), ws[0].device());
   const bool penalty = compute_penalty && (l1 != 0 || l2 != 0);
   const at::Tensor partials = penalty ? at::empty({2 * dl.nitems}, opts) : at::Tensor();
@@ -159,7 +159,7 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   s.amsgrad = amsgrad;
   s.maximize = maximize;
   const at::Tensor corrections = bias_correction_table(steps, lr_dev, lr, beta1, beta2, opts);
-  const DeviceList dl = build(ws, &gs, std::nullopt);
+  const DeviceList dl = build(ws, &static_cast<const std::vector<at::Tensor>&>(gs), std::nullopt);
   const DeviceState ds = upload_state({m1, m2, mx}, ws.size(), ws[0].device());
   const bool penalty = compute_penalty && (l1 != 0 || l2 != 0);
   const at::Tensor partials = penalty ? at::empty({2 * dl.nitems}, opts) : at::Tensor();
