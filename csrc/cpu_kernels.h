@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -56,6 +58,75 @@ inline void lane_loop(int64_t begin, int64_t end, Body&& body) {
   for (int j = 0; i < end; ++i, ++j) body(i, j);
 }
 
+// kLanes values of A as one vector of the compiler (GCC/Clang vector extensions): the compiler maps it onto
+// whatever registers the target has (four SSE registers of floats, two AVX ones), lane j staying lane j,
+// so the arithmetic and its rounding are those of the kLanes scalar accumulators on every target.
+template <typename A>
+struct LaneVector;
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef uint32_t mask __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef uint64_t mask __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename A>
+using Vec = typename LaneVector<A>::type;
+
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> splat(A x) {
+  return Vec<A>{} + x;
+}
+
+// Elements p[0..kLanes) converted to A, as lanes.
+template <typename A, typename T>
+__attribute__((always_inline)) inline Vec<A> load_lanes(const T* p) {
+  Vec<A> v;
+  if constexpr (std::is_same_v<A, T>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    A a[kLanes];
+    for (int j = 0; j < kLanes; ++j) a[j] = static_cast<A>(p[j]);
+    std::memcpy(&v, a, sizeof(v));
+  }
+  return v;
+}
+
+template <typename A, typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, Vec<A> v) {
+  if constexpr (std::is_same_v<A, T>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    A a[kLanes];
+    std::memcpy(a, &v, sizeof(v));
+    for (int j = 0; j < kLanes; ++j) p[j] = static_cast<T>(a[j]);
+  }
+}
+
+// |x| as std::abs: the sign bit cleared (NaN stays NaN).
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> abs_lanes(Vec<A> x) {
+  using M = typename LaneVector<A>::mask;
+  M bits;
+  std::memcpy(&bits, &x, sizeof(x));
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  bits &= M{} + (~U(0) >> 1);
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations.
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
+  const Vec<A> zero{}, one = splat(A(1));
+  const Vec<A> pos = w > zero ? one : zero;
+  const Vec<A> neg = w < zero ? one : zero;
+  return w != w ? w : pos - neg;
+}
+
 // Per-element scale of a run of elements, one value for the run or one per element: element i is
 // multiplied by q(i)·(· p(i)), p a power of two that keeps both factors in range (see split_coefficient).
 template <typename A>
@@ -63,6 +134,8 @@ struct ConstScale {
   A value, pre;
   A operator()(int64_t) const { return value; }
   A p(int64_t) const { return pre; }
+  Vec<A> lanes(int64_t) const { return splat(value); }
+  Vec<A> p_lanes(int64_t) const { return splat(pre); }
 };
 
 template <typename A>
@@ -72,22 +145,29 @@ struct RowScale {
   int64_t offset;
   A operator()(int64_t i) const { return values[i - offset]; }
   A p(int64_t i) const { return pres[i - offset]; }
+  Vec<A> lanes(int64_t i) const { return load_lanes<A>(values + (i - offset)); }
+  Vec<A> p_lanes(int64_t i) const { return load_lanes<A>(pres + (i - offset)); }
 };
 
 // The lane sums of a run of elements live in local arrays and `w` is restrict-qualified, so that
 // the compiler knows the loads cannot alias the sums and vectorizes the loop (as in grad_run).
+// Whole rounds of kLanes elements run on lane vectors, the tail element by element from lane 0 (as lane_loop).
 template <typename T, typename A>
 inline void norms_run(const T* __restrict__ w, int64_t begin, int64_t end, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
-  A s1[kLanes], s2[kLanes];
-  std::copy(abs_sum.v, abs_sum.v + kLanes, s1);
-  std::copy(sq_sum.v, sq_sum.v + kLanes, s2);
-  lane_loop(begin, end, [&](int64_t i, int j) {
+  Vec<A> v1 = load_lanes<A>(abs_sum.v), v2 = load_lanes<A>(sq_sum.v);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const Vec<A> x = load_lanes<A>(w + i);
+    v1 += abs_lanes<A>(x);
+    v2 += x * x;
+  }
+  store_lanes<A>(abs_sum.v, v1);
+  store_lanes<A>(sq_sum.v, v2);
+  for (int j = 0; i < end; ++i, ++j) {
     const A x = static_cast<A>(w[i]);
-    s1[j] += std::abs(x);
-    s2[j] += x * x;
-  });
-  std::copy(s1, s1 + kLanes, abs_sum.v);
-  std::copy(s2, s2 + kLanes, sq_sum.v);
+    abs_sum.v[j] += std::abs(x);
+    sq_sum.v[j] += x * x;
+  }
 }
 
 // Parts of a group's square sum (see norm_parts.h): three for double, one otherwise.

@@ -47,13 +47,29 @@ inline void split_coefficient(double weight, double norm, double& p, double& q) 
 template <typename T, bool kL1, bool kLin, bool kAccumulate, typename A, typename Scale>
 inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
                      Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
-  A s1[kLanes], s2[kLanes];
-  std::copy(abs_sum.v, abs_sum.v + kLanes, s1);
-  std::copy(sq_sum.v, sq_sum.v + kLanes, s2);
-  lane_loop(begin, end, [&](int64_t i, int j) {
+  // Whole rounds on lane vectors, the tail element by element from lane 0: the operations of the scalar
+  // loop in the same order in every lane (cpu_kernels.h).
+  Vec<A> v1 = load_lanes<A>(abs_sum.v), v2 = load_lanes<A>(sq_sum.v);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const Vec<A> x = load_lanes<A>(w + i);
+    v1 += abs_lanes<A>(x);
+    v2 += x * x;
+    Vec<A> inc{};
+    if constexpr (kL1) inc += l1 * sign_lanes<A>(x);
+    if constexpr (kLin) inc += scale.lanes(i) * (x * scale.p_lanes(i));
+    if constexpr (kAccumulate) {
+      store_lanes<A>(out + i, load_lanes<A>(out + i) + mult * inc);
+    } else {
+      store_lanes<A>(out + i, mult * inc);
+    }
+  }
+  store_lanes<A>(abs_sum.v, v1);
+  store_lanes<A>(sq_sum.v, v2);
+  for (int j = 0; i < end; ++i, ++j) {
     const A x = static_cast<A>(w[i]);
-    s1[j] += std::abs(x);
-    s2[j] += x * x;
+    abs_sum.v[j] += std::abs(x);
+    sq_sum.v[j] += x * x;
     A inc = 0;
     if constexpr (kL1) inc += l1 * sign_of(x);
     if constexpr (kLin) inc += scale(i) * (x * scale.p(i));
@@ -62,9 +78,7 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
     } else {
       out[i] = static_cast<T>(mult * inc);
     }
-  });
-  std::copy(s1, s1 + kLanes, abs_sum.v);
-  std::copy(s2, s2 + kLanes, sq_sum.v);
+  }
 }
 
 // The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), with per-chunk Σ|w| and Σw².

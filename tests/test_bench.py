@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import regfast
+from regfast import _ext
 from regfast.bench import providers as P
 from regfast.bench import report
 from regfast.bench.__main__ import main
@@ -181,6 +182,32 @@ def test_host_overhead_script_runs_every_provider():
     assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_", "SGD step", "AdamW step",
                                        "yardstick"}
     assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="the cpp backend is not built")
+def test_cpu_bandwidth_script_measures_every_op_dtype_and_loop(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_bandwidth.py"
+    out = tmp_path / "rows.jsonl"
+    subprocess.run([sys.executable, str(script), "--scale", "0.002", "--repeats", "2", "--threads", "1", "2",
+                    "--dtypes", "float32", "bfloat16", "--out", str(out)], capture_output=True, text=True, check=True,
+                   timeout=900)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ops = {(r["op"], r.get("dtype"), r["threads"]) for r in rows}
+    for threads in (1, 2):
+        assert ("copy", "float32", threads) in ops
+        for dtype in ("float32", "bfloat16"):
+            for op in ("norms", "penalty l1", "penalty_backward l2", "add_penalty_grad_ l1+l2", "prox_ l1",
+                       "add_penalty_grad_ group_lasso col", "prox_ group_lasso tensor", "ProxSGD step (momentum, l1)",
+                       "ProxAdamW step (l1)"):
+                assert (op, dtype, threads) in ops, (op, dtype, threads)
+    assert all(r["of_bound"] > 0 for r in rows if "of_bound" in r)
+    loops = [r for r in rows if r["op"].startswith("loop vs regfast")]
+    assert len(loops) == 2 * 5 and all(r["speedup"] > 0 for r in loops)
 
 
 def test_readme_headline_tables_match_their_results_files():
