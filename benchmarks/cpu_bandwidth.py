@@ -15,8 +15,8 @@ counting its read and its write); ``of_bound`` is the share of it reached (1.0 =
 
 The ``loop`` rows time, in float32, what regfast replaces: the penalty written in the loss
 (``w.abs().sum()`` / ``w.square().sum()`` per tensor, forward and backward, grads accumulating) against
-``regfast.penalty`` in the loss, the per-tensor gradient loop against ``add_penalty_grad_``, and
-``abs().sum()`` + ``square().sum()`` against ``norms``; ``speedup`` is loop time / regfast time.
+``regfast.penalty`` in the loss and against ``add_penalty_grad_``, and ``abs().sum()`` + ``square().sum()``
+per tensor against ``norms``; ``speedup`` is loop time / regfast time.
 
 Prints one JSON row per measurement; ``--out`` also writes them to FILE.
 """
@@ -126,13 +126,7 @@ def _loop_rows(scale: float, repeats: int) -> list[dict]:
             regfast.penalty(params, **h).backward()
 
         pairs[f"penalty in the loss {name}"] = (loop, fused)
-
-        def grad_loop(name=name, lam=lam):
-            with torch.no_grad():
-                for p in params:
-                    p.grad.add_(p.sign() if name == "l1" else p, alpha=lam if name == "l1" else 2 * lam)
-
-        pairs[f"add_penalty_grad_ {name}"] = (grad_loop, lambda h=hyper: regfast.add_penalty_grad_(params, **h))
+        pairs[f"add_penalty_grad_ {name}"] = (loop, lambda h=hyper: regfast.add_penalty_grad_(params, **h))
 
     def norm_loop():
         with torch.no_grad():

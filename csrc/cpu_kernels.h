@@ -118,13 +118,34 @@ __attribute__((always_inline)) inline Vec<A> abs_lanes(Vec<A> x) {
   return x;
 }
 
-// sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations.
+// The bits of a lane vector and back.
+template <typename To, typename From>
+__attribute__((always_inline)) inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &x, sizeof(x));
+  return out;
+}
+
+// sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations. Computed on 16-byte
+// pieces with the comparisons' masks (all ones or zero per lane) and bitwise selects: comparisons of
+// wider vectors, and a vector ?:, are not lowered to vector code on every target.
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
-  const Vec<A> zero{}, one = splat(A(1));
-  const Vec<A> pos = w > zero ? one : zero;
-  const Vec<A> neg = w < zero ? one : zero;
-  return w != w ? w : pos - neg;
+  typedef A Piece __attribute__((vector_size(16)));
+  constexpr int kPieces = static_cast<int>(sizeof(Vec<A>) / sizeof(Piece));
+  Piece pieces[kPieces];
+  std::memcpy(pieces, &w, sizeof(w));
+  for (int k = 0; k < kPieces; ++k) {
+    const Piece x = pieces[k], zero{};
+    const auto pos = x > zero, neg = x < zero, nan = x != x;  // masks: all ones where true
+    using M = std::remove_const_t<decltype(pos)>;
+    const M one = bits_as<M>(Piece{} + A(1));
+    const Piece sign = bits_as<Piece>(pos & one) - bits_as<Piece>(neg & one);
+    pieces[k] = bits_as<Piece>((bits_as<M>(sign) & ~nan) | (bits_as<M>(x) & nan));
+  }
+  std::memcpy(&w, pieces, sizeof(w));
+  return w;
 }
 
 // Per-element scale of a run of elements, one value for the run or one per element: element i is
