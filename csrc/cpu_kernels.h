@@ -106,18 +106,6 @@ __attribute__((always_inline)) inline void store_lanes(T* p, Vec<A> v) {
   }
 }
 
-// |x| as std::abs: the sign bit cleared (NaN stays NaN).
-template <typename A>
-__attribute__((always_inline)) inline Vec<A> abs_lanes(Vec<A> x) {
-  using M = typename LaneVector<A>::mask;
-  M bits;
-  std::memcpy(&bits, &x, sizeof(x));
-  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
-  bits &= M{} + (~U(0) >> 1);
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
-
 // The bits of a lane vector and back.
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bits_as(From x) {
@@ -125,6 +113,14 @@ __attribute__((always_inline)) inline To bits_as(From x) {
   To out;
   std::memcpy(&out, &x, sizeof(x));
   return out;
+}
+
+// |x| as std::abs: the sign bit cleared (NaN stays NaN).
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> abs_lanes(Vec<A> x) {
+  using M = typename LaneVector<A>::mask;
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  return bits_as<Vec<A>>(bits_as<M>(x) & (M{} + (~U(0) >> 1)));
 }
 
 // sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations. Computed on 16-byte

@@ -41,6 +41,7 @@ struct Group {
   TensorRefs grads;
   std::vector<int64_t> index;
   std::vector<TensorRefs> states;  // optimizer steps: one list per state of the plan
+  int64_t elements = 0;            // Σ numel of params
 };
 
 // What a call reads and writes, for the checks of the walk.
@@ -141,6 +142,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       group = &groups.back();
     }
     group->params.borrow(t);
+    group->elements += t.numel();
     if (needs.grads) group->grads.borrow(t.grad());
     group->index.push_back(count++);
   }
@@ -190,6 +192,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const std::vector<PyObject*>& 
     }
     Group& group = group_of(groups, device, dtype, states.size(), static_cast<size_t>(n));
     group.params.borrow(t);
+    group.elements += t.numel();
     group.grads.borrow(g);
     for (size_t j = 0; j < states.size(); ++j) {
       PyObject* so = PyTuple_GET_ITEM(states[j], k);
@@ -246,9 +249,9 @@ PyObject* wrap_list(at::TensorList ts) {
 class KernelScope {
  public:
   explicit KernelScope(std::vector<Group>& groups) {
-    int64_t elements = 0, tensors = 0;
+    int64_t elements = 0, tensors = 0;  // counted by the walk, which read every tensor already
     for (const auto& g : groups) {
-      for (const auto& t : g.params) elements += t.numel();
+      elements += g.elements;
       tensors += static_cast<int64_t>(g.params.size());
     }
     if (elements >= std::max<int64_t>(int64_t{1} << 20, 1024 * tensors)) {
@@ -475,9 +478,9 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
-      values.push_back(sgd_op.call(g.params, g.grads, has_buffers ? at::TensorList(g.states[0]) : at::TensorList(), lr_tensor, lr, momentum,
-                                   dampening, nesterov != 0, weight_decay, maximize != 0, false, l1, l2, gl, grouping,
-                                   compute_penalty != 0));
+      const at::TensorList buffers = has_buffers ? at::TensorList(g.states[0]) : at::TensorList();
+      values.push_back(sgd_op.call(g.params, g.grads, buffers, lr_tensor, lr, momentum, dampening, nesterov != 0,
+                                   weight_decay, maximize != 0, false, l1, l2, gl, grouping, compute_penalty != 0));
     }
     for (const auto& g : groups) {
       bump(g.params);
@@ -523,9 +526,10 @@ PyObject* adamw_step(PyObject*, PyObject* args) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
-      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], amsgrad ? at::TensorList(g.states[3]) : at::TensorList(),
-                                     g.states[2], lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad != 0,
-                                     maximize != 0, l1, l2, gl, grouping, prox_mode, compute_penalty != 0));
+      const at::TensorList maxima = amsgrad ? at::TensorList(g.states[3]) : at::TensorList();
+      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], maxima, g.states[2], lr_tensor, lr,
+                                     beta1, beta2, eps, weight_decay, amsgrad != 0, maximize != 0, l1, l2, gl,
+                                     grouping, prox_mode, compute_penalty != 0));
     }
     for (const auto& g : groups) {
       bump(g.params);
