@@ -1,6 +1,6 @@
 """Build regfast._C with its CUDA kernels on a machine without a GPU, link it, import it, and report.
 
-    python scripts/cuda_build_check.py [--cache DIR]
+    python scripts/cuda_build_check.py [--cache DIR] [--prepare]
 
 1. An environment with torch's CUDA wheel (``torch==2.13.0`` from PyPI, built for CUDA 13.0, with its
    CUDA runtime wheels) in ``DIR/venv``; kept between runs, so only the first one downloads (~4 GB).
@@ -195,11 +195,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "REGFAST_CUDA_CACHE", Path.home() / ".cache" / "regfast-cuda-build")), help="environment and build cache")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only make the environment (step 1: the download), e.g. in the background of other work")
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
     out = cache / "out"
     out.mkdir(parents=True, exist_ok=True)
     python = environment(cache)
+    if args.prepare:
+        print(f"environment ready: {python}")
+        return 0
     src = cache / "src"
     sync_sources(src)
     log = build(python, src, out)

@@ -52,3 +52,26 @@ def backend(request, device):
         pytest.skip(f"the {name} backend cannot serve {device} tensors: {reason}")
     with use_backend(name):
         yield name
+
+
+def _compile_gate(session):
+    """tests/test_triton_compile.py, when it is among the tests to run and was imported (Triton is installed)."""
+    for item in session.items:
+        if item.path.name == "test_triton_compile.py":
+            return item.module
+    return None
+
+
+def pytest_collection_finish(session):
+    """The Triton compile gate's compile runs start as soon as the tests are known: they take minutes of
+    compiling and run in the background beside the rest of the suite, whose tests mostly wait on Python."""
+    gate = _compile_gate(session)
+    if gate is not None:
+        gate.start_compile_runs()
+
+
+def pytest_sessionfinish(session):
+    """Compile runs still going (the gate's tests were not reached: ``-x``, an interrupt) are stopped."""
+    gate = _compile_gate(session)
+    if gate is not None:
+        gate.stop_compile_runs()

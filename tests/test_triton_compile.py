@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,21 +42,64 @@ WRITERS = {"prox._prox_kernel", "optim._sgd_kernel", "optim._adamw_kernel"}
 VECTOR_DTYPES = {"fp32", "fp16", "bf16"}
 
 
+class CompileRuns:
+    """The two compile runs (one process per architecture, in parallel), started once per session: by
+    ``conftest.py`` as soon as the tests are collected, so that they compile in the background while the
+    rest of the suite runs, or else by the first test that needs their reports."""
+
+    def __init__(self) -> None:
+        self.out = Path(tempfile.mkdtemp(prefix="regfast_triton_compile_"))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+        self.procs = {}
+        for arch in ARCHS:
+            with open(self.out / f"sm_{arch}.log", "w") as log:  # a file, not a pipe nobody reads until the end
+                self.procs[arch] = subprocess.Popen(
+                    [sys.executable, str(TESTS / "triton_offline.py"), "--arch", str(arch), "--out",
+                     str(self.out / f"sm_{arch}.json")], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def reports(self) -> dict[int, dict]:
+        found = {}
+        for arch, proc in self.procs.items():
+            proc.wait(timeout=3600)
+            log = (self.out / f"sm_{arch}.log").read_text()
+            assert proc.returncode == 0, f"sm_{arch}: the compile run failed:\n{log[-5000:]}"
+            found[arch] = json.loads((self.out / f"sm_{arch}.json").read_text())
+        return found
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+_runs: CompileRuns | None = None
+
+
+def start_compile_runs() -> None:
+    """Starts the compile runs in the background if they can run here and have not started."""
+    global _runs
+    if _runs is None and NVDISASM.exists():
+        _runs = CompileRuns()
+
+
+def stop_compile_runs() -> None:
+    global _runs
+    if _runs is not None:
+        _runs.stop()
+        _runs = None
+
+
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[int, dict]:
-    """The compile report of each architecture (the two compile in parallel)."""
-    out = tmp_path_factory.mktemp("triton_compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
-    procs = {arch: subprocess.Popen([sys.executable, str(TESTS / "triton_offline.py"), "--arch", str(arch), "--out",
-                                     str(out / f"sm_{arch}.json")], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for arch in ARCHS}
-    found = {}
-    for arch, proc in procs.items():
-        log, _ = proc.communicate(timeout=3600)
-        assert proc.returncode == 0, f"sm_{arch}: the compile run failed:\n{log[-5000:]}"
-        found[arch] = json.loads((out / f"sm_{arch}.json").read_text())
-    return found
+def reports() -> dict[int, dict]:
+    """The compile report of each architecture."""
+    start_compile_runs()
+    try:
+        return _runs.reports()
+    finally:
+        stop_compile_runs()
 
 
 def _variants(report: dict, kernels=None):
