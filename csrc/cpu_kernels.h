@@ -81,12 +81,97 @@ __attribute__((always_inline)) inline Vec<A> splat(A x) {
   return Vec<A>{} + x;
 }
 
+// The bits of a lane vector and back.
+template <typename To, typename From>
+__attribute__((always_inline)) inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &x, sizeof(x));
+  return out;
+}
+
+// 16-bit floats to float and back on lanes, with the operations of c10's scalar conversions (so the same
+// bits, NaN included), in integer and float lane arithmetic the compiler keeps in vector registers.
+// Comparisons go through 16-byte pieces of int32 (see sign_lanes); every compared value is below 2^31.
+typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// Lanes of all ones where `pred` holds for the lanes of x (an int32 comparison on 16-byte pieces).
+template <typename Pred>
+__attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
+  typedef int32_t Piece __attribute__((vector_size(16)));
+  constexpr int kPieces = static_cast<int>(sizeof(Bits32) / sizeof(Piece));
+  Piece pieces[kPieces];
+  std::memcpy(pieces, &x, sizeof(x));
+  for (int k = 0; k < kPieces; ++k) pieces[k] = pred(pieces[k]);
+  Bits32 out;
+  std::memcpy(&out, pieces, sizeof(out));
+  return out;
+}
+
+__attribute__((always_inline)) inline Bits32 select_lanes(Bits32 mask, Bits32 yes, Bits32 no) {
+  return (mask & yes) | (~mask & no);
+}
+
+// c10::BFloat16 to float: the 16 bits are the float's high half.
+__attribute__((always_inline)) inline Vec<float> lanes_from_bfloat16(const c10::BFloat16* p) {
+  Bits16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return bits_as<Vec<float>>(__builtin_convertvector(h, Bits32) << 16);
+}
+
+// float to c10::BFloat16 (c10::detail::round_to_nearest_even): NaN becomes 0x7FC0, the rest rounds to nearest even.
+__attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, Vec<float> v) {
+  const Bits32 u = bits_as<Bits32>(v);
+  const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
+  const Bits32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const Bits16 h = __builtin_convertvector(select_lanes(nan, Bits32{} + 0x7FC0u, rounded), Bits16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// c10::Half to float (c10::detail::fp16_ieee_to_fp32_value, the build's conversion without F16C).
+__attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
+  Bits16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const Bits32 w = __builtin_convertvector(h, Bits32) << 16;
+  const Bits32 sign = w & 0x80000000u;
+  const Bits32 two_w = w + w;
+  const Vec<float> exp_scale = bits_as<Vec<float>>(Bits32{} + (15u << 23));
+  const Vec<float> normalized = bits_as<Vec<float>>((two_w >> 4) + (0xE0u << 23)) * exp_scale;
+  const Vec<float> denormalized = bits_as<Vec<float>>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const Bits32 small = lanes_where(two_w >> 27, [](auto x) { return x == 0; });  // two_w < 2^27
+  return bits_as<Vec<float>>(sign | select_lanes(small, bits_as<Bits32>(denormalized), bits_as<Bits32>(normalized)));
+}
+
+// float to c10::Half (c10::detail::fp16_ieee_from_fp32_value, the build's conversion without F16C).
+__attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, Vec<float> v) {
+  const Vec<float> scale_to_inf = bits_as<Vec<float>>(Bits32{} + (239u << 23));
+  const Vec<float> scale_to_zero = bits_as<Vec<float>>(Bits32{} + (17u << 23));
+  const Bits32 w = bits_as<Bits32>(v);
+  Vec<float> base = (bits_as<Vec<float>>(w & 0x7FFFFFFFu) * scale_to_inf) * scale_to_zero;
+  const Bits32 shl1_w = w + w;
+  const Bits32 sign = w & 0x80000000u;
+  const Bits32 exponent = shl1_w & 0xFF000000u;
+  const Bits32 low = lanes_where(exponent >> 24, [](auto x) { return x < 0x71; });  // bias < 0x71000000
+  const Bits32 bias = select_lanes(low, Bits32{} + 0x71000000u, exponent);
+  base = bits_as<Vec<float>>((bias >> 1) + 0x07800000u) + base;
+  const Bits32 bits = bits_as<Bits32>(base);
+  const Bits32 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const Bits32 nan = lanes_where(w & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });  // shl1_w > 0xFF000000
+  const Bits16 h = __builtin_convertvector((sign >> 16) | select_lanes(nan, Bits32{} + 0x7E00u, nonsign), Bits16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 // Elements p[0..kLanes) converted to A, as lanes.
 template <typename A, typename T>
 __attribute__((always_inline)) inline Vec<A> load_lanes(const T* p) {
   Vec<A> v;
   if constexpr (std::is_same_v<A, T>) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
+    v = lanes_from_bfloat16(p);
+  } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
+    v = lanes_from_half(p);
   } else {
     A a[kLanes];
     for (int j = 0; j < kLanes; ++j) a[j] = static_cast<A>(p[j]);
@@ -99,20 +184,15 @@ template <typename A, typename T>
 __attribute__((always_inline)) inline void store_lanes(T* p, Vec<A> v) {
   if constexpr (std::is_same_v<A, T>) {
     std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
+    lanes_to_bfloat16(p, v);
+  } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
+    lanes_to_half(p, v);
   } else {
     A a[kLanes];
     std::memcpy(a, &v, sizeof(v));
     for (int j = 0; j < kLanes; ++j) p[j] = static_cast<T>(a[j]);
   }
-}
-
-// The bits of a lane vector and back.
-template <typename To, typename From>
-__attribute__((always_inline)) inline To bits_as(From x) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &x, sizeof(x));
-  return out;
 }
 
 // |x| as std::abs: the sign bit cleared (NaN stays NaN).
@@ -142,6 +222,27 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
   }
   std::memcpy(&w, pieces, sizeof(w));
   return w;
+}
+
+// soft_threshold (elementwise.h) on lanes, with the same selects (on 16-byte pieces, as sign_lanes).
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> soft_threshold_lanes(Vec<A> x, A t) {
+  typedef A Piece __attribute__((vector_size(16)));
+  constexpr int kPieces = static_cast<int>(sizeof(Vec<A>) / sizeof(Piece));
+  Piece pieces[kPieces];
+  std::memcpy(pieces, &x, sizeof(x));
+  const Piece hi = Piece{} + t, lo = -hi;
+  for (int k = 0; k < kPieces; ++k) {
+    const Piece v = pieces[k];
+    const auto below = v < lo;  // masks: all ones where true
+    using M = std::remove_const_t<decltype(below)>;
+    const Piece lower = bits_as<Piece>((below & bits_as<M>(lo)) | (~below & bits_as<M>(v)));
+    const auto inside = lower <= hi;
+    const Piece clamped = bits_as<Piece>((inside & bits_as<M>(lower)) | (~inside & bits_as<M>(hi)));
+    pieces[k] = v - clamped;
+  }
+  std::memcpy(&x, pieces, sizeof(x));
+  return x;
 }
 
 // Per-element scale of a run of elements, one value for the run or one per element: element i is

@@ -63,7 +63,15 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
       const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        for (int64_t i = b; i < e; ++i) {
+        int64_t i = b;
+        for (; i + kLanes <= e; i += kLanes) {  // lanes: the same operations as the element loop below
+          Vec<A> x = load_lanes<A>(w + i);
+          if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
+          if constexpr (kShrink) x = x * elastic.shrink;
+          if constexpr (kGroup) x = x * scale.lanes(i);
+          store_lanes<A>(w + i, x);
+        }
+        for (; i < e; ++i) {
           A x = static_cast<A>(w[i]);
           x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
           if constexpr (kGroup) x = x * scale(i);

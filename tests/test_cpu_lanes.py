@@ -1,8 +1,10 @@
 """The CPU kernels' lane vectors (csrc/cpu_kernels.h), checked on compiled code.
 
-A small C++ program built with the extension's flags runs the lane-vector norm loop and sign against the
-scalar loop they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0, infinities),
-and the disassembly of the sign shows packed compares and no scalar compare or branch on NaN.
+A small C++ program built with the extension's flags runs the lane-vector norm loop, sign and soft threshold
+against the scalar code they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0,
+infinities), and the lanes' float16 / bfloat16 conversions against c10's (every 16-bit pattern, floats at
+every rounding tie); the disassembly of the sign and threshold shows packed compares and no scalar compare or
+branch on NaN, and that of the conversions no branch or call.
 """
 
 import shutil
@@ -74,8 +76,83 @@ bool sign_matches() {
   return true;
 }
 
+template <typename A>
+__attribute__((noinline)) void thresholds(const A* in, A t, A* out) {
+  store_lanes<A>(out, soft_threshold_lanes<A>(load_lanes<A>(in), t));
+}
+
+// soft_threshold_lanes against soft_threshold: special values about thresholds 0, 1, inf and NaN.
+template <typename A>
+bool threshold_matches() {
+  const A inf = std::numeric_limits<A>::infinity(), nan = std::numeric_limits<A>::quiet_NaN();
+  const A tiny = std::numeric_limits<A>::denorm_min();
+  A v[kLanes] = {A(0), -A(0), A(1), A(-1), nan, -nan, inf, -inf, tiny, -tiny, A(0.5), A(-0.5), A(1.5), A(-2.5),
+                 A(1e30), A(-1e-30)};
+  for (A t : {A(0), -A(0), A(1), inf, nan, tiny}) {
+    A out[kLanes];
+    thresholds<A>(v, t, out);
+    for (int j = 0; j < kLanes; ++j) {
+      const A e = soft_threshold(v[j], t);
+      if (std::memcmp(&e, &out[j], sizeof(A)) != 0) return false;
+    }
+  }
+  return true;
+}
+
+// 16-bit floats through the lanes' conversions (load_lanes / store_lanes), one call per kLanes elements.
+template <typename H>
+__attribute__((noinline)) void widen(const H* in, float* out) { store_lanes<float>(out, load_lanes<float>(in)); }
+template <typename H>
+__attribute__((noinline)) void narrow(const float* in, H* out) { store_lanes<float>(out, load_lanes<float>(in)); }
+
+// Every 16-bit pattern widened, and floats narrowed: all 2^16 high halves and every 2^19-th pattern's
+// neighbourhood with the low bits at the rounding ties (bfloat16 rounds 16 bits away, float16 13 or more),
+// plus random patterns; c10's scalar conversions give the expected bits.
+template <typename H>
+bool conversions_match() {
+  for (uint32_t base = 0; base < 65536; base += kLanes) {
+    uint16_t bits[kLanes];
+    for (int j = 0; j < kLanes; ++j) bits[j] = static_cast<uint16_t>(base + j);
+    H h[kLanes];
+    float out[kLanes];
+    std::memcpy(h, bits, sizeof h);
+    widen<H>(h, out);
+    for (int j = 0; j < kLanes; ++j) {
+      const float e = static_cast<float>(h[j]);
+      if (std::memcmp(&e, &out[j], sizeof e) != 0) return false;
+    }
+  }
+  std::mt19937 g(7);
+  std::vector<uint32_t> patterns;
+  const uint32_t lows[] = {0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x7FFF, 0x8000, 0x8001, 0xFFFF};
+  for (uint32_t hi = 0; hi < (1u << 19); ++hi) {
+    for (uint32_t low : lows) patterns.push_back((hi << 13) | (low & 0x1FFF));
+    if (hi < (1u << 16)) {
+      for (uint32_t low : lows) patterns.push_back((hi << 16) | low);
+    }
+  }
+  for (int k = 0; k < (1 << 22); ++k) patterns.push_back(static_cast<uint32_t>(g()));
+  while (patterns.size() % kLanes) patterns.push_back(0x7F800001u);  // a signalling NaN
+  for (size_t k = 0; k < patterns.size(); k += kLanes) {
+    float in[kLanes];
+    H out[kLanes];
+    std::memcpy(in, &patterns[k], sizeof in);
+    narrow<H>(in, out);
+    for (int j = 0; j < kLanes; ++j) {
+      const H e = static_cast<H>(in[j]);
+      if (std::memcmp(&e, &out[j], sizeof e) != 0) {
+        std::printf("narrow %08x: %04x, expected %04x\n", patterns[k + j], out[j].x, e.x);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 int main() {
-  bool ok = sign_matches<float>() && sign_matches<double>();
+  bool ok = sign_matches<float>() && sign_matches<double>() && threshold_matches<float>() &&
+            threshold_matches<double>();
+  ok = ok && conversions_match<c10::BFloat16>() && conversions_match<c10::Half>();
   for (int n : {0, 1, 15, 16, 17, 100, 1000, 4099})
     for (int seed = 0; seed < 3; ++seed)
       ok = ok && norms_match<float>(n, seed) && norms_match<double>(n, seed) && norms_match<c10::Half>(n, seed) &&
@@ -104,13 +181,32 @@ def test_lane_vectors_give_the_scalar_loops_bits(program):
     assert result.returncode == 0 and result.stdout.strip() == "same", result.stdout + result.stderr
 
 
-def test_the_lanes_sign_is_vector_code(program):
+def _body(asm: str, name: str) -> set[str]:
+    """The instructions of function ``name`` (demangled, up to its parameter list) in ``asm``."""
+    start = asm.index(f"<{name}(")
+    body = asm[start:asm.index("\n\n", start)]
+    return {line.split()[1] for line in body.splitlines()[1:] if len(line.split()) > 1}
+
+
+def test_16_bit_conversions_are_straight_vector_code(program):
+    """The lanes' bfloat16 / float16 conversions: no call, no branch (c10's scalar conversions branch on NaN and
+    range), packed integer compares where they select."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
+                         check=True).stdout
+    for kind in ("c10::BFloat16", "c10::Half"):
+        for fn in ("widen", "narrow"):
+            ops = _body(asm, f"void {fn}<{kind}>")
+            assert not {op for op in ops if op.startswith("j") or op.startswith("call")}, (fn, kind, sorted(ops))
+            if fn == "narrow" or kind == "c10::Half":
+                assert any("pcmp" in op for op in ops), (fn, kind, sorted(ops))
+
+
+def test_the_lanes_sign_and_threshold_are_vector_code(program):
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
                          check=True).stdout
     for kind in ("float", "double"):
-        start = asm.index(f"<void signs<{kind}>(")
-        body = asm[start:asm.index("\n\n", start)]
-        ops = {line.split()[1] for line in body.splitlines()[1:] if len(line.split()) > 1}
-        packed = "ps" if kind == "float" else "pd"
-        assert any(op.startswith("cmp") and op.endswith(packed) for op in ops), sorted(ops)
-        assert not ops & {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}, sorted(ops)
+        for fn in ("signs", "thresholds"):
+            ops = _body(asm, f"void {fn}<{kind}>")
+            packed = "ps" if kind == "float" else "pd"
+            assert any(op.startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
+            assert not ops & {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}, sorted(ops)
