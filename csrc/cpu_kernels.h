@@ -58,30 +58,81 @@ inline void lane_loop(int64_t begin, int64_t end, Body&& body) {
   for (int j = 0; i < end; ++i, ++j) body(i, j);
 }
 
-// kLanes values of A as one vector of the compiler (GCC/Clang vector extensions): the compiler maps it onto
-// whatever registers the target has (four SSE registers of floats, two AVX ones), lane j staying lane j,
-// so the arithmetic and its rounding are those of the kLanes scalar accumulators on every target.
-template <typename A>
-struct LaneVector;
-template <>
-struct LaneVector<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
-  typedef uint32_t mask __attribute__((vector_size(kLanes * sizeof(float))));
+// kLanes values of an element type E, held as 16-byte vectors of the compiler (GCC/Clang vector
+// extensions): lane j is element j % (16 / sizeof(E)) of piece j / (16 / sizeof(E)). Every x86-64 target
+// keeps 16-byte vectors in registers, where a wider vector of the compiler is lowered through memory (each
+// accumulator stored and reloaded every round). The arithmetic and its rounding are those of kLanes scalar
+// accumulators, lane j staying lane j; comparisons and selects work on the pieces (see sign_lanes).
+template <typename E>
+struct Lanes {
+  typedef E Piece __attribute__((vector_size(16)));
+  static constexpr int kPieces = static_cast<int>(kLanes * sizeof(E) / 16);
+  Piece p[kPieces];
 };
-template <>
-struct LaneVector<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-  typedef uint64_t mask __attribute__((vector_size(kLanes * sizeof(double))));
+
+// A scalar operand of lane operators: converted to E, not deduced from (an int literal stays E).
+template <typename E>
+struct NoDeduceT {
+  using type = E;
 };
+template <typename E>
+using NoDeduce = typename NoDeduceT<E>::type;
+
+#define REGFAST_LANES_BINARY(op)                                                                          \
+  template <typename E>                                                                                   \
+  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, const Lanes<E>& b) {            \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                \
+    return a;                                                                                             \
+  }                                                                                                       \
+  template <typename E>                                                                                   \
+  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, NoDeduce<E> b) {    \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b;                                     \
+    return a;                                                                                             \
+  }                                                                                                       \
+  template <typename E>                                                                                   \
+  __attribute__((always_inline)) inline Lanes<E> operator op(NoDeduce<E> a, Lanes<E> b) {    \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) b.p[k] = a op b.p[k];                                     \
+    return b;                                                                                             \
+  }                                                                                                       \
+  template <typename E>                                                                                   \
+  __attribute__((always_inline)) inline Lanes<E>& operator op##=(Lanes<E>& a, const Lanes<E>& b) {       \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                \
+    return a;                                                                                             \
+  }
+REGFAST_LANES_BINARY(+)
+REGFAST_LANES_BINARY(-)
+REGFAST_LANES_BINARY(*)
+REGFAST_LANES_BINARY(&)
+REGFAST_LANES_BINARY(|)
+REGFAST_LANES_BINARY(<<)
+REGFAST_LANES_BINARY(>>)
+#undef REGFAST_LANES_BINARY
+
+template <typename E>
+__attribute__((always_inline)) inline Lanes<E> operator~(Lanes<E> a) {
+  for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = ~a.p[k];
+  return a;
+}
+
+template <typename E>
+__attribute__((always_inline)) inline Lanes<E> operator-(Lanes<E> a) {
+  for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = -a.p[k];
+  return a;
+}
+
 template <typename A>
-using Vec = typename LaneVector<A>::type;
+using Vec = Lanes<A>;
+
+// The unsigned integer lanes of A's bits.
+template <typename A>
+using Mask = Lanes<std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>>;
 
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> splat(A x) {
   return Vec<A>{} + x;
 }
 
-// The bits of a lane vector and back.
+// The bits of a lane vector (or piece) and back.
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bits_as(From x) {
   static_assert(sizeof(To) == sizeof(From));
@@ -91,25 +142,53 @@ __attribute__((always_inline)) inline To bits_as(From x) {
 }
 
 // 16-bit floats to float and back on lanes, with the operations of c10's scalar conversions (so the same
-// bits, NaN included), in integer and float lane arithmetic the compiler keeps in vector registers.
-// Comparisons go through 16-byte pieces of int32 (see sign_lanes); every compared value is below 2^31.
-typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+// bits, NaN included), in integer and float lane arithmetic. Comparisons are int32 comparisons on the
+// pieces; every compared value is below 2^31.
+using Bits16 = Lanes<uint16_t>;
+using Bits32 = Lanes<uint32_t>;
 
-// Lanes of all ones where `pred` holds for the lanes of x (an int32 comparison on 16-byte pieces).
-template <typename Pred>
-__attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
-  typedef int32_t Piece __attribute__((vector_size(16)));
-  constexpr int kPieces = static_cast<int>(sizeof(Bits32) / sizeof(Piece));
-  Piece pieces[kPieces];
-  std::memcpy(pieces, &x, sizeof(x));
-  for (int k = 0; k < kPieces; ++k) pieces[k] = pred(pieces[k]);
+#if defined(__clang__)
+#define REGFAST_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define REGFAST_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, Bits16::Piece{__VA_ARGS__})
+#endif
+
+// Each 16-bit lane as the high half of a 32-bit lane, the low half zero (x86 is little-endian).
+__attribute__((always_inline)) inline Bits32 to_high_halves(const Bits16& h) {
+  const Bits16::Piece zero{};
   Bits32 out;
-  std::memcpy(&out, pieces, sizeof(out));
+  for (int k = 0; k < Bits16::kPieces; ++k) {
+    out.p[2 * k] = bits_as<Bits32::Piece>(REGFAST_SHUFFLE(zero, h.p[k], 0, 8, 1, 9, 2, 10, 3, 11));
+    out.p[2 * k + 1] = bits_as<Bits32::Piece>(REGFAST_SHUFFLE(zero, h.p[k], 4, 12, 5, 13, 6, 14, 7, 15));
+  }
   return out;
 }
 
-__attribute__((always_inline)) inline Bits32 select_lanes(Bits32 mask, Bits32 yes, Bits32 no) {
+// The high (or low) 16 bits of each 32-bit lane.
+template <bool kHigh>
+__attribute__((always_inline)) inline Bits16 halves(const Bits32& w) {
+  Bits16 out;
+  for (int k = 0; k < Bits16::kPieces; ++k) {
+    const auto a = bits_as<Bits16::Piece>(w.p[2 * k]), b = bits_as<Bits16::Piece>(w.p[2 * k + 1]);
+    if constexpr (kHigh) {
+      out.p[k] = REGFAST_SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+    } else {
+      out.p[k] = REGFAST_SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+    }
+  }
+  return out;
+}
+#undef REGFAST_SHUFFLE
+
+// Lanes of all ones where `pred` holds for the lanes of x, compared as int32.
+template <typename Pred>
+__attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
+  typedef int32_t Signed __attribute__((vector_size(16)));
+  for (int k = 0; k < Bits32::kPieces; ++k) x.p[k] = bits_as<Bits32::Piece>(pred(bits_as<Signed>(x.p[k])));
+  return x;
+}
+
+__attribute__((always_inline)) inline Bits32 select_lanes(const Bits32& mask, const Bits32& yes, const Bits32& no) {
   return (mask & yes) | (~mask & no);
 }
 
@@ -117,15 +196,15 @@ __attribute__((always_inline)) inline Bits32 select_lanes(Bits32 mask, Bits32 ye
 __attribute__((always_inline)) inline Vec<float> lanes_from_bfloat16(const c10::BFloat16* p) {
   Bits16 h;
   std::memcpy(&h, p, sizeof(h));
-  return bits_as<Vec<float>>(__builtin_convertvector(h, Bits32) << 16);
+  return bits_as<Vec<float>>(to_high_halves(h));
 }
 
 // float to c10::BFloat16 (c10::detail::round_to_nearest_even): NaN becomes 0x7FC0, the rest rounds to nearest even.
-__attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, Vec<float> v) {
+__attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, const Vec<float>& v) {
   const Bits32 u = bits_as<Bits32>(v);
   const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
-  const Bits32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const Bits16 h = __builtin_convertvector(select_lanes(nan, Bits32{} + 0x7FC0u, rounded), Bits16);
+  const Bits32 rounded = u + (((u >> 16u) & 1u) + 0x7FFFu);  // its high half is the result
+  const Bits16 h = halves<true>(select_lanes(nan, Bits32{} + 0x7FC00000u, rounded));
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -133,18 +212,18 @@ __attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, V
 __attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
   Bits16 h;
   std::memcpy(&h, p, sizeof(h));
-  const Bits32 w = __builtin_convertvector(h, Bits32) << 16;
+  const Bits32 w = to_high_halves(h);
   const Bits32 sign = w & 0x80000000u;
   const Bits32 two_w = w + w;
   const Vec<float> exp_scale = bits_as<Vec<float>>(Bits32{} + (15u << 23));
-  const Vec<float> normalized = bits_as<Vec<float>>((two_w >> 4) + (0xE0u << 23)) * exp_scale;
-  const Vec<float> denormalized = bits_as<Vec<float>>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const Bits32 small = lanes_where(two_w >> 27, [](auto x) { return x == 0; });  // two_w < 2^27
+  const Vec<float> normalized = bits_as<Vec<float>>((two_w >> 4u) + (0xE0u << 23)) * exp_scale;
+  const Vec<float> denormalized = bits_as<Vec<float>>((two_w >> 17u) | (126u << 23)) - 0.5f;
+  const Bits32 small = lanes_where(two_w >> 27u, [](auto x) { return x == 0; });  // two_w < 2^27
   return bits_as<Vec<float>>(sign | select_lanes(small, bits_as<Bits32>(denormalized), bits_as<Bits32>(normalized)));
 }
 
 // float to c10::Half (c10::detail::fp16_ieee_from_fp32_value, the build's conversion without F16C).
-__attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, Vec<float> v) {
+__attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec<float>& v) {
   const Vec<float> scale_to_inf = bits_as<Vec<float>>(Bits32{} + (239u << 23));
   const Vec<float> scale_to_zero = bits_as<Vec<float>>(Bits32{} + (17u << 23));
   const Bits32 w = bits_as<Bits32>(v);
@@ -152,13 +231,13 @@ __attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, Vec<float
   const Bits32 shl1_w = w + w;
   const Bits32 sign = w & 0x80000000u;
   const Bits32 exponent = shl1_w & 0xFF000000u;
-  const Bits32 low = lanes_where(exponent >> 24, [](auto x) { return x < 0x71; });  // bias < 0x71000000
+  const Bits32 low = lanes_where(exponent >> 24u, [](auto x) { return x < 0x71; });  // bias < 0x71000000
   const Bits32 bias = select_lanes(low, Bits32{} + 0x71000000u, exponent);
-  base = bits_as<Vec<float>>((bias >> 1) + 0x07800000u) + base;
+  base = bits_as<Vec<float>>((bias >> 1u) + 0x07800000u) + base;
   const Bits32 bits = bits_as<Bits32>(base);
-  const Bits32 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const Bits32 nonsign = ((bits >> 13u) & 0x00007C00u) + (bits & 0x00000FFFu);
   const Bits32 nan = lanes_where(w & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });  // shl1_w > 0xFF000000
-  const Bits16 h = __builtin_convertvector((sign >> 16) | select_lanes(nan, Bits32{} + 0x7E00u, nonsign), Bits16);
+  const Bits16 h = halves<false>((sign >> 16u) | select_lanes(nan, Bits32{} + 0x7E00u, nonsign));
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -181,7 +260,7 @@ __attribute__((always_inline)) inline Vec<A> load_lanes(const T* p) {
 }
 
 template <typename A, typename T>
-__attribute__((always_inline)) inline void store_lanes(T* p, Vec<A> v) {
+__attribute__((always_inline)) inline void store_lanes(T* p, const Vec<A>& v) {
   if constexpr (std::is_same_v<A, T>) {
     std::memcpy(p, &v, sizeof(v));
   } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
@@ -197,51 +276,42 @@ __attribute__((always_inline)) inline void store_lanes(T* p, Vec<A> v) {
 
 // |x| as std::abs: the sign bit cleared (NaN stays NaN).
 template <typename A>
-__attribute__((always_inline)) inline Vec<A> abs_lanes(Vec<A> x) {
-  using M = typename LaneVector<A>::mask;
+__attribute__((always_inline)) inline Vec<A> abs_lanes(const Vec<A>& x) {
   using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
-  return bits_as<Vec<A>>(bits_as<M>(x) & (M{} + (~U(0) >> 1)));
+  return bits_as<Vec<A>>(bits_as<Mask<A>>(x) & (~U(0) >> 1));
 }
 
-// sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations. Computed on 16-byte
-// pieces with the comparisons' masks (all ones or zero per lane) and bitwise selects: comparisons of
-// wider vectors, and a vector ?:, are not lowered to vector code on every target.
+// sign_of (elementwise.h) on lanes: 1, −1, 0, NaN kept, with the same operations, on the pieces with the
+// comparisons' masks (all ones or zero per lane) and bitwise selects: a vector ?: is not lowered to vector
+// code on every target.
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
-  typedef A Piece __attribute__((vector_size(16)));
-  constexpr int kPieces = static_cast<int>(sizeof(Vec<A>) / sizeof(Piece));
-  Piece pieces[kPieces];
-  std::memcpy(pieces, &w, sizeof(w));
-  for (int k = 0; k < kPieces; ++k) {
-    const Piece x = pieces[k], zero{};
+  using Piece = typename Vec<A>::Piece;
+  for (int k = 0; k < Vec<A>::kPieces; ++k) {
+    const Piece x = w.p[k], zero{};
     const auto pos = x > zero, neg = x < zero, nan = x != x;  // masks: all ones where true
     using M = std::remove_const_t<decltype(pos)>;
     const M one = bits_as<M>(Piece{} + A(1));
     const Piece sign = bits_as<Piece>(pos & one) - bits_as<Piece>(neg & one);
-    pieces[k] = bits_as<Piece>((bits_as<M>(sign) & ~nan) | (bits_as<M>(x) & nan));
+    w.p[k] = bits_as<Piece>((bits_as<M>(sign) & ~nan) | (bits_as<M>(x) & nan));
   }
-  std::memcpy(&w, pieces, sizeof(w));
   return w;
 }
 
-// soft_threshold (elementwise.h) on lanes, with the same selects (on 16-byte pieces, as sign_lanes).
+// soft_threshold (elementwise.h) on lanes, with the same selects (on the pieces, as sign_lanes).
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> soft_threshold_lanes(Vec<A> x, A t) {
-  typedef A Piece __attribute__((vector_size(16)));
-  constexpr int kPieces = static_cast<int>(sizeof(Vec<A>) / sizeof(Piece));
-  Piece pieces[kPieces];
-  std::memcpy(pieces, &x, sizeof(x));
+  using Piece = typename Vec<A>::Piece;
   const Piece hi = Piece{} + t, lo = -hi;
-  for (int k = 0; k < kPieces; ++k) {
-    const Piece v = pieces[k];
+  for (int k = 0; k < Vec<A>::kPieces; ++k) {
+    const Piece v = x.p[k];
     const auto below = v < lo;  // masks: all ones where true
     using M = std::remove_const_t<decltype(below)>;
     const Piece lower = bits_as<Piece>((below & bits_as<M>(lo)) | (~below & bits_as<M>(v)));
     const auto inside = lower <= hi;
     const Piece clamped = bits_as<Piece>((inside & bits_as<M>(lower)) | (~inside & bits_as<M>(hi)));
-    pieces[k] = v - clamped;
+    x.p[k] = v - clamped;
   }
-  std::memcpy(&x, pieces, sizeof(x));
   return x;
 }
 
