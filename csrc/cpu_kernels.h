@@ -78,26 +78,26 @@ struct NoDeduceT {
 template <typename E>
 using NoDeduce = typename NoDeduceT<E>::type;
 
-#define REGFAST_LANES_BINARY(op)                                                                          \
-  template <typename E>                                                                                   \
-  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, const Lanes<E>& b) {            \
-    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                \
-    return a;                                                                                             \
-  }                                                                                                       \
-  template <typename E>                                                                                   \
-  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, NoDeduce<E> b) {    \
-    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b;                                     \
-    return a;                                                                                             \
-  }                                                                                                       \
-  template <typename E>                                                                                   \
-  __attribute__((always_inline)) inline Lanes<E> operator op(NoDeduce<E> a, Lanes<E> b) {    \
-    for (int k = 0; k < Lanes<E>::kPieces; ++k) b.p[k] = a op b.p[k];                                     \
-    return b;                                                                                             \
-  }                                                                                                       \
-  template <typename E>                                                                                   \
-  __attribute__((always_inline)) inline Lanes<E>& operator op##=(Lanes<E>& a, const Lanes<E>& b) {       \
-    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                \
-    return a;                                                                                             \
+#define REGFAST_LANES_BINARY(op)                                                                              \
+  template <typename E>                                                                                       \
+  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, const Lanes<E>& b) {                 \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                    \
+    return a;                                                                                                 \
+  }                                                                                                           \
+  template <typename E>                                                                                       \
+  __attribute__((always_inline)) inline Lanes<E> operator op(Lanes<E> a, NoDeduce<E> b) {                     \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b;                                         \
+    return a;                                                                                                 \
+  }                                                                                                           \
+  template <typename E>                                                                                       \
+  __attribute__((always_inline)) inline Lanes<E> operator op(NoDeduce<E> a, Lanes<E> b) {                     \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) b.p[k] = a op b.p[k];                                         \
+    return b;                                                                                                 \
+  }                                                                                                           \
+  template <typename E>                                                                                       \
+  __attribute__((always_inline)) inline Lanes<E>& operator op##=(Lanes<E>& a, const Lanes<E>& b) {            \
+    for (int k = 0; k < Lanes<E>::kPieces; ++k) a.p[k] = a.p[k] op b.p[k];                                    \
+    return a;                                                                                                 \
   }
 REGFAST_LANES_BINARY(+)
 REGFAST_LANES_BINARY(-)
@@ -188,8 +188,10 @@ __attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
   return x;
 }
 
-__attribute__((always_inline)) inline Bits32 select_lanes(const Bits32& mask, const Bits32& yes, const Bits32& no) {
-  return (mask & yes) | (~mask & no);
+// yes where `mask` is all ones, no where it is zero, bitwise (a lane vector or a piece, and its mask).
+template <typename M, typename V>
+__attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
+  return bits_as<V>((mask & bits_as<M>(yes)) | (~mask & bits_as<M>(no)));
 }
 
 // c10::BFloat16 to float: the 16 bits are the float's high half.
@@ -204,7 +206,7 @@ __attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, c
   const Bits32 u = bits_as<Bits32>(v);
   const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
   const Bits32 rounded = u + (((u >> 16u) & 1u) + 0x7FFFu);  // its high half is the result
-  const Bits16 h = halves<true>(select_lanes(nan, Bits32{} + 0x7FC00000u, rounded));
+  const Bits16 h = halves<true>(select_bits(nan, Bits32{} + 0x7FC00000u, rounded));
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -219,7 +221,7 @@ __attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half
   const Vec<float> normalized = bits_as<Vec<float>>((two_w >> 4u) + (0xE0u << 23)) * exp_scale;
   const Vec<float> denormalized = bits_as<Vec<float>>((two_w >> 17u) | (126u << 23)) - 0.5f;
   const Bits32 small = lanes_where(two_w >> 27u, [](auto x) { return x == 0; });  // two_w < 2^27
-  return bits_as<Vec<float>>(sign | select_lanes(small, bits_as<Bits32>(denormalized), bits_as<Bits32>(normalized)));
+  return bits_as<Vec<float>>(sign | bits_as<Bits32>(select_bits(small, denormalized, normalized)));
 }
 
 // float to c10::Half (c10::detail::fp16_ieee_from_fp32_value, the build's conversion without F16C).
@@ -232,12 +234,12 @@ __attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec
   const Bits32 sign = w & 0x80000000u;
   const Bits32 exponent = shl1_w & 0xFF000000u;
   const Bits32 low = lanes_where(exponent >> 24u, [](auto x) { return x < 0x71; });  // bias < 0x71000000
-  const Bits32 bias = select_lanes(low, Bits32{} + 0x71000000u, exponent);
+  const Bits32 bias = select_bits(low, Bits32{} + 0x71000000u, exponent);
   base = bits_as<Vec<float>>((bias >> 1u) + 0x07800000u) + base;
   const Bits32 bits = bits_as<Bits32>(base);
   const Bits32 nonsign = ((bits >> 13u) & 0x00007C00u) + (bits & 0x00000FFFu);
   const Bits32 nan = lanes_where(w & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });  // shl1_w > 0xFF000000
-  const Bits16 h = halves<false>((sign >> 16u) | select_lanes(nan, Bits32{} + 0x7E00u, nonsign));
+  const Bits16 h = halves<false>((sign >> 16u) | select_bits(nan, Bits32{} + 0x7E00u, nonsign));
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -293,7 +295,7 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
     using M = std::remove_const_t<decltype(pos)>;
     const M one = bits_as<M>(Piece{} + A(1));
     const Piece sign = bits_as<Piece>(pos & one) - bits_as<Piece>(neg & one);
-    w.p[k] = bits_as<Piece>((bits_as<M>(sign) & ~nan) | (bits_as<M>(x) & nan));
+    w.p[k] = select_bits(nan, x, sign);
   }
   return w;
 }
@@ -305,11 +307,8 @@ __attribute__((always_inline)) inline Vec<A> soft_threshold_lanes(Vec<A> x, A t)
   const Piece hi = Piece{} + t, lo = -hi;
   for (int k = 0; k < Vec<A>::kPieces; ++k) {
     const Piece v = x.p[k];
-    const auto below = v < lo;  // masks: all ones where true
-    using M = std::remove_const_t<decltype(below)>;
-    const Piece lower = bits_as<Piece>((below & bits_as<M>(lo)) | (~below & bits_as<M>(v)));
-    const auto inside = lower <= hi;
-    const Piece clamped = bits_as<Piece>((inside & bits_as<M>(lower)) | (~inside & bits_as<M>(hi)));
+    const Piece lower = select_bits(v < lo, lo, v);  // comparisons give masks: all ones where true
+    const Piece clamped = select_bits(lower <= hi, lower, hi);
     x.p[k] = v - clamped;
   }
   return x;

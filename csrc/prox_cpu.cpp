@@ -66,12 +66,14 @@ void prox_impl(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
         int64_t i = b;
         // float16 on lanes (the same operations as the element loop below): the compiler does not vectorize its
         // conversions on its own. It does for the other dtypes' element loop, which measured as fast or faster.
-        for (; std::is_same_v<T, c10::Half> && i + kLanes <= e; i += kLanes) {
-          Vec<A> x = load_lanes<A>(w + i);
-          if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
-          if constexpr (kShrink) x = x * elastic.shrink;
-          if constexpr (kGroup) x = x * scale.lanes(i);
-          store_lanes<A>(w + i, x);
+        if constexpr (std::is_same_v<T, c10::Half>) {
+          for (; i + kLanes <= e; i += kLanes) {
+            Vec<A> x = load_lanes<A>(w + i);
+            if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
+            if constexpr (kShrink) x = x * elastic.shrink;
+            if constexpr (kGroup) x = x * scale.lanes(i);
+            store_lanes<A>(w + i, x);
+          }
         }
         for (; i < e; ++i) {
           A x = static_cast<A>(w[i]);
