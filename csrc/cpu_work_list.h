@@ -26,16 +26,24 @@ struct WorkList {
   std::vector<int64_t> first;  // chunks of tensor t are [first[t], first[t + 1])
 };
 
-inline WorkList make_work_list(const std::vector<at::Tensor>& ts) {
+// The work list of tensors of numels[t] elements each.
+inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   WorkList wl;
-  wl.first.reserve(ts.size() + 1);
-  for (size_t t = 0; t < ts.size(); ++t) {
+  wl.first.reserve(numels.size() + 1);
+  for (size_t t = 0; t < numels.size(); ++t) {
     wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
-    const int64_t n = ts[t].numel();
+    const int64_t n = numels[t];
     for (int64_t b = 0; b < n; b += kChunk) wl.chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
   }
   wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
   return wl;
+}
+
+inline WorkList make_work_list(const std::vector<at::Tensor>& ts) {
+  std::vector<int64_t> numels;
+  numels.reserve(ts.size());
+  for (const auto& t : ts) numels.push_back(t.numel());
+  return make_work_list(numels);
 }
 
 template <typename F>

@@ -27,6 +27,8 @@
 #include <tuple>
 #include <vector>
 
+#include "optim_common.h"
+#include "optim_cpu_step.h"
 #include "tensor_list.h"
 
 namespace regfast {
@@ -42,6 +44,12 @@ struct Group {
   std::vector<int64_t> index;
   std::vector<TensorRefs> states;  // optimizer steps: one list per state of the plan
   int64_t elements = 0;            // Σ numel of params
+  // Optimizer steps on the CPU: per param its numel and the data pointers of the param, its grad and each
+  // state (`stride` pointers), read by the walk when every one of them can be used in place (`direct`).
+  bool direct = false;
+  size_t stride = 0;
+  std::vector<void*> data;
+  std::vector<int64_t> numels;
 };
 
 // What a call reads and writes, for the checks of the walk.
@@ -70,6 +78,15 @@ bool plain_type(PyObject* obj, PyObject* types) {
   return false;
 }
 
+// Two shapes are equal (inline: the shapes of a model's small tensors are a few dims).
+bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
 // A tensor to write in place: contiguous (so stored once) and, outside inference mode, not an inference tensor.
 bool writable(const at::Tensor& t) {
   return t.is_contiguous() && (!t.is_inference() || c10::InferenceMode::is_enabled());
@@ -79,7 +96,7 @@ bool writable(const at::Tensor& t) {
 bool grad_fits(const at::Tensor& t) {
   const at::Tensor& g = t.grad();
   return g.defined() && g.layout() == at::kStrided && g.scalar_type() == t.scalar_type() && g.device() == t.device() &&
-         g.sizes().equals(t.sizes()) && writable(g);
+         same_sizes(g.sizes(), t.sizes()) && writable(g);
 }
 
 // Open addressing on object addresses: drops repeats in O(1) per tensor.
@@ -160,21 +177,36 @@ Group& group_of(std::vector<Group>& groups, const at::Device& device, at::Scalar
   group.grads.reserve(n);
   group.states.resize(nstates);
   for (auto& s : group.states) s.reserve(n);
+  if (device.is_cpu()) {
+    group.direct = true;
+    group.stride = 2 + nstates;
+    group.data.reserve(group.stride * n);
+    group.numels.reserve(n);
+  }
   return group;
 }
 
+// The states of an optimizer step's plan: tuples of state tensors, one per param, and which of them
+// holds the step counts (one-element float32 tensors; the others have their param's shape in its
+// accumulation dtype).
+struct PlanStates {
+  std::vector<PyObject*> tuples;
+  size_t counts = SIZE_MAX;
+};
+
 // The walk of an optimizer step over a param group with a plan: `list` (the group's params) must hold
-// exactly the plan's params, each with a grad matching it, and each state tensor of the plan (tuples
-// `states`, one entry per param, accumulation dtype) must still fit its param. Groups by (device,
-// dtype) in order of first appearance, as the Python path does.
-bool walk_plan(PyObject* list, PyObject* planned, const std::vector<PyObject*>& states, const Allowed& allowed,
+// exactly the plan's params, each with a grad matching it, and each state tensor of the plan must still
+// fit its param. Groups by (device, dtype) in order of first appearance, as the Python path does. CPU
+// groups whose tensors can all be used in place get their data tables in the same pass.
+bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, const Allowed& allowed,
                std::vector<Group>& groups) {
   if (!PyList_Check(list) || !PyTuple_Check(planned)) return false;
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
-  for (PyObject* s : states) {
+  for (PyObject* s : states.tuples) {
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
   }
+  const size_t nstates = states.tuples.size();
   for (Py_ssize_t k = 0; k < n; ++k) {
     PyObject* obj = PyList_GET_ITEM(list, k);
     if (obj != PyTuple_GET_ITEM(planned, k) || !THPVariable_Check(obj) || !plain_type(obj, allowed.types)) {
@@ -186,18 +218,41 @@ bool walk_plan(PyObject* list, PyObject* planned, const std::vector<PyObject*>& 
     const at::Device device = t.device();
     if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
     const at::Tensor& g = t.grad();
+    const auto sizes = t.sizes();
     if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != dtype || g.device() != device ||
-        !g.sizes().equals(t.sizes())) {
+        !same_sizes(g.sizes(), sizes)) {
       return false;
     }
-    Group& group = group_of(groups, device, dtype, states.size(), static_cast<size_t>(n));
+    Group& group = group_of(groups, device, dtype, nstates, static_cast<size_t>(n));
     group.params.borrow(t);
     group.elements += t.numel();
     group.grads.borrow(g);
-    for (size_t j = 0; j < states.size(); ++j) {
-      PyObject* so = PyTuple_GET_ITEM(states[j], k);
+    if (group.direct) {
+      group.direct = writable(t) && g.is_contiguous();
+      if (group.direct) {
+        group.data.push_back(t.data_ptr());
+        group.data.push_back(const_cast<void*>(g.const_data_ptr()));
+        group.numels.push_back(t.numel());
+      }
+    }
+    const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    for (size_t j = 0; j < nstates; ++j) {
+      PyObject* so = PyTuple_GET_ITEM(states.tuples[j], k);
       if (!THPVariable_Check(so)) return false;
-      group.states[j].borrow(THPVariable_Unpack(so));
+      const at::Tensor& s = THPVariable_Unpack(so);
+      if (j == states.counts) {
+        if (group.direct) {
+          group.direct = s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1 &&
+                         !s.is_inference() && s.layout() == at::kStrided;
+        }
+      } else if (s.layout() != at::kStrided || s.scalar_type() != acc || s.device() != device ||
+                 !same_sizes(s.sizes(), sizes)) {
+        return false;
+      } else if (group.direct) {
+        group.direct = writable(s);
+      }
+      if (group.direct) group.data.push_back(s.data_ptr());
+      group.states[j].borrow(s);
     }
   }
   return true;
@@ -222,16 +277,6 @@ at::ScalarType result_dtype(const std::vector<Group>& groups) {
 
 void bump(at::TensorList ts) {
   for (const auto& t : ts) torch::autograd::impl::bump_version(t);
-}
-
-// State list j of a group has each param's shape, on its device, in its accumulation dtype.
-bool states_fit(const Group& g, size_t j) {
-  const auto acc = g.dtype == at::kDouble ? at::kDouble : at::kFloat;
-  for (size_t i = 0; i < g.params.size(); ++i) {
-    const at::Tensor& s = g.states[j][i];
-    if (s.scalar_type() != acc || s.device() != g.device || !s.sizes().equals(g.params[i].sizes())) return false;
-  }
-  return true;
 }
 
 PyObject* wrap_list(at::TensorList ts) {
@@ -463,12 +508,9 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
   }
   std::vector<Group> groups;
   const bool has_buffers = momentum != 0;
-  std::vector<PyObject*> states;
-  if (has_buffers) states.push_back(buffers);
+  PlanStates states;
+  if (has_buffers) states.tuples.push_back(buffers);
   if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
-  for (const auto& g : groups) {
-    if (has_buffers && !states_fit(g, 0)) Py_RETURN_NONE;
-  }
   static const auto sgd_op =
       op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, const std::optional<at::Tensor>&, double, double,
                     double, bool, double, bool, bool, double, double, double, c10::string_view, bool)>(
@@ -478,9 +520,25 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
-      const at::TensorList buffers = has_buffers ? at::TensorList(g.states[0]) : at::TensorList();
-      values.push_back(sgd_op.call(g.params, g.grads, buffers, lr_tensor, lr, momentum, dampening, nesterov != 0,
-                                   weight_decay, maximize != 0, false, l1, l2, gl, grouping, compute_penalty != 0));
+      at::Tensor value;
+      if (g.direct && gl == 0 && !lr_tensor.has_value()) {
+        // The op's step from the walk's table: the walk checked what the op checks.
+        const auto args = optim_cpu::sgd_args(g.dtype, lr, false, momentum, dampening, nesterov != 0, weight_decay,
+                                              maximize != 0, false, l1, l2, compute_penalty != 0);
+        std::vector<optim_cpu::SgdTensor> ts(g.numels.size());
+        for (size_t i = 0; i < ts.size(); ++i) {
+          void* const* d = g.data.data() + i * g.stride;
+          ts[i] = {d[0], d[1], has_buffers ? d[2] : nullptr};
+        }
+        const auto acc = acc_type(g.dtype);
+        const double v = optim_cpu::run_sgd(args, ts, g.numels, acc, l1, l2);
+        if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+      } else {
+        const at::TensorList bufs = has_buffers ? at::TensorList(g.states[0]) : at::TensorList();
+        value = sgd_op.call(g.params, g.grads, bufs, lr_tensor, lr, momentum, dampening, nesterov != 0, weight_decay,
+                            maximize != 0, false, l1, l2, gl, grouping, compute_penalty != 0);
+      }
+      if (compute_penalty) values.push_back(std::move(value));
     }
     for (const auto& g : groups) {
       bump(g.params);
@@ -510,26 +568,52 @@ PyObject* adamw_step(PyObject*, PyObject* args) {
     if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
     lr_tensor = THPVariable_Unpack(lr_obj);
   }
-  std::vector<PyObject*> states = {exp_avgs, exp_avg_sqs, steps};
-  if (amsgrad) states.push_back(max_sqs);
+  const std::string grouping(groups_arg), prox_mode(prox_arg);
+  if (prox_mode != "lr" && prox_mode != "preconditioned") Py_RETURN_NONE;
+  PlanStates states;
+  states.tuples = {exp_avgs, exp_avg_sqs, steps};
+  states.counts = 2;
+  if (amsgrad) states.tuples.push_back(max_sqs);
   std::vector<Group> groups;
   if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
-  for (const auto& g : groups) {
-    if (!states_fit(g, 0) || !states_fit(g, 1) || (amsgrad && !states_fit(g, 3))) Py_RETURN_NONE;
-  }
   static const auto adamw_op =
       op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     const std::optional<at::Tensor>&, double, double, double, double, double, bool, bool, double,
                     double, double, c10::string_view, c10::string_view, bool)>("regfast_C::adamw_step_");
-  const std::string grouping(groups_arg), prox_mode(prox_arg);
   std::vector<at::Tensor> values;
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
-      const at::TensorList maxima = amsgrad ? at::TensorList(g.states[3]) : at::TensorList();
-      values.push_back(adamw_op.call(g.params, g.grads, g.states[0], g.states[1], maxima, g.states[2], lr_tensor, lr,
-                                     beta1, beta2, eps, weight_decay, amsgrad != 0, maximize != 0, l1, l2, gl,
-                                     grouping, prox_mode, compute_penalty != 0));
+      at::Tensor value;
+      if (g.direct && gl == 0 && !lr_tensor.has_value()) {
+        // The op's step from the walk's table: the walk checked what the op checks. The float32 counts
+        // are incremented as _foreach_add_(steps, 1) would, and the bias corrections computed from them
+        // as the op computes them.
+        const auto args = optim_cpu::adamw_args(g.dtype, lr, false, beta1, beta2, eps, weight_decay, amsgrad != 0,
+                                                maximize != 0, l1, l2, prox_mode == "lr", compute_penalty != 0);
+        std::vector<optim_cpu::AdamWTensor> ts(g.numels.size());
+        double last_t = -1, step_size = 0, bc2_sqrt = 0;
+        for (size_t i = 0; i < ts.size(); ++i) {
+          void* const* d = g.data.data() + i * g.stride;
+          float* count = static_cast<float*>(d[4]);
+          *count = *count + 1.0f;
+          const double t = *count;
+          if (t != last_t) {
+            last_t = t;
+            host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
+          }
+          ts[i] = {d[0], d[1], d[2], d[3], amsgrad ? d[5] : nullptr, step_size, bc2_sqrt};
+        }
+        const auto acc = acc_type(g.dtype);
+        const double v = optim_cpu::run_adamw(args, ts, g.numels, acc, l1, l2);
+        if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+      } else {
+        const at::TensorList maxima = amsgrad ? at::TensorList(g.states[3]) : at::TensorList();
+        value = adamw_op.call(g.params, g.grads, g.states[0], g.states[1], maxima, g.states[2], lr_tensor, lr, beta1,
+                              beta2, eps, weight_decay, amsgrad != 0, maximize != 0, l1, l2, gl, grouping, prox_mode,
+                              compute_penalty != 0);
+      }
+      if (compute_penalty) values.push_back(std::move(value));
     }
     for (const auto& g : groups) {
       bump(g.params);

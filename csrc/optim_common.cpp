@@ -174,8 +174,7 @@ BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::T
       }
       if (t != last_t) {
         last_t = t;
-        last_step_size = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
-        last_bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
+        host_bias_corrections(t, lr, beta1, beta2, last_step_size, last_bc2_sqrt);
       }
       out.step_size.push_back(last_step_size);
       out.bc2_sqrt.push_back(last_bc2_sqrt);

@@ -11,6 +11,7 @@
 #include <c10/util/FunctionRef.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -25,6 +26,13 @@ struct BiasCorrections {
   std::vector<at::Tensor> bc1, bc2;
   bool on_host() const { return bc1.empty(); }
 };
+
+// −lr/(1 − β1ᵗ) and √(1 − β2ᵗ) of the count t, in double (C pow), as the reference computes them.
+inline void host_bias_corrections(double t, double lr, double beta1, double beta2, double& step_size,
+                                  double& bc2_sqrt) {
+  step_size = (lr / (1.0 - std::pow(beta1, t))) * -1.0;
+  bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
+}
 
 BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
                                  double beta1, double beta2, const at::Device& device);

@@ -21,6 +21,7 @@
 #include "groups.h"
 #include "optim_common.h"
 #include "optim_cpu.h"
+#include "optim_cpu_step.h"
 #include "tensor_list.h"
 
 namespace regfast {
@@ -83,15 +84,16 @@ void prox_scalars(bool lr_is_tensor, double lr, double l1, double l2, at::Scalar
   });
 }
 
-// Runs run(tensor, begin, end, sums) over every chunk; returns l1·Σ|w| + l2·Σw² from the chunk sums.
+// Runs run(tensor, begin, end, sums) over every chunk of tensors of `numels` elements; returns
+// l1·Σ|w| + l2·Σw² (in `acc`) from the chunk sums.
 template <typename Run>
-at::Tensor chunked_pass(const std::vector<at::Tensor>& ws, bool penalty, double l1, double l2, Run&& run) {
-  const cpu::WorkList wl = cpu::make_work_list(ws);
+double chunked_pass(const std::vector<int64_t>& numels, at::ScalarType acc, bool penalty, double l1, double l2,
+                    Run&& run) {
+  const cpu::WorkList wl = cpu::make_work_list(numels);
   std::vector<double> sums(penalty ? 2 * wl.chunks.size() : 0);
   cpu::for_each_chunk(wl, [&](int64_t c, const cpu::Chunk& ch) {
     run(ch.tensor, ch.begin, ch.end, penalty ? sums.data() + 2 * c : nullptr);
   });
-  const auto acc = acc_type(ws[0].scalar_type());
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES(acc, "regfast_step_penalty", [&] {
     scalar_t s1 = 0, s2 = 0, v = 0;
@@ -103,68 +105,57 @@ at::Tensor chunked_pass(const std::vector<at::Tensor>& ws, bool penalty, double 
     if (l2 != 0) v += static_cast<scalar_t>(l2) * s2;
     value = static_cast<double>(v);
   });
-  return at::scalar_tensor(value, ws[0].options().dtype(acc));
+  return value;
 }
 
-// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
-at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
-                     bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
-                     bool compute_penalty) {
-  const auto acc = acc_type(params[0].scalar_type());
+std::vector<int64_t> numels_of(at::TensorList ts) {
+  std::vector<int64_t> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.numel());
+  return out;
+}
+
+}  // namespace
+
+namespace optim_cpu {
+
+SgdArgs sgd_args(at::ScalarType dtype, double step, bool lr_is_tensor, double momentum, double dampening,
+                 bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                 bool compute_penalty) {
   SgdArgs args{};
-  args.elem = dtype_of(params[0].scalar_type());
+  args.elem = dtype_of(dtype);
   args.momentum_mode = momentum == 0 ? Momentum::kNone : (init_buffers ? Momentum::kInit : Momentum::kUpdate);
   args.maximize = maximize;
   args.has_weight_decay = weight_decay != 0;
   args.nesterov = nesterov;
-  args.lr_is_tensor = lr_tensor.has_value();
+  args.lr_is_tensor = lr_is_tensor;
   args.has_l1 = l1 != 0;
   args.penalty = compute_penalty && (l1 != 0 || l2 != 0);
-  const double step = args.lr_is_tensor ? lr_value(*lr_tensor, acc) : lr;
   args.neg_lr = -step;
   args.weight_decay = weight_decay;
   args.momentum = momentum;
   args.keep = 1.0 - dampening;
-  prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
-
-  const auto ws = contiguous_all(params);
-  const auto gs = contiguous_all(grads);
-  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
-  std::vector<SgdTensor> ts(ws.size());
-  for (size_t i = 0; i < ws.size(); ++i) {
-    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
-  }
-  const auto run = aten_fuses_fmadd() ? &optim_cpu::fused::sgd_run : &optim_cpu::rounded_twice::sgd_run;
-  at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-    run(args, ts[t], begin, end, sums);
-  });
-  write_back(params, ws);
-  if (!bs.empty()) write_back(momentum_buffers, bs);
-  return value;
+  prox_scalars(lr_is_tensor, step, l1, l2, acc_type(dtype), args.threshold, args.shrink);
+  return args;
 }
 
-// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
-at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                       double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
-                       c10::string_view prox, bool compute_penalty) {
-  const auto acc = acc_type(params[0].scalar_type());
+AdamWArgs adamw_args(at::ScalarType dtype, double step, bool lr_is_tensor, double beta1, double beta2, double eps,
+                     double weight_decay, bool amsgrad, bool maximize, double l1, double l2, bool prox_lr,
+                     bool compute_penalty) {
+  const auto acc = acc_type(dtype);
   AdamWArgs args{};
-  args.elem = dtype_of(params[0].scalar_type());
-  args.prox = l1 == 0 && l2 == 0 ? ProxMode::kNone : (prox == "lr" ? ProxMode::kLr : ProxMode::kPreconditioned);
+  args.elem = dtype_of(dtype);
+  args.prox = l1 == 0 && l2 == 0 ? ProxMode::kNone : (prox_lr ? ProxMode::kLr : ProxMode::kPreconditioned);
   args.maximize = maximize;
   args.amsgrad = amsgrad;
-  args.lr_is_tensor = lr_tensor.has_value();
+  args.lr_is_tensor = lr_is_tensor;
   args.has_l1 = l1 != 0;
   args.has_l2 = l2 != 0;
   args.penalty = compute_penalty && (l1 != 0 || l2 != 0);
-  const double step = args.lr_is_tensor ? lr_value(*lr_tensor, acc) : lr;
   args.lr = step;
   args.decay = 1.0;
   if (weight_decay != 0) {
-    if (args.lr_is_tensor) {
+    if (lr_is_tensor) {
       AT_DISPATCH_FLOATING_TYPES(acc, "regfast_adamw_decay", [&] {
         args.decay = static_cast<double>(scalar_t(1) - static_cast<scalar_t>(step) * static_cast<scalar_t>(weight_decay));
       });
@@ -178,8 +169,63 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   args.eps = eps;
   args.l1 = l1;
   args.two_l2 = 2.0 * l2;
-  prox_scalars(args.lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
+  prox_scalars(lr_is_tensor, step, l1, l2, acc, args.threshold, args.shrink);
+  return args;
+}
 
+double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std::vector<int64_t>& numels,
+               at::ScalarType acc, double l1, double l2) {
+  const auto run = aten_fuses_fmadd() ? &fused::sgd_run : &rounded_twice::sgd_run;
+  return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
+    run(args, ts[t], begin, end, sums);
+  });
+}
+
+double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
+                 at::ScalarType acc, double l1, double l2) {
+  const auto run = aten_fuses_fmadd() ? &fused::adamw_run : &rounded_twice::adamw_run;
+  return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
+    run(args, ts[t], begin, end, sums);
+  });
+}
+
+}  // namespace optim_cpu
+
+namespace {
+
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                     bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                     bool compute_penalty) {
+  const auto acc = acc_type(params[0].scalar_type());
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
+  const SgdArgs args = optim_cpu::sgd_args(params[0].scalar_type(), step, lr_tensor.has_value(), momentum, dampening,
+                                           nesterov, weight_decay, maximize, init_buffers, l1, l2, compute_penalty);
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
+  std::vector<SgdTensor> ts(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
+  }
+  const double value = optim_cpu::run_sgd(args, ts, numels_of(ws), acc, l1, l2);
+  write_back(params, ws);
+  if (!bs.empty()) write_back(momentum_buffers, bs);
+  return at::scalar_tensor(value, params[0].options().dtype(acc));
+}
+
+// The one-pass step with the elementwise prox (no group lasso); params and state are checked.
+at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                       c10::string_view prox, bool compute_penalty) {
+  const auto acc = acc_type(params[0].scalar_type());
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
+  const AdamWArgs args =
+      optim_cpu::adamw_args(params[0].scalar_type(), step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
+                            amsgrad, maximize, l1, l2, prox == "lr", compute_penalty);
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
   const auto m1 = contiguous_all(exp_avgs);
@@ -200,15 +246,12 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
     ts[i].step_size = bc.on_host() ? bc.step_size[i] : bc.bc1[i].item<double>();
     ts[i].bc2_sqrt = bc.on_host() ? bc.bc2_sqrt[i] : bc.bc2[i].item<double>();
   }
-  const auto run = aten_fuses_fmadd() ? &optim_cpu::fused::adamw_run : &optim_cpu::rounded_twice::adamw_run;
-  at::Tensor value = chunked_pass(ws, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-    run(args, ts[t], begin, end, sums);
-  });
+  const double value = optim_cpu::run_adamw(args, ts, numels_of(ws), acc, l1, l2);
   write_back(params, ws);
   write_back(exp_avgs, m1);
   write_back(exp_avg_sqs, m2);
   if (amsgrad) write_back(max_exp_avg_sqs, mx);
-  return value;
+  return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
