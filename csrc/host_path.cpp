@@ -50,6 +50,19 @@ struct Group {
   size_t stride = 0;
   std::vector<void*> data;
   std::vector<int64_t> numels;
+  // A flat plan (walk_flat): the states live in one buffer per state and group (states[j] holds it), and
+  // each param's state is a view of it at the param's offset (its step count at its index in the group).
+  bool flat = false;
+  std::vector<void*> flat_data;
+  std::vector<int64_t> offsets, indices;
+  int64_t total = 0, size = 0;  // Σ numel, and number, of the group's params, with a grad or not
+
+  // The data of state j of the i-th param of the table.
+  void* state_data(size_t i, size_t j, size_t counts) const {
+    if (!flat) return data[i * stride + 2 + j];
+    const int64_t bytes = j == counts ? 4 * indices[i] : offsets[i] * (dtype == at::kDouble ? 8 : 4);
+    return static_cast<char*>(flat_data[j]) + bytes;
+  }
 };
 
 // What a call reads and writes, for the checks of the walk.
@@ -252,6 +265,87 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
         group.direct = writable(s);
       }
       if (group.direct) group.data.push_back(s.data_ptr());
+      group.states[j].borrow(s);
+    }
+  }
+  return true;
+}
+
+// The walk of an optimizer step over a CPU param group with a flat plan: `list` must hold exactly the plan's
+// params, each of the plan's numel (`numels`, an int64 tensor), plain, contiguous and writable; a param
+// without a grad is skipped (as the Python path skips it), a grad must match its param. `flats` holds, per
+// state, a tuple of the flat buffers of the dtype groups in order of first appearance (the counts, at
+// index `counts`, one float32 per param of the group); each must still be the plan's size. Reads no state
+// tensor of a param: the states are views that the optimizer made and only load_state_dict replaces.
+bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const std::vector<PyObject*>& flats,
+               size_t counts, const Allowed& allowed, std::vector<Group>& groups) {
+  if (!allowed.cpu || !PyList_Check(list) || !PyTuple_Check(planned) || !THPVariable_Check(numels_obj)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
+  const at::Tensor& numels = THPVariable_Unpack(numels_obj);
+  if (!numels.device().is_cpu() || numels.scalar_type() != at::kLong || numels.numel() != n ||
+      !numels.is_contiguous()) {
+    return false;
+  }
+  const int64_t* expected = numels.const_data_ptr<int64_t>();
+  const size_t nstates = flats.size();
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = PyList_GET_ITEM(list, k);
+    if (obj != PyTuple_GET_ITEM(planned, k) || !THPVariable_Check(obj) || !plain_type(obj, allowed.types)) {
+      return false;
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    const auto dtype = t.scalar_type();
+    if (t.layout() != at::kStrided || !floating(dtype) || !t.device().is_cpu() || !writable(t) ||
+        t.numel() != expected[k]) {
+      return false;
+    }
+    Group* group = nullptr;
+    for (auto& candidate : groups) {
+      if (candidate.dtype == dtype) {
+        group = &candidate;
+        break;
+      }
+    }
+    if (group == nullptr) {
+      groups.push_back(Group{at::kCPU, dtype, {}, {}, {}, {}});
+      group = &groups.back();
+      group->flat = group->direct = true;
+      group->stride = 2;
+      group->states.resize(nstates);
+    }
+    const int64_t offset = group->total, index = group->size;
+    group->total += expected[k];
+    group->size += 1;
+    const at::Tensor& g = t.grad();
+    if (!g.defined()) continue;
+    if (g.layout() != at::kStrided || g.scalar_type() != dtype || !g.device().is_cpu() ||
+        !same_sizes(g.sizes(), t.sizes()) || !g.is_contiguous()) {
+      return false;
+    }
+    group->params.borrow(t);
+    group->grads.borrow(g);
+    group->elements += expected[k];
+    group->data.push_back(t.data_ptr());
+    group->data.push_back(const_cast<void*>(g.const_data_ptr()));
+    group->numels.push_back(expected[k]);
+    group->offsets.push_back(offset);
+    group->indices.push_back(index);
+  }
+  for (size_t j = 0; j < nstates; ++j) {
+    PyObject* tuple = flats[j];
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != static_cast<Py_ssize_t>(groups.size())) return false;
+    for (size_t b = 0; b < groups.size(); ++b) {
+      Group& group = groups[b];
+      PyObject* so = PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(b));
+      if (!THPVariable_Check(so)) return false;
+      const at::Tensor& s = THPVariable_Unpack(so);
+      const auto want = j == counts ? at::kFloat : (group.dtype == at::kDouble ? at::kDouble : at::kFloat);
+      if (s.layout() != at::kStrided || s.scalar_type() != want || !s.device().is_cpu() || !writable(s) ||
+          s.numel() != (j == counts ? group.size : group.total)) {
+        return false;
+      }
+      group.flat_data.push_back(s.data_ptr());
       group.states[j].borrow(s);
     }
   }
@@ -488,29 +582,50 @@ PyObject* groups(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* sgd_step(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *planned = nullptr, *buffers = nullptr, *types = nullptr, *lr_obj = nullptr;
+namespace {
+
+std::optional<at::Tensor> lr_of(PyObject* lr_obj, bool& ok) {
+  ok = lr_obj == Py_None || THPVariable_Check(lr_obj);
+  if (lr_obj == Py_None || !ok) return std::nullopt;
+  return THPVariable_Unpack(lr_obj);
+}
+
+// The version counters of what a step wrote: the params with a grad, and their states (a flat buffer
+// once: its views share its counter).
+void bump_step(const std::vector<Group>& groups) {
+  for (const auto& g : groups) {
+    if (g.params.empty()) continue;
+    bump(g.params);
+    for (const auto& s : g.states) bump(s);
+  }
+}
+
+PyObject* sgd_step_impl(PyObject* args, bool flat) {
+  PyObject *list = nullptr, *planned = nullptr, *numels = nullptr, *buffers = nullptr, *types = nullptr,
+           *lr_obj = nullptr;
   int cpu = 0, cuda = 0, nesterov = 0, maximize = 0, compute_penalty = 0;
   double lr = 0, momentum = 0, dampening = 0, weight_decay = 0, l1 = 0, l2 = 0, gl = 0;
   const char* groups_arg = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!ppOOOddddppdddsp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &buffers,
-                        &lr_obj, &lr, &momentum, &dampening, &weight_decay, &nesterov, &maximize, &l1, &l2, &gl,
-                        &groups_arg, &compute_penalty)) {
-    return nullptr;
-  }
+  const bool parsed =
+      flat ? PyArg_ParseTuple(args, "OO!ppOOOOddddppdddsp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
+                              &numels, &buffers, &lr_obj, &lr, &momentum, &dampening, &weight_decay, &nesterov,
+                              &maximize, &l1, &l2, &gl, &groups_arg, &compute_penalty)
+           : PyArg_ParseTuple(args, "OO!ppOOOddddppdddsp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
+                              &buffers, &lr_obj, &lr, &momentum, &dampening, &weight_decay, &nesterov, &maximize,
+                              &l1, &l2, &gl, &groups_arg, &compute_penalty);
+  if (!parsed) return nullptr;
   Allowed allowed{};
   if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
-  std::optional<at::Tensor> lr_tensor;
-  if (lr_obj != Py_None) {
-    if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
-    lr_tensor = THPVariable_Unpack(lr_obj);
-  }
+  bool lr_ok = false;
+  const std::optional<at::Tensor> lr_tensor = lr_of(lr_obj, lr_ok);
+  if (!lr_ok || (flat && (gl != 0 || lr_tensor.has_value()))) Py_RETURN_NONE;
   std::vector<Group> groups;
   const bool has_buffers = momentum != 0;
-  PlanStates states;
-  if (has_buffers) states.tuples.push_back(buffers);
-  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  std::vector<PyObject*> states;
+  if (has_buffers) states.push_back(buffers);
+  const bool walked = flat ? walk_flat(list, planned, numels, states, SIZE_MAX, allowed, groups)
+                           : walk_plan(list, planned, PlanStates{states, SIZE_MAX}, allowed, groups);
+  if (!walked) Py_RETURN_NONE;
   static const auto sgd_op =
       op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, const std::optional<at::Tensor>&, double, double,
                     double, bool, double, bool, bool, double, double, double, c10::string_view, bool)>(
@@ -528,7 +643,7 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
         std::vector<optim_cpu::SgdTensor> ts(g.numels.size());
         for (size_t i = 0; i < ts.size(); ++i) {
           void* const* d = g.data.data() + i * g.stride;
-          ts[i] = {d[0], d[1], has_buffers ? d[2] : nullptr};
+          ts[i] = {d[0], d[1], has_buffers ? g.state_data(i, 0, SIZE_MAX) : nullptr};
         }
         const auto acc = acc_type(g.dtype);
         const double v = optim_cpu::run_sgd(args, ts, g.numels, acc, l1, l2);
@@ -540,42 +655,41 @@ PyObject* sgd_step(PyObject*, PyObject* args) {
       }
       if (compute_penalty) values.push_back(std::move(value));
     }
-    for (const auto& g : groups) {
-      bump(g.params);
-      for (const auto& s : g.states) bump(s);
-    }
+    bump_step(groups);
   }
   return wrap_list(values);
-  END_HANDLE_TH_ERRORS
 }
 
-PyObject* adamw_step(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *planned = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr, *max_sqs = nullptr,
-           *steps = nullptr, *types = nullptr, *lr_obj = nullptr;
+PyObject* adamw_step_impl(PyObject* args, bool flat) {
+  PyObject *list = nullptr, *planned = nullptr, *numels = nullptr, *exp_avgs = nullptr, *exp_avg_sqs = nullptr,
+           *max_sqs = nullptr, *steps = nullptr, *types = nullptr, *lr_obj = nullptr;
   int cpu = 0, cuda = 0, amsgrad = 0, maximize = 0, compute_penalty = 0;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, l1 = 0, l2 = 0, gl = 0;
   const char *groups_arg = nullptr, *prox_arg = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!ppOOOOOOdddddppdddssp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
-                        &exp_avgs, &exp_avg_sqs, &max_sqs, &steps, &lr_obj, &lr, &beta1, &beta2, &eps, &weight_decay,
-                        &amsgrad, &maximize, &l1, &l2, &gl, &groups_arg, &prox_arg, &compute_penalty)) {
-    return nullptr;
-  }
+  const bool parsed =
+      flat ? PyArg_ParseTuple(args, "OO!ppOOOOOOOdddddppdddssp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
+                              &numels, &exp_avgs, &exp_avg_sqs, &max_sqs, &steps, &lr_obj, &lr, &beta1, &beta2, &eps,
+                              &weight_decay, &amsgrad, &maximize, &l1, &l2, &gl, &groups_arg, &prox_arg,
+                              &compute_penalty)
+           : PyArg_ParseTuple(args, "OO!ppOOOOOOdddddppdddssp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned,
+                              &exp_avgs, &exp_avg_sqs, &max_sqs, &steps, &lr_obj, &lr, &beta1, &beta2, &eps,
+                              &weight_decay, &amsgrad, &maximize, &l1, &l2, &gl, &groups_arg, &prox_arg,
+                              &compute_penalty);
+  if (!parsed) return nullptr;
   Allowed allowed{};
   if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
-  std::optional<at::Tensor> lr_tensor;
-  if (lr_obj != Py_None) {
-    if (!THPVariable_Check(lr_obj)) Py_RETURN_NONE;
-    lr_tensor = THPVariable_Unpack(lr_obj);
-  }
+  bool lr_ok = false;
+  const std::optional<at::Tensor> lr_tensor = lr_of(lr_obj, lr_ok);
+  if (!lr_ok || (flat && (gl != 0 || lr_tensor.has_value()))) Py_RETURN_NONE;
   const std::string grouping(groups_arg), prox_mode(prox_arg);
   if (prox_mode != "lr" && prox_mode != "preconditioned") Py_RETURN_NONE;
-  PlanStates states;
-  states.tuples = {exp_avgs, exp_avg_sqs, steps};
-  states.counts = 2;
-  if (amsgrad) states.tuples.push_back(max_sqs);
+  std::vector<PyObject*> states = {exp_avgs, exp_avg_sqs, steps};
+  if (amsgrad) states.push_back(max_sqs);
+  constexpr size_t kCounts = 2;
   std::vector<Group> groups;
-  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  const bool walked = flat ? walk_flat(list, planned, numels, states, kCounts, allowed, groups)
+                           : walk_plan(list, planned, PlanStates{states, kCounts}, allowed, groups);
+  if (!walked) Py_RETURN_NONE;
   static const auto adamw_op =
       op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     const std::optional<at::Tensor>&, double, double, double, double, double, bool, bool, double,
@@ -594,15 +708,16 @@ PyObject* adamw_step(PyObject*, PyObject* args) {
         std::vector<optim_cpu::AdamWTensor> ts(g.numels.size());
         double last_t = -1, step_size = 0, bc2_sqrt = 0;
         for (size_t i = 0; i < ts.size(); ++i) {
-          void* const* d = g.data.data() + i * g.stride;
-          float* count = static_cast<float*>(d[4]);
+          float* count = static_cast<float*>(g.state_data(i, kCounts, kCounts));
           *count = *count + 1.0f;
           const double t = *count;
           if (t != last_t) {
             last_t = t;
             host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
           }
-          ts[i] = {d[0], d[1], d[2], d[3], amsgrad ? d[5] : nullptr, step_size, bc2_sqrt};
+          void* const* d = g.data.data() + i * g.stride;
+          ts[i] = {d[0],      d[1], g.state_data(i, 0, kCounts), g.state_data(i, 1, kCounts),
+                   amsgrad ? g.state_data(i, 3, kCounts) : nullptr, step_size, bc2_sqrt};
         }
         const auto acc = acc_type(g.dtype);
         const double v = optim_cpu::run_adamw(args, ts, g.numels, acc, l1, l2);
@@ -615,12 +730,34 @@ PyObject* adamw_step(PyObject*, PyObject* args) {
       }
       if (compute_penalty) values.push_back(std::move(value));
     }
-    for (const auto& g : groups) {
-      bump(g.params);
-      for (const auto& s : g.states) bump(s);
-    }
+    bump_step(groups);
   }
   return wrap_list(values);
+}
+
+}  // namespace
+
+PyObject* sgd_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return sgd_step_impl(args, false);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* sgd_flat(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return sgd_step_impl(args, true);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* adamw_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return adamw_step_impl(args, false);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* adamw_flat(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return adamw_step_impl(args, true);
   END_HANDLE_TH_ERRORS
 }
 

@@ -17,6 +17,9 @@ PyObject* sgd_step(PyObject* self, PyObject* args);
 // True when every tensor of the list is a plain dense float tensor with a grad matching it, else None.
 PyObject* grads_ready(PyObject* self, PyObject* args);
 PyObject* adamw_step(PyObject* self, PyObject* args);
+// The optimizer steps of a CPU param group whose states are views of flat buffers (one per state and dtype).
+PyObject* sgd_flat(PyObject* self, PyObject* args);
+PyObject* adamw_flat(PyObject* self, PyObject* args);
 // The walk alone, for backends that launch from Python (Triton): a list of (params, grads or None, index or
 // None) per (device, dtype) group, or None.
 PyObject* groups(PyObject* self, PyObject* args);

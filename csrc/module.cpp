@@ -31,11 +31,18 @@ static PyMethodDef regfast_methods[] = {
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,
      "sgd_step_walk(params, types, cpu, cuda, planned, buffers, lr_tensor, lr, momentum, dampening, weight_decay, "
-     "nesterov, maximize, l1, l2, group_lasso, groups, compute_penalty) -> [value per group] or None"},
+     "nesterov, maximize, l1, l2, group_lasso, groups, compute_penalty) -> [value per group with compute_penalty] "
+     "or None"},
     {"adamw_step_walk", regfast::host::adamw_step, METH_VARARGS,
      "adamw_step_walk(params, types, cpu, cuda, planned, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, "
      "lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, prox, compute_penalty) "
-     "-> [value per group] or None"},
+     "-> [value per group with compute_penalty] or None"},
+    {"sgd_flat_walk", regfast::host::sgd_flat, METH_VARARGS,
+     "sgd_flat_walk(params, types, cpu, cuda, planned, numels, buffers, lr_tensor, lr, ...) -> as sgd_step_walk; "
+     "numels: the params' numels (int64), buffers: one flat buffer per dtype group"},
+    {"adamw_flat_walk", regfast::host::adamw_flat, METH_VARARGS,
+     "adamw_flat_walk(params, types, cpu, cuda, planned, numels, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, "
+     "lr_tensor, lr, ...) -> as adamw_step_walk; each state: one flat buffer per dtype group"},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef regfast_module = {PyModuleDef_HEAD_INIT, "_C", "regfast's compiled kernels (regfast_C ops).", -1,

@@ -157,7 +157,8 @@ AdamWArgs adamw_args(at::ScalarType dtype, double step, bool lr_is_tensor, doubl
   if (weight_decay != 0) {
     if (lr_is_tensor) {
       AT_DISPATCH_FLOATING_TYPES(acc, "regfast_adamw_decay", [&] {
-        args.decay = static_cast<double>(scalar_t(1) - static_cast<scalar_t>(step) * static_cast<scalar_t>(weight_decay));
+        args.decay =
+            static_cast<double>(scalar_t(1) - static_cast<scalar_t>(step) * static_cast<scalar_t>(weight_decay));
       });
     } else {
       args.decay = 1.0 - step * weight_decay;

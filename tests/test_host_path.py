@@ -214,3 +214,88 @@ def test_a_plan_is_dropped_when_the_group_or_the_state_changes(monkeypatch):
     before = params[0].detach().clone()
     opt.step()
     assert torch.equal(params[0].detach(), before) and opt.state[params[1]]["step"].item() == 2
+
+
+FLAT = {
+    "sgd": lambda ps: regfast.optim.ProxSGD(ps, lr=0.05, momentum=0.9, l1=0.01, l2=0.1),
+    "adamw": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, amsgrad=True, compute_penalty=True),
+}
+
+
+def _grads(params, k, skip=()):
+    for i, p in enumerate(params):
+        p.grad = None if i in skip else make_params([p.shape], p.dtype, seed=1000 * k + i)[0]
+
+
+@pytest.mark.parametrize("make", FLAT, ids=str)
+def test_cpu_states_move_into_flat_buffers_and_params_without_grads_are_skipped(make, monkeypatch):
+    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+    walked, python = _model(dtypes), _model(dtypes)
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    opt = FLAT[make](walked)
+    skips = [(), (), (0, 4, 9), (), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)]
+    for k, skip in enumerate(skips):
+        _grads(walked, k, skip)
+        versions = [p._version for p in walked]
+        opt.step()
+        if k:
+            assert taken[-1] is not None, "the step walked from the flat plan"
+            for i, p in enumerate(walked):
+                assert (p._version > versions[i]) == (i not in skip)
+    # Each state of the params of one dtype is a view of one buffer, in param order.
+    for key in opt.state[walked[0]]:
+        for dtype in dtypes:
+            views = [opt.state[p][key] for p in walked if p.dtype == dtype]
+            assert all(v._base is not None and v._base is views[0]._base for v in views), key
+    monkeypatch.setattr(_ops, "walk", lambda *a: None)
+    ref = FLAT[make](python)
+    for k, skip in enumerate(skips):
+        _grads(python, k, skip)
+        ref.step()
+    for p, q in zip(walked, python):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == ref.state[q].keys()
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    if make == "adamw":
+        assert torch.equal(opt.last_penalty, ref.last_penalty)
+
+
+def test_flat_states_survive_a_state_dict_round_trip_and_a_change_of_hyperparameters(monkeypatch):
+    import io
+
+    def run(walk):
+        if not walk:
+            monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        params = _model((torch.float32, torch.float16))
+        opt = regfast.optim.ProxAdamW(params, lr=0.01, l1=0.01)
+        for k in range(3):
+            _grads(params, k)
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        opt = regfast.optim.ProxAdamW(params, lr=0.01, l1=0.01)
+        opt.load_state_dict(torch.load(buffer, weights_only=True))
+        for k in range(3, 5):
+            _grads(params, k)
+            opt.step()
+        opt.param_groups[0]["group_lasso"] = 0.05  # the flat plan declines; the states stay views
+        for k in range(5, 7):
+            _grads(params, k)
+            opt.step()
+        opt.param_groups[0]["group_lasso"] = 0.0
+        for k in range(7, 9):
+            _grads(params, k)
+            opt.step()
+        return params, opt
+
+    walked, opt = run(True)
+    python, ref = run(False)
+    for p, q in zip(walked, python):
+        assert torch.equal(p, q)
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    assert opt.state[walked[1]]["step"].item() == 9

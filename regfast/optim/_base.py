@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _ops
+from .. import _ext, _ops
 from .._common import acc_dtype, by_device_dtype, fast_grouping
 from .._validate import matching, regularization, strided
 
@@ -81,6 +81,60 @@ def with_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[list[int]]]:
     return params, by_device_dtype(params)
 
 
+def _flat_of(tensors: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """The flat buffer whose consecutive views ``tensors`` are, or None."""
+    base = tensors[0]._base
+    if base is None or base.dtype != dtype or base.dim() != 1 or base.storage_offset() != 0:
+        return None
+    offset = 0
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base if offset == base.numel() else None
+
+
+def _flat_states(params: list[Tensor], states: list[dict[str, Any]],
+                 keys: tuple[str | None, ...]) -> list[tuple[Tensor, ...]] | None:
+    """Per state key (``()`` for None), the flat buffers of the params' states, one per dtype in order of first
+    appearance; each state becomes a view of its buffer (``"step"``: one float32 count per param). None, with
+    nothing changed, unless every param is a plain contiguous CPU tensor (no repeats) and every state a CPU tensor
+    of the accumulation dtype (float32 counts)."""
+    if torch.compiler.is_compiling() or _ext._C is None or len({id(p) for p in params}) != len(params):
+        return None
+    buckets: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        if type(p) not in _ops.PLAIN_TYPES or p.device.type != "cpu" or not p.is_contiguous():
+            return None
+        buckets.setdefault(p.dtype, []).append(i)
+    for key in filter(None, keys):
+        for p, state in zip(params, states):
+            t = state.get(key)
+            want = torch.float32 if key == "step" else acc_dtype(p.dtype)
+            if not isinstance(t, Tensor) or t.device.type != "cpu" or t.dtype != want or \
+                    (t.numel() != 1 if key == "step" else t.shape != p.shape):
+                return None
+    out = []
+    for key in keys:
+        if key is None:
+            out.append(())
+            continue
+        flats = []
+        for dtype, idx in buckets.items():
+            tensors = [states[i][key] for i in idx]
+            want = torch.float32 if key == "step" else acc_dtype(dtype)
+            flat = _flat_of(tensors, want)
+            if flat is None:
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                offset = 0
+                for i, t in zip(idx, tensors):
+                    states[i][key] = flat[offset:offset + t.numel()].view(t.shape)
+                    offset += t.numel()
+            flats.append(flat)
+        out.append(tuple(flats))
+    return out
+
+
 class FusedProximalOptimizer(Optimizer):
     """Base of the optimizers whose step ends with the proximal step in the same pass.
 
@@ -114,23 +168,36 @@ class FusedProximalOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
         raise NotImplementedError
 
-    def _walk(self, group: dict[str, Any], name: str, *hyper) -> list[Tensor] | None:
+    def _walk(self, group: dict[str, Any], *hyper) -> list[Tensor] | None:
         """The step of ``group`` in one C++ walk (:func:`regfast._ops.walk`) from its plan, or None (no plan,
         or the walk declines: a param without a grad, a param or state that no longer fits the plan…)."""
         plan = self._plans.get(id(group))
         if plan is None or plan[0] is not self.state or plan[1] != len(self.state):
             return None
-        return _ops.walk(name, group["params"], *plan[2], *hyper)
+        return _ops.walk(plan[2], group["params"], *plan[3], *hyper)
 
-    def _keep_plan(self, group: dict[str, Any], updated: list[Tensor], *states: tuple[Tensor, ...]) -> None:
+    def _keep_plan(self, group: dict[str, Any], updated: list[Tensor], name: str, keys: tuple[str | None, ...],
+                   flat: bool) -> None:
         """After a step that updated every param of ``group`` (``updated``), remember the group's params and state
-        tensors (one tuple per state, in param order) for the next steps' walks. A plan lives until
-        :meth:`add_param_group` or :meth:`load_state_dict`, or until ``state`` changes size; state tensors
-        assigned by hand into ``state`` need :meth:`load_state_dict`."""
+        tensors (``keys``: the state keys in the order of the walk ``name``; None for an unused state) for the
+        next steps' walks. A plan lives until :meth:`add_param_group` or :meth:`load_state_dict`, or until
+        ``state`` changes size; state tensors assigned by hand into ``state`` need :meth:`load_state_dict`.
+
+        When ``flat`` (the group's hyperparameters allow it) and every param is a plain contiguous CPU tensor, the
+        states of each dtype are moved into one flat buffer per state, ``state[p][key]`` becoming views of it
+        with the same values: the walk then reads the buffers, not each state tensor."""
         if len(updated) != len(group["params"]):
             self._plans.pop(id(group), None)
             return
-        self._plans[id(group)] = (self.state, len(self.state), (tuple(updated), *states))
+        states = [self.state[p] for p in updated]
+        buffers = _flat_states(updated, states, keys) if flat else None
+        if buffers is not None:
+            numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
+            args = (tuple(updated), numels, *buffers)
+            self._plans[id(group)] = (self.state, len(self.state), name.replace("_step", "_flat"), args)
+            return
+        args = (tuple(updated), *(tuple(s[key] for s in states) if key else () for key in keys))
+        self._plans[id(group)] = (self.state, len(self.state), name, args)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}

@@ -123,7 +123,7 @@ class ProxAdamW(FusedProximalOptimizer):
         amsgrad = group["amsgrad"]
         hyper = (lr_tensor, lr, beta1, beta2, group["eps"], group["weight_decay"], amsgrad, group["maximize"],
                  group["l1"], group["l2"], group["group_lasso"], group["groups"], group["prox"], self.compute_penalty)
-        walked = self._walk(group, "adamw_step", *hyper)
+        walked = self._walk(group, *hyper)
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
@@ -135,8 +135,6 @@ class ProxAdamW(FusedProximalOptimizer):
                 "adamw_step_", bucket, [p.grad for p in bucket], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                 [s["step"] for s in states], *hyper))
-        states = [self.state[p] for p in params]
-        self._keep_plan(group, params, *(tuple(s[key] for s in states) if key else ()
-                                         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None,
-                                                     "step")))
+        self._keep_plan(group, params, "adamw_step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None,
+                                                     "step"), lr_tensor is None and group["group_lasso"] == 0)
         return values

@@ -77,7 +77,7 @@ class ProxSGD(FusedProximalOptimizer):
         momentum = group["momentum"]
         hyper = (momentum, group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"],
                  group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty)
-        walked = self._walk(group, "sgd_step", lr_tensor, lr, *hyper)
+        walked = self._walk(group, lr_tensor, lr, *hyper)
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
@@ -105,6 +105,6 @@ class ProxSGD(FusedProximalOptimizer):
                     "sgd_step_", ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
                     group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
-        buffers = tuple(self.state[p]["momentum_buffer"] for p in params) if momentum != 0 else ()
-        self._keep_plan(group, params, buffers)
+        self._keep_plan(group, params, "sgd_step", ("momentum_buffer" if momentum != 0 else None,),
+                        lr_tensor is None and group["group_lasso"] == 0)
         return values
