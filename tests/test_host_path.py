@@ -30,6 +30,7 @@ def _model(dtypes=(torch.float32,)):
 CALLS = {
     "norms": lambda ps: regfast.norms(ps),
     "add_penalty_grad_": lambda ps: regfast.add_penalty_grad_(ps, l1=0.01, l2=0.1, group_lasso=0.05, groups="col"),
+    "add_penalty_grad_ elastic": lambda ps: regfast.add_penalty_grad_(ps, l1=0.01, l2=0.1),
     "prox_": lambda ps: regfast.prox_(ps, 0.1, l1=0.01, l2=0.1, group_lasso=0.05, groups="row"),
     "prox_ tensor lr": lambda ps: regfast.prox_(ps, torch.tensor(0.1, dtype=torch.float64), l1=0.01, l2=0.1),
 }

@@ -70,7 +70,9 @@ class ProxAdamW(FusedProximalOptimizer):
     and with amsgrad ``max_exp_avg_sq``, all float32 (float64 for float64 params) whatever
     the param dtype; a float16 / bfloat16 param is updated in float32 and rounded once per
     step. Params whose ``grad`` is None are skipped and get no state. ``step`` mutates the
-    params and their state; grads are left unchanged.
+    params and their state; grads are left unchanged. On the CPU, once a step has updated
+    every param of a group, the group's states of each dtype are views of one flat buffer per
+    state (same values; see the README's "Backends").
 
     Attributes:
         last_penalty: 0-dim float32 (float64 if any param is) tensor, or None without ``compute_penalty``.

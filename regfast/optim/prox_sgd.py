@@ -45,6 +45,8 @@ class ProxSGD(FusedProximalOptimizer):
     float32 (float64 for float64 params); a float16 / bfloat16 param is updated in float32 and
     rounded once per step. Params whose ``grad`` is None are skipped and get no state.
     ``step`` mutates the params and ``state[p]["momentum_buffer"]``; grads are left unchanged.
+    On the CPU, once a step has updated every param of a group, the group's buffers of each
+    dtype are views of one flat buffer (same values; see the README's "Backends").
 
     Attributes:
         last_penalty: 0-dim float32 (float64 if any param is) tensor, or None without ``compute_penalty``.
