@@ -488,7 +488,7 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
       at::Tensor value;
       if (g.direct && gl == 0) {
         // The op's pass from the walk's table: the walk checked what the op checks.
-        grad_cpu::GradTable table;
+        penalty_table::GradTable table;
         table.w.reserve(g.numels.size());
         table.out.reserve(g.numels.size());
         for (size_t i = 0; i < g.numels.size(); ++i) {
@@ -496,7 +496,7 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
           table.out.push_back(g.data[2 * i + 1]);
         }
         table.numels = g.numels;
-        const double v = grad_cpu::add_penalty_grad(g.dtype, table, l1, l2);
+        const double v = penalty_table::add_penalty_grad(g.dtype, table, l1, l2);
         value = at::scalar_tensor(v, at::TensorOptions().dtype(acc_type(g.dtype))).to(first.device(), dtype);
       } else {
         value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);

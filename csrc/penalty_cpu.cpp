@@ -87,8 +87,8 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   }
 }
 
-grad_cpu::GradTable table_of(at::TensorList ws, at::TensorList outs) {
-  grad_cpu::GradTable table;
+penalty_table::GradTable table_of(at::TensorList ws, at::TensorList outs) {
+  penalty_table::GradTable table;
   table.w.reserve(ws.size());
   table.out.reserve(ws.size());
   table.numels.reserve(ws.size());
@@ -104,7 +104,7 @@ grad_cpu::GradTable table_of(at::TensorList ws, at::TensorList outs) {
 // The group-lasso part of the value, gl·Σ √|g|·‖w_g‖, is added by the caller from the group norms.
 // `ws` (the params as tensors) is read for the groups only; the pass reads and writes through `table`.
 template <typename T>
-acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const grad_cpu::GradTable& table, bool accumulate, double l1,
+acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const penalty_table::GradTable& table, bool accumulate, double l1,
                    double l2, double gl, Grouping grouping, double mult) {
   using A = acc_t<T>;
   const size_t nt = table.numels.size();
@@ -282,7 +282,7 @@ at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, dou
 
 }  // namespace
 
-double grad_cpu::add_penalty_grad(at::ScalarType dtype, const GradTable& table, double l1, double l2) {
+double penalty_table::add_penalty_grad(at::ScalarType dtype, const GradTable& table, double l1, double l2) {
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_add_penalty_grad_table", [&] {
     value = grad_pass<scalar_t>(std::vector<at::Tensor>(), table, true, l1, l2, 0, Grouping::kRow, 1.0);

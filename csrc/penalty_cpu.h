@@ -8,7 +8,7 @@
 #include <vector>
 
 namespace regfast {
-namespace grad_cpu {
+namespace penalty_table {
 
 // Contiguous tensors of one dtype: w[t] (read) and out[t] (written) of numels[t] elements each.
 struct GradTable {
@@ -21,5 +21,5 @@ struct GradTable {
 // returns l1·Σ|w| + l2·Σw², computed in the accumulation dtype, as regfast_C::add_penalty_grad_ does.
 double add_penalty_grad(at::ScalarType dtype, const GradTable& table, double l1, double l2);
 
-}  // namespace grad_cpu
+}  // namespace penalty_table
 }  // namespace regfast
