@@ -29,7 +29,6 @@
 
 #include "optim_common.h"
 #include "optim_cpu_step.h"
-#include "penalty_cpu.h"
 #include "tensor_list.h"
 
 namespace regfast {
@@ -171,22 +170,11 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       groups.back().params.reserve(static_cast<size_t>(n));
       if (needs.grads) groups.back().grads.reserve(static_cast<size_t>(n));
       group = &groups.back();
-      group->direct = needs.grads && !needs.write_params && device.is_cpu();
-      group->stride = 2;
     }
     group->params.borrow(t);
     group->elements += t.numel();
     if (needs.grads) group->grads.borrow(t.grad());
     group->index.push_back(count++);
-    if (group->direct) {
-      // add_penalty_grad_ on the CPU: the table of (param, grad) pointers, the grad checked writable already.
-      group->direct = t.is_contiguous();
-      if (group->direct) {
-        group->data.push_back(const_cast<void*>(t.const_data_ptr()));
-        group->data.push_back(t.grad().data_ptr());
-        group->numels.push_back(t.numel());
-      }
-    }
   }
   return true;
 }
@@ -485,22 +473,7 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
     KernelScope scope(groups);
     const auto dtype = result_dtype(groups);
     for (const auto& g : groups) {
-      at::Tensor value;
-      if (g.direct && gl == 0) {
-        // The op's pass from the walk's table: the walk checked what the op checks.
-        penalty_table::GradTable table;
-        table.w.reserve(g.numels.size());
-        table.out.reserve(g.numels.size());
-        for (size_t i = 0; i < g.numels.size(); ++i) {
-          table.w.push_back(g.data[2 * i]);
-          table.out.push_back(g.data[2 * i + 1]);
-        }
-        table.numels = g.numels;
-        const double v = penalty_table::add_penalty_grad(g.dtype, table, l1, l2);
-        value = at::scalar_tensor(v, at::TensorOptions().dtype(acc_type(g.dtype))).to(first.device(), dtype);
-      } else {
-        value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);
-      }
+      const at::Tensor value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);
       total = total.defined() ? total + value : value;
     }
     for (const auto& g : groups) bump(g.grads);

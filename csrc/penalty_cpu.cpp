@@ -19,7 +19,6 @@
 #include "cpu_kernels.h"
 #include "elementwise.h"
 #include "groups.h"
-#include "penalty_cpu.h"
 #include "tensor_list.h"
 
 namespace regfast {
@@ -87,27 +86,13 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   }
 }
 
-penalty_table::GradTable table_of(at::TensorList ws, at::TensorList outs) {
-  penalty_table::GradTable table;
-  table.w.reserve(ws.size());
-  table.out.reserve(ws.size());
-  table.numels.reserve(ws.size());
-  for (size_t t = 0; t < ws.size(); ++t) {
-    table.w.push_back(ws[t].const_data_ptr());
-    table.out.push_back(outs[t].data_ptr());
-    table.numels.push_back(ws[t].numel());
-  }
-  return table;
-}
-
 // The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), with per-chunk Σ|w| and Σw².
 // The group-lasso part of the value, gl·Σ √|g|·‖w_g‖, is added by the caller from the group norms.
-// `ws` (the params as tensors) is read for the groups only; the pass reads and writes through `table`.
 template <typename T>
-acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const penalty_table::GradTable& table, bool accumulate, double l1,
-                   double l2, double gl, Grouping grouping, double mult) {
+acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
+                   double l1, double l2, double gl, Grouping grouping, double mult) {
   using A = acc_t<T>;
-  const size_t nt = table.numels.size();
+  const size_t nt = ws.size();
   std::vector<GroupShape> shapes;
   std::vector<A> scales, pres;
   std::vector<int64_t> scale_offsets;
@@ -135,7 +120,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const penalty_table::GradT
   } else {
     shapes.assign(nt, GroupShape{1, 1, 1});
   }
-  const WorkList wl = make_work_list(table.numels);
+  const WorkList wl = make_work_list(ws);
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   const A a_l1 = static_cast<A>(l1), a_lin = static_cast<A>(2 * l2), a_mult = static_cast<A>(mult);
   const bool has_l1 = l1 != 0, has_lin = l2 != 0 || gl != 0;
@@ -144,8 +129,8 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const penalty_table::GradT
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
     constexpr bool kAccumulate = decltype(acc_tag)::value;
     for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
-      const T* w = static_cast<const T*>(table.w[ch.tensor]);
-      T* out = static_cast<T*>(table.out[ch.tensor]);
+      const T* w = ws[ch.tensor].const_data_ptr<T>();
+      T* out = outs[ch.tensor].data_ptr<T>();
       const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;
@@ -248,7 +233,7 @@ std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad, at::TensorL
                                     if (l1 == 0 && l2 == 0 && gl == 0) {
                                       for (auto& o : outs) o.zero_();
                                     } else {
-                                      grad_pass<scalar_t>(ws, table_of(ws, outs), false, l1, l2, gl, grouping, mult);
+                                      grad_pass<scalar_t>(ws, outs, false, l1, l2, gl, grouping, mult);
                                     }
                                   });
   // Results take the layout of their param, like the fake kernel's empty_like.
@@ -273,22 +258,12 @@ at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, dou
   const auto acc = acc_type(params[0].scalar_type());
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_add_penalty_grad_cpu",
-                                  [&] {
-                                    value = grad_pass<scalar_t>(ws, table_of(ws, gs), true, l1, l2, gl, grouping, 1.0);
-                                  });
+                                  [&] { value = grad_pass<scalar_t>(ws, gs, true, l1, l2, gl, grouping, 1.0); });
   write_back(grads, gs);
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
 }  // namespace
-
-double penalty_table::add_penalty_grad(at::ScalarType dtype, const GradTable& table, double l1, double l2) {
-  double value = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_add_penalty_grad_table", [&] {
-    value = grad_pass<scalar_t>(std::vector<at::Tensor>(), table, true, l1, l2, 0, Grouping::kRow, 1.0);
-  });
-  return value;
-}
 
 TORCH_LIBRARY_IMPL(regfast_C, CPU, m) {
   m.impl("penalty", &penalty_cpu);
