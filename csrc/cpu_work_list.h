@@ -39,12 +39,14 @@ inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   return wl;
 }
 
-inline WorkList make_work_list(const std::vector<at::Tensor>& ts) {
-  std::vector<int64_t> numels;
-  numels.reserve(ts.size());
-  for (const auto& t : ts) numels.push_back(t.numel());
-  return make_work_list(numels);
+inline std::vector<int64_t> numels_of(at::TensorList ts) {
+  std::vector<int64_t> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.numel());
+  return out;
 }
+
+inline WorkList make_work_list(const std::vector<at::Tensor>& ts) { return make_work_list(numels_of(ts)); }
 
 template <typename F>
 void for_each_chunk(const WorkList& wl, F&& f) {

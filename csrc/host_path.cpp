@@ -300,19 +300,10 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
         t.numel() != expected[k]) {
       return false;
     }
-    Group* group = nullptr;
-    for (auto& candidate : groups) {
-      if (candidate.dtype == dtype) {
-        group = &candidate;
-        break;
-      }
-    }
-    if (group == nullptr) {
-      groups.push_back(Group{at::kCPU, dtype, {}, {}, {}, {}});
-      group = &groups.back();
-      group->flat = group->direct = true;
+    Group* group = &group_of(groups, at::kCPU, dtype, nstates, static_cast<size_t>(n));
+    if (!group->flat) {  // new: param and grad per param in its table, the states in flat_data
+      group->flat = true;
       group->stride = 2;
-      group->states.resize(nstates);
     }
     const int64_t offset = group->total, index = group->size;
     group->total += expected[k];

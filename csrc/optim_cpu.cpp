@@ -108,13 +108,6 @@ double chunked_pass(const std::vector<int64_t>& numels, at::ScalarType acc, bool
   return value;
 }
 
-std::vector<int64_t> numels_of(at::TensorList ts) {
-  std::vector<int64_t> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.numel());
-  return out;
-}
-
 }  // namespace
 
 namespace optim_cpu {
@@ -210,7 +203,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   for (size_t i = 0; i < ws.size(); ++i) {
     ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
   }
-  const double value = optim_cpu::run_sgd(args, ts, numels_of(ws), acc, l1, l2);
+  const double value = optim_cpu::run_sgd(args, ts, cpu::numels_of(ws), acc, l1, l2);
   write_back(params, ws);
   if (!bs.empty()) write_back(momentum_buffers, bs);
   return at::scalar_tensor(value, params[0].options().dtype(acc));
@@ -247,7 +240,7 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
     ts[i].step_size = bc.on_host() ? bc.step_size[i] : bc.bc1[i].item<double>();
     ts[i].bc2_sqrt = bc.on_host() ? bc.bc2_sqrt[i] : bc.bc2[i].item<double>();
   }
-  const double value = optim_cpu::run_adamw(args, ts, numels_of(ws), acc, l1, l2);
+  const double value = optim_cpu::run_adamw(args, ts, cpu::numels_of(ws), acc, l1, l2);
   write_back(params, ws);
   write_back(exp_avgs, m1);
   write_back(exp_avg_sqs, m2);
