@@ -2,7 +2,8 @@
 speed-up over the loops it replaces.
 
     python benchmarks/cpu_bandwidth.py [--repeats 5] [--scale 1.0] [--threads 1 2]
-                                       [--dtypes float32 bfloat16 float16 float64] [--out FILE]
+                                       [--dtypes float32 bfloat16 float16 float64] [--isa avx2 baseline]
+                                       [--out FILE]
 
 Parameters are GPT-2 small's (124M elements at ``--scale 1``). Each op is timed on the whole list and
 set against the bytes it must move per element (e = the params' element size, a = the optimizer
@@ -17,6 +18,9 @@ The ``loop`` rows time, in float32, what regfast replaces: the penalty written i
 (``w.abs().sum()`` / ``w.square().sum()`` per tensor, forward and backward, grads accumulating) against
 ``regfast.penalty`` in the loss and against ``add_penalty_grad_``, and ``abs().sum()`` + ``square().sum()``
 per tensor against ``norms``; ``speedup`` is loop time / regfast time.
+
+``--isa`` runs the op rows with each named instruction set of the CPU kernels (``regfast._C.set_cpu_isa``;
+default: the one chosen for this CPU), recorded in each row's ``isa``.
 
 Prints one JSON row per measurement; ``--out`` also writes them to FILE.
 """
@@ -148,9 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every dim 0 (quick runs)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--isa", nargs="+", default=None, help="instruction sets of the CPU kernels to run")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     args = parser.parse_args(argv)
     os.environ["REGFAST_BACKEND"] = "cpp"
+    from regfast import _C
+
+    chosen = _C.cpu_isa()
+    isas = args.isa or [chosen]
     lines = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -159,10 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         meta = {"device": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
                 "numel": numel, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
         rows = [{**copy, "dtype": "float32"}]
-        for name in args.dtypes:
-            rows += [{**row, "dtype": name} for row in _op_rows(getattr(torch, name), args.scale, args.repeats,
-                                                                 copy["gb_s"])]
-        rows += _loop_rows(args.scale, args.repeats)
+        for isa in isas:
+            _C.set_cpu_isa(isa)
+            for name in args.dtypes:
+                rows += [{**row, "dtype": name, "isa": isa}
+                         for row in _op_rows(getattr(torch, name), args.scale, args.repeats, copy["gb_s"])]
+        _C.set_cpu_isa(chosen)
+        rows += [{**row, "isa": chosen} for row in _loop_rows(args.scale, args.repeats)]
         for row in rows:
             line = json.dumps({**meta, **row})
             print(line, flush=True)

@@ -1,11 +1,16 @@
-// The building blocks of the CPU kernels (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp): lane sums,
-// per-tensor norms, group norms, and the runs of elements that share a per-group scale.
+// The building blocks of the CPU kernels' passes (cpu_passes_impl.h): lane sums, per-tensor norms, group
+// norms, and the runs of elements that share a per-group scale.
 //
 // Each tensor is split into fixed-size chunks of kChunk elements; the (tensor, chunk) work list
 // is spread over threads with at::parallel_for (cpu_work_list.h). A reduction writes one partial per
 // chunk and the partials are summed in list order afterwards, so results do not depend on the thread
 // count. Inside a chunk, sums run over kLanes independent accumulators (one per lane, vectorized by
 // the compiler) combined pairwise in a fixed order.
+//
+// This header is compiled once per instruction set (cpu_passes.h): each translation unit that includes it
+// names its variant's namespace in REGFAST_CPU_ISA, and REGFAST_CPU_AVX2 (1 or 0) says whether the variant
+// holds lane vectors in 32-byte AVX2 registers and converts float16 with F16C. The lane order and the
+// operations on each lane are the same in every variant, and so are the results.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,8 +27,19 @@
 #include "kernel_types.h"
 #include "norm_parts.h"
 
+#if !defined(REGFAST_CPU_ISA) || !defined(REGFAST_CPU_AVX2)
+#error "cpu_kernels.h is compiled per instruction set: define REGFAST_CPU_ISA and REGFAST_CPU_AVX2 (cpu_passes.h)"
+#endif
+#if REGFAST_CPU_AVX2
+#include <immintrin.h>
+#endif
+
 namespace regfast {
 namespace cpu {
+namespace REGFAST_CPU_ISA {
+
+// The bytes of one vector register that lane vectors are held in.
+constexpr int kPieceBytes = REGFAST_CPU_AVX2 ? 32 : 16;
 
 constexpr int kLanes = 16;
 
@@ -58,16 +74,31 @@ inline void lane_loop(int64_t begin, int64_t end, Body&& body) {
   for (int j = 0; i < end; ++i, ++j) body(i, j);
 }
 
-// kLanes values of an element type E, held as 16-byte vectors of the compiler (GCC/Clang vector
-// extensions): lane j is element j % (16 / sizeof(E)) of piece j / (16 / sizeof(E)). Every x86-64 target
-// keeps 16-byte vectors in registers, where a wider vector of the compiler is lowered through memory (each
-// accumulator stored and reloaded every round). The arithmetic and its rounding are those of kLanes scalar
-// accumulators, lane j staying lane j; comparisons and selects work on the pieces (see sign_lanes).
+// kLanes values of an element type E, held as vectors of the compiler (GCC/Clang vector extensions) of
+// kPieceBytes each: lane j is element j % (kPieceBytes / sizeof(E)) of piece j / (kPieceBytes / sizeof(E)).
+// The target keeps vectors of its register width in registers, where a wider vector of the compiler is
+// lowered through memory (each accumulator stored and reloaded every round). The arithmetic and its
+// rounding are those of kLanes scalar accumulators, lane j staying lane j; comparisons and selects work on
+// the pieces (see sign_lanes).
 template <typename E>
 struct Lanes {
-  typedef E Piece __attribute__((vector_size(16)));
-  static constexpr int kPieces = static_cast<int>(kLanes * sizeof(E) / 16);
+  typedef E Piece __attribute__((vector_size(kPieceBytes)));
+  // A piece at any address (one unaligned vector load or store), which may alias E.
+  typedef E Unaligned __attribute__((vector_size(kPieceBytes), aligned(alignof(E)), may_alias));
+  static constexpr int kPieces = static_cast<int>(kLanes * sizeof(E) / kPieceBytes);
+  static constexpr int kPerPiece = static_cast<int>(kPieceBytes / sizeof(E));
   Piece p[kPieces];
+
+  // p[0..kLanes) as lanes, and back: one vector load or store per piece (a memcpy of the whole may be
+  // lowered to narrower moves through the stack, whose wide reload then waits for the narrow stores).
+  __attribute__((always_inline)) static Lanes load(const E* src) {
+    Lanes v;
+    for (int k = 0; k < kPieces; ++k) v.p[k] = *reinterpret_cast<const Unaligned*>(src + k * kPerPiece);
+    return v;
+  }
+  __attribute__((always_inline)) void store(E* dst) const {
+    for (int k = 0; k < kPieces; ++k) *reinterpret_cast<Unaligned*>(dst + k * kPerPiece) = p[k];
+  }
 };
 
 // A scalar operand of lane operators: converted to E, not deduced from (an int literal stays E).
@@ -147,14 +178,83 @@ __attribute__((always_inline)) inline To bits_as(From x) {
 using Bits16 = Lanes<uint16_t>;
 using Bits32 = Lanes<uint32_t>;
 
+// Lanes of all ones where `pred` holds for the lanes of x, compared as int32.
+template <typename Pred>
+__attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
+  typedef int32_t Signed __attribute__((vector_size(kPieceBytes)));
+  for (int k = 0; k < Bits32::kPieces; ++k) x.p[k] = bits_as<Bits32::Piece>(pred(bits_as<Signed>(x.p[k])));
+  return x;
+}
+
+// yes where `mask` is all ones, no where it is zero, bitwise (a lane vector or a piece, and its mask).
+template <typename M, typename V>
+__attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
+  return bits_as<V>((mask & bits_as<M>(yes)) | (~mask & bits_as<M>(no)));
+}
+
+// float to c10::BFloat16 (c10::detail::round_to_nearest_even) as 32-bit lanes whose high half is the result:
+// NaN becomes 0x7FC0, the rest rounds to nearest even.
+__attribute__((always_inline)) inline Bits32 bfloat16_in_high_halves(const Vec<float>& v) {
+  const Bits32 u = bits_as<Bits32>(v);
+  const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
+  const Bits32 rounded = u + (((u >> 16u) & 1u) + 0x7FFFu);
+  return select_bits(nan, Bits32{} + 0x7FC00000u, rounded);
+}
+
+#if REGFAST_CPU_AVX2
+// Each 16-bit element as the high half of a 32-bit lane (vpmovzxwd, then a shift), 8 lanes per piece.
+__attribute__((always_inline)) inline Bits32 to_high_halves(const void* p) {
+  static_assert(Bits32::kPieces == 2, "16 lanes of 32 bits are two AVX2 registers");
+  const auto* q = static_cast<const __m128i*>(p);
+  Bits32 out;
+  for (int k = 0; k < 2; ++k) {
+    out.p[k] = bits_as<Bits32::Piece>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q + k)), 16));
+  }
+  return out;
+}
+
+// The high 16 bits of each 32-bit lane, stored in lane order: vpackusdw packs within 128-bit halves, the
+// permute puts the four 64-bit quarters back in order (no value exceeds 0xFFFF, so nothing saturates).
+__attribute__((always_inline)) inline void store_high_halves(void* p, const Bits32& w) {
+  const __m256i a = _mm256_srli_epi32(bits_as<__m256i>(w.p[0]), 16);
+  const __m256i b = _mm256_srli_epi32(bits_as<__m256i>(w.p[1]), 16);
+  _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+}
+
+// c10::Half to float: F16C's conversion is exact, as c10's (a signaling NaN comes back quiet in both).
+__attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
+  const auto* q = reinterpret_cast<const __m128i*>(p);
+  Vec<float> v;
+  for (int k = 0; k < Vec<float>::kPieces; ++k) {
+    v.p[k] = bits_as<Vec<float>::Piece>(_mm256_cvtph_ps(_mm_loadu_si128(q + k)));
+  }
+  return v;
+}
+
+// float to c10::Half: F16C rounds to nearest even as c10 does; a NaN is first replaced by the NaN whose
+// conversion is c10's (sign | 0x7E00), where F16C would keep the payload.
+__attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec<float>& v) {
+  auto* q = reinterpret_cast<__m128i*>(p);
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+  for (int k = 0; k < Vec<float>::kPieces; ++k) {
+    const __m256 x = bits_as<__m256>(v.p[k]);
+    const __m256 nan = _mm256_or_ps(_mm256_and_ps(x, sign), quiet);
+    const __m256 y = _mm256_blendv_ps(x, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    _mm_storeu_si128(q + k, _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+#else
 #if defined(__clang__)
 #define REGFAST_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define REGFAST_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, Bits16::Piece{__VA_ARGS__})
 #endif
 
-// Each 16-bit lane as the high half of a 32-bit lane, the low half zero (x86 is little-endian).
-__attribute__((always_inline)) inline Bits32 to_high_halves(const Bits16& h) {
+// Each 16-bit element as the high half of a 32-bit lane, the low half zero (x86 is little-endian).
+__attribute__((always_inline)) inline Bits32 to_high_halves(const void* p) {
+  Bits16 h;
+  std::memcpy(&h, p, sizeof(h));
   const Bits16::Piece zero{};
   Bits32 out;
   for (int k = 0; k < Bits16::kPieces; ++k) {
@@ -180,41 +280,14 @@ __attribute__((always_inline)) inline Bits16 halves(const Bits32& w) {
 }
 #undef REGFAST_SHUFFLE
 
-// Lanes of all ones where `pred` holds for the lanes of x, compared as int32.
-template <typename Pred>
-__attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
-  typedef int32_t Signed __attribute__((vector_size(16)));
-  for (int k = 0; k < Bits32::kPieces; ++k) x.p[k] = bits_as<Bits32::Piece>(pred(bits_as<Signed>(x.p[k])));
-  return x;
-}
-
-// yes where `mask` is all ones, no where it is zero, bitwise (a lane vector or a piece, and its mask).
-template <typename M, typename V>
-__attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
-  return bits_as<V>((mask & bits_as<M>(yes)) | (~mask & bits_as<M>(no)));
-}
-
-// c10::BFloat16 to float: the 16 bits are the float's high half.
-__attribute__((always_inline)) inline Vec<float> lanes_from_bfloat16(const c10::BFloat16* p) {
-  Bits16 h;
-  std::memcpy(&h, p, sizeof(h));
-  return bits_as<Vec<float>>(to_high_halves(h));
-}
-
-// float to c10::BFloat16 (c10::detail::round_to_nearest_even): NaN becomes 0x7FC0, the rest rounds to nearest even.
-__attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, const Vec<float>& v) {
-  const Bits32 u = bits_as<Bits32>(v);
-  const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
-  const Bits32 rounded = u + (((u >> 16u) & 1u) + 0x7FFFu);  // its high half is the result
-  const Bits16 h = halves<true>(select_bits(nan, Bits32{} + 0x7FC00000u, rounded));
+__attribute__((always_inline)) inline void store_high_halves(void* p, const Bits32& w) {
+  const Bits16 h = halves<true>(w);
   std::memcpy(p, &h, sizeof(h));
 }
 
 // c10::Half to float (c10::detail::fp16_ieee_to_fp32_value, the build's conversion without F16C).
 __attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
-  Bits16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const Bits32 w = to_high_halves(h);
+  const Bits32 w = to_high_halves(p);
   const Bits32 sign = w & 0x80000000u;
   const Bits32 two_w = w + w;
   const Vec<float> exp_scale = bits_as<Vec<float>>(Bits32{} + (15u << 23));
@@ -242,13 +315,23 @@ __attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec
   const Bits16 h = halves<false>((sign >> 16u) | select_bits(nan, Bits32{} + 0x7E00u, nonsign));
   std::memcpy(p, &h, sizeof(h));
 }
+#endif
+
+// c10::BFloat16 to float: the 16 bits are the float's high half.
+__attribute__((always_inline)) inline Vec<float> lanes_from_bfloat16(const c10::BFloat16* p) {
+  return bits_as<Vec<float>>(to_high_halves(p));
+}
+
+__attribute__((always_inline)) inline void lanes_to_bfloat16(c10::BFloat16* p, const Vec<float>& v) {
+  store_high_halves(p, bfloat16_in_high_halves(v));
+}
 
 // Elements p[0..kLanes) converted to A, as lanes.
 template <typename A, typename T>
 __attribute__((always_inline)) inline Vec<A> load_lanes(const T* p) {
   Vec<A> v;
   if constexpr (std::is_same_v<A, T>) {
-    std::memcpy(&v, p, sizeof(v));
+    v = Vec<A>::load(p);
   } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
     v = lanes_from_bfloat16(p);
   } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
@@ -264,7 +347,7 @@ __attribute__((always_inline)) inline Vec<A> load_lanes(const T* p) {
 template <typename A, typename T>
 __attribute__((always_inline)) inline void store_lanes(T* p, const Vec<A>& v) {
   if constexpr (std::is_same_v<A, T>) {
-    std::memcpy(p, &v, sizeof(v));
+    v.store(p);
   } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
     lanes_to_bfloat16(p, v);
   } else if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
@@ -625,12 +708,6 @@ std::vector<A> expand_scales(const std::vector<A>& per_group, const std::vector<
   return out;
 }
 
-inline std::vector<GroupShape> shapes_of(const std::vector<at::Tensor>& ts, Grouping grouping) {
-  std::vector<GroupShape> shapes;
-  shapes.reserve(ts.size());
-  for (const auto& t : ts) shapes.push_back(t.numel() ? group_shape(t, grouping) : GroupShape{1, 1, 0});
-  return shapes;
-}
-
+}  // namespace REGFAST_CPU_ISA
 }  // namespace cpu
 }  // namespace regfast

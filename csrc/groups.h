@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace regfast {
 
@@ -37,6 +38,14 @@ inline GroupShape group_shape(const at::Tensor& t, Grouping grouping) {
   if (grouping == Grouping::kTensor || t.dim() < 2) return {1, 1, n};
   if (grouping == Grouping::kRow) return {1, t.size(0), n / t.size(0)};
   return {t.size(0), t.size(1), n / (t.size(0) * t.size(1))};
+}
+
+// The group shape of each tensor of a list (an empty tensor has no groups).
+inline std::vector<GroupShape> shapes_of(const std::vector<at::Tensor>& ts, Grouping grouping) {
+  std::vector<GroupShape> shapes;
+  shapes.reserve(ts.size());
+  for (const auto& t : ts) shapes.push_back(t.numel() ? group_shape(t, grouping) : GroupShape{1, 1, 0});
+  return shapes;
 }
 
 }  // namespace regfast

@@ -7,7 +7,9 @@
 // namespace, and defines regfast_C with the same schemas when this module loads (regfast._ext),
 // so the compiled kernels implement exactly the contract every other backend implements.
 #include <Python.h>
+#include <c10/util/Exception.h>
 
+#include "cpu_passes.h"
 #include "host_path.h"
 
 #ifdef REGFAST_WITH_CUDA
@@ -15,6 +17,31 @@
 #else
 #define REGFAST_CUDA_FLAG 0
 #endif
+
+// cpu_isa() -> the name of the instruction set the CPU kernels run ("baseline" or "avx2", cpu_passes.h).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(regfast::cpu::isa_name(regfast::cpu::active_isa()));
+  } catch (const c10::Error& e) {  // REGFAST_CPU_ISA names no instruction set this CPU runs
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+// set_cpu_isa(name) -> the previous one's name; ValueError for a name that is unknown or that this CPU lacks.
+static PyObject* set_cpu_isa(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  const char* previous = nullptr;
+  try {
+    previous = regfast::cpu::isa_name(regfast::cpu::active_isa());
+    regfast::cpu::set_isa(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return PyUnicode_FromString(previous);
+}
 
 // The public calls' host path in one C++ walk (host_path.cpp); regfast._ops calls them.
 static PyMethodDef regfast_methods[] = {
@@ -43,6 +70,9 @@ static PyMethodDef regfast_methods[] = {
     {"adamw_flat_walk", regfast::host::adamw_flat, METH_VARARGS,
      "adamw_flat_walk(params, types, cpu, cuda, planned, numels, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, "
      "lr_tensor, lr, ...) -> as adamw_step_walk; each state: one flat buffer per dtype group"},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "cpu_isa() -> the instruction set of the CPU kernels: 'baseline' or 'avx2'"},
+    {"set_cpu_isa", set_cpu_isa, METH_VARARGS,
+     "set_cpu_isa(name) -> the previous instruction set; 'baseline' or 'avx2' (ValueError if this CPU lacks it)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef regfast_module = {PyModuleDef_HEAD_INIT, "_C", "regfast's compiled kernels (regfast_C ops).", -1,

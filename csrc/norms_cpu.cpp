@@ -1,4 +1,4 @@
-// CPU implementation of regfast_C::norms: per-tensor Σ|w| and Σw² in one pass (cpu_kernels.h).
+// CPU implementation of regfast_C::norms: per-tensor Σ|w| and Σw² in one pass (cpu_passes.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -10,15 +10,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "cpu_passes.h"
 #include "elementwise.h"
 #include "groups.h"
 #include "tensor_list.h"
 
 namespace regfast {
 namespace {
-
-using namespace cpu;  // the building blocks of every CPU kernel (cpu_kernels.h)
 
 void check_params(at::TensorList params) { check_group(params, "params", c10::kCPU); }
 
@@ -31,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_norms_cpu", [&] {
     using A = acc_t<scalar_t>;
     std::vector<A> v1, v2;
-    tensor_norms<scalar_t>(ws, v1, v2);
+    cpu::passes<scalar_t>().tensor_norms(ws, v1, v2);
     std::copy(v1.begin(), v1.end(), l1.data_ptr<A>());
     std::copy(v2.begin(), v2.end(), l2sq.data_ptr<A>());
   });

@@ -1,6 +1,7 @@
 // The per-element loops of the fused optimizer steps for the baseline instruction set: a·b + c
 // rounded twice, as ATen rounds it without AVX2 kernels. On other architectures than x86-64 the
 // fused loops are built here too (std::fma is part of their baseline; see optim_cpu_fma.cpp).
+#define REGFAST_OPTIM_LOOPS baseline
 #include "optim_cpu_math.h"
 
 namespace regfast {

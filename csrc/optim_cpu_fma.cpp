@@ -26,6 +26,7 @@
 #pragma GCC target("avx2,fma")
 #endif
 
+#define REGFAST_OPTIM_LOOPS avx2_fma
 #include "optim_cpu_math.h"
 
 namespace regfast {

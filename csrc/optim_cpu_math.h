@@ -20,10 +20,16 @@
 #include "kernel_types.h"
 #include "optim_cpu.h"
 
+#if !defined(REGFAST_OPTIM_LOOPS)
+#error "define REGFAST_OPTIM_LOOPS, the namespace of the including file's instruction set"
+#endif
+
 namespace regfast {
 namespace optim_cpu {
-// Internal linkage: each including file compiles its own copy for its own instruction set, so
-// that no AVX2 instantiation can stand in for a baseline one at link time.
+// Internal linkage, in a namespace named after the instruction set: each including file compiles its own
+// copy for its own instruction set, so that no AVX2 instantiation can stand in for a baseline one at link
+// time, and the library's symbols say which is which.
+namespace REGFAST_OPTIM_LOOPS {
 namespace {
 
 constexpr int kLanes = 16;
@@ -337,5 +343,7 @@ void adamw_dispatch(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, 
 }
 
 }  // namespace
+}  // namespace REGFAST_OPTIM_LOOPS
+using namespace REGFAST_OPTIM_LOOPS;
 }  // namespace optim_cpu
 }  // namespace regfast

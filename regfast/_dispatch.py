@@ -134,10 +134,11 @@ class BackendInfo:
     selected: str
     requested: str
     reasons: dict[str, str] = field(default_factory=dict)
+    kernels: str = ""  # the selected backend's variant, e.g. the CPU kernels' instruction set
 
     def __str__(self) -> str:
-        lines = [f"{self.device}: {self.selected}" + (f" (REGFAST_BACKEND={self.requested})"
-                                                      if self.requested != "auto" else "")]
+        lines = [f"{self.device}: {self.selected}" + (f" ({self.kernels})" if self.kernels else "")
+                 + (f" (REGFAST_BACKEND={self.requested})" if self.requested != "auto" else "")]
         for name, reason in self.reasons.items():
             lines.append(f"  {name}: {reason}")
         return "\n".join(lines)
@@ -162,4 +163,12 @@ def backend(device: torch.device | str | None = None) -> BackendInfo:
             reason = ("available; not chosen" if requested() != "auto" or name not in order
                       else f"available; {selected} comes first")
         reasons[name] = reason
-    return BackendInfo(str(device), selected, requested(), reasons)
+    kernels = ""
+    if selected == "cpp" and device.type == "cpu":
+        from regfast import _ext
+
+        try:
+            kernels = f"{_ext._C.cpu_isa()} kernels"
+        except ValueError as exc:  # REGFAST_CPU_ISA names no instruction set this CPU runs
+            kernels = str(exc)
+    return BackendInfo(str(device), selected, requested(), reasons, kernels)

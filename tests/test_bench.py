@@ -193,18 +193,20 @@ def test_cpu_bandwidth_script_measures_every_op_dtype_and_loop(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_bandwidth.py"
     out = tmp_path / "rows.jsonl"
+    isas = sorted({"baseline", _ext._C.cpu_isa()})  # every instruction set this CPU runs
     subprocess.run([sys.executable, str(script), "--scale", "0.002", "--repeats", "2", "--threads", "1", "2",
-                    "--dtypes", "float32", "bfloat16", "--out", str(out)], capture_output=True, text=True, check=True,
-                   timeout=900)
+                    "--dtypes", "float32", "bfloat16", "--isa", *isas, "--out", str(out)], capture_output=True,
+                   text=True, check=True, timeout=900)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    ops = {(r["op"], r.get("dtype"), r["threads"]) for r in rows}
+    ops = {(r["op"], r.get("dtype"), r["threads"], r.get("isa")) for r in rows}
     for threads in (1, 2):
-        assert ("copy", "float32", threads) in ops
+        assert ("copy", "float32", threads, None) in ops
         for dtype in ("float32", "bfloat16"):
             for op in ("norms", "penalty l1", "penalty_backward l2", "add_penalty_grad_ l1+l2", "prox_ l1",
                        "add_penalty_grad_ group_lasso col", "prox_ group_lasso tensor", "ProxSGD step (momentum, l1)",
                        "ProxAdamW step (l1)"):
-                assert (op, dtype, threads) in ops, (op, dtype, threads)
+                for isa in isas:
+                    assert (op, dtype, threads, isa) in ops, (op, dtype, threads, isa)
     assert all(r["of_bound"] > 0 for r in rows if "of_bound" in r)
     loops = [r for r in rows if r["op"].startswith("loop vs regfast")]
     assert len(loops) == 2 * 5 and all(r["speedup"] > 0 for r in loops)

@@ -1,6 +1,7 @@
-"""The CPU kernels' lane vectors (csrc/cpu_kernels.h), checked on compiled code.
+"""The CPU kernels' lane vectors (csrc/cpu_kernels.h), checked on compiled code, in each instruction set's variant.
 
-A small C++ program built with the extension's flags runs the lane-vector norm loop, sign and soft threshold
+A small C++ program built with the extension's flags (the AVX2 variant as the extension builds it: its headers
+first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign and soft threshold
 against the scalar code they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0,
 infinities), and the lanes' float16 / bfloat16 conversions against c10's (every 16-bit pattern, floats at
 every rounding tie); the disassembly of the sign and threshold shows packed compares and no scalar compare or
@@ -20,14 +21,33 @@ FLAGS = ["-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trap
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or shutil.which("objdump") is None,
                                 reason="needs g++ and objdump")
 
-PROGRAM = r"""
-#include "cpu_kernels.h"
-#include "elementwise.h"
+# Before the kernels: what the extension's AVX2 variant includes ahead of its target switch (c10's conversions,
+# the expected values, stay baseline code).
+PRELUDE = r"""
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
+#include <vector>
+#include "cpu_work_list.h"
+#include "elementwise.h"
+#include "groups.h"
+#include "kernel_types.h"
+#include "norm_parts.h"
+"""
+
+VARIANTS = {"baseline": "#define REGFAST_CPU_ISA baseline\n#define REGFAST_CPU_AVX2 0\n",
+            "avx2": '#pragma GCC target("avx2,f16c")\n#define REGFAST_CPU_ISA avx2\n#define REGFAST_CPU_AVX2 1\n'}
+
+PROGRAM = r"""
+#include "cpu_kernels.h"
 using namespace regfast;
 using namespace regfast::cpu;
+using namespace regfast::cpu::REGFAST_CPU_ISA;
 
 template <typename T, typename A>
 void scalar_norms(const T* w, int64_t b, int64_t e, LaneSum<A>& a1, LaneSum<A>& a2) {
@@ -163,16 +183,27 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def program(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lanes")
+def _runs_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "f16c" in flags
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def program(request, tmp_path_factory) -> Path:
+    if request.param == "avx2" and not _runs_avx2():
+        pytest.skip("this CPU has no AVX2 + F16C")
+    out = tmp_path_factory.mktemp(f"lanes-{request.param}")
     source = out / "lanes.cpp"
-    source.write_text(PROGRAM)
+    source.write_text(PRELUDE + VARIANTS[request.param] + PROGRAM)
     include = [f"-I{p}" for p in cpp.include_paths()] + [f"-I{ROOT / 'csrc'}"]
     lib = cpp.library_paths()[0]
     exe = out / "lanes"
     subprocess.run(["g++", *FLAGS, *include, str(source), "-o", str(exe), f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}"],
                    check=True, capture_output=True, text=True, timeout=600)
+    exe.with_suffix(".variant").write_text(request.param)
     return exe
 
 
@@ -181,24 +212,35 @@ def test_lane_vectors_give_the_scalar_loops_bits(program):
     assert result.returncode == 0 and result.stdout.strip() == "same", result.stdout + result.stderr
 
 
-def _body(asm: str, name: str) -> set[str]:
-    """The instructions of function ``name`` (demangled, up to its parameter list) in ``asm``."""
+def _text(asm: str, name: str) -> str:
+    """The disassembly of function ``name`` (demangled, up to its parameter list) in ``asm``."""
     start = asm.index(f"<{name}(")
-    body = asm[start:asm.index("\n\n", start)]
-    return {line.split()[1] for line in body.splitlines()[1:] if len(line.split()) > 1}
+    return asm[start:asm.index("\n\n", start)]
+
+
+def _body(asm: str, name: str) -> set[str]:
+    """The instructions of function ``name`` in ``asm``."""
+    return {line.split()[1] for line in _text(asm, name).splitlines()[1:] if len(line.split()) > 1}
 
 
 def test_16_bit_conversions_are_straight_vector_code(program):
     """The lanes' bfloat16 / float16 conversions: no call, no branch (c10's scalar conversions branch on NaN and
-    range), packed integer compares where they select."""
+    range), packed integer compares where they select; in the AVX2 variant 256-bit registers and F16C's
+    conversions for float16 (with a packed float compare for NaN when narrowing)."""
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
                          check=True).stdout
+    avx2 = program.with_suffix(".variant").read_text() == "avx2"
     for kind in ("c10::BFloat16", "c10::Half"):
         for fn in ("widen", "narrow"):
             ops = _body(asm, f"void {fn}<{kind}>")
             assert not {op for op in ops if op.startswith("j") or op.startswith("call")}, (fn, kind, sorted(ops))
-            if fn == "narrow" or kind == "c10::Half":
+            if avx2 and kind == "c10::Half":
+                assert ("vcvtph2ps" if fn == "widen" else "vcvtps2ph") in ops, (fn, kind, sorted(ops))
+                assert fn == "widen" or "vcmpunordps" in ops or "vcmpps" in ops, (fn, kind, sorted(ops))
+            elif fn == "narrow" or kind == "c10::Half":
                 assert any("pcmp" in op for op in ops), (fn, kind, sorted(ops))
+            if avx2:
+                assert "%ymm" in _text(asm, f"void {fn}<{kind}>"), (fn, kind)
 
 
 def test_the_lanes_sign_and_threshold_are_vector_code(program):
@@ -208,5 +250,6 @@ def test_the_lanes_sign_and_threshold_are_vector_code(program):
         for fn in ("signs", "thresholds"):
             ops = _body(asm, f"void {fn}<{kind}>")
             packed = "ps" if kind == "float" else "pd"
-            assert any(op.startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
-            assert not ops & {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}, sorted(ops)
+            assert any(op.removeprefix("v").startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
+            scalar = {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}
+            assert not {op.removeprefix("v") for op in ops} & scalar, sorted(ops)

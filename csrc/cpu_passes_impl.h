@@ -1,0 +1,246 @@
+// The passes of the CPU kernels (declared in cpu_passes.h), compiled once per instruction set: the translation
+// unit that includes this header names its variant in REGFAST_CPU_ISA and REGFAST_CPU_AVX2 (cpu_kernels.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "cpu_passes.h"
+#include "elementwise.h"
+#include "groups.h"
+
+namespace regfast {
+namespace cpu {
+namespace REGFAST_CPU_ISA {
+
+// c·x computed as q·(x·p) with p a power of two, for c = weight/norm: p = 1 and q = c unless c is far
+// from 1 (a group of tiny or huge weights), where c itself may leave the range of A (or of double):
+// then p and q each carry about half of c's exponent, and x·p stays within a few powers of two of
+// weight (|x| ≤ norm).
+inline void split_coefficient(double weight, double norm, double& p, double& q) {
+  int ew = 0, en = 0;
+  const double mw = std::frexp(weight, &ew), mn = std::frexp(norm, &en);
+  const int e = ew - en;
+  if (!(std::isfinite(weight) && std::isfinite(norm) && weight > 0) || (e > -60 && e < 60)) {
+    p = 1;
+    q = weight / norm;
+    return;
+  }
+  p = std::ldexp(1.0, e / 2);
+  q = (mw / mn) * std::ldexp(1.0, e - e / 2);
+}
+
+// One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
+// [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums.
+// The sums live in local arrays and the pointers are restrict-qualified so that the stores to `out`
+// cannot alias them and the loop vectorizes.
+template <typename T, bool kL1, bool kLin, bool kAccumulate, typename A, typename Scale>
+inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
+                     Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
+  // Whole rounds on lane vectors, the tail element by element from lane 0: the operations of the scalar
+  // loop in the same order in every lane (cpu_kernels.h).
+  Vec<A> v1 = load_lanes<A>(abs_sum.v), v2 = load_lanes<A>(sq_sum.v);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const Vec<A> x = load_lanes<A>(w + i);
+    v1 += abs_lanes<A>(x);
+    v2 += x * x;
+    Vec<A> inc{};
+    if constexpr (kL1) inc += l1 * sign_lanes<A>(x);
+    if constexpr (kLin) inc += scale.lanes(i) * (x * scale.p_lanes(i));
+    if constexpr (kAccumulate) {
+      store_lanes<A>(out + i, load_lanes<A>(out + i) + mult * inc);
+    } else {
+      store_lanes<A>(out + i, mult * inc);
+    }
+  }
+  store_lanes<A>(abs_sum.v, v1);
+  store_lanes<A>(sq_sum.v, v2);
+  for (int j = 0; i < end; ++i, ++j) {
+    const A x = static_cast<A>(w[i]);
+    abs_sum.v[j] += std::abs(x);
+    sq_sum.v[j] += x * x;
+    A inc = 0;
+    if constexpr (kL1) inc += l1 * sign_of(x);
+    if constexpr (kLin) inc += scale(i) * (x * scale.p(i));
+    if constexpr (kAccumulate) {
+      out[i] = static_cast<T>(static_cast<A>(out[i]) + mult * inc);
+    } else {
+      out[i] = static_cast<T>(mult * inc);
+    }
+  }
+}
+
+// The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), with per-chunk Σ|w| and Σw².
+// The group-lasso part of the value, gl·Σ √|g|·‖w_g‖, is added by the caller from the group norms.
+template <typename T>
+acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
+                   double l1, double l2, double gl, Grouping grouping, double mult) {
+  using A = acc_t<T>;
+  const size_t nt = ws.size();
+  std::vector<GroupShape> shapes;
+  std::vector<A> scales, pres;
+  std::vector<int64_t> scale_offsets;
+  double group_value = 0;
+  if (gl != 0) {
+    shapes = shapes_of(ws, grouping);
+    std::vector<int64_t> offsets;
+    const std::vector<double> norms = group_norms<T>(ws, shapes, [](A x) { return x; }, offsets);
+    std::vector<A> per_group(norms.size()), pre(norms.size());
+    for (size_t t = 0; t < nt; ++t) {
+      if (ws[t].numel() == 0) continue;
+      const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
+      for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
+        const double norm = norms[g];
+        group_value += root * norm;
+        double p = 1, q = 0;
+        if (norm != 0) split_coefficient(gl * root, norm, p, q);
+        // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
+        per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
+        pre[g] = static_cast<A>(p);
+      }
+    }
+    scales = expand_scales(per_group, offsets, shapes, ws, scale_offsets);
+    pres = expand_scales(pre, offsets, shapes, ws, scale_offsets);
+  } else {
+    shapes.assign(nt, GroupShape{1, 1, 1});
+  }
+  const WorkList wl = make_work_list(ws);
+  std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
+  const A a_l1 = static_cast<A>(l1), a_lin = static_cast<A>(2 * l2), a_mult = static_cast<A>(mult);
+  const bool has_l1 = l1 != 0, has_lin = l2 != 0 || gl != 0;
+
+  auto run = [&](auto l1_tag, auto lin_tag, auto acc_tag) {
+    constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
+    constexpr bool kAccumulate = decltype(acc_tag)::value;
+    for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
+      const T* w = ws[ch.tensor].const_data_ptr<T>();
+      T* out = outs[ch.tensor].data_ptr<T>();
+      const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
+      const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
+      LaneSum<A> s1, s2;
+      for_scale_runs(shapes[ch.tensor], sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+        grad_run<T, kL1, kLin, kAccumulate>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
+      });
+      p1[c] = s1.total();
+      p2[c] = s2.total();
+    });
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (accumulate) {
+    if (has_l1 && has_lin) run(T_{}, T_{}, T_{});
+    else if (has_l1) run(T_{}, F_{}, T_{});
+    else if (has_lin) run(F_{}, T_{}, T_{});
+  } else {
+    if (has_l1 && has_lin) run(T_{}, T_{}, F_{});
+    else if (has_l1) run(T_{}, F_{}, F_{});
+    else if (has_lin) run(F_{}, T_{}, F_{});
+  }
+  A abs_sum = 0, sq_sum = 0;
+  for (size_t c = 0; c < wl.chunks.size(); ++c) {
+    abs_sum += p1[c];
+    sq_sum += p2[c];
+  }
+  A value = 0;
+  if (l1 != 0) value += static_cast<A>(l1) * abs_sum;
+  if (l2 != 0) value += static_cast<A>(l2) * sq_sum;
+  if (gl != 0) value += static_cast<A>(gl * group_value);
+  return value;
+}
+
+// The prox with the elastic-net step `elastic` and, with group lasso, the group coefficient
+// lr·gl·√|g|/(1 + 2·lr·l2) (in double from the step's value `lr`).
+template <typename T>
+void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T>> elastic, double l2, double gl,
+               Grouping grouping) {
+  using A = acc_t<T>;
+  const bool has_t = elastic.has_l1, has_shrink = elastic.has_l2;
+  const double shrink_d = has_shrink ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
+  const size_t nt = ws.size();
+  std::vector<GroupShape> shapes;
+  std::vector<A> scales;
+  std::vector<int64_t> scale_offsets;
+  if (gl != 0) {
+    shapes = shapes_of(ws, grouping);
+    std::vector<int64_t> offsets;
+    const auto norms = group_norms<T>(ws, shapes, elastic, offsets);
+    std::vector<A> factor(norms.size());
+    for (size_t i = 0; i < nt; ++i) {
+      if (ws[i].numel() == 0) continue;
+      const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
+      for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
+        const double norm = norms[g];
+        // In double: a tiny norm gives c/norm = inf and factor 0. std::max(x, 0) keeps a NaN x, so a NaN
+        // group stays NaN.
+        factor[g] = norm == 0 ? A(0) : static_cast<A>(std::max(1 - c / norm, 0.0));
+      }
+    }
+    scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
+  } else {
+    shapes.assign(nt, GroupShape{1, 1, 1});
+  }
+  const WorkList wl = make_work_list(ws);
+  auto run = [&](auto t_tag, auto shrink_tag, auto group_tag) {
+    constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
+    constexpr bool kGroup = decltype(group_tag)::value;
+    for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
+      T* w = ws[ch.tensor].data_ptr<T>();
+      const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
+      // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
+      for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+        int64_t i = b;
+        // float16 on lanes (the same operations as the element loop below): the compiler does not vectorize its
+        // conversions on its own. It does for the other dtypes' element loop, which measured as fast or faster.
+        if constexpr (std::is_same_v<T, c10::Half>) {
+          for (; i + kLanes <= e; i += kLanes) {
+            Vec<A> x = load_lanes<A>(w + i);
+            if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
+            if constexpr (kShrink) x = x * elastic.shrink;
+            if constexpr (kGroup) x = x * scale.lanes(i);
+            store_lanes<A>(w + i, x);
+          }
+        }
+        for (; i < e; ++i) {
+          A x = static_cast<A>(w[i]);
+          x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
+          if constexpr (kGroup) x = x * scale(i);
+          w[i] = static_cast<T>(x);
+        }
+      });
+    });
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (gl != 0) {
+    if (has_t && has_shrink) run(T_{}, T_{}, T_{});
+    else if (has_t) run(T_{}, F_{}, T_{});
+    else if (has_shrink) run(F_{}, T_{}, T_{});
+    else run(F_{}, F_{}, T_{});
+  } else {
+    if (has_t && has_shrink) run(T_{}, T_{}, F_{});
+    else if (has_t) run(T_{}, F_{}, F_{});
+    else if (has_shrink) run(F_{}, T_{}, F_{});
+  }
+}
+
+template <typename T>
+std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const std::vector<GroupShape>& shapes,
+                                      std::vector<int64_t>& offsets) {
+  return group_norms<T>(ws, shapes, [](acc_t<T> x) { return x; }, offsets);
+}
+
+template <typename T>
+Passes<T> passes() {
+  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>};
+}
+
+}  // namespace REGFAST_CPU_ISA
+}  // namespace cpu
+}  // namespace regfast

@@ -1,0 +1,180 @@
+"""The CPU kernels' instruction-set variants (csrc/cpu_passes.h): the AVX2 + F16C variant where the CPU has it,
+the same bits as the baseline variant for every op, dtype, grouping and shape, and AVX instructions only in the
+functions compiled for them (checked on the built extension's disassembly)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import regfast
+from regfast import _ext
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the cpp backend is not built")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+HAS_AVX2 = {"avx2", "f16c"} <= _cpu_flags()
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 + F16C")
+
+
+@pytest.fixture
+def isa():
+    """Sets the CPU kernels' instruction set for the test; the chosen one is restored after."""
+    chosen = _ext._C.cpu_isa()
+    yield _ext._C.set_cpu_isa
+    _ext._C.set_cpu_isa(chosen)
+
+
+def test_the_variant_chosen_is_the_widest_this_cpu_runs():
+    assert _ext._C.cpu_isa() == ("avx2" if HAS_AVX2 and "REGFAST_CPU_ISA" not in os.environ else
+                                 os.environ.get("REGFAST_CPU_ISA", "baseline"))
+
+
+def test_set_cpu_isa_names_the_problem(isa):
+    with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
+        isa("sse9")
+    assert isa("baseline") in ("baseline", "avx2")
+    assert _ext._C.cpu_isa() == "baseline"
+    if not HAS_AVX2:
+        with pytest.raises(ValueError, match="does not support AVX2"):
+            isa("avx2")
+
+
+@pytest.mark.parametrize("value, expected", [("baseline", "baseline"), ("sse9", "ValueError")])
+def test_the_environment_chooses_the_variant(value, expected):
+    code = ("from regfast import _ext\ntry:\n    print(_ext._C.cpu_isa())\nexcept ValueError as e:\n"
+            "    print('ValueError', e)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "REGFAST_CPU_ISA": value},
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert out.split()[0] == expected, out
+    if expected == "ValueError":
+        assert "REGFAST_CPU_ISA=" in out and "'sse9'" in out, out
+
+
+def _params(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Every shape the kernels treat differently: 0-dim, empty, odd lengths, more than one chunk (32,768
+    elements), rows and columns, a non-contiguous view, many tiny tensors; NaN, ±inf, −0 and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(), (0,), (1,), (17,), (100_003,), (37, 41), (3, 40_000), (7, 5, 9), (70_000, 2)] + [(3,)] * 40
+    ws = [(torch.randn(s, generator=g, dtype=torch.float64) * 3).to(dtype) for s in shapes]
+    ws[5] = (torch.randn(41, 37, generator=g) * 3).to(dtype).t()  # a transposed view
+    flat = ws[4]
+    flat[7], flat[100], flat[2000], flat[3001] = float("nan"), float("inf"), float("-inf"), -0.0
+    flat[50:60] = torch.finfo(dtype).tiny / 4 if dtype != torch.bfloat16 else torch.finfo(dtype).tiny
+    for w in ws:
+        w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64).to(dtype)
+    return ws
+
+
+def _outcome(dtype: torch.dtype, gl: float, groups: str, seed: int) -> list[torch.Tensor]:
+    """Every op's results on fresh params of one seed: norms, penalty and its gradient through autograd,
+    add_penalty_grad_, prox_ with a float and with a tensor lr."""
+    hyper = {"l1": 0.01, "l2": 0.3, "group_lasso": gl, "groups": groups}
+    ws = _params(dtype, seed)
+    out = list(regfast.norms(ws))
+    leaves = [w.detach().requires_grad_() for w in ws]
+    value = regfast.penalty(leaves, **hyper)
+    out += [value, *torch.autograd.grad(value * 1.5, leaves)]
+    out += [regfast.add_penalty_grad_(ws, **hyper), *(w.grad for w in ws)]
+    for lr in (0.05, torch.tensor(0.05)):
+        copies = [w.detach().clone() for w in ws]
+        regfast.prox_(copies, lr=lr, **hyper)
+        out += copies
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gl, groups", [(0.0, "row"), (0.2, "row"), (0.2, "col"), (0.2, "tensor")])
+def test_avx2_and_baseline_variants_give_the_same_bits(isa, dtype, gl, groups):
+    from helpers import use_backend
+
+    with use_backend("cpp"):
+        for seed in (0, 1):
+            isa("baseline")
+            base = _outcome(dtype, gl, groups, seed)
+            isa("avx2")
+            wide = _outcome(dtype, gl, groups, seed)
+            assert len(base) == len(wide)
+            for i, (a, b) in enumerate(zip(base, wide)):
+                assert a.shape == b.shape and a.dtype == b.dtype, i
+                assert torch.equal(_bits(a), _bits(b)), (i, a, b)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_pattern_converts_alike_in_both_variants(isa, dtype):
+    """Each of the 65,536 patterns widened and narrowed back (add_penalty_grad_ with l2 = 0.5 adds w to a zero
+    grad): the same bits in both variants, and torch's bits for every pattern but NaN payloads (c10's scalar
+    conversion makes every NaN the canonical one, as regfast does)."""
+    from helpers import use_backend
+
+    w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).clone()
+    got = {}
+    with use_backend("cpp"):
+        for name in ("baseline", "avx2"):
+            isa(name)
+            w.grad = torch.zeros_like(w)
+            regfast.add_penalty_grad_([w], l2=0.5)
+            got[name] = w.grad.view(torch.int16).clone()
+    assert torch.equal(got["baseline"], got["avx2"])
+    expected = (torch.zeros_like(w).float() + w.float()).to(dtype).view(torch.int16)  # 0 + (−0) is +0
+    nan = torch.isnan(w)
+    assert torch.equal(got["avx2"][~nan], expected[~nan])
+    canonical = 0x7E00 if dtype == torch.float16 else 0x7FC0
+    assert torch.equal(got["avx2"][nan] & 0x7FFF, torch.full_like(got["avx2"][nan], canonical))
+
+
+def _functions(so: Path) -> list[tuple[str, list[str]]]:
+    """Each function of the library (demangled name; internal ones may share one) and its instructions'
+    mnemonics."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(so)], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    out = []
+    for block in asm.split("\n\n"):
+        head = re.match(r"[0-9a-f]+ <(.*)>:", block.strip())
+        if head:
+            # "  addr:\tmnemonic operands" (no raw bytes)
+            out.append((head.group(1), [line.split("\t", 1)[1].split()[0] for line in block.splitlines()[1:]
+                                        if "\t" in line and line.split("\t", 1)[1].strip()]))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
+def test_only_the_avx2_variants_hold_avx_instructions():
+    """The baseline build must run on every x86-64 CPU: an AVX (VEX-encoded, v-prefixed) instruction may appear
+    only in functions compiled for AVX2: namespace regfast::cpu::avx2, and the optimizer steps' AVX2 + FMA loops
+    in regfast::optim_cpu::avx2_fma with their entry points in regfast::optim_cpu::fused. And the AVX2 variant's
+    passes convert float16 with F16C, the optimizer's loops fuse with FMA."""
+    functions = _functions(Path(_ext._C.__file__))
+    assert len(functions) > 500 and sum(len(ops) for _, ops in functions) > 100_000  # the parse found the code
+    allowed = ("regfast::cpu::avx2::", "regfast::optim_cpu::avx2_fma::", "regfast::optim_cpu::fused::")
+    outside = {name: sorted({op for op in ops if op.startswith("v") and op not in ("verr", "verw")})[:5]
+               for name, ops in functions if not any(a in name for a in allowed)}
+    outside = {name: ops for name, ops in outside.items() if ops}
+    assert not outside, outside
+    wide = [(name, set(ops)) for name, ops in functions if "regfast::cpu::avx2::" in name]
+    assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "grad_run<c10::Half" in name)
+    assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "prox_pass<c10::Half>" in name)
+    assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
+    fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
+    assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
