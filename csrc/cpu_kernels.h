@@ -186,17 +186,32 @@ __attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
   return x;
 }
 
-// yes where `mask` is all ones, no where it is zero, bitwise (a lane vector or a piece, and its mask).
+// yes where `mask` is all ones, no where it is zero (a lane vector or a piece, and its mask), piece by piece:
+// one byte blend with AVX2, and, and-not, or without.
 template <typename M, typename V>
 __attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
-  return bits_as<V>((mask & bits_as<M>(yes)) | (~mask & bits_as<M>(no)));
+  if constexpr (requires { yes.p; }) {
+    V out;
+    for (int k = 0; k < static_cast<int>(sizeof(yes.p) / sizeof(yes.p[0])); ++k) {
+      out.p[k] = select_bits(mask.p[k], yes.p[k], no.p[k]);
+    }
+    return out;
+  } else {
+#if REGFAST_CPU_AVX2
+    static_assert(sizeof(V) == 32 && sizeof(M) == 32, "one AVX2 register");
+    return bits_as<V>(_mm256_blendv_epi8(bits_as<__m256i>(no), bits_as<__m256i>(yes), bits_as<__m256i>(mask)));
+#else
+    return bits_as<V>((mask & bits_as<M>(yes)) | (~mask & bits_as<M>(no)));
+#endif
+  }
 }
 
 // float to c10::BFloat16 (c10::detail::round_to_nearest_even) as 32-bit lanes whose high half is the result:
 // NaN becomes 0x7FC0, the rest rounds to nearest even.
 __attribute__((always_inline)) inline Bits32 bfloat16_in_high_halves(const Vec<float>& v) {
   const Bits32 u = bits_as<Bits32>(v);
-  const Bits32 nan = lanes_where(u & 0x7FFFFFFFu, [](auto x) { return x > 0x7F800000; });
+  Bits32 nan;  // all ones where v is NaN: one packed float compare per piece
+  for (int k = 0; k < Bits32::kPieces; ++k) nan.p[k] = bits_as<Bits32::Piece>(v.p[k] != v.p[k]);
   const Bits32 rounded = u + (((u >> 16u) & 1u) + 0x7FFFu);
   return select_bits(nan, Bits32{} + 0x7FC00000u, rounded);
 }
