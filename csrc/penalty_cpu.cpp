@@ -2,16 +2,20 @@
 // per-tensor and group norms, the gradient in one pass that also sums |w| and w² for the value.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <torch/library.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <iterator>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -63,22 +67,116 @@ at::Tensor penalty_cpu(at::TensorList params, double l1, double l2, double gl, c
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
-// A fresh output of `like`'s shape and dtype. Outputs of more than a few MB come from fresh pages that the
-// kernel faults in and zeroes on first write, page by page (glibc maps such blocks anew on every call):
-// they are marked for transparent huge pages first, where the system offers them on request, so that the
-// first write faults 2 MB at a time instead of 4 KB.
-at::Tensor fresh_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t bytes = static_cast<size_t>(out.numel()) * out.element_size();
-  if (bytes >= 2 * kHuge) {
-    const auto start = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1), last = (start + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: may be ignored
+// The gradients penalty_backward returns: one fresh tensor per param, every call. A block of more than a few MB
+// that glibc serves comes from fresh pages that the kernel faults in and zeroes on first write (glibc maps such
+// blocks anew on every call), which costs more than the gradient pass itself. So large outputs come from
+// OutputCache: blocks that earlier outputs freed (a step's grads, set to None or summed into .grad) are handed
+// out again with their pages still mapped, matched by size. It holds freed blocks up to the bytes of the largest
+// call's large outputs (one call's worth; the longest-held leave first); REGFAST_CPU_OUTPUT_CACHE=0 turns it off.
+class OutputCache final : public c10::Allocator {
+ public:
+  static constexpr size_t kLarge = size_t{4} << 20;
+
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: outputs may outlive static destruction
+    return *cache;
   }
-#endif
-  return out;
+
+  bool enabled() const { return enabled_; }
+
+  // A call's large outputs total `bytes`: the cache may hold that much.
+  void expect(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = std::max(limit_, bytes);
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // The most recently freed block of that size: blocks are few (one per large param).
+      const auto it = std::find_if(free_.rbegin(), free_.rend(), [n](const Block& b) { return b.bytes == n; });
+      if (it != free_.rend()) {
+        p = it->ptr;
+        held_ -= n;
+        free_.erase(std::next(it).base());
+      }
+    }
+    if (p == nullptr) p = fresh(n);
+    return {p, new Block{p, n}, &give_back, c10::Device(c10::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+
+  OutputCache() {
+    const char* env = std::getenv("REGFAST_CPU_OUTPUT_CACHE");
+    enabled_ = env == nullptr || std::string(env) != "0";
+  }
+
+  // A new block (its pages are faulted in by the first write; asking for transparent huge pages instead made
+  // that first write several times slower here, the kernel compacting memory to find them).
+  static void* fresh(size_t n) {
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, 64, n) == 0 && p != nullptr, "penalty_backward: out of memory allocating ", n,
+                " bytes");
+    return p;
+  }
+
+  // A freed output's block joins the cache; the longest-held blocks leave it (back to the system) while it holds
+  // more than the limit.
+  static void give_back(void* ctx) {
+    std::unique_ptr<Block> block(static_cast<Block*>(ctx));
+    OutputCache& cache = get();
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex_);
+      cache.free_.push_back(*block);
+      cache.held_ += block->bytes;
+      while (cache.held_ > cache.limit_ && !cache.free_.empty()) {
+        evicted.push_back(cache.free_.front().ptr);
+        cache.held_ -= cache.free_.front().bytes;
+        cache.free_.pop_front();
+      }
+    }
+    for (void* p : evicted) std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::list<Block> free_;  // oldest first
+  size_t held_ = 0, limit_ = 0;
+  bool enabled_ = true;
+};
+
+// The outputs of penalty_backward: contiguous tensors of each param's shape and dtype, the large ones from
+// OutputCache.
+std::vector<at::Tensor> fresh_outputs(const std::vector<at::Tensor>& ws) {
+  OutputCache& cache = OutputCache::get();
+  size_t large = 0;
+  for (const auto& w : ws) {
+    const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
+    if (bytes >= OutputCache::kLarge) large += bytes;
+  }
+  if (large > 0 && cache.enabled()) cache.expect(large);
+  std::vector<at::Tensor> outs;
+  outs.reserve(ws.size());
+  for (const auto& w : ws) {
+    const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
+    if (bytes >= OutputCache::kLarge && cache.enabled()) {
+      outs.push_back(at::detail::empty_generic(w.sizes(), &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                               w.scalar_type(), at::MemoryFormat::Contiguous));
+    } else {
+      outs.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
+    }
+  }
+  return outs;
 }
 
 std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad, at::TensorList params, double l1, double l2,
@@ -86,9 +184,7 @@ std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad, at::TensorL
   check_params(params);
   const Grouping grouping = parse_grouping(groups);
   const auto ws = contiguous_all(params);
-  std::vector<at::Tensor> outs;
-  outs.reserve(ws.size());
-  for (const auto& w : ws) outs.push_back(fresh_output(w));
+  std::vector<at::Tensor> outs = fresh_outputs(ws);
   const double mult = grad.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_penalty_backward_cpu",
                                   [&] {

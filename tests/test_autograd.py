@@ -128,3 +128,35 @@ def test_func_grad_and_vmap(backend):
                                torch.stack([loop([b], **hyper) for b in batch]))
     per_sample = torch.vmap(torch.func.grad(lambda x: regfast.penalty(x, l2=0.5)))(batch)
     torch.testing.assert_close(per_sample, batch)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("terms", [dict(l1=0.3, l2=0.2), dict(group_lasso=0.4, groups="col"), dict()],
+                         ids=["elastic", "group", "none"])
+def test_cpu_gradients_reuse_the_blocks_earlier_gradients_freed(dtype, terms):
+    """penalty's large CPU gradients (≥ 4 MB) come from blocks that earlier gradients freed (pages already
+    mapped, csrc/penalty_cpu.cpp's OutputCache): the second backward's grads sit where the first's were, and
+    every element is written again (the oracle's values, never a stale one; zeros when nothing is asked)."""
+    import oracle
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1100, 1000), (3, 7), (2_100_000,)]
+    ws = [(torch.randn(s, generator=gen) * 2).to(dtype).requires_grad_() for s in shapes]
+    with use_backend("cpp"):
+        regfast.penalty(ws, **terms).backward()
+        first = {w.grad.data_ptr() for w in ws if w.grad.nbytes >= 4 << 20}
+        assert len(first) == (2 if dtype == torch.float32 else 1)
+        for w in ws:
+            w.grad.fill_(float("nan"))  # the old blocks go back to the cache full of NaN
+            w.grad = None
+        for w in ws:
+            with torch.no_grad():
+                w.mul_(-1)
+        regfast.penalty(ws, **terms).backward(torch.tensor(2.0))
+    assert {w.grad.data_ptr() for w in ws if w.grad.nbytes >= 4 << 20} == first
+    l1, l2, gl = terms.get("l1", 0.0), terms.get("l2", 0.0), terms.get("group_lasso", 0.0)
+    for w in ws:
+        expected = 2 * oracle.grad(w.detach().double(), l1=l1, l2=l2, gl=gl, groups=terms.get("groups", "row"))
+        torch.testing.assert_close(w.grad.double(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
