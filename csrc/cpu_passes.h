@@ -59,13 +59,17 @@ const char* isa_name(Isa isa);
 // unknown or the CPU lacks it.
 void set_isa(const char* name);
 
+// The passes of the active instruction set. A variant's own code (avx2::passes included) runs only once that
+// variant is the active one, which it is only on a CPU that supports it.
 template <typename T>
 const Passes<T>& passes() {
-  static const Passes<T> base = baseline::passes<T>();
 #if defined(__x86_64__)
-  static const Passes<T> wide = avx2::passes<T>();
-  if (active_isa() == Isa::kAvx2) return wide;
+  if (active_isa() == Isa::kAvx2) {
+    static const Passes<T> wide = avx2::passes<T>();
+    return wide;
+  }
 #endif
+  static const Passes<T> base = baseline::passes<T>();
   return base;
 }
 

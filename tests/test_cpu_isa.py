@@ -178,3 +178,70 @@ def test_only_the_avx2_variants_hold_avx_instructions():
     assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
     fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
     assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
+
+
+GDB_PROGRAM = """
+import torch, regfast
+from regfast.optim import ProxAdamW, ProxSGD
+for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    ws = [torch.randn(100, 37).to(dt).requires_grad_(), torch.randn(5).to(dt).requires_grad_()]
+    for w in ws:
+        w.grad = torch.randn(w.shape).to(dt)
+    regfast.norms(ws)
+    for gl in (0.0, 0.5):
+        regfast.penalty(ws, l1=0.1, l2=0.1, group_lasso=gl).backward()
+        regfast.add_penalty_grad_(ws, l1=0.1, l2=0.2, group_lasso=gl)
+        with torch.no_grad():
+            regfast.prox_(ws, lr=0.1, l1=0.1, l2=0.1, group_lasso=gl)
+    for opt in (ProxSGD(ws, lr=0.1, momentum=0.9, l1=0.01), ProxAdamW(ws, lr=0.1, l1=0.01)):
+        opt.step()
+        opt.step()
+print("finished")
+"""
+
+
+AVX2_SCOPES = ("regfast::cpu::avx2::", "regfast::optim_cpu::fused::", "regfast::optim_cpu::avx2_fma::")
+
+
+def _avx2_symbols(so: Path) -> list[str]:
+    """The linkage names of the library's functions compiled for AVX2, or called only from them (a template
+    instantiated with one of their lambdas)."""
+    names = [line.split()[2] for line in subprocess.run(["nm", "--defined-only", str(so)], capture_output=True,
+                                                       text=True, check=True).stdout.splitlines()
+             if len(line.split()) == 3 and line.split()[1] in "tTW"]
+    plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return [n for n, d in zip(names, plain.splitlines()) if any(scope in d for scope in AVX2_SCOPES)]
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None or shutil.which("nm") is None or shutil.which("c++filt") is None,
+                    reason="needs gdb, nm and c++filt")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
+@pytest.mark.parametrize("baseline", [True, False], ids=["baseline", "avx2"])
+def test_a_baseline_process_never_enters_avx2_code(tmp_path, baseline):
+    """Under gdb, with a breakpoint on every function compiled for AVX2 (the passes' variant, the optimizer steps'
+    AVX2 + FMA loops): a process told to run the baseline code (REGFAST_CPU_ISA=baseline, and torch's default
+    kernels, as on a CPU without AVX2) runs every op and optimizer step in every dtype without reaching one; the
+    same program with the AVX2 variant reaches them (the check can fail)."""
+    if not baseline and not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2 + F16C")
+    so = Path(_ext._C.__file__)
+    symbols = _avx2_symbols(so)
+    assert len(symbols) > 200, len(symbols)
+    script = tmp_path / "ops.py"
+    script.write_text(GDB_PROGRAM)
+    commands = tmp_path / "commands.gdb"
+    commands.write_text("\n".join(["set pagination off", "set breakpoint pending off", "set auto-solib-add off",
+                                    "catch load regfast/_C", "run", "sharedlibrary regfast/_C",
+                                    *(f"break {name}" for name in symbols), "continue"]) + "\n")
+    env = {**os.environ, "REGFAST_BACKEND": "cpp"}
+    env.update({"REGFAST_CPU_ISA": "baseline", "ATEN_CPU_CAPABILITY": "default"} if baseline else
+               {"REGFAST_CPU_ISA": "avx2"})
+    args = ["gdb", "-batch", "-nx", "-x", str(commands), "--args", sys.executable, str(script)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900).stdout
+    breakpoints = len(re.findall(r"^Breakpoint \d+ at ", out, flags=re.M))
+    assert breakpoints >= len(symbols), (breakpoints, len(symbols), out[-3000:])
+    hits = re.findall(r"hit Breakpoint \d+, (.*)", out)
+    if baseline:
+        assert not hits and "finished" in out, (hits, out[-3000:])
+    else:
+        assert hits and "finished" not in out, out[-3000:]
