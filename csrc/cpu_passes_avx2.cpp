@@ -37,17 +37,6 @@
 #define REGFAST_CPU_AVX2 1
 #include "cpu_passes_impl.h"
 
-namespace regfast {
-namespace cpu {
-namespace avx2 {
-template Passes<float> passes<float>();
-template Passes<double> passes<double>();
-template Passes<c10::Half> passes<c10::Half>();
-template Passes<c10::BFloat16> passes<c10::BFloat16>();
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace regfast
-
 #if defined(__clang__)
 #pragma clang attribute pop
 #else

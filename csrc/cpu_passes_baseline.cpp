@@ -1,12 +1,9 @@
 // The CPU passes for the architecture's baseline instruction set (cpu_passes.h), and the choice of the
 // active instruction set.
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #define REGFAST_CPU_ISA baseline
@@ -15,14 +12,6 @@
 
 namespace regfast {
 namespace cpu {
-
-namespace baseline {
-template Passes<float> passes<float>();
-template Passes<double> passes<double>();
-template Passes<c10::Half> passes<c10::Half>();
-template Passes<c10::BFloat16> passes<c10::BFloat16>();
-}  // namespace baseline
-
 namespace {
 
 // Whether the CPU (and the OS, which must save the 256-bit registers) supports the instruction set.

@@ -241,6 +241,12 @@ Passes<T> passes() {
   return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>};
 }
 
+// This variant's passes for every element type (this header is included once per variant's file).
+template Passes<float> passes<float>();
+template Passes<double> passes<double>();
+template Passes<c10::Half> passes<c10::Half>();
+template Passes<c10::BFloat16> passes<c10::BFloat16>();
+
 }  // namespace REGFAST_CPU_ISA
 }  // namespace cpu
 }  // namespace regfast
