@@ -3,6 +3,8 @@
 Every op of ``cpp`` / ``cuda`` against the oracle: tests/test_backends.py; their fused steps: tests/test_fused_steps.py.
 """
 
+import os
+
 import pytest
 import torch
 from helpers import make_params
@@ -31,36 +33,26 @@ def test_adamw_step_rejects_an_unknown_prox():
                              0.0, 0.0, "row", "bogus", False)
 
 
-def _huge_page_kb(start: int, size: int) -> int:
-    """AnonHugePages (kB) of this process's mappings that overlap [start, start + size), from /proc/self/smaps
-    (advice on part of a mapping splits it)."""
-    total, overlaps = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                overlaps = lo < start + size and start < hi
-            elif overlaps and line.startswith("AnonHugePages:"):
-                total += int(line.split()[1])
-    return total
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_penalty_backward_large_outputs_with_and_without_the_cache(cache):
+    """penalty_backward's large outputs (≥ 4 MB) from the cache of freed blocks (csrc/penalty_cpu.cpp's
+    OutputCache), or from the system with REGFAST_CPU_OUTPUT_CACHE=0: the values of the formula either way,
+    and with the cache a second call's output takes the block the first one freed."""
+    import subprocess
+    import sys
 
-
-def _thp_mode() -> str | None:
-    try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
-
-
-@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not given on request here")
-def test_penalty_backward_asks_huge_pages_for_large_outputs():
-    """A large fresh output of penalty_backward is written on huge pages (2 MB faults, not 4 KB ones), where
-    the system gives them on request; its values are those of a small one's."""
-    w = torch.randn(6 << 20)  # 24 MB
-    (out,) = torch.ops.regfast.penalty_backward(torch.tensor(1.5), [w], 0.1, 0.2, 0.0, "row")
-    huge = _huge_page_kb(out.data_ptr(), out.numel() * out.element_size())
-    assert huge >= 16 << 10, f"{huge} kB of huge pages under the 24 MB output"
-    expected = 1.5 * (0.1 * torch.sign(w) + 2 * 0.2 * w)
-    torch.testing.assert_close(out, expected)
+    code = (
+        "import torch, regfast\n"
+        "w = torch.randn(6 << 20)\n"
+        "(out,) = torch.ops.regfast.penalty_backward(torch.tensor(1.5), [w], 0.1, 0.2, 0.0, 'row')\n"
+        "first = out.data_ptr()\n"
+        "out.fill_(float('nan'))\n"
+        "del out\n"
+        "(out,) = torch.ops.regfast.penalty_backward(torch.tensor(1.5), [w], 0.1, 0.2, 0.0, 'row')\n"
+        "torch.testing.assert_close(out, 1.5 * (0.1 * torch.sign(w) + 2 * 0.2 * w))\n"
+        "print('reused' if out.data_ptr() == first else 'fresh')\n")
+    env = {**os.environ, "REGFAST_CPU_OUTPUT_CACHE": cache, "REGFAST_BACKEND": "cpp"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=300).stdout.split()
+    if cache == "1":
+        assert out == ["reused"], out
