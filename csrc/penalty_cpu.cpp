@@ -159,23 +159,19 @@ class OutputCache final : public c10::Allocator {
 // OutputCache.
 std::vector<at::Tensor> fresh_outputs(const std::vector<at::Tensor>& ws) {
   OutputCache& cache = OutputCache::get();
-  size_t large = 0;
-  for (const auto& w : ws) {
-    const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
-    if (bytes >= OutputCache::kLarge) large += bytes;
-  }
-  if (large > 0 && cache.enabled()) cache.expect(large);
+  size_t large = 0;  // bytes of this call's outputs from the cache: it may hold that much once they are freed
   std::vector<at::Tensor> outs;
   outs.reserve(ws.size());
   for (const auto& w : ws) {
-    const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
-    if (bytes >= OutputCache::kLarge && cache.enabled()) {
+    if (cache.enabled() && w.nbytes() >= OutputCache::kLarge) {
+      large += w.nbytes();
       outs.push_back(at::detail::empty_generic(w.sizes(), &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                w.scalar_type(), at::MemoryFormat::Contiguous));
     } else {
       outs.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
     }
   }
+  if (large > 0) cache.expect(large);
   return outs;
 }
 
