@@ -152,12 +152,13 @@ def _extensions():
     if _want_cuda(torch, cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # -Xptxas -v: registers, spills and shared memory of every kernel in the build log
-        # (scripts/cuda_build_check.sh turns them into a table).
+        # (scripts/cuda_build_check.sh turns them into a table). -fmad=false: as on the CPU, no a·b + c
+        # is fused into an fma unless the source says fma (csrc/optim_math.h: torch's CUDA roundings).
         ext = cpp_extension.CUDAExtension(
             "regfast._C",
             CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("REGFAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-Xptxas", "-v"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-fmad=false", "-lineinfo", "-Xptxas", "-v"]},
             extra_link_args=link_flags,
             optional=os.environ.get("REGFAST_BUILD_CUDA") != "1",
         )

@@ -1,10 +1,10 @@
 // The fused optimizer steps: SGD or AdamW, then the elastic-net prox, then the penalty partials
 // of the new params, one read and one write of every param and state element.
 //
-// The arithmetic follows csrc/optim_cpu_math.h (the operation order of torch's foreach SGD /
-// AdamW as regfast/reference/optim.py mirrors it); here every a·b + c of the reference is an
-// fma, as CUDA's ATen kernels compile them.
+// The arithmetic of an element is optim_math.h's: torch's foreach SGD / AdamW as its CUDA kernels
+// round them (the reference's ops, run on CUDA), then the prox.
 #include "cuda_launch.h"
+#include "optim_math.h"
 #include "reduce.cuh"
 
 namespace regfast {
@@ -42,22 +42,13 @@ struct SgdFunctor {
     const T* grad = static_cast<const T*>(meta.other);
     A* buf = static_cast<A*>(state[item.tensor].first);
     const ProxScalars<A> p = ProxScalars<A>::make(s);
-    const A wd = static_cast<A>(s.weight_decay), mom = static_cast<A>(s.momentum), keep = static_cast<A>(s.keep);
+    const SgdElement<A> e{static_cast<A>(s.weight_decay), static_cast<A>(s.momentum), static_cast<A>(s.keep),
+                          p.neg_lr, p.threshold, p.shrink, kMode, s.weight_decay != 0, s.nesterov, s.maximize,
+                          s.lr_ptr != nullptr, s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;
     for (int64_t i = item.begin + threadIdx.x; i < item.end; i += blockDim.x) {
-      A x = to_acc<A>(w[i]);
-      A g = to_acc<A>(grad[i]);
-      if (s.maximize) g = -g;
-      if (s.weight_decay != 0) g = fma(x, wd, g);
-      if (kMode != Momentum::kNone) {
-        const A b = kMode == Momentum::kInit ? g : fma(g, keep, buf[i] * mom);
-        buf[i] = b;
-        g = s.nesterov ? fma(b, mom, g) : b;
-      }
-      x = s.lr_ptr != nullptr ? x + g * p.neg_lr : fma(g, p.neg_lr, x);
-      if (s.l1 != 0) x = soft_threshold(x, p.threshold);
-      if (s.l2 != 0) x = x * p.shrink;
-      const T r = from_acc<T>(x);
+      A* b = kMode == Momentum::kNone ? nullptr : buf + i;
+      const T r = from_acc<T>(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), b));
       w[i] = r;
       const A y = to_acc<A>(r);
       s1 += fabs(y);
@@ -86,46 +77,21 @@ struct AdamWFunctor {
     A* m2 = static_cast<A*>(st.second);
     A* mx = static_cast<A*>(st.third);
     const ProxScalars<A> p = ProxScalars<A>::make(s);
-    const A step_size = corrections[2 * item.tensor], bc2_sqrt = corrections[2 * item.tensor + 1];
-    const A decay = s.weight_decay == 0
-                        ? A(1)
-                        : (s.lr_ptr != nullptr ? A(1) - p.lr * static_cast<A>(s.weight_decay) : static_cast<A>(s.decay));
-    const A w1 = static_cast<A>(s.beta1_weight), beta2 = static_cast<A>(s.beta2);
-    const A w2 = static_cast<A>(s.beta2_weight), eps = static_cast<A>(s.eps);
-    const A l1 = static_cast<A>(s.l1), two_l2 = static_cast<A>(2 * s.l2);
+    const bool tensor_lr = s.lr_ptr != nullptr;
+    // With a tensor lr, 1 − lr·wd in A, one rounding per op, as the reference computes it from the tensor.
+    const A decay = tensor_lr ? A(1) - p.lr * static_cast<A>(s.weight_decay) : static_cast<A>(s.decay);
+    const AdamWElement<A> e{decay, static_cast<A>(s.beta1_weight), static_cast<A>(s.beta2),
+                            static_cast<A>(s.beta2_weight), static_cast<A>(s.eps), corrections[2 * item.tensor],
+                            corrections[2 * item.tensor + 1], p.lr, static_cast<A>(s.l1), static_cast<A>(2 * s.l2),
+                            p.threshold, p.shrink, s.prox, s.weight_decay != 0, s.maximize, kAmsgrad, tensor_lr,
+                            s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;
     for (int64_t i = item.begin + threadIdx.x; i < item.end; i += blockDim.x) {
-      A x = to_acc<A>(w[i]);
-      // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
-      const A floor = (s.l2 != 0 ? two_l2 * fabs(x) : A(0)) + l1;
-      x = x * decay;
-      A g = to_acc<A>(grad[i]);
-      if (s.maximize) g = -g;
-      const A diff = g - m1[i];
-      // lerp: self + w·(end − self) for |w| < 0.5, else end + (w − 1)·(end − self).
-      const A m = fabs(w1) < A(0.5) ? fma(w1, diff, m1[i]) : fma(w1 - A(1), diff, g);
+      A m = m1[i], v = m2[i], v_max = kAmsgrad ? mx[i] : A(0);
+      const T r = from_acc<T>(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), m, v, v_max));
       m1[i] = m;
-      const A v = fma(w2 * g, g, m2[i] * beta2);
       m2[i] = v;
-      A second = v;
-      if (kAmsgrad) {
-        second = maximum(mx[i], v);
-        mx[i] = second;
-      }
-      A denom = sqrt(second) / bc2_sqrt + eps;
-      // prox="preconditioned": Adam's denominator is at least the penalty's gradient, for the update and the
-      // prox alike (reference.penalty_gradient_scales); a NaN denominator stays NaN.
-      if (s.prox == ProxMode::kPreconditioned && denom < floor) denom = floor;
-      x = s.lr_ptr != nullptr ? x + m / (denom / step_size) : x + (step_size * m) / denom;
-      if (s.prox == ProxMode::kLr) {
-        if (s.l1 != 0) x = soft_threshold(x, p.threshold);
-        if (s.l2 != 0) x = x * p.shrink;
-      } else if (s.prox == ProxMode::kPreconditioned) {
-        const A step = s.lr_ptr != nullptr ? p.lr / denom : (A(1) / denom) * p.lr;
-        if (s.l1 != 0) x = soft_threshold(x, step * l1);
-        if (s.l2 != 0) x = x * (A(1) / (step * two_l2 + A(1)));
-      }
-      const T r = from_acc<T>(x);
+      if (kAmsgrad) mx[i] = v_max;
       w[i] = r;
       const A y = to_acc<A>(r);
       s1 += fabs(y);

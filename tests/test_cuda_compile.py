@@ -8,6 +8,7 @@ provides, and then checks the host code's syntax with the host compiler. Skipped
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,17 @@ CUDA_HOME = _cuda_home()
 pytestmark = pytest.mark.skipif(CUDA_HOME is None, reason="nvcc not found (set CUDA_HOME or install a CUDA toolkit)")
 
 
+def _nvcc_flags() -> list[str]:
+    """The extension's nvcc flags that change code (setup.py's list, without -lineinfo and -Xptxas -v)."""
+    match = re.search(r'"nvcc": \[([^\]]*)\]', (ROOT / "setup.py").read_text())
+    assert match, "setup.py names no nvcc flags"
+    flags = re.findall(r'"([^"]+)"', match.group(1))
+    return [f for f in flags if f not in ("-lineinfo", "-Xptxas", "-v")]
+
+
+NVCC_FLAGS = _nvcc_flags()
+
+
 def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
     return cmd, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
@@ -41,7 +53,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     sources = sorted(CSRC.glob("*.cu"))
     assert {s.name for s in sources} >= {"norms.cu", "group_norms.cu", "penalty.cu", "prox.cu", "optim.cu"}
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", "-O3", *gencode, "-Werror", "all-warnings", "-Xptxas",
+    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", *NVCC_FLAGS, *gencode, "-Werror", "all-warnings", "-Xptxas",
              "-v", "-c", str(s), "-o", str(tmp_path / (s.stem + ".o"))] for s in sources]
     with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
         results = list(pool.map(_run, cmds))
@@ -85,3 +97,33 @@ def test_cuda_host_code_compiles(tmp_path):
     with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
         for cmd, r in pool.map(_run, cmds):
             assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+
+
+# Float arithmetic in PTX: a rounding mode (.rn) forbids ptxas to fuse the op with another; without one
+# (mul.f32, add.f32…) ptxas may contract a·b + c into an fma, and .approx / .full are not IEEE.
+_FLOAT_OP = re.compile(
+    r"^\s*(?:@%p\d+\s+)?(add|sub|mul|div|sqrt|rcp|fma|rsqrt|ex2|lg2|sin|cos)((?:\.\w+)*)\.f(32|64)\b", re.MULTILINE)
+
+
+def test_kernels_round_every_float_op_as_written(tmp_path):
+    """Every kernel compiled with the extension's flags (-fmad=false) rounds each add, multiply, division and
+    square root on its own, in IEEE round-to-nearest: an fma appears only where the source writes one, so that
+    the element math computes what tests/test_cuda_math.py checks on the host."""
+    assert "-fmad=false" in NVCC_FLAGS
+    sources = sorted(CSRC.glob("*.cu"))
+    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", *NVCC_FLAGS, "-arch=sm_90", "-ptx", str(s), "-o",
+             str(tmp_path / (s.stem + ".ptx"))] for s in sources]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(_run, cmds))
+    counts = {}
+    for cmd, r in results:
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+        ptx = Path(cmd[-1]).read_text()
+        ops = _FLOAT_OP.findall(ptx)
+        assert ops, cmd[-3]
+        loose = sorted({f"{op}{mods}.f{bits}" for op, mods, bits in ops if not mods.startswith(".rn")})
+        assert not loose, f"{Path(cmd[-3]).name}: float ops without IEEE rounding: {loose}"
+        for op, _, _ in ops:
+            counts[op] = counts.get(op, 0) + 1
+    # The optimizer's explicit fmas (optim_math.h) and the sums' divisions and roots are there.
+    assert counts.get("fma", 0) > 0 and counts.get("div", 0) > 0 and counts.get("sqrt", 0) > 0, counts
