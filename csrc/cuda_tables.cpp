@@ -1,6 +1,7 @@
 // The host side of the CUDA launcher (see cuda_tables.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -74,6 +75,15 @@ void check_cuda_group(at::TensorList ts, const char* name) { check_group(ts, nam
 
 at::TensorOptions acc_options(const at::Tensor& like) {
   return like.options().dtype(acc_type(like.scalar_type()));
+}
+
+at::Tensor device_lr(const std::optional<at::Tensor>& lr_tensor, const at::TensorOptions& opts) {
+  if (!lr_tensor.has_value()) return at::Tensor();
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  TORCH_CHECK(!lr_tensor->is_cpu() || !capturing,
+              "lr is a CPU tensor, whose value at capture a CUDA graph would replay forever: put lr on the "
+              "params' device to change it between replays");
+  return lr_tensor->to(opts).contiguous();
 }
 
 // Per-group ‖u_g‖ and √|g|, both double (u = w, or the elastic-net step of w when `step` is set).

@@ -39,6 +39,11 @@ void check_cuda_group(at::TensorList ts, const char* name);
 // The options of `like` in its accumulation dtype.
 at::TensorOptions acc_options(const at::Tensor& like);
 
+// A tensor lr as the kernels read it: on the params' device, in `opts` (their accumulation dtype), or
+// undefined without one. A CPU lr is refused inside a CUDA graph capture: it would be copied once, at
+// capture, and every replay would reuse that value.
+at::Tensor device_lr(const std::optional<at::Tensor>& lr_tensor, const at::TensorOptions& opts);
+
 // Per-group ‖u_g‖ and √|g|, both double (u = w, or the elastic-net step of w when `step` is set).
 std::tuple<at::Tensor, at::Tensor> group_norms(const std::vector<at::Tensor>& ws, const DeviceList& dl,
                                                const cuda::Step* step);

@@ -98,7 +98,7 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
   const auto opts = acc_options(ws[0]);
   // A tensor lr stays on the device: the kernel reads it, the host never does.
-  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
   cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
   s.momentum = momentum;
   s.keep = 1.0 - dampening;
@@ -149,7 +149,7 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto m2 = contiguous_all(exp_avg_sqs);
   const auto mx = contiguous_all(amsgrad ? max_exp_avg_sqs : at::TensorList());
   const auto opts = acc_options(ws[0]);
-  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
   cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
   s.beta1_weight = 1.0 - beta1;
   s.beta2 = beta2;

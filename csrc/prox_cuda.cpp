@@ -32,7 +32,7 @@ void prox_cuda(at::TensorList params, const std::optional<at::Tensor>& lr_tensor
   const auto ws = contiguous_all(params);
   const auto opts = acc_options(ws[0]);
   // The step stays on the device: a tensor lr is read by the kernels, never by the host.
-  const at::Tensor lr_dev = lr_tensor.has_value() ? lr_tensor->to(opts).contiguous() : at::Tensor();
+  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
   const cuda::Step step = make_step(lr_dev, lr, l1, l2);
   const DeviceList dl = build(ws, nullptr, gl != 0 ? std::optional<Grouping>(grouping) : std::nullopt);
   at::Tensor factor;

@@ -28,8 +28,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def lr_step(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> Lr:
     """The step of an op's ``(lr_tensor, lr)`` pair: ``lr``, or ``lr_tensor`` on the params' device in their
-    accumulation dtype."""
-    return lr if lr_tensor is None else lr_tensor.to(params[0].device, acc_dtype(params[0].dtype))
+    accumulation dtype. A CPU ``lr_tensor`` for CUDA params is refused inside a CUDA graph capture (the graph
+    would replay its value at capture forever), as the extension's ops refuse it."""
+    if lr_tensor is None:
+        return lr
+    device = params[0].device
+    if (lr_tensor.is_cpu and device.type == "cuda" and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError("lr is a CPU tensor, whose value at capture a CUDA graph would replay forever: put lr on "
+                           "the params' device to change it between replays")
+    return lr_tensor.to(device, acc_dtype(params[0].dtype))
 
 
 def group_dims(t: Tensor, groups: str) -> tuple[int, ...] | None:

@@ -311,3 +311,54 @@ def test_proximal_fires_each_step_hook_once():
             h.remove()
     assert sorted(calls) == sorted([("global pre", "Proximal"), ("global post", "Proximal"), ("inner pre", "SGD"),
                                     ("outer post", "Proximal")])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda ps: regfast.optim.ProxAdamW(ps, l1=0.01), "capturable=False"),
+    (lambda ps: regfast.optim.ProxSGD(ps, lr=torch.tensor(0.1), momentum=0.9), "lr is a CPU tensor"),
+    (lambda ps: regfast.optim.ProxAdamW(ps, lr=torch.tensor(0.1), capturable=True), "lr is a CPU tensor"),
+])
+def test_steps_that_would_freeze_host_values_into_a_cuda_graph_are_refused(monkeypatch, make, match):
+    """Inside a CUDA graph capture, a step whose host values (AdamW's CPU step counts, a CPU lr) the graph would
+    replay forever raises before anything is written; outside a capture the same optimizer steps."""
+    params = make_params([(3, 4), (5,)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make(params)
+    snap = _snapshot(params)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_untouched(params, snap)
+    assert not opt.state
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step()
+    assert not all(torch.equal(p.detach(), s) for p, (s, _) in zip(params, snap))
+
+
+def test_capturable_adamw_steps_inside_a_capture(monkeypatch):
+    params = make_params([(3, 4), (5,)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = regfast.optim.ProxAdamW(params, capturable=True, l1=0.01)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    opt.step()
+    assert all(s["step"].item() == 1 for s in opt.state.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_cpu_lr_is_refused_inside_a_cuda_graph_capture(backend):
+    """The ops read a CPU lr once, at capture: refused there, before anything is captured or written."""
+    params = make_params([(64, 33), (5,)], device="cuda")
+    lr = torch.tensor(0.1)
+    with use_backend(backend):
+        regfast.prox_(params, lr, l1=0.01)  # outside a capture: fine
+        snap = _snapshot(params)
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with pytest.raises(RuntimeError, match="lr is a CPU tensor"), torch.cuda.graph(graph, stream=stream):
+            regfast.prox_(params, lr, l1=0.01)
+    _assert_untouched(params, snap)

@@ -168,6 +168,16 @@ class FusedProximalOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
         raise NotImplementedError
 
+    def _check_capture(self, group: dict[str, Any]) -> None:
+        """Inside a CUDA graph capture: raise RuntimeError where ``group`` would freeze a host value of this
+        step into the graph, which every replay would then reuse. An lr held by a CPU tensor is read on the
+        host at capture; subclasses add their own host state."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.is_cpu:
+            raise RuntimeError(f"{type(self).__name__}: lr is a CPU tensor, whose value at capture would be "
+                               "replayed by the CUDA graph forever; put lr on the params' device to change it "
+                               "between replays")
+
     def _walk(self, group: dict[str, Any], *hyper) -> list[Tensor] | None:
         """The step of ``group`` in one C++ walk (:func:`regfast._ops.walk`) from its plan, or None (no plan,
         or the walk declines: a param without a grad, a param or state that no longer fits the plan…)."""
@@ -245,6 +255,9 @@ class FusedProximalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            for group in self.param_groups:  # all before any step
+                self._check_capture(group)
         values: list[Tensor] = []
         for group in self.param_groups:
             values.extend(self._step_group(group))

@@ -108,6 +108,13 @@ class ProxAdamW(FusedProximalOptimizer):
                                ("capturable", False)):
                 group.setdefault(key, value)
 
+    def _check_capture(self, group: dict[str, Any]) -> None:
+        super()._check_capture(group)
+        if not group["capturable"]:
+            raise RuntimeError("ProxAdamW: a CUDA graph capture of step() with capturable=False, whose step counts "
+                               "live on the CPU: every replay would reuse the bias corrections of the captured "
+                               "step; construct ProxAdamW with capturable=True to step inside a CUDA graph")
+
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]
         acc = acc_dtype(p.dtype)
