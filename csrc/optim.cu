@@ -28,6 +28,9 @@ struct ProxScalars {
   }
 };
 
+// Both functors step kVec<T> elements at a time through 16-byte loads and stores of the param, its grad and
+// its states when all of them are 16-byte aligned (the states' vectors are kVec<T> accumulation values: two
+// 16-byte pieces for float16 / bfloat16 params), then the scalar tail; the element math is the same.
 template <typename T, Momentum kMode>
 struct SgdFunctor {
   using A = acc_t<T>;
@@ -38,6 +41,8 @@ struct SgdFunctor {
 
   __device__ void operator()(int64_t c, const WorkItem& item, const TensorMeta& meta) const {
     __shared__ A shared[kThreads / 32];
+    constexpr bool kBuffer = kMode != Momentum::kNone;
+    constexpr int kN = kVec<T>;
     T* w = static_cast<T*>(meta.data);
     const T* grad = static_cast<const T*>(meta.other);
     A* buf = static_cast<A*>(state[item.tensor].first);
@@ -46,14 +51,26 @@ struct SgdFunctor {
                           p.neg_lr, p.threshold, p.shrink, kMode, s.weight_decay != 0, s.nesterov, s.maximize,
                           s.lr_ptr != nullptr, s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;
-    for (int64_t i = item.begin + threadIdx.x; i < item.end; i += blockDim.x) {
-      A* b = kMode == Momentum::kNone ? nullptr : buf + i;
-      const T r = from_acc<T>(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), b));
-      w[i] = r;
+    auto rounded = [&](A x) {  // the new param, and its terms of the penalty partials
+      const T r = from_acc<T>(x);
       const A y = to_acc<A>(r);
       s1 += fabs(y);
       s2 += y * y;
-    }
+      return r;
+    };
+    for_elements<T>(
+        item.begin, item.end, vec_ok<T>(w, grad, item.begin) && (!kBuffer || aligned16(buf)),
+        [&](int64_t i) {
+          Vec<T> wv = *reinterpret_cast<const Vec<T>*>(w + i);
+          const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(grad + i);
+          A b[kN];
+          if (kMode == Momentum::kUpdate) load_acc_vec(buf + i, b);
+#pragma unroll
+          for (int k = 0; k < kN; ++k) wv.v[k] = rounded(e.step(to_acc<A>(wv.v[k]), to_acc<A>(gv.v[k]), b + k));
+          *reinterpret_cast<Vec<T>*>(w + i) = wv;
+          if (kBuffer) store_acc_vec(buf + i, b);
+        },
+        [&](int64_t i) { w[i] = rounded(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), kBuffer ? buf + i : nullptr)); });
     if (partials == nullptr) return;
     store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
@@ -70,6 +87,7 @@ struct AdamWFunctor {
 
   __device__ void operator()(int64_t c, const WorkItem& item, const TensorMeta& meta) const {
     __shared__ A shared[kThreads / 32];
+    constexpr int kN = kVec<T>;
     T* w = static_cast<T*>(meta.data);
     const T* grad = static_cast<const T*>(meta.other);
     const OptimState st = state[item.tensor];
@@ -86,17 +104,53 @@ struct AdamWFunctor {
                             p.threshold, p.shrink, s.prox, s.weight_decay != 0, s.maximize, kAmsgrad, tensor_lr,
                             s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;
-    for (int64_t i = item.begin + threadIdx.x; i < item.end; i += blockDim.x) {
-      A m = m1[i], v = m2[i], v_max = kAmsgrad ? mx[i] : A(0);
-      const T r = from_acc<T>(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), m, v, v_max));
-      m1[i] = m;
-      m2[i] = v;
-      if (kAmsgrad) mx[i] = v_max;
-      w[i] = r;
+    auto rounded = [&](A x) {  // the new param, and its terms of the penalty partials
+      const T r = from_acc<T>(x);
       const A y = to_acc<A>(r);
       s1 += fabs(y);
       s2 += y * y;
-    }
+      return r;
+    };
+    const bool aligned =
+        vec_ok<T>(w, grad, item.begin) && aligned16(m1) && aligned16(m2) && (!kAmsgrad || aligned16(mx));
+    for_elements<T>(
+        item.begin, item.end, aligned,
+        [&](int64_t i) {
+          Vec<T> wv = *reinterpret_cast<const Vec<T>*>(w + i);
+          const Vec<T> gv = *reinterpret_cast<const Vec<T>*>(grad + i);
+          if constexpr (sizeof(A) == 8) {
+            // float64: the states element by element (two elements' states live across the divisions, which
+            // are calls here, spill registers on sm_80).
+#pragma unroll
+            for (int k = 0; k < kN; ++k) {
+              A m = m1[i + k], v = m2[i + k], v_max = kAmsgrad ? mx[i + k] : A(0);
+              wv.v[k] = rounded(e.step(to_acc<A>(wv.v[k]), to_acc<A>(gv.v[k]), m, v, v_max));
+              m1[i + k] = m;
+              m2[i + k] = v;
+              if (kAmsgrad) mx[i + k] = v_max;
+            }
+          } else {
+            A m[kN], v[kN], v_max[kN];
+            load_acc_vec(m1 + i, m);
+            load_acc_vec(m2 + i, v);
+            if (kAmsgrad) load_acc_vec(mx + i, v_max);
+#pragma unroll
+            for (int k = 0; k < kN; ++k) {
+              wv.v[k] = rounded(e.step(to_acc<A>(wv.v[k]), to_acc<A>(gv.v[k]), m[k], v[k], v_max[k]));
+            }
+            store_acc_vec(m1 + i, m);
+            store_acc_vec(m2 + i, v);
+            if (kAmsgrad) store_acc_vec(mx + i, v_max);
+          }
+          *reinterpret_cast<Vec<T>*>(w + i) = wv;
+        },
+        [&](int64_t i) {
+          A m = m1[i], v = m2[i], v_max = kAmsgrad ? mx[i] : A(0);
+          w[i] = rounded(e.step(to_acc<A>(w[i]), to_acc<A>(grad[i]), m, v, v_max));
+          m1[i] = m;
+          m2[i] = v;
+          if (kAmsgrad) mx[i] = v_max;
+        });
     if (partials == nullptr) return;
     store_partial_pair(s1, s2, shared, partials, c, nitems);
   }

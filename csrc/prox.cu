@@ -49,7 +49,7 @@ void prox_terms(const WorkItem* items, int64_t nitems, const TensorMeta* meta, S
     prox_apply<T, true, false, kGroup>(items, nitems, meta, step, group_factor, stream);
   } else if (has_shrink) {
     prox_apply<T, false, true, kGroup>(items, nitems, meta, step, group_factor, stream);
-  } else if (kGroup) {
+  } else if constexpr (kGroup) {  // without a term or a group there is nothing to launch (or compile)
     prox_apply<T, false, false, kGroup>(items, nitems, meta, step, group_factor, stream);
   }
 }

@@ -94,6 +94,33 @@ struct alignas(16) Vec {
   T v[kVec<T>];
 };
 
+// n accumulation values at p, 16-byte aligned, in 16-byte loads and stores (n·sizeof(A) a multiple of 16):
+// the optimizer states beside a vector of kVec<T> param elements.
+template <int N, typename A>
+__device__ __forceinline__ void load_acc_vec(const A* p, A (&out)[N]) {
+  static_assert(N * sizeof(A) % 16 == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int k = 0; k < N / kVec<A>; ++k) {
+    const Vec<A> piece = reinterpret_cast<const Vec<A>*>(p)[k];
+#pragma unroll
+    for (int e = 0; e < kVec<A>; ++e) out[k * kVec<A> + e] = piece.v[e];
+  }
+}
+
+template <int N, typename A>
+__device__ __forceinline__ void store_acc_vec(A* p, const A (&in)[N]) {
+  static_assert(N * sizeof(A) % 16 == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int k = 0; k < N / kVec<A>; ++k) {
+    Vec<A> piece;
+#pragma unroll
+    for (int e = 0; e < kVec<A>; ++e) piece.v[e] = in[k * kVec<A> + e];
+    reinterpret_cast<Vec<A>*>(p)[k] = piece;
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Calls op(i) for every i in [begin, end) with i a multiple of kVec<T> handled kVec elements at a
 // time through 16-byte loads (op_vec(i)) when `aligned`, then the scalar tail.
 template <typename T, typename OpVec, typename Op>

@@ -49,31 +49,100 @@ def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
     return cmd, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """Every kernel source compiled to an object for sm_80 and sm_90 with the extension's nvcc flags:
+    (command, result) per source."""
+    out = tmp_path_factory.mktemp("cuda_objects")
     sources = sorted(CSRC.glob("*.cu"))
     assert {s.name for s in sources} >= {"norms.cu", "group_norms.cu", "penalty.cu", "prox.cu", "optim.cu"}
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", *NVCC_FLAGS, *gencode, "-Werror", "all-warnings", "-Xptxas",
-             "-v", "-c", str(s), "-o", str(tmp_path / (s.stem + ".o"))] for s in sources]
+    cmds = [[str(CUDA_HOME / "bin" / "nvcc"), "-std=c++17", *NVCC_FLAGS, *gencode, "-Werror", "all-warnings",
+             "-Xptxas", "-v", "-c", str(s), "-o", str(out / (s.stem + ".o"))] for s in sources]
     with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(_run, cmds))
+        return list(pool.map(_run, cmds))
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(objects):
     spec = importlib.util.spec_from_file_location("cuda_build_check", ROOT / "scripts" / "cuda_build_check.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    for cmd, r in results:
+    for cmd, r in objects:
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
         # ptxas's report, as scripts/cuda_build_check.py reads it from a build log: every kernel, both archs.
         rows = check.ptxas_table(r.stdout + r.stderr)
         assert rows and {row["arch"] for row in rows} == {f"sm_{a}" for a in ARCHS}, cmd[-3]
         assert all(row["registers"] > 0 for row in rows), rows
+        spilled = [(row["kernel"], row["arch"]) for row in rows if row["spill_stores"] or row["spill_loads"]]
+        assert not spilled, f"kernels that spill registers to local memory: {spilled}"
         assert "regs" in check.format_table(rows)
         obj = Path(cmd[-1])
         assert obj.stat().st_size > 0
-        cuobjdump = CUDA_HOME / "bin" / "cuobjdump"
-        if cuobjdump.exists():
+        cuobjdump = _cuobjdump()
+        if cuobjdump is not None:
             listing = subprocess.run([str(cuobjdump), "--list-elf", str(obj)], capture_output=True, text=True)
             for arch in ARCHS:
                 assert f"sm_{arch}" in listing.stdout, f"{obj.name} has no sm_{arch} code:\n{listing.stdout}"
+
+
+def _cuobjdump() -> Path | None:
+    """The toolkit's cuobjdump, else the one Triton ships beside its ptxas."""
+    candidates = [CUDA_HOME / "bin" / "cuobjdump"]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _sass_functions(obj: Path, cuobjdump: Path) -> dict[str, str]:
+    """sm_90 SASS of each kernel of an object, by demangled name."""
+    text = subprocess.run([str(cuobjdump), "-sass", "-arch", "sm_90", str(obj)], capture_output=True, text=True,
+                          check=True).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", text)
+    names, bodies = parts[1::2], parts[2::2]
+    filt = shutil.which("c++filt")
+    if filt is not None:
+        demangled = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+        names = demangled[:len(names)] if len(demangled) >= len(names) else names
+    return dict(zip(names, bodies))
+
+
+_VEC_LOAD = re.compile(r"\bLDG?\.E\.128\b")
+_VEC_STORE = re.compile(r"\bSTG?\.E\.128\b")
+
+
+def test_multi_tensor_kernels_move_16_bytes_per_access(objects):
+    """In the SASS, every multi-tensor kernel (norms, penalty gradient, prox, optimizer steps) loads through
+    16-byte vectors, and the optimizer steps read and write each of their streams so: the param, its grad and
+    every state (two 16-byte pieces per vector of a float16 / bfloat16 param's float32 state; a float64 AdamW
+    moves its states element by element, see optim.cu)."""
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None or shutil.which("c++filt") is None:
+        pytest.skip("needs cuobjdump (the CUDA toolkit's or Triton's) and c++filt")
+    kernels = {}
+    for cmd, r in objects:
+        assert r.returncode == 0, r.stderr
+        kernels.update(_sass_functions(Path(cmd[-1]), cuobjdump))
+    multi = {name: body for name, body in kernels.items() if "multi_tensor_kernel<" in name}
+    assert len(multi) >= 40, sorted(kernels)
+    scalar_only = [name for name, body in multi.items() if not _VEC_LOAD.search(body)]
+    assert not scalar_only, f"multi-tensor kernels without a 16-byte load: {scalar_only}"
+    steps = 0
+    for name, body in multi.items():
+        m = re.search(r"(SgdFunctor|AdamWFunctor)<(\w+), ([^>]+)>", name)
+        if m is None:
+            continue
+        steps += 1
+        pieces = 2 if m.group(2) in ("__half", "__nv_bfloat16") else 1  # 16-byte pieces of a state vector
+        if m.group(1) == "AdamWFunctor":
+            states = (3 if m.group(3) == "true" else 2) if m.group(2) != "double" else 0  # float64: 8-byte states
+            want_loads, want_stores = 2 + states * pieces, 1 + states * pieces
+        else:
+            mode = int(re.search(r"(\d)\)?$", m.group(3)).group(1))  # Momentum: 0 none, 1 init, 2 update
+            want_loads, want_stores = 2 + (pieces if mode == 2 else 0), 1 + (pieces if mode else 0)
+        loads, stores = len(_VEC_LOAD.findall(body)), len(_VEC_STORE.findall(body))
+        assert loads >= want_loads and stores >= want_stores, (name, loads, stores, want_loads, want_stores)
+    assert steps == 20, steps
 
 
 def test_cuda_host_code_compiles(tmp_path):
