@@ -24,33 +24,32 @@ struct GradFunctor {
     const A* scale = group_scale != nullptr ? group_scale + m.group_offset : nullptr;
     const A* pre = group_pre != nullptr ? group_pre + m.group_offset : nullptr;
     A s1 = 0, s2 = 0;
-    auto one = [&](A x, A o, int64_t i) {
+    auto one = [&](A x, A o, int64_t group) {
       s1 += fabs(x);
       s2 += x * x;
       A inc = 0;
       if (kL1) inc += l1 * sign_of(x);
-      if (kLin) {
-        if (scale != nullptr) {
-          const int64_t g = (i / m.inner) % m.ngroups;
-          inc += scale[g] * (x * pre[g]);
-        } else {
-          inc += lin * x;
-        }
-      }
+      if (kLin) inc += scale != nullptr ? scale[group] * (x * pre[group]) : lin * x;
       return kAccumulate ? o + k * inc : k * inc;
     };
+    const bool grouped = kLin && scale != nullptr;
     for_elements<T>(
         item.begin, item.end, vec_ok<T>(w, out, item.begin),
         [&](int64_t i) {
           const Vec<T> v = *reinterpret_cast<const Vec<T>*>(w + i);
           Vec<T> g = *reinterpret_cast<const Vec<T>*>(out + i);
+          GroupCursor at = grouped ? GroupCursor::at(i, m) : GroupCursor{0, 0};
 #pragma unroll
           for (int e = 0; e < kVec<T>; ++e) {
-            g.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), to_acc<A>(g.v[e]), i + e));
+            g.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), to_acc<A>(g.v[e]), at.group));
+            if (grouped) at.next(m);
           }
           *reinterpret_cast<Vec<T>*>(out + i) = g;
         },
-        [&](int64_t i) { out[i] = from_acc<T>(one(to_acc<A>(w[i]), to_acc<A>(out[i]), i)); });
+        [&](int64_t i) {
+          const int64_t group = grouped ? GroupCursor::at(i, m).group : 0;
+          out[i] = from_acc<T>(one(to_acc<A>(w[i]), to_acc<A>(out[i]), group));
+        });
     store_partial_pair(s1, s2, shared, partials, c, nitems);
   }
 };

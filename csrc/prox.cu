@@ -15,20 +15,24 @@ struct ProxFunctor {
     T* w = static_cast<T*>(m.data);
     const ElasticStep<A> u = elastic_of<A>(step);
     const A* factor = kGroup ? group_factor + m.group_offset : nullptr;
-    auto one = [&](A x, int64_t i) {
+    auto one = [&](A x, int64_t group) {
       x = elastic_step(x, kT, u.threshold, kShrink, u.shrink);
-      if (kGroup) x = x * factor[(i / m.inner) % m.ngroups];
+      if (kGroup) x = x * factor[group];
       return x;
     };
     for_elements<T>(
         item.begin, item.end, vec_ok<T>(w, nullptr, item.begin),
         [&](int64_t i) {
           Vec<T> v = *reinterpret_cast<const Vec<T>*>(w + i);
+          GroupCursor at = kGroup ? GroupCursor::at(i, m) : GroupCursor{0, 0};
 #pragma unroll
-          for (int e = 0; e < kVec<T>; ++e) v.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), i + e));
+          for (int e = 0; e < kVec<T>; ++e) {
+            v.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), at.group));
+            if (kGroup) at.next(m);
+          }
           *reinterpret_cast<Vec<T>*>(w + i) = v;
         },
-        [&](int64_t i) { w[i] = from_acc<T>(one(to_acc<A>(w[i]), i)); });
+        [&](int64_t i) { w[i] = from_acc<T>(one(to_acc<A>(w[i]), kGroup ? GroupCursor::at(i, m).group : 0)); });
   }
 };
 

@@ -121,6 +121,24 @@ __device__ __forceinline__ void store_acc_vec(A* p, const A (&in)[N]) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The group of element i of a tensor laid out [outer, ngroups, inner] (TensorMeta), then of the elements after
+// it: the divisions once, when made, and none per step (a vector's elements share one cursor).
+struct GroupCursor {
+  int64_t group;
+  int64_t offset;  // the element's position in its group's run of `inner` elements
+
+  __device__ __forceinline__ static GroupCursor at(int64_t i, const TensorMeta& m) {
+    const int64_t run = i / m.inner;
+    return {run % m.ngroups, i - run * m.inner};
+  }
+  __device__ __forceinline__ void next(const TensorMeta& m) {
+    if (++offset == m.inner) {
+      offset = 0;
+      if (++group == m.ngroups) group = 0;
+    }
+  }
+};
+
 // Calls op(i) for every i in [begin, end) with i a multiple of kVec<T> handled kVec elements at a
 // time through 16-byte loads (op_vec(i)) when `aligned`, then the scalar tail.
 template <typename T, typename OpVec, typename Op>

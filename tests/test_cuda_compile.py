@@ -196,3 +196,31 @@ def test_kernels_round_every_float_op_as_written(tmp_path):
             counts[op] = counts.get(op, 0) + 1
     # The optimizer's explicit fmas (optim_math.h) and the sums' divisions and roots are there.
     assert counts.get("fma", 0) > 0 and counts.get("div", 0) > 0 and counts.get("sqrt", 0) > 0, counts
+
+
+def test_group_indices_take_no_division_per_element(objects):
+    """The gradient and prox kernels with group lasso find each element's group with a cursor per vector
+    (GroupCursor): their SASS has as many calls (the 64-bit division and remainder routines among them) for
+    float16, whose vectors hold 8 elements, as for float64, whose vectors hold 2, and the group adds at most
+    8 call sites to the kernel without it."""
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None or shutil.which("c++filt") is None:
+        pytest.skip("needs cuobjdump (the CUDA toolkit's or Triton's) and c++filt")
+    calls = {}
+    for cmd, r in objects:
+        assert r.returncode == 0, r.stderr
+        for name, body in _sass_functions(Path(cmd[-1]), cuobjdump).items():
+            m = re.search(r"(ProxFunctor|GradFunctor)<(\w+), (\w+), (\w+), (\w+)>", name)
+            if m:
+                calls[m.groups()] = len(re.findall(r"\bCALL\.", body))
+    assert len(calls) >= 48, sorted(calls)
+    for (kind, dtype, a, b, c), n in calls.items():
+        grouped = c == "true" if kind == "ProxFunctor" else b == "true"  # GradFunctor: the linear term
+        if not grouped:
+            continue
+        widths = {t: calls.get((kind, t, a, b, c)) for t in ("double", "float", "__half", "__nv_bfloat16")}
+        assert len(set(widths.values())) == 1, (kind, a, b, c, widths)
+        plain = calls.get((kind, dtype, a, b, "false") if kind == "ProxFunctor" else (kind, dtype, a, "false", c))
+        if plain is not None:
+            assert n - plain <= 8, (kind, dtype, a, b, c, n, plain)
+
