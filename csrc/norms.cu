@@ -41,7 +41,8 @@ void launch_norms(DType dtype, const WorkItem* items, int64_t nitems, const Tens
 
 void launch_sum_partials(DType dtype, const void* partials, int64_t nitems, const int64_t* first, int64_t ntensors,
                          void* out, cudaStream_t stream) {
-  const int blocks = static_cast<int>((ntensors + kThreads - 1) / kThreads);
+  if (ntensors == 0) return;
+  const int blocks = static_cast<int>(ntensors < kMaxBlocks ? ntensors : kMaxBlocks);
   if (dtype == DType::kDouble) {
     sum_partials_kernel<double><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(partials), nitems, first,
                                                                  ntensors, static_cast<double*>(out), ntensors, 2);

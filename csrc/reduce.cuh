@@ -152,17 +152,24 @@ __device__ __forceinline__ void for_elements(int64_t begin, int64_t end, bool al
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) op(j);
 }
 
-// Per-tensor sums of per-item partials: out[t] = Σ partials[c] over tensor t's items, in order.
-// `first` holds ntensors + 1 item offsets. One thread per tensor: the order is fixed.
+// Per-tensor sums of per-item partials: out[t] = Σ partials[c] over tensor t's items [first[t], first[t + 1]),
+// for nvalues rows of partials (row k at k·stride, its sums at k·out_stride). One block per tensor, the blocks
+// striding over the tensors: thread j sums items first[t] + j, + j + kThreads, … in order, and the threads'
+// sums meet in block_sum's fixed tree, so the order depends on neither the grid nor timing. Launched with
+// kThreads threads per block.
 template <typename A>
-__global__ void sum_partials_kernel(const A* partials, int64_t stride, const int64_t* first, int64_t ntensors,
-                                    A* out, int64_t out_stride, int nvalues) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (t >= ntensors) return;
-  for (int k = 0; k < nvalues; ++k) {
-    A acc = 0;
-    for (int64_t c = first[t]; c < first[t + 1]; ++c) acc += partials[k * stride + c];
-    out[k * out_stride + t] = acc;
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const A* partials, int64_t stride,
+                                                                const int64_t* first, int64_t ntensors, A* out,
+                                                                int64_t out_stride, int nvalues) {
+  __shared__ A shared[kThreads / 32];
+  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+    const int64_t begin = first[t], end = first[t + 1];
+    for (int k = 0; k < nvalues; ++k) {
+      A acc = 0;
+      for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) acc += partials[k * stride + c];
+      acc = block_sum(acc, shared);
+      if (threadIdx.x == 0) out[k * out_stride + t] = acc;
+    }
   }
 }
 
