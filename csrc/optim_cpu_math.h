@@ -57,6 +57,22 @@ inline A fmadd(A a, A b, A c) {
 // i always lands in lane (i − begin) mod kLanes.
 constexpr int64_t kBlock = 1024;
 
+// float16 / bfloat16 blocks are stepped in float arrays: the params and grads widened by loops of their own,
+// the float step over them, the params narrowed back, with c10's conversions (the same bits as converting
+// element by element). Inside the step's loop those conversions keep it from vectorizing.
+template <typename T>
+constexpr bool kNarrow = std::is_same_v<T, c10::Half>;
+
+template <typename T>
+__attribute__((noinline)) void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+__attribute__((noinline)) void narrow(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
 // s1[j] += |w_i|, s2[j] += w_i² over [begin, end) of a block, lane j = (i − begin) mod kLanes.
 template <typename T, typename A>
 inline void add_to_lanes(const T* __restrict__ w, int64_t begin, int64_t end, A* __restrict__ s1,
@@ -148,7 +164,16 @@ inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __rest
 template <typename T, bool kFused, Momentum kMode, typename A>
 __attribute__((noinline)) void sgd_block(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                          A* __restrict__ buf, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) sgd_element<T, kFused, kMode>(c, w, grad, buf, i);
+  if constexpr (kNarrow<T>) {
+    float wf[kBlock], gf[kBlock];
+    const int64_t n = end - begin;
+    widen(w + begin, wf, n);
+    widen(grad + begin, gf, n);
+    sgd_block<float, kFused, kMode>(c, wf, gf, kMode == Momentum::kNone ? buf : buf + begin, 0, n);
+    narrow(wf, w + begin, n);
+  } else {
+    for (int64_t i = begin; i < end; ++i) sgd_element<T, kFused, kMode>(c, w, grad, buf, i);
+  }
 }
 
 template <typename T, bool kFused, Momentum kMode, bool kPenalty>
@@ -237,7 +262,17 @@ template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 __attribute__((noinline)) void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                            A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
                                            int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) adamw_element<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, i);
+  if constexpr (kNarrow<T>) {
+    float wf[kBlock], gf[kBlock];
+    const int64_t n = end - begin;
+    widen(w + begin, wf, n);
+    widen(grad + begin, gf, n);
+    adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin,
+                                                kAmsgrad ? mx + begin : mx, 0, n);
+    narrow(wf, w + begin, n);
+  } else {
+    for (int64_t i = begin; i < end; ++i) adamw_element<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, i);
+  }
 }
 
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kPenalty>
