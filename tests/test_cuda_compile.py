@@ -107,15 +107,9 @@ def _sass_functions(obj: Path, cuobjdump: Path) -> dict[str, str]:
     return dict(zip(names, bodies))
 
 
-_VEC_LOAD = re.compile(r"\bLDG?\.E\.128\b")
-_VEC_STORE = re.compile(r"\bSTG?\.E\.128\b")
-
-
-def test_multi_tensor_kernels_move_16_bytes_per_access(objects):
-    """In the SASS, every multi-tensor kernel (norms, penalty gradient, prox, optimizer steps) loads through
-    16-byte vectors, and the optimizer steps read and write each of their streams so: the param, its grad and
-    every state (two 16-byte pieces per vector of a float16 / bfloat16 param's float32 state; a float64 AdamW
-    moves its states element by element, see optim.cu)."""
+@pytest.fixture(scope="module")
+def sass(objects):
+    """The sm_90 SASS of every kernel of every object, by demangled name."""
     cuobjdump = _cuobjdump()
     if cuobjdump is None or shutil.which("c++filt") is None:
         pytest.skip("needs cuobjdump (the CUDA toolkit's or Triton's) and c++filt")
@@ -123,8 +117,20 @@ def test_multi_tensor_kernels_move_16_bytes_per_access(objects):
     for cmd, r in objects:
         assert r.returncode == 0, r.stderr
         kernels.update(_sass_functions(Path(cmd[-1]), cuobjdump))
-    multi = {name: body for name, body in kernels.items() if "multi_tensor_kernel<" in name}
-    assert len(multi) >= 40, sorted(kernels)
+    return kernels
+
+
+_VEC_LOAD = re.compile(r"\bLDG?\.E\.128\b")
+_VEC_STORE = re.compile(r"\bSTG?\.E\.128\b")
+
+
+def test_multi_tensor_kernels_move_16_bytes_per_access(sass):
+    """In the SASS, every multi-tensor kernel (norms, penalty gradient, prox, optimizer steps) loads through
+    16-byte vectors, and the optimizer steps read and write each of their streams so: the param, its grad and
+    every state (two 16-byte pieces per vector of a float16 / bfloat16 param's float32 state; a float64 AdamW
+    moves its states element by element, see optim.cu)."""
+    multi = {name: body for name, body in sass.items() if "multi_tensor_kernel<" in name}
+    assert len(multi) >= 40, sorted(sass)
     scalar_only = [name for name, body in multi.items() if not _VEC_LOAD.search(body)]
     assert not scalar_only, f"multi-tensor kernels without a 16-byte load: {scalar_only}"
     steps = 0
@@ -198,21 +204,16 @@ def test_kernels_round_every_float_op_as_written(tmp_path):
     assert counts.get("fma", 0) > 0 and counts.get("div", 0) > 0 and counts.get("sqrt", 0) > 0, counts
 
 
-def test_group_indices_take_no_division_per_element(objects):
+def test_group_indices_take_no_division_per_element(sass):
     """The gradient and prox kernels with group lasso find each element's group with a cursor per vector
     (GroupCursor): their SASS has as many calls (the 64-bit division and remainder routines among them) for
     float16, whose vectors hold 8 elements, as for float64, whose vectors hold 2, and the group adds at most
     8 call sites to the kernel without it."""
-    cuobjdump = _cuobjdump()
-    if cuobjdump is None or shutil.which("c++filt") is None:
-        pytest.skip("needs cuobjdump (the CUDA toolkit's or Triton's) and c++filt")
     calls = {}
-    for cmd, r in objects:
-        assert r.returncode == 0, r.stderr
-        for name, body in _sass_functions(Path(cmd[-1]), cuobjdump).items():
-            m = re.search(r"(ProxFunctor|GradFunctor)<(\w+), (\w+), (\w+), (\w+)>", name)
-            if m:
-                calls[m.groups()] = len(re.findall(r"\bCALL\.", body))
+    for name, body in sass.items():
+        m = re.search(r"(ProxFunctor|GradFunctor)<(\w+), (\w+), (\w+), (\w+)>", name)
+        if m:
+            calls[m.groups()] = len(re.findall(r"\bCALL\.", body))
     assert len(calls) >= 48, sorted(calls)
     for (kind, dtype, a, b, c), n in calls.items():
         grouped = c == "true" if kind == "ProxFunctor" else b == "true"  # GradFunctor: the linear term
