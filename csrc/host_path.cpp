@@ -501,11 +501,10 @@ PyObject* prox(PyObject*, PyObject* args) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
-      // A tensor lr is read where the params are, in their accumulation dtype (as regfast._common.lr_step).
+      // A tensor lr in the group's accumulation dtype (as regfast._common.lr_step); the op reads it where it
+      // lies, and a CUDA op moves it to the params' device itself (refusing a CPU lr inside a graph capture).
       std::optional<at::Tensor> step;
-      if (lr_tensor.has_value()) {
-        step = lr_tensor->to(g.device, g.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      }
+      if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
       prox_op.call(g.params, step, lr, l1, l2, gl, grouping);
     }
     for (const auto& g : groups) bump(g.params);

@@ -33,11 +33,22 @@ def lr_step(params: list[Tensor], lr_tensor: Tensor | None, lr: float) -> Lr:
     if lr_tensor is None:
         return lr
     device = params[0].device
-    if (lr_tensor.is_cpu and device.type == "cuda" and torch.cuda.is_initialized()
-            and torch.cuda.is_current_stream_capturing()):
-        raise RuntimeError("lr is a CPU tensor, whose value at capture a CUDA graph would replay forever: put lr on "
-                           "the params' device to change it between replays")
+    if device.type == "cuda" and capturing():
+        refuse_host_lr(lr_tensor, "")
     return lr_tensor.to(device, acc_dtype(params[0].dtype))
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (cheap when CUDA was never initialized)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_host_lr(lr, who: str) -> None:
+    """Inside a CUDA graph capture: raise RuntimeError for an lr held by a CPU tensor, which the graph would
+    replay at its value at capture forever (``who``: a prefix naming the caller)."""
+    if isinstance(lr, Tensor) and lr.is_cpu:
+        raise RuntimeError(f"{who}lr is a CPU tensor, whose value at capture a CUDA graph would replay forever: put "
+                           "lr on the params' device to change it between replays")
 
 
 def group_dims(t: Tensor, groups: str) -> tuple[int, ...] | None:

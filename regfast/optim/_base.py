@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _ext, _ops
-from .._common import acc_dtype, by_device_dtype, fast_grouping
+from .._common import acc_dtype, by_device_dtype, capturing, fast_grouping, refuse_host_lr
 from .._validate import matching, regularization, strided
 
 _GRAD = attrgetter("grad")
@@ -172,11 +172,7 @@ class FusedProximalOptimizer(Optimizer):
         """Inside a CUDA graph capture: raise RuntimeError where ``group`` would freeze a host value of this
         step into the graph, which every replay would then reuse. An lr held by a CPU tensor is read on the
         host at capture; subclasses add their own host state."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.is_cpu:
-            raise RuntimeError(f"{type(self).__name__}: lr is a CPU tensor, whose value at capture would be "
-                               "replayed by the CUDA graph forever; put lr on the params' device to change it "
-                               "between replays")
+        refuse_host_lr(group["lr"], f"{type(self).__name__}: ")
 
     def _walk(self, group: dict[str, Any], *hyper) -> list[Tensor] | None:
         """The step of ``group`` in one C++ walk (:func:`regfast._ops.walk`) from its plan, or None (no plan,
@@ -255,7 +251,7 @@ class FusedProximalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             for group in self.param_groups:  # all before any step
                 self._check_capture(group)
         values: list[Tensor] = []
