@@ -32,8 +32,10 @@ struct TensorMeta {
   int64_t group_offset;
 };
 
-// A proximal step: lr from the 0-dim accumulation-dtype tensor at lr_ptr when set, else `lr`.
-// The elastic-net scalars threshold = lr·l1 and shrink = 1/(1 + 2·lr·l2) of a float lr are computed
+// A proximal step. A tensor lr (tensor_lr) is read from the 0-dim accumulation-dtype tensor at lr_ptr when
+// set, else it is `lr` (a CPU tensor's value, read on the host, exact in the accumulation dtype), and the
+// elastic-net scalars are computed from it in the accumulation dtype, one rounding per op, as the reference
+// computes them from a tensor. For a float lr, threshold = lr·l1 and shrink = 1/(1 + 2·lr·l2) are computed
 // on the host in double (elementwise.h's elastic_scalars), as the reference computes them.
 struct Step {
   const void* lr_ptr;
@@ -42,6 +44,7 @@ struct Step {
   double l2;
   double threshold;
   double shrink;
+  bool tensor_lr;
 };
 
 // The state tensors of one param in an optimizer step: the momentum buffer (SGD), or exp_avg,
@@ -52,11 +55,14 @@ struct OptimState {
   void* third;
 };
 
-// The hyperparameters of an optimizer step. lr from the 0-dim accumulation-dtype tensor at
-// lr_ptr when set, else `lr` with threshold = lr·l1, shrink = 1/(1 + 2·lr·l2) and (AdamW)
-// decay = 1 − lr·weight_decay computed in double, as the reference computes them from a float.
+// The hyperparameters of an optimizer step. A tensor lr (tensor_lr) as in Step: from lr_ptr when set,
+// else `lr` (a CPU tensor's value). A float lr comes with threshold = lr·l1, shrink = 1/(1 + 2·lr·l2) and
+// (AdamW) decay = 1 − lr·weight_decay computed in double, as the reference computes them from a float.
+// AdamW's bias corrections, when every param has the same step count on the host, are step_size and
+// bc2_sqrt (and the kernel gets no per-tensor table).
 struct OptimScalars {
   const void* lr_ptr;
+  bool tensor_lr;
   double lr;
   double threshold;
   double shrink;
@@ -70,6 +76,8 @@ struct OptimScalars {
   double beta2;
   double beta2_weight;  // 1 − β2
   double eps;
+  double step_size;  // −lr/(1 − β1ᵗ)
+  double bc2_sqrt;   // √(1 − β2ᵗ)
   Momentum momentum_mode;
   ProxMode prox;
   bool nesterov;
@@ -108,7 +116,8 @@ void launch_sgd_step(DType dtype, const WorkItem* items, int64_t nitems, const T
                      const OptimState* state, const OptimScalars& s, void* partials, cudaStream_t stream);
 
 // One AdamW step and the prox; state[t] = (exp_avg, exp_avg_sq, max_exp_avg_sq), corrections
-// (accumulation dtype, 2 per tensor) = (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)).
+// (accumulation dtype, 2 per tensor) = (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)), or null for the scalars' step_size and
+// bc2_sqrt.
 void launch_adamw_step(DType dtype, const WorkItem* items, int64_t nitems, const TensorMeta* meta,
                        const OptimState* state, const OptimScalars& s, const void* corrections, void* partials,
                        cudaStream_t stream);

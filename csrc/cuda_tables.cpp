@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -18,12 +19,77 @@
 #include "cuda_tables.h"
 #include "elementwise.h"
 #include "groups.h"
+#include "table_cache.h"
 #include "tensor_list.h"
 
 namespace regfast {
 
 static_assert(sizeof(cuda::TensorMeta) == 6 * sizeof(int64_t), "TensorMeta is packed into int64 words");
 static_assert(sizeof(cuda::WorkItem) == 3 * sizeof(int64_t), "WorkItem is packed into int64 words");
+
+namespace {
+
+// A device table of the cache (table_cache.h): the words on the device, and the pinned host copy they were
+// copied from when that copy was made during a capture (the graph copies from it again at every replay, so
+// it lives as long as the entry: forever).
+struct DeviceTable {
+  at::Tensor device;
+  at::Tensor staging;
+  c10::StreamId home = 0;            // the stream the device memory was allocated on
+  std::vector<c10::StreamId> users;  // other streams that read it (recorded with the allocator)
+};
+
+// 64 tables or 2^25 words (256 MiB) on the devices, beyond those read by captured graphs.
+TableCache<DeviceTable>& table_cache() {
+  static TableCache<DeviceTable> cache(64, size_t{1} << 25);
+  return cache;
+}
+
+void copy_words(const DeviceTable& t, int64_t words, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaMemcpyAsync(t.device.data_ptr(), t.staging.data_ptr(), sizeof(int64_t) * words,
+                                 cudaMemcpyHostToDevice, stream));
+}
+
+}  // namespace
+
+at::Tensor device_table(const std::vector<int64_t>& words, const at::Device& device) {
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const int64_t n = static_cast<int64_t>(words.size());
+  const auto pinned = at::TensorOptions().dtype(at::kLong).pinned_memory(true);
+  auto upload = [&](const std::vector<int64_t>& w, bool in_capture) {
+    DeviceTable t;
+    t.home = stream.id();
+    if (!in_capture) {  // an ordinary asynchronous copy: the host allocator keeps the pinned block until it is done
+      at::Tensor host = at::empty({n}, pinned);
+      std::memcpy(host.data_ptr<int64_t>(), w.data(), sizeof(int64_t) * n);
+      t.device = host.to(device, /*non_blocking=*/true);
+      return t;
+    }
+    {  // the host allocator may query events, which a capture in global mode forbids this thread
+      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      t.staging = at::empty({n}, pinned);
+    }
+    std::memcpy(t.staging.data_ptr<int64_t>(), w.data(), sizeof(int64_t) * n);
+    t.device = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
+    copy_words(t, n, stream);
+    return t;
+  };
+  auto refill = [&](DeviceTable& t, const std::vector<int64_t>&) { copy_words(t, n, stream); };
+  auto use = [&](DeviceTable& t) {
+    if (stream.id() != t.home && std::find(t.users.begin(), t.users.end(), stream.id()) == t.users.end()) {
+      t.device.record_stream(stream);
+      t.users.push_back(stream.id());
+    }
+    return t.device;
+  };
+  return table_cache().get(device.index(), words, capturing, upload, refill, use);
+}
+
+std::array<size_t, 4> table_cache_stats() {
+  const auto& cache = table_cache();
+  return {cache.entries(), cache.kept(), cache.hits(), cache.misses()};
+}
 
 DeviceList build(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>* others,
                  std::optional<Grouping> grouping) {
@@ -51,22 +117,22 @@ DeviceList build(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor
   }
   first[nt] = static_cast<int64_t>(items.size());
 
-  const int64_t words = 6 * nt + 3 * static_cast<int64_t>(items.size()) + (nt + 1) + static_cast<int64_t>(groups.size());
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
+  const int64_t ni = static_cast<int64_t>(items.size());
+  std::vector<int64_t> words(6 * nt + 3 * ni + (nt + 1) + static_cast<int64_t>(groups.size()));
+  int64_t* h = words.data();
   std::memcpy(h, meta.data(), sizeof(cuda::TensorMeta) * nt);
-  std::memcpy(h + 6 * nt, items.data(), sizeof(cuda::WorkItem) * items.size());
-  std::memcpy(h + 6 * nt + 3 * items.size(), first.data(), sizeof(int64_t) * (nt + 1));
-  std::memcpy(h + 7 * nt + 1 + 3 * items.size(), groups.data(), sizeof(int64_t) * groups.size());
+  std::memcpy(h + 6 * nt, items.data(), sizeof(cuda::WorkItem) * ni);
+  std::memcpy(h + 6 * nt + 3 * ni, first.data(), sizeof(int64_t) * (nt + 1));
+  std::memcpy(h + 7 * nt + 1 + 3 * ni, groups.data(), sizeof(int64_t) * groups.size());
 
   DeviceList dl;
-  dl.buffer = host.to(ws[0].device(), /*non_blocking=*/true);
+  dl.buffer = device_table(words, ws[0].device());
   const int64_t* d = dl.buffer.data_ptr<int64_t>();
   dl.meta = reinterpret_cast<const cuda::TensorMeta*>(d);
   dl.items = reinterpret_cast<const cuda::WorkItem*>(d + 6 * nt);
-  dl.first = d + 6 * nt + 3 * items.size();
-  dl.groups = d + 7 * nt + 1 + 3 * items.size();
-  dl.nitems = static_cast<int64_t>(items.size());
+  dl.first = d + 6 * nt + 3 * ni;
+  dl.groups = d + 7 * nt + 1 + 3 * ni;
+  dl.nitems = ni;
   dl.total_groups = static_cast<int64_t>(groups.size() / 2);
   return dl;
 }
@@ -77,13 +143,20 @@ at::TensorOptions acc_options(const at::Tensor& like) {
   return like.options().dtype(acc_type(like.scalar_type()));
 }
 
-at::Tensor device_lr(const std::optional<at::Tensor>& lr_tensor, const at::TensorOptions& opts) {
-  if (!lr_tensor.has_value()) return at::Tensor();
+LrArg lr_arg(const std::optional<at::Tensor>& lr_tensor, const at::TensorOptions& opts) {
+  LrArg out;
+  if (!lr_tensor.has_value()) return out;
+  out.tensor = true;
+  if (!lr_tensor->is_cpu()) {
+    out.device = lr_tensor->to(opts).contiguous();
+    return out;
+  }
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  TORCH_CHECK(!lr_tensor->is_cpu() || !capturing,
+  TORCH_CHECK(!capturing,
               "lr is a CPU tensor, whose value at capture a CUDA graph would replay forever: put lr on the "
               "params' device to change it between replays");
-  return lr_tensor->to(opts).contiguous();
+  out.value = lr_tensor->to(opts.dtype()).item<double>();
+  return out;
 }
 
 // Per-group ‖u_g‖ and √|g|, both double (u = w, or the elastic-net step of w when `step` is set).
@@ -108,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> split_coefficients(const at::Tensor& weight, 
   return {q, p};
 }
 
-cuda::Step make_step(const at::Tensor& lr_dev, double lr, double l1, double l2) {
-  cuda::Step step{lr_dev.defined() ? lr_dev.data_ptr() : nullptr, lr, l1, l2, 0.0, 1.0};
+cuda::Step make_step(const LrArg& lr_t, double lr, double l1, double l2) {
+  cuda::Step step{lr_t.ptr(), lr_t.tensor ? lr_t.value : lr, l1, l2, 0.0, 1.0, lr_t.tensor};
   elastic_scalars(lr, l1, l2, step.threshold, step.shrink);
   return step;
 }

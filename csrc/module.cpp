@@ -13,6 +13,7 @@
 #include "host_path.h"
 
 #ifdef REGFAST_WITH_CUDA
+#include "cuda_tables.h"
 #define REGFAST_CUDA_FLAG 1
 #else
 #define REGFAST_CUDA_FLAG 0
@@ -42,6 +43,15 @@ static PyObject* set_cpu_isa(PyObject*, PyObject* args) {
   }
   return PyUnicode_FromString(previous);
 }
+
+#ifdef REGFAST_WITH_CUDA
+// cuda_table_cache() -> (entries, entries kept for captured graphs, hits, misses) of the CUDA device tables.
+static PyObject* cuda_table_cache(PyObject*, PyObject*) {
+  const auto s = regfast::table_cache_stats();
+  return Py_BuildValue("(nnnn)", static_cast<Py_ssize_t>(s[0]), static_cast<Py_ssize_t>(s[1]),
+                       static_cast<Py_ssize_t>(s[2]), static_cast<Py_ssize_t>(s[3]));
+}
+#endif
 
 // The public calls' host path in one C++ walk (host_path.cpp); regfast._ops calls them.
 static PyMethodDef regfast_methods[] = {
@@ -73,6 +83,10 @@ static PyMethodDef regfast_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "cpu_isa() -> the instruction set of the CPU kernels: 'baseline' or 'avx2'"},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS,
      "set_cpu_isa(name) -> the previous instruction set; 'baseline' or 'avx2' (ValueError if this CPU lacks it)"},
+#ifdef REGFAST_WITH_CUDA
+    {"cuda_table_cache", cuda_table_cache, METH_NOARGS,
+     "cuda_table_cache() -> (entries, kept for captured graphs, hits, misses) of the CUDA launcher's table cache"},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef regfast_module = {PyModuleDef_HEAD_INIT, "_C", "regfast's compiled kernels (regfast_C ops).", -1,

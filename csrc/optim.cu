@@ -11,18 +11,17 @@ namespace regfast {
 namespace cuda {
 namespace {
 
-// The step-dependent scalars of the elastic-net prox with step lr: from the device lr when
-// given (computed in A, one rounding per op, as the reference does with a tensor lr), else the
-// host's double values.
+// The step-dependent scalars of the elastic-net prox with step lr: from a tensor lr (computed in A,
+// one rounding per op, as the reference does with a tensor lr), else the host's double values.
 template <typename A>
 struct ProxScalars {
   A neg_lr, lr, threshold, shrink;
 
   __device__ static ProxScalars make(const OptimScalars& s) {
-    if (s.lr_ptr == nullptr) {
+    if (!s.tensor_lr) {
       return {static_cast<A>(-s.lr), static_cast<A>(s.lr), static_cast<A>(s.threshold), static_cast<A>(s.shrink)};
     }
-    const A lr = *static_cast<const A*>(s.lr_ptr);
+    const A lr = tensor_lr_of<A>(s);
     const ElasticStep<A> u = ElasticStep<A>::from_acc(lr, s.l1, s.l2);
     return {-lr, lr, u.threshold, u.shrink};
   }
@@ -49,7 +48,7 @@ struct SgdFunctor {
     const ProxScalars<A> p = ProxScalars<A>::make(s);
     const SgdElement<A> e{static_cast<A>(s.weight_decay), static_cast<A>(s.momentum), static_cast<A>(s.keep),
                           p.neg_lr, p.threshold, p.shrink, kMode, s.weight_decay != 0, s.nesterov, s.maximize,
-                          s.lr_ptr != nullptr, s.l1 != 0, s.l2 != 0};
+                          s.tensor_lr, s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;
     auto rounded = [&](A x) {  // the new param, and its terms of the penalty partials
       const T r = from_acc<T>(x);
@@ -81,7 +80,7 @@ struct AdamWFunctor {
   using A = acc_t<T>;
   OptimScalars s;
   const OptimState* state;
-  const A* corrections;  // per tensor: −lr/(1 − β1ᵗ), √(1 − β2ᵗ)
+  const A* corrections;  // per tensor: −lr/(1 − β1ᵗ), √(1 − β2ᵗ); null: the scalars' (one count for all)
   A* partials;
   int64_t nitems;
 
@@ -95,12 +94,14 @@ struct AdamWFunctor {
     A* m2 = static_cast<A*>(st.second);
     A* mx = static_cast<A*>(st.third);
     const ProxScalars<A> p = ProxScalars<A>::make(s);
-    const bool tensor_lr = s.lr_ptr != nullptr;
+    const bool tensor_lr = s.tensor_lr;
     // With a tensor lr, 1 − lr·wd in A, one rounding per op, as the reference computes it from the tensor.
     const A decay = tensor_lr ? A(1) - p.lr * static_cast<A>(s.weight_decay) : static_cast<A>(s.decay);
     const AdamWElement<A> e{decay, static_cast<A>(s.beta1_weight), static_cast<A>(s.beta2),
-                            static_cast<A>(s.beta2_weight), static_cast<A>(s.eps), corrections[2 * item.tensor],
-                            corrections[2 * item.tensor + 1], p.lr, static_cast<A>(s.l1), static_cast<A>(2 * s.l2),
+                            static_cast<A>(s.beta2_weight), static_cast<A>(s.eps),
+                            corrections != nullptr ? corrections[2 * item.tensor] : static_cast<A>(s.step_size),
+                            corrections != nullptr ? corrections[2 * item.tensor + 1] : static_cast<A>(s.bc2_sqrt),
+                            p.lr, static_cast<A>(s.l1), static_cast<A>(2 * s.l2),
                             p.threshold, p.shrink, s.prox, s.weight_decay != 0, s.maximize, kAmsgrad, tensor_lr,
                             s.l1 != 0, s.l2 != 0};
     A s1 = 0, s2 = 0;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,7 +25,7 @@ namespace regfast {
 
 namespace {
 
-// Per-param state pointers of an optimizer step, in device memory (kept alive by `buffer`).
+// Per-param state pointers of an optimizer step, in device memory (a cached device table, kept alive by `buffer`).
 struct DeviceState {
   at::Tensor buffer;
   const cuda::OptimState* state = nullptr;
@@ -32,8 +33,8 @@ struct DeviceState {
 
 DeviceState upload_state(const std::vector<std::vector<at::Tensor>>& lists, size_t n, const at::Device& device) {
   static_assert(sizeof(cuda::OptimState) == 3 * sizeof(int64_t), "OptimState is packed into int64 words");
-  at::Tensor host = at::zeros({static_cast<int64_t>(3 * n)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* h = reinterpret_cast<cuda::OptimState*>(host.data_ptr<int64_t>());
+  std::vector<int64_t> words(3 * n, 0);
+  auto* h = reinterpret_cast<cuda::OptimState*>(words.data());
   for (size_t i = 0; i < n; ++i) {
     void* ptrs[3] = {nullptr, nullptr, nullptr};
     for (size_t k = 0; k < lists.size() && k < 3; ++k) {
@@ -42,7 +43,7 @@ DeviceState upload_state(const std::vector<std::vector<at::Tensor>>& lists, size
     h[i] = {ptrs[0], ptrs[1], ptrs[2]};
   }
   DeviceState ds;
-  ds.buffer = host.to(device, /*non_blocking=*/true);
+  ds.buffer = device_table(words, device);
   ds.state = reinterpret_cast<const cuda::OptimState*>(ds.buffer.data_ptr<int64_t>());
   return ds;
 }
@@ -65,10 +66,11 @@ void check_step_lists(at::TensorList params, at::TensorList grads, std::initiali
 }
 
 // The scalars of the step that do not depend on the device lr (see cuda::OptimScalars).
-cuda::OptimScalars step_scalars(const at::Tensor& lr_dev, double lr, double l1, double l2, double weight_decay) {
+cuda::OptimScalars step_scalars(const LrArg& lr_t, double lr, double l1, double l2, double weight_decay) {
   cuda::OptimScalars s{};
-  s.lr_ptr = lr_dev.defined() ? lr_dev.data_ptr() : nullptr;
-  s.lr = lr;
+  s.lr_ptr = lr_t.ptr();
+  s.tensor_lr = lr_t.tensor;
+  s.lr = lr_t.tensor ? lr_t.value : lr;
   elastic_scalars(lr, l1, l2, s.threshold, s.shrink);
   s.decay = 1.0 - lr * weight_decay;
   s.l1 = l1;
@@ -97,9 +99,9 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   const auto gs = contiguous_all(grads);
   const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
   const auto opts = acc_options(ws[0]);
-  // A tensor lr stays on the device: the kernel reads it, the host never does.
-  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
-  cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
+  // A device lr stays on the device: the kernel reads it, the host never does (a CPU lr is read here).
+  const LrArg lr_t = lr_arg(lr_tensor, opts);
+  cuda::OptimScalars s = step_scalars(lr_t, lr, l1, l2, weight_decay);
   s.momentum = momentum;
   s.keep = 1.0 - dampening;
   s.momentum_mode = momentum == 0 ? Momentum::kNone : (init_buffers ? Momentum::kInit : Momentum::kUpdate);
@@ -117,15 +119,24 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   return penalty_from_partials(partials, dl.nitems, l1, l2, opts);
 }
 
-// AdamW's bias corrections (optim_common.h) as one device tensor, (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)) per param in
-// the accumulation dtype: host values go through one pinned buffer, device ones stay on the device.
-at::Tensor bias_correction_table(at::TensorList steps, const at::Tensor& lr_dev, double lr, double beta1,
-                                 double beta2, const at::TensorOptions& opts) {
-  const std::optional<at::Tensor> lr_t = lr_dev.defined() ? std::optional<at::Tensor>(lr_dev) : std::nullopt;
-  const BiasCorrections bc = bias_corrections(steps, lr_t, lr, beta1, beta2, opts.device());
+// AdamW's bias corrections (optim_common.h), (−lr/(1 − β1ᵗ), √(1 − β2ᵗ)) per param: in `s` when the counts are on
+// the host and all equal (the usual case: no table), else one device tensor in the accumulation dtype (host
+// values through one pinned buffer, device ones stay on the device).
+at::Tensor bias_correction_table(at::TensorList steps, const LrArg& lr_t, double lr, double beta1, double beta2,
+                                 const at::TensorOptions& opts, cuda::OptimScalars& s) {
+  const std::optional<at::Tensor> lr_d = lr_t.tensor ? std::optional<at::Tensor>(lr_t.on_device(opts)) : std::nullopt;
+  const BiasCorrections bc = bias_corrections(steps, lr_d, lr, beta1, beta2, opts.device());
   const int64_t n = static_cast<int64_t>(steps.size());
   if (!bc.on_host()) {
     return at::stack({at::stack(bc.bc1), at::stack(bc.bc2)}, 1).reshape({2 * n}).to(opts.dtype());
+  }
+  const auto differs = [&](const std::vector<double>& v) {
+    return std::any_of(v.begin(), v.end(), [&](const double& x) { return std::memcmp(&x, v.data(), sizeof x) != 0; });
+  };
+  if (!differs(bc.step_size) && !differs(bc.bc2_sqrt)) {
+    s.step_size = bc.step_size[0];
+    s.bc2_sqrt = bc.bc2_sqrt[0];
+    return at::Tensor();
   }
   at::Tensor host = at::empty({2 * n}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
   double* h = host.data_ptr<double>();
@@ -149,8 +160,8 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   const auto m2 = contiguous_all(exp_avg_sqs);
   const auto mx = contiguous_all(amsgrad ? max_exp_avg_sqs : at::TensorList());
   const auto opts = acc_options(ws[0]);
-  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
-  cuda::OptimScalars s = step_scalars(lr_dev, lr, l1, l2, weight_decay);
+  const LrArg lr_t = lr_arg(lr_tensor, opts);
+  cuda::OptimScalars s = step_scalars(lr_t, lr, l1, l2, weight_decay);
   s.beta1_weight = 1.0 - beta1;
   s.beta2 = beta2;
   s.beta2_weight = 1.0 - beta2;
@@ -158,13 +169,14 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   s.prox = l1 == 0 && l2 == 0 ? ProxMode::kNone : (prox == "lr" ? ProxMode::kLr : ProxMode::kPreconditioned);
   s.amsgrad = amsgrad;
   s.maximize = maximize;
-  const at::Tensor corrections = bias_correction_table(steps, lr_dev, lr, beta1, beta2, opts);
+  const at::Tensor corrections = bias_correction_table(steps, lr_t, lr, beta1, beta2, opts, s);
   const DeviceList dl = build(ws, &static_cast<const std::vector<at::Tensor>&>(gs), std::nullopt);
   const DeviceState ds = upload_state({m1, m2, mx}, ws.size(), ws[0].device());
   const bool penalty = compute_penalty && (l1 != 0 || l2 != 0);
   const at::Tensor partials = penalty ? at::empty({2 * dl.nitems}, opts) : at::Tensor();
   cuda::launch_adamw_step(dtype_of(ws[0].scalar_type()), dl.items, dl.nitems, dl.meta, ds.state, s,
-                          corrections.data_ptr(), penalty ? partials.data_ptr() : nullptr,
+                          corrections.defined() ? corrections.data_ptr() : nullptr,
+                          penalty ? partials.data_ptr() : nullptr,
                           c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   write_back(params, ws);

@@ -31,16 +31,16 @@ void prox_cuda(at::TensorList params, const std::optional<at::Tensor>& lr_tensor
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto ws = contiguous_all(params);
   const auto opts = acc_options(ws[0]);
-  // The step stays on the device: a tensor lr is read by the kernels, never by the host.
-  const at::Tensor lr_dev = device_lr(lr_tensor, opts);
-  const cuda::Step step = make_step(lr_dev, lr, l1, l2);
+  // A device lr is read by the kernels, never by the host; a CPU lr is read here (cuda_tables.h).
+  const LrArg lr_t = lr_arg(lr_tensor, opts);
+  const cuda::Step step = make_step(lr_t, lr, l1, l2);
   const DeviceList dl = build(ws, nullptr, gl != 0 ? std::optional<Grouping>(grouping) : std::nullopt);
   at::Tensor factor;
   if (gl != 0) {
     const auto [norm, root] = group_norms(ws, dl, &step);
-    const at::Tensor lr_t = lr_dev.defined() ? lr_dev : at::scalar_tensor(lr, opts);
-    at::Tensor c = lr_t.to(at::kDouble) * gl * root;
-    if (l2 != 0) c = c / (lr_t * (2 * l2) + 1).to(at::kDouble);
+    const at::Tensor lr_d = lr_t.tensor ? lr_t.on_device(opts) : at::scalar_tensor(lr, opts);
+    at::Tensor c = lr_d.to(at::kDouble) * gl * root;
+    if (l2 != 0) c = c / (lr_d * (2 * l2) + 1).to(at::kDouble);
     // In double: a tiny norm gives c/norm = inf and factor 0. clamp_min keeps NaN, so a NaN group stays NaN;
     // a zero group stays zero.
     factor = at::where(norm == 0, 0.0, (1 - c / at::where(norm == 0, 1.0, norm)).clamp_min(0)).to(opts);

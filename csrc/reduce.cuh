@@ -72,10 +72,16 @@ __device__ __forceinline__ void store_partial_pair(A s1, A s2, A* shared, A* par
   }
 }
 
-// The elastic-net step of a proximal step: from the device lr when given, else the host's scalars.
+// A tensor lr (Step, OptimScalars): the device value at lr_ptr, else the host-read value `lr`.
+template <typename A, typename S>
+__device__ __forceinline__ A tensor_lr_of(const S& s) {
+  return s.lr_ptr != nullptr ? *static_cast<const A*>(s.lr_ptr) : static_cast<A>(s.lr);
+}
+
+// The elastic-net step of a proximal step: from a tensor lr, else the host's scalars.
 template <typename A>
 __device__ __forceinline__ ElasticStep<A> elastic_of(const Step& s) {
-  if (s.lr_ptr != nullptr) return ElasticStep<A>::from_acc(*static_cast<const A*>(s.lr_ptr), s.l1, s.l2);
+  if (s.tensor_lr) return ElasticStep<A>::from_acc(tensor_lr_of<A>(s), s.l1, s.l2);
   return ElasticStep<A>::from_double(s.threshold, s.shrink, s.l1 != 0, s.l2 != 0);
 }
 

@@ -44,6 +44,7 @@ assert ops, "no regfast_C op has a CPU kernel"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regfast_C::{op}", "CUDA")]
 assert not missing, f"regfast_C ops without a CUDA kernel: {missing}"
 assert _ext.unavailable_reason("cuda") is None, _ext.unavailable_reason("cuda")
+assert C.cuda_table_cache() == (0, 0, 0, 0), C.cuda_table_cache()
 print(f"regfast._C: WITH_CUDA=1, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"CUDA kernels for {len(ops)} ops: {', '.join(ops)}")
 """

@@ -519,8 +519,8 @@ def test_cuda_graph_capture_and_replay(backend, device, kind):
     """A captured step replayed with new grads and a new lr matches the reference's steps."""
     if device != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
-    if backend != "triton":
-        pytest.skip("CUDA graph capture of the steps is a Triton backend feature (README)")
+    if backend == "torch":
+        pytest.skip("the reference's steps are the expectation here")
     lr = torch.tensor(0.05, device="cuda")
     cls, config = (ProxSGD, dict(momentum=0.9)) if kind == "sgd" else (ProxAdamW, dict(capturable=True, amsgrad=True))
 
