@@ -21,6 +21,15 @@ struct WorkItem {
   int64_t end;
 };
 
+// A piece of a group: elements [begin, end) of group `group` of tensor `tensor`, in the group's own order
+// ([o, g, k] over its outer and inner indices).
+struct GroupPiece {
+  int64_t tensor;
+  int64_t group;
+  int64_t begin;
+  int64_t end;
+};
+
 // One tensor of a list: its data, an optional second tensor of the same shape (grads or
 // outputs), its group layout [outer, ngroups, inner] and where its groups start in per-group arrays.
 struct TensorMeta {
@@ -93,11 +102,13 @@ void launch_norms(DType dtype, const WorkItem* items, int64_t nitems, const Tens
 void launch_sum_partials(DType dtype, const void* partials, int64_t nitems, const int64_t* first, int64_t ntensors,
                          void* out, cudaStream_t stream);
 
-// Per group (groups: (tensor, g) pairs): norm = ‖u_g‖₂ with u = w, or the elastic-net step of w when
-// `step` (a host pointer) is set, summed in double without overflow or underflow (norm_parts.h);
-// root = √|g|. Both double, one value per group.
-void launch_group_norms(DType dtype, const int64_t* groups, int64_t total_groups, const TensorMeta* meta,
-                        const Step* step, double* norm, double* root, cudaStream_t stream);
+// Per group (group q: pieces [first[q], first[q + 1]), each at most kChunk elements): norm = ‖u_g‖₂ with u = w,
+// or the elastic-net step of w when `step` (a host pointer) is set, summed in double without overflow or
+// underflow (norm_parts.h); root = √|g|. Both double, one value per group. piece_parts (3·npieces doubles) and
+// group_parts (3·total_groups) are scratch.
+void launch_group_norms(DType dtype, const GroupPiece* pieces, int64_t npieces, const int64_t* first,
+                        int64_t total_groups, const TensorMeta* meta, const Step* step, double* piece_parts,
+                        double* group_parts, double* norm, double* root, cudaStream_t stream);
 
 // meta.other[i] = [other[i] +] mult·(l1·sign(w) + scale_g·(w·pre_g)), or with 2·l2·w in place of the
 // group term when group_scale is null; partials as launch_norms. group_scale and group_pre (per group,

@@ -26,6 +26,7 @@ namespace regfast {
 
 static_assert(sizeof(cuda::TensorMeta) == 6 * sizeof(int64_t), "TensorMeta is packed into int64 words");
 static_assert(sizeof(cuda::WorkItem) == 3 * sizeof(int64_t), "WorkItem is packed into int64 words");
+static_assert(sizeof(cuda::GroupPiece) == 4 * sizeof(int64_t), "GroupPiece is packed into int64 words");
 
 namespace {
 
@@ -96,7 +97,8 @@ DeviceList build(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor
   const int64_t nt = static_cast<int64_t>(ws.size());
   std::vector<cuda::TensorMeta> meta(nt);
   std::vector<cuda::WorkItem> items;
-  std::vector<int64_t> first(nt + 1), groups;
+  std::vector<cuda::GroupPiece> pieces;
+  std::vector<int64_t> first(nt + 1), piece_first;
   int64_t group_offset = 0;
   for (int64_t t = 0; t < nt; ++t) {
     const at::Tensor& w = ws[t];
@@ -108,32 +110,41 @@ DeviceList build(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor
     first[t] = static_cast<int64_t>(items.size());
     for (int64_t b = 0; b < n; b += cuda::kChunk) items.push_back({t, b, std::min(n, b + cuda::kChunk)});
     if (grouping.has_value() && n > 0) {
+      const int64_t size = n / s.ngroups;
       for (int64_t g = 0; g < s.ngroups; ++g) {
-        groups.push_back(t);
-        groups.push_back(g);
+        piece_first.push_back(static_cast<int64_t>(pieces.size()));
+        for (int64_t b = 0; b < size; b += cuda::kChunk) pieces.push_back({t, g, b, std::min(size, b + cuda::kChunk)});
       }
       group_offset += s.ngroups;
     }
   }
   first[nt] = static_cast<int64_t>(items.size());
+  const int64_t ngroups = static_cast<int64_t>(piece_first.size());
+  if (grouping.has_value()) piece_first.push_back(static_cast<int64_t>(pieces.size()));
 
-  const int64_t ni = static_cast<int64_t>(items.size());
-  std::vector<int64_t> words(6 * nt + 3 * ni + (nt + 1) + static_cast<int64_t>(groups.size()));
+  // Words: meta (6 per tensor), items (3 each), first (nt + 1), pieces (4 each), piece_first (groups + 1).
+  const int64_t ni = static_cast<int64_t>(items.size()), np = static_cast<int64_t>(pieces.size());
+  const int64_t at_items = 6 * nt, at_first = at_items + 3 * ni, at_pieces = at_first + nt + 1,
+                at_piece_first = at_pieces + 4 * np;
+  std::vector<int64_t> words(at_piece_first + static_cast<int64_t>(piece_first.size()));
   int64_t* h = words.data();
   std::memcpy(h, meta.data(), sizeof(cuda::TensorMeta) * nt);
-  std::memcpy(h + 6 * nt, items.data(), sizeof(cuda::WorkItem) * ni);
-  std::memcpy(h + 6 * nt + 3 * ni, first.data(), sizeof(int64_t) * (nt + 1));
-  std::memcpy(h + 7 * nt + 1 + 3 * ni, groups.data(), sizeof(int64_t) * groups.size());
+  std::memcpy(h + at_items, items.data(), sizeof(cuda::WorkItem) * ni);
+  std::memcpy(h + at_first, first.data(), sizeof(int64_t) * (nt + 1));
+  std::memcpy(h + at_pieces, pieces.data(), sizeof(cuda::GroupPiece) * np);
+  std::memcpy(h + at_piece_first, piece_first.data(), sizeof(int64_t) * piece_first.size());
 
   DeviceList dl;
   dl.buffer = device_table(words, ws[0].device());
   const int64_t* d = dl.buffer.data_ptr<int64_t>();
   dl.meta = reinterpret_cast<const cuda::TensorMeta*>(d);
-  dl.items = reinterpret_cast<const cuda::WorkItem*>(d + 6 * nt);
-  dl.first = d + 6 * nt + 3 * ni;
-  dl.groups = d + 7 * nt + 1 + 3 * ni;
+  dl.items = reinterpret_cast<const cuda::WorkItem*>(d + at_items);
+  dl.first = d + at_first;
+  dl.pieces = reinterpret_cast<const cuda::GroupPiece*>(d + at_pieces);
+  dl.piece_first = d + at_piece_first;
   dl.nitems = ni;
-  dl.total_groups = static_cast<int64_t>(groups.size() / 2);
+  dl.npieces = np;
+  dl.total_groups = ngroups;
   return dl;
 }
 
@@ -162,10 +173,14 @@ LrArg lr_arg(const std::optional<at::Tensor>& lr_tensor, const at::TensorOptions
 // Per-group ‖u_g‖ and √|g|, both double (u = w, or the elastic-net step of w when `step` is set).
 std::tuple<at::Tensor, at::Tensor> group_norms(const std::vector<at::Tensor>& ws, const DeviceList& dl,
                                                const cuda::Step* step) {
-  at::Tensor norm = at::empty({dl.total_groups}, ws[0].options().dtype(at::kDouble));
+  const auto doubles = ws[0].options().dtype(at::kDouble);
+  at::Tensor norm = at::empty({dl.total_groups}, doubles);
   at::Tensor root = at::empty_like(norm);
-  cuda::launch_group_norms(dtype_of(ws[0].scalar_type()), dl.groups, dl.total_groups, dl.meta, step,
-                           norm.data_ptr<double>(), root.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
+  at::Tensor scratch = at::empty({3 * (dl.npieces + dl.total_groups)}, doubles);
+  double* piece_parts = scratch.data_ptr<double>();
+  cuda::launch_group_norms(dtype_of(ws[0].scalar_type()), dl.pieces, dl.npieces, dl.piece_first, dl.total_groups,
+                           dl.meta, step, piece_parts, piece_parts + 3 * dl.npieces, norm.data_ptr<double>(),
+                           root.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {norm, root};
 }

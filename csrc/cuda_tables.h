@@ -25,8 +25,10 @@ struct DeviceList {
   const cuda::TensorMeta* meta = nullptr;
   const cuda::WorkItem* items = nullptr;
   const int64_t* first = nullptr;
-  const int64_t* groups = nullptr;
+  const cuda::GroupPiece* pieces = nullptr;  // every group in pieces of at most kChunk elements
+  const int64_t* piece_first = nullptr;      // group q's pieces: [piece_first[q], piece_first[q + 1])
   int64_t nitems = 0;
+  int64_t npieces = 0;
   int64_t total_groups = 0;
 };
 

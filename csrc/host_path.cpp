@@ -30,6 +30,9 @@
 #include "optim_common.h"
 #include "optim_cpu_step.h"
 #include "tensor_list.h"
+#ifdef REGFAST_WITH_CUDA
+#include "cuda_tables.h"
+#endif
 
 namespace regfast {
 namespace host {
@@ -405,6 +408,15 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// A group's positions in the list as an index tensor on `device`: on a CUDA device a cached device table
+// (cuda_tables.h: no copy for a list seen before, valid inside a graph capture), elsewhere a plain tensor.
+at::Tensor index_on(const std::vector<int64_t>& index, const at::Device& device) {
+#ifdef REGFAST_WITH_CUDA
+  if (device.is_cuda()) return device_table(index, device);
+#endif
+  return at::tensor(index, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
 }  // namespace
 
 PyObject* norms(PyObject*, PyObject* args) {
@@ -431,7 +443,7 @@ PyObject* norms(PyObject*, PyObject* args) {
       per_l2sq = at::empty({count}, options);
       for (const auto& g : groups) {
         const auto [a, b] = norms_op.call(g.params);
-        const at::Tensor index = at::tensor(g.index, at::TensorOptions().dtype(at::kLong)).to(first.device());
+        const at::Tensor index = index_on(g.index, first.device());
         per_l1.index_copy_(0, index, a.to(first.device(), dtype));
         per_l2sq.index_copy_(0, index, b.to(first.device(), dtype));
       }

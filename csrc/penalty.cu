@@ -33,12 +33,11 @@ struct GradFunctor {
       return kAccumulate ? o + k * inc : k * inc;
     };
     const bool grouped = kLin && scale != nullptr;
-    for_elements<T>(
-        item.begin, item.end, vec_ok<T>(w, out, item.begin),
-        [&](int64_t i) {
+    for_grouped_elements<T>(
+        item.begin, item.end, vec_ok<T>(w, out, item.begin), grouped, m,
+        [&](int64_t i, GroupCursor at) {
           const Vec<T> v = *reinterpret_cast<const Vec<T>*>(w + i);
           Vec<T> g = *reinterpret_cast<const Vec<T>*>(out + i);
-          GroupCursor at = grouped ? GroupCursor::at(i, m) : GroupCursor{0, 0};
 #pragma unroll
           for (int e = 0; e < kVec<T>; ++e) {
             g.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), to_acc<A>(g.v[e]), at.group));
@@ -46,9 +45,8 @@ struct GradFunctor {
           }
           *reinterpret_cast<Vec<T>*>(out + i) = g;
         },
-        [&](int64_t i) {
-          const int64_t group = grouped ? GroupCursor::at(i, m).group : 0;
-          out[i] = from_acc<T>(one(to_acc<A>(w[i]), to_acc<A>(out[i]), group));
+        [&](int64_t i, const GroupCursor& at) {
+          out[i] = from_acc<T>(one(to_acc<A>(w[i]), to_acc<A>(out[i]), at.group));
         });
     store_partial_pair(s1, s2, shared, partials, c, nitems);
   }

@@ -20,11 +20,10 @@ struct ProxFunctor {
       if (kGroup) x = x * factor[group];
       return x;
     };
-    for_elements<T>(
-        item.begin, item.end, vec_ok<T>(w, nullptr, item.begin),
-        [&](int64_t i) {
+    for_grouped_elements<T>(
+        item.begin, item.end, vec_ok<T>(w, nullptr, item.begin), kGroup, m,
+        [&](int64_t i, GroupCursor at) {
           Vec<T> v = *reinterpret_cast<const Vec<T>*>(w + i);
-          GroupCursor at = kGroup ? GroupCursor::at(i, m) : GroupCursor{0, 0};
 #pragma unroll
           for (int e = 0; e < kVec<T>; ++e) {
             v.v[e] = from_acc<T>(one(to_acc<A>(v.v[e]), at.group));
@@ -32,7 +31,7 @@ struct ProxFunctor {
           }
           *reinterpret_cast<Vec<T>*>(w + i) = v;
         },
-        [&](int64_t i) { w[i] = from_acc<T>(one(to_acc<A>(w[i]), kGroup ? GroupCursor::at(i, m).group : 0)); });
+        [&](int64_t i, const GroupCursor& at) { w[i] = from_acc<T>(one(to_acc<A>(w[i]), at.group)); });
   }
 };
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "elementwise.h"
+#include "group_cursor.h"
 #include "kernel_types.h"
 #include "multi_tensor.cuh"
 
@@ -127,24 +128,6 @@ __device__ __forceinline__ void store_acc_vec(A* p, const A (&in)[N]) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The group of element i of a tensor laid out [outer, ngroups, inner] (TensorMeta), then of the elements after
-// it: the divisions once, when made, and none per step (a vector's elements share one cursor).
-struct GroupCursor {
-  int64_t group;
-  int64_t offset;  // the element's position in its group's run of `inner` elements
-
-  __device__ __forceinline__ static GroupCursor at(int64_t i, const TensorMeta& m) {
-    const int64_t run = i / m.inner;
-    return {run % m.ngroups, i - run * m.inner};
-  }
-  __device__ __forceinline__ void next(const TensorMeta& m) {
-    if (++offset == m.inner) {
-      offset = 0;
-      if (++group == m.ngroups) group = 0;
-    }
-  }
-};
-
 // Calls op(i) for every i in [begin, end) with i a multiple of kVec<T> handled kVec elements at a
 // time through 16-byte loads (op_vec(i)) when `aligned`, then the scalar tail.
 template <typename T, typename OpVec, typename Op>
@@ -156,6 +139,31 @@ __device__ __forceinline__ void for_elements(int64_t begin, int64_t end, bool al
     i = begin + nvec * kVec<T>;
   }
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) op(j);
+}
+
+// for_elements with the group of each element: op_vec(i, at) and op(i, at) get the cursor of element i (the
+// first of a vector), when `grouped`, else a zero one. Each of the two loops sets a thread's cursor up once (its
+// divisions) and advances it along the thread's stride: no division per vector or element.
+template <typename T, typename OpVec, typename Op>
+__device__ __forceinline__ void for_grouped_elements(int64_t begin, int64_t end, bool aligned, bool grouped,
+                                                     const TensorMeta& m, OpVec op_vec, Op op) {
+  auto loop = [&](int64_t first, int64_t last, int64_t width, auto body) {
+    const int64_t stride = static_cast<int64_t>(blockDim.x) * width;
+    int64_t i = first + threadIdx.x * width;
+    if (i >= last) return;
+    GroupCursor at = grouped ? GroupCursor::at(i, m) : GroupCursor{0, 0};
+    const GroupStride st = grouped ? GroupStride::of(stride, m) : GroupStride{0, 0};
+    for (; i < last; i += stride) {
+      body(i, at);
+      if (grouped) at.advance(st, m);
+    }
+  };
+  int64_t i = begin;
+  if (aligned) {
+    i = begin + (end - begin) / kVec<T> * kVec<T>;
+    loop(begin, i, kVec<T>, op_vec);
+  }
+  loop(i, end, 1, op);
 }
 
 // Per-tensor sums of per-item partials: out[t] = Σ partials[c] over tensor t's items [first[t], first[t + 1]),

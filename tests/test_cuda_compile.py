@@ -204,24 +204,43 @@ def test_kernels_round_every_float_op_as_written(tmp_path):
     assert counts.get("fma", 0) > 0 and counts.get("div", 0) > 0 and counts.get("sqrt", 0) > 0, counts
 
 
+def _innermost_loop_calls(body: str) -> tuple[int, list[str]]:
+    """The innermost loops of a kernel's SASS (spans from a backward branch's target to the branch that contain
+    no other such span) and the calls (CALL: the 64-bit division and remainder routines, among others) inside
+    them."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    spans = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            spans.append((int(m.group(1), 16), addr))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    calls = [f"{addr:#x}: {text}" for addr, text in ins
+             if re.match(r"(@!?U?P\w+\s+)?CALL\.", text) and any(a <= addr <= b for a, b in inner)]
+    return len(inner), calls
+
+
 def test_group_indices_take_no_division_per_element(sass):
-    """The gradient and prox kernels with group lasso find each element's group with a cursor per vector
-    (GroupCursor): their SASS has as many calls (the 64-bit division and remainder routines among them) for
-    float16, whose vectors hold 8 elements, as for float64, whose vectors hold 2, and the group adds at most
-    8 call sites to the kernel without it."""
-    calls = {}
+    """The kernels that walk groups (the gradient and prox kernels with group lasso, the group norms' pieces) find
+    each element's group with a cursor set up once per loop and thread (GroupCursor, GroupStride): no call, so no
+    64-bit division or remainder, inside any of their innermost loops (the per-element and per-vector loops)."""
+    grouped = {}
     for name, body in sass.items():
         m = re.search(r"(ProxFunctor|GradFunctor)<(\w+), (\w+), (\w+), (\w+)>", name)
-        if m:
-            calls[m.groups()] = len(re.findall(r"\bCALL\.", body))
-    assert len(calls) >= 48, sorted(calls)
-    for (kind, dtype, a, b, c), n in calls.items():
-        grouped = c == "true" if kind == "ProxFunctor" else b == "true"  # GradFunctor: the linear term
-        if not grouped:
-            continue
-        widths = {t: calls.get((kind, t, a, b, c)) for t in ("double", "float", "__half", "__nv_bfloat16")}
-        assert len(set(widths.values())) == 1, (kind, a, b, c, widths)
-        plain = calls.get((kind, dtype, a, b, "false") if kind == "ProxFunctor" else (kind, dtype, a, "false", c))
-        if plain is not None:
-            assert n - plain <= 8, (kind, dtype, a, b, c, n, plain)
+        if m and (m.group(5) == "true" if m.group(1) == "ProxFunctor" else m.group(4) == "true"):
+            grouped[name] = body  # ProxFunctor<T, l1, l2, group>; GradFunctor<T, l1, linear term, accumulate>
+        elif "group_piece_kernel<" in name:
+            grouped[name] = body
+    assert len(grouped) >= 4 * 4 + 4 * 4 + 4, sorted(grouped)
+    for name, body in grouped.items():
+        loops, calls = _innermost_loop_calls(body)
+        assert loops >= 2, (name, loops)  # the vector loop and the scalar one, at least
+        assert not calls, (name, calls)
+
+
+def test_group_norm_pieces_read_16_bytes_at_a_time(sass):
+    """A group that is one run of memory (rows, whole tensors) is summed through 16-byte loads, in every dtype."""
+    pieces = {name: body for name, body in sass.items() if "group_piece_kernel<" in name}
+    assert len(pieces) == 4, sorted(pieces)
+    assert all(_VEC_LOAD.search(body) for body in pieces.values()), sorted(pieces)
 

@@ -1,4 +1,5 @@
-"""The CUDA optimizer steps' element math against torch's CUDA formulas, on the CPU.
+"""The CUDA kernels' host-device code run on the CPU: the optimizer steps' element math against torch's CUDA
+formulas, and the group cursors against the divisions they replace.
 
 csrc/optim_math.h holds the per-element SGD and AdamW steps the CUDA kernels run; it compiles for the host
 too. tests/cuda_math_check.cpp runs those functions against torch's foreach SGD / AdamW written as torch's CUDA
@@ -35,6 +36,21 @@ def test_element_math_is_torchs_cuda_foreach_step(tmp_path):
     assert len(cases) == 11 and all(line.endswith("float 0, double 0 differ") for line in cases), run.stdout
     # The comparison is sharp enough to see one rounding: the CPU's second-moment formula differs somewhere.
     assert int(re.search(r"otherwise: (\d+)", run.stdout).group(1)) > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_group_cursors_find_every_elements_group(tmp_path):
+    """csrc/group_cursor.h's cursors, walked as the group kernels walk them (every thread of a block, vectors then
+    the scalar tail, a group's pieces), give each element's group and position as i / inner % ngroups and
+    i % inner would: layouts [outer, ngroups, inner] with sizes around the block and vector widths."""
+    exe = tmp_path / "group_cursor_check"
+    subprocess.run(["g++", *FLAGS, "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
+                    str(ROOT / "tests" / "group_cursor_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "OK" and int(lines[0].split()[0]) > 10**9, run.stdout
 
 
 def _source(relative: str) -> str:
