@@ -92,8 +92,9 @@ at::Tensor add_penalty_grad_cuda(at::TensorList params, at::TensorList grads, do
   check_cuda_group(grads, "grads");
   TORCH_CHECK(grads.size() == params.size(), "grads and params differ in length");
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "grads[", i, "] does not match params[", i, "] in shape or dtype");
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type() &&
+                    grads[i].device() == params[i].device(),
+                "grads[", i, "] does not match params[", i, "] in shape, dtype or device");
   }
   const Grouping grouping = parse_grouping(groups);
   c10::cuda::CUDAGuard guard(params[0].device());

@@ -362,3 +362,22 @@ def test_a_cpu_lr_is_refused_inside_a_cuda_graph_capture(backend):
         with pytest.raises(RuntimeError, match="lr is a CPU tensor"), torch.cuda.graph(graph, stream=stream):
             regfast.prox_(params, lr, l1=0.01)
     _assert_untouched(params, snap)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_the_cuda_ops_refuse_grads_on_another_device():
+    """The C++ ops check each grad's device against its param's (the Python API checks it too), before writing."""
+    from regfast import _ext
+
+    if _ext.unavailable_reason("cuda") is not None:
+        pytest.skip(_ext.unavailable_reason("cuda"))
+    params = [torch.randn(5, device="cuda:0"), torch.randn(3, device="cuda:0")]
+    grads = [torch.randn(5, device="cuda:1"), torch.randn(3, device="cuda:1")]
+    snap = _snapshot(params + grads)
+    match = r"grads\[0\] does not match params\[0\] in shape, dtype or device"
+    with pytest.raises(RuntimeError, match=match):
+        _ext.OPS.add_penalty_grad_(params, grads, 0.1, 0.2, 0.0, "row")
+    with pytest.raises(RuntimeError, match=match):
+        _ext.OPS.sgd_step_(params, grads, [], None, 0.1, 0.0, 0.0, False, 0.0, False, False, 0.1, 0.0, 0.0, "row",
+                           False)
+    _assert_untouched(params + grads, snap)
