@@ -507,7 +507,7 @@ void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, 
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
     LaneSum<A> s1, s2;
-    norms_run(ts[ch.tensor].const_data_ptr<T>(), ch.begin, ch.end, s1, s2);
+    norms_run(data_of<const T>(ts[ch.tensor]), ch.begin, ch.end, s1, s2);
     p1[c] = s1.total();
     p2[c] = s2.total();
   });
@@ -584,7 +584,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
   std::vector<char> flagged(pieces.size(), 0);
   auto run_piece = [&](int64_t q, bool by_parts) {
     const Piece& pc = pieces[q];
-    const T* w = ts[pc.tensor].template const_data_ptr<T>();
+    const T* w = data_of<const T>(ts[pc.tensor]);
     const GroupShape& s = shapes[pc.tensor];
     double* base = partial.data();  // stage 1a: the middle part only; stage 1b: all parts
     bool flag = false;

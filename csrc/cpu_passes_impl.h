@@ -120,8 +120,8 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
     constexpr bool kAccumulate = decltype(acc_tag)::value;
     for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
-      const T* w = ws[ch.tensor].const_data_ptr<T>();
-      T* out = outs[ch.tensor].data_ptr<T>();
+      const T* w = data_of<const T>(ws[ch.tensor]);
+      T* out = data_of<T>(outs[ch.tensor]);
       const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;
@@ -191,7 +191,7 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
     constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
     constexpr bool kGroup = decltype(group_tag)::value;
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
-      T* w = ws[ch.tensor].data_ptr<T>();
+      T* w = data_of<T>(ws[ch.tensor]);
       const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {

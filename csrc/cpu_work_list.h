@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace regfast {
@@ -29,13 +30,17 @@ struct WorkList {
 // The work list of tensors of numels[t] elements each.
 inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   WorkList wl;
-  wl.first.reserve(numels.size() + 1);
+  size_t total = 0;  // sized once: a list of thousands of small tensors is as many chunks
+  for (const int64_t n : numels) total += static_cast<size_t>((n + kChunk - 1) / kChunk);
+  wl.chunks.resize(total);
+  wl.first.resize(numels.size() + 1);
+  size_t c = 0;
   for (size_t t = 0; t < numels.size(); ++t) {
-    wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
+    wl.first[t] = static_cast<int64_t>(c);
     const int64_t n = numels[t];
-    for (int64_t b = 0; b < n; b += kChunk) wl.chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
+    for (int64_t b = 0; b < n; b += kChunk) wl.chunks[c++] = {static_cast<int64_t>(t), b, std::min(n, b + kChunk)};
   }
-  wl.first.push_back(static_cast<int64_t>(wl.chunks.size()));
+  wl.first[numels.size()] = static_cast<int64_t>(c);
   return wl;
 }
 
@@ -47,6 +52,17 @@ inline std::vector<int64_t> numels_of(at::TensorList ts) {
 }
 
 inline WorkList make_work_list(const std::vector<at::Tensor>& ts) { return make_work_list(numels_of(ts)); }
+
+// The data of a tensor whose dtype the op has checked to be T (the typed accessors check it again per call);
+// read-only (const T) through const_data_ptr, which leaves a copy-on-write storage shared.
+template <typename T>
+inline T* data_of(const at::Tensor& t) {
+  if constexpr (std::is_const_v<T>) {
+    return static_cast<T*>(t.const_data_ptr());
+  } else {
+    return static_cast<T*>(t.data_ptr());
+  }
+}
 
 template <typename F>
 void for_each_chunk(const WorkList& wl, F&& f) {
