@@ -12,18 +12,6 @@
 
 namespace regfast {
 
-// A fixed step of s elements as a GroupCursor moves: whole groups (mod ngroups) and elements within a run.
-struct GroupStride {
-  int64_t groups;
-  int64_t offset;
-
-  template <typename Meta>
-  REGFAST_HOST_DEVICE static GroupStride of(int64_t s, const Meta& m) {
-    const int64_t runs = s / m.inner;
-    return {runs % m.ngroups, s - runs * m.inner};
-  }
-};
-
 // The group of element i, and its position in its run, then of the elements after it.
 struct GroupCursor {
   int64_t group;
@@ -42,11 +30,12 @@ struct GroupCursor {
       if (++group == m.ngroups) group = 0;
     }
   }
-  // To element i + s (st = GroupStride::of(s, m)): both parts are reduced, so one carry and one wrap at most.
+  // To element i + s, with step = at(s, m) (whole groups mod ngroups, elements within a run): both parts are
+  // reduced, so one carry and one wrap at most.
   template <typename Meta>
-  REGFAST_HOST_DEVICE void advance(const GroupStride& st, const Meta& m) {
-    offset += st.offset;
-    group += st.groups;
+  REGFAST_HOST_DEVICE void advance(const GroupCursor& step, const Meta& m) {
+    offset += step.offset;
+    group += step.group;
     if (offset >= m.inner) {
       offset -= m.inner;
       ++group;

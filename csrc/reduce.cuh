@@ -152,10 +152,10 @@ __device__ __forceinline__ void for_grouped_elements(int64_t begin, int64_t end,
     int64_t i = first + threadIdx.x * width;
     if (i >= last) return;
     GroupCursor at = grouped ? GroupCursor::at(i, m) : GroupCursor{0, 0};
-    const GroupStride st = grouped ? GroupStride::of(stride, m) : GroupStride{0, 0};
+    const GroupCursor step = grouped ? GroupCursor::at(stride, m) : GroupCursor{0, 0};
     for (; i < last; i += stride) {
       body(i, at);
-      if (grouped) at.advance(st, m);
+      if (grouped) at.advance(step, m);
     }
   };
   int64_t i = begin;

@@ -31,7 +31,7 @@ bool walk(int64_t first, int64_t last, int64_t width, int64_t threads, int64_t o
     int64_t i = first + t * width;
     if (i >= last) continue;
     regfast::GroupCursor at = regfast::GroupCursor::at(i, m);
-    const regfast::GroupStride st = regfast::GroupStride::of(stride, m);
+    const regfast::GroupCursor step = regfast::GroupCursor::at(stride, m);
     for (; i < last; i += stride) {
       regfast::GroupCursor e = at;  // the elements of the vector: next() from its first
       for (int64_t k = 0; k < width; ++k) {
@@ -42,7 +42,7 @@ bool walk(int64_t first, int64_t last, int64_t width, int64_t threads, int64_t o
         ++checked;
         e.next(m);
       }
-      at.advance(st, m);
+      at.advance(step, m);
     }
   }
   return true;

@@ -222,7 +222,7 @@ def _innermost_loop_calls(body: str) -> tuple[int, list[str]]:
 
 def test_group_indices_take_no_division_per_element(sass):
     """The kernels that walk groups (the gradient and prox kernels with group lasso, the group norms' pieces) find
-    each element's group with a cursor set up once per loop and thread (GroupCursor, GroupStride): no call, so no
+    each element's group with a cursor set up once per loop and thread (GroupCursor): no call, so no
     64-bit division or remainder, inside any of their innermost loops (the per-element and per-vector loops)."""
     grouped = {}
     for name, body in sass.items():
