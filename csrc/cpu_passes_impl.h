@@ -37,10 +37,10 @@ inline void split_coefficient(double weight, double norm, double& p, double& q) 
 }
 
 // One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
-// [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums.
-// The sums live in local arrays and the pointers are restrict-qualified so that the stores to `out`
-// cannot alias them and the loop vectorizes.
-template <typename T, bool kL1, bool kLin, bool kAccumulate, typename A, typename Scale>
+// [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums when
+// kSums (the value is wanted). The sums live in local arrays and the pointers are restrict-qualified so that
+// the stores to `out` cannot alias them and the loop vectorizes.
+template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A, typename Scale>
 inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
                      Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
   // Whole rounds on lane vectors, the tail element by element from lane 0: the operations of the scalar
@@ -48,12 +48,24 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   Vec<A> v1 = load_lanes<A>(abs_sum.v), v2 = load_lanes<A>(sq_sum.v);
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
+    prefetch_round(w + i);
+    prefetch_round(out + i);
     const Vec<A> x = load_lanes<A>(w + i);
-    v1 += abs_lanes<A>(x);
-    v2 += x * x;
+    if constexpr (kSums) {
+      v1 += abs_lanes<A>(x);
+      v2 += x * x;
+    }
+    // 0 + l1·sign(w) is l1·sign(w) (never −0: l1 ≥ 0), so the sum starts from it; from 0 otherwise, which turns
+    // a −0 of the linear term into +0 as the element loop does.
     Vec<A> inc{};
-    if constexpr (kL1) inc += l1 * sign_lanes<A>(x);
-    if constexpr (kLin) inc += scale.lanes(i) * (x * scale.p_lanes(i));
+    if constexpr (kL1) inc = l1 * sign_lanes<A>(x);
+    if constexpr (kLin) {
+      if constexpr (Scale::kUnitPre) {
+        inc += scale.lanes(i) * x;
+      } else {
+        inc += scale.lanes(i) * (x * scale.p_lanes(i));
+      }
+    }
     if constexpr (kAccumulate) {
       store_lanes<A>(out + i, load_lanes<A>(out + i) + mult * inc);
     } else {
@@ -64,8 +76,10 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   store_lanes<A>(sq_sum.v, v2);
   for (int j = 0; i < end; ++i, ++j) {
     const A x = static_cast<A>(w[i]);
-    abs_sum.v[j] += std::abs(x);
-    sq_sum.v[j] += x * x;
+    if constexpr (kSums) {
+      abs_sum.v[j] += std::abs(x);
+      sq_sum.v[j] += x * x;
+    }
     A inc = 0;
     if constexpr (kL1) inc += l1 * sign_of(x);
     if constexpr (kLin) inc += scale(i) * (x * scale.p(i));
@@ -77,8 +91,8 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   }
 }
 
-// The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), with per-chunk Σ|w| and Σw².
-// The group-lasso part of the value, gl·Σ √|g|·‖w_g‖, is added by the caller from the group norms.
+// The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), and with `accumulate` the value from
+// per-chunk Σ|w| and Σw² and the group norms (see Passes::grad_pass).
 template <typename T>
 acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
                    double l1, double l2, double gl, Grouping grouping, double mult) {
@@ -126,7 +140,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
       const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;
       for_scale_runs(shapes[ch.tensor], sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        grad_run<T, kL1, kLin, kAccumulate>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
+        grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
       });
       p1[c] = s1.total();
       p2[c] = s2.total();
@@ -143,6 +157,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     else if (has_l1) run(T_{}, F_{}, F_{});
     else if (has_lin) run(F_{}, T_{}, F_{});
   }
+  if (!accumulate) return A(0);
   A abs_sum = 0, sq_sum = 0;
   for (size_t c = 0; c < wl.chunks.size(); ++c) {
     abs_sum += p1[c];
@@ -195,24 +210,27 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
       const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        int64_t i = b;
-        // float16 on lanes (the same operations as the element loop below): the compiler does not vectorize its
-        // conversions on its own. It does for the other dtypes' element loop, which measured as fast or faster.
-        if constexpr (std::is_same_v<T, c10::Half>) {
-          for (; i + kLanes <= e; i += kLanes) {
-            Vec<A> x = load_lanes<A>(w + i);
-            if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
-            if constexpr (kShrink) x = x * elastic.shrink;
-            if constexpr (kGroup) x = x * scale.lanes(i);
-            store_lanes<A>(w + i, x);
+        prefetched(b, e, [&](int64_t pb, int64_t pe) {
+          int64_t i = pb;
+          // float16 on lanes (the same operations as the element loop below): the compiler does not vectorize
+          // its conversions on its own. It does for the other dtypes' element loop, which measured as fast or
+          // faster.
+          if constexpr (std::is_same_v<T, c10::Half>) {
+            for (; i + kLanes <= pe; i += kLanes) {
+              Vec<A> x = load_lanes<A>(w + i);
+              if constexpr (kT) x = soft_threshold_lanes<A>(x, elastic.threshold);
+              if constexpr (kShrink) x = x * elastic.shrink;
+              if constexpr (kGroup) x = x * scale.lanes(i);
+              store_lanes<A>(w + i, x);
+            }
           }
-        }
-        for (; i < e; ++i) {
-          A x = static_cast<A>(w[i]);
-          x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
-          if constexpr (kGroup) x = x * scale(i);
-          w[i] = static_cast<T>(x);
-        }
+          for (; i < pe; ++i) {
+            A x = static_cast<A>(w[i]);
+            x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
+            if constexpr (kGroup) x = x * scale(i);
+            w[i] = static_cast<T>(x);
+          }
+        }, static_cast<const T*>(w));
       });
     });
   };

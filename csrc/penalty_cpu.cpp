@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <iterator>
 #include <list>
 #include <memory>
@@ -18,6 +19,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "cpu_passes.h"
@@ -67,15 +69,16 @@ at::Tensor penalty_cpu(at::TensorList params, double l1, double l2, double gl, c
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
-// The gradients penalty_backward returns: one fresh tensor per param, every call. A block of more than a few MB
-// that glibc serves comes from fresh pages that the kernel faults in and zeroes on first write (glibc maps such
-// blocks anew on every call), which costs more than the gradient pass itself. So large outputs come from
-// OutputCache: blocks that earlier outputs freed (a step's grads, set to None or summed into .grad) are handed
-// out again with their pages still mapped, matched by size. It holds freed blocks up to the bytes of the largest
-// call's large outputs (one call's worth; the longest-held leave first); REGFAST_CPU_OUTPUT_CACHE=0 turns it off.
+// The gradients penalty_backward returns: one fresh tensor per param, every call. A block above glibc's mmap
+// threshold is mapped anew on every call, and one below it often sits in heap memory that glibc gave back to the
+// system at the last free: either way fresh pages that the kernel faults in and zeroes on first write, which costs
+// more than the gradient pass itself. So outputs of kLarge bytes or more come from OutputCache: blocks that earlier
+// outputs freed (a step's grads, set to None or summed into .grad) are handed out again with their pages still
+// mapped, matched by size. It holds freed blocks up to the bytes of the largest call's large outputs (one call's
+// worth; the longest-held leave first); REGFAST_CPU_OUTPUT_CACHE=0 turns it off.
 class OutputCache final : public c10::Allocator {
  public:
-  static constexpr size_t kLarge = size_t{4} << 20;
+  static constexpr size_t kLarge = size_t{64} << 10;
 
   static OutputCache& get() {
     static OutputCache* cache = new OutputCache();  // never destroyed: outputs may outlive static destruction
@@ -94,12 +97,14 @@ class OutputCache final : public c10::Allocator {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // The most recently freed block of that size: blocks are few (one per large param).
-      const auto it = std::find_if(free_.rbegin(), free_.rend(), [n](const Block& b) { return b.bytes == n; });
-      if (it != free_.rend()) {
-        p = it->ptr;
+      // The most recently freed block of that size.
+      const auto it = by_size_.find(n);
+      if (it != by_size_.end() && !it->second.empty()) {
+        const auto block = it->second.back();
+        it->second.pop_back();
+        p = block->ptr;
         held_ -= n;
-        free_.erase(std::next(it).base());
+        free_.erase(block);
       }
     }
     if (p == nullptr) p = fresh(n);
@@ -139,10 +144,13 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.free_.push_back(*block);
+      cache.by_size_[block->bytes].push_back(std::prev(cache.free_.end()));
       cache.held_ += block->bytes;
       while (cache.held_ > cache.limit_ && !cache.free_.empty()) {
-        evicted.push_back(cache.free_.front().ptr);
-        cache.held_ -= cache.free_.front().bytes;
+        const Block& oldest = cache.free_.front();
+        evicted.push_back(oldest.ptr);
+        cache.held_ -= oldest.bytes;
+        cache.by_size_[oldest.bytes].pop_front();  // the oldest block of its size too
         cache.free_.pop_front();
       }
     }
@@ -151,6 +159,7 @@ class OutputCache final : public c10::Allocator {
 
   std::mutex mutex_;
   std::list<Block> free_;  // oldest first
+  std::unordered_map<size_t, std::deque<std::list<Block>::iterator>> by_size_;  // free_'s blocks by size, oldest first
   size_t held_ = 0, limit_ = 0;
   bool enabled_ = true;
 };

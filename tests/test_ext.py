@@ -35,7 +35,7 @@ def test_adamw_step_rejects_an_unknown_prox():
 
 @pytest.mark.parametrize("cache", ["1", "0"])
 def test_penalty_backward_large_outputs_with_and_without_the_cache(cache):
-    """penalty_backward's large outputs (≥ 4 MB) from the cache of freed blocks (csrc/penalty_cpu.cpp's
+    """penalty_backward's outputs of 64 KiB or more from the cache of freed blocks (csrc/penalty_cpu.cpp's
     OutputCache), or from the system with REGFAST_CPU_OUTPUT_CACHE=0: the values of the formula either way,
     and with the cache a second call's output takes the block the first one freed."""
     import subprocess
