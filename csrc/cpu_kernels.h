@@ -503,11 +503,19 @@ constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
 template <typename A, typename T, typename F>
 inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out) {
   double s[kLanes] = {}, flags[kLanes] = {};
-  lane_loop(begin, end, [&](int64_t i, int j) {
-    const double u = static_cast<double>(f(static_cast<A>(w[i])));
+  auto add = [&](A x, int j) {
+    const double u = static_cast<double>(f(x));
     s[j] += u * u;
     if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
-  });
+  };
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    prefetch_round(w + i);
+    A x[kLanes];
+    store_lanes<A>(x, load_lanes<A>(w + i));  // 16-bit elements converted on lanes
+    for (int j = 0; j < kLanes; ++j) add(x[j], j);
+  }
+  for (int j = 0; i < end; ++i, ++j) add(static_cast<A>(w[i]), j);
   *out = pairwise_total(s);
   return kParts<A> > 1 && pairwise_total(flags) != 0;
 }
@@ -530,11 +538,19 @@ template <typename A, typename T, typename F>
 __attribute__((noinline)) bool column_squares(const T* __restrict__ row, double* __restrict__ out, int64_t m_len,
                                               F f) {
   double flags[kLanes] = {};
-  lane_loop(0, m_len, [&](int64_t m, int j) {
-    const double u = static_cast<double>(f(static_cast<A>(row[m])));
+  auto add = [&](A x, int64_t m, int j) {
+    const double u = static_cast<double>(f(x));
     out[m] += u * u;
     if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
-  });
+  };
+  int64_t m = 0;
+  for (; m + kLanes <= m_len; m += kLanes) {
+    prefetch_round(row + m);
+    A x[kLanes];
+    store_lanes<A>(x, load_lanes<A>(row + m));  // 16-bit elements converted on lanes
+    for (int j = 0; j < kLanes; ++j) add(x[j], m + j, j);
+  }
+  for (int j = 0; m < m_len; ++m, ++j) add(static_cast<A>(row[m]), m, j);
   return kParts<A> > 1 && pairwise_total(flags) != 0;
 }
 

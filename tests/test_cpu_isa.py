@@ -176,6 +176,12 @@ def test_only_the_avx2_variants_hold_avx_instructions():
     assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "grad_run<c10::Half" in name)
     assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "prox_pass<c10::Half>" in name)
     assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
+    # The streaming loops prefetch ahead of their reads and writes (cpu_kernels.h's prefetch_round), in both variants.
+    for kernel in ("tensor_norms<c10::BFloat16>", "grad_run<c10::BFloat16", "grad_run<float",
+                   "sumsq_run<float, c10::Half", "prox_pass<c10::Half>", "prox_pass<c10::BFloat16>"):
+        for variant in ("regfast::cpu::avx2::", "regfast::cpu::baseline::"):
+            found = [ops for name, ops in functions if variant in name and kernel in name]
+            assert found and any("prefetcht0" in ops for ops in found), (variant, kernel)
     fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
     assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
 
