@@ -9,6 +9,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +28,7 @@
 #endif
 
 #define REGFAST_OPTIM_LOOPS avx2_fma
+#define REGFAST_OPTIM_F16C 1
 #include "optim_cpu_math.h"
 
 namespace regfast {

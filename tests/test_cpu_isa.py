@@ -143,6 +143,34 @@ def test_every_16_bit_pattern_converts_alike_in_both_variants(isa, dtype):
     assert torch.equal(got["avx2"][nan] & 0x7FFF, torch.full_like(got["avx2"][nan], canonical))
 
 
+@pytest.mark.parametrize("opt", ["ProxSGD", "ProxAdamW"])
+def test_the_optimizer_steps_convert_every_float16_pattern_as_c10(opt):
+    """Each of the 65,536 float16 patterns widened to float, stepped by nothing (lr 0: −0 added) and narrowed
+    back: the same bits, every NaN the canonical one with its sign (c10's scalar conversion, and F16C's where the
+    optimizer loops use it)."""
+    from helpers import use_backend
+
+    from regfast.optim import ProxAdamW, ProxSGD
+
+    w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).clone()
+    before = w.view(torch.int16).clone()
+    w.requires_grad_()
+    # −0 stays −0 in SGD: g·(−0) = −0 is added for g = 1.
+    w.grad = torch.ones_like(w)
+    with use_backend("cpp"):
+        step = ProxSGD([w], lr=0.0) if opt == "ProxSGD" else ProxAdamW([w], lr=0.0, weight_decay=0.0)
+        step.step()
+    got = w.detach().view(torch.int16)
+    nan = torch.isnan(w.detach())
+    assert int(nan.sum()) == 2046
+    kept = ~nan
+    if opt == "ProxAdamW":
+        kept &= before != -32768  # −0: the AdamW step of lr 0 itself gives +0
+        assert got[before == -32768].item() in (0, -32768)
+    assert torch.equal(got[kept], before[kept])
+    assert torch.equal(got[nan], (before[nan] & -32768) | 0x7E00)
+
+
 def _functions(so: Path) -> list[tuple[str, list[str]]]:
     """Each function of the library (demangled name; internal ones may share one) and its instructions'
     mnemonics."""
@@ -184,6 +212,9 @@ def test_only_the_avx2_variants_hold_avx_instructions():
             assert found and any("prefetcht0" in ops for ops in found), (variant, kernel)
     fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
     assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
+    # The AVX2 + FMA optimizer loops widen and narrow float16 blocks with F16C.
+    f16c = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name and "_f16c" in name]
+    assert any("vcvtph2ps" in ops for ops in f16c) and any("vcvtps2ph" in ops for ops in f16c)
 
 
 GDB_PROGRAM = """
