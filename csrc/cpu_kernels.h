@@ -86,19 +86,6 @@ __attribute__((always_inline)) inline void prefetch_round(const T* p) {
   for (int k = 0; k < kLines; ++k) __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchAhead + 64 * k);
 }
 
-// Calls body(b, e) over [begin, end) in pieces of kLanes·16 elements (whole rounds, so that lanes run on across
-// pieces as in one call), each after prefetching the pieces' elements of `streams` kPrefetchAhead bytes on: for
-// loops the compiler vectorizes, where a prefetch inside the loop is not possible.
-template <typename Body, typename... T>
-__attribute__((always_inline)) inline void prefetched(int64_t begin, int64_t end, Body&& body, const T*... streams) {
-  constexpr int64_t kPiece = kLanes * 16;
-  for (int64_t b = begin; b < end; b += kPiece) {
-    const int64_t e = std::min(end, b + kPiece);
-    for (int64_t r = b; r < e; r += kLanes) (prefetch_round(streams + r), ...);
-    body(b, e);
-  }
-}
-
 // kLanes values of an element type E, held as vectors of the compiler (GCC/Clang vector extensions) of
 // kPieceBytes each: lane j is element j % (kPieceBytes / sizeof(E)) of piece j / (kPieceBytes / sizeof(E)).
 // The target keeps vectors of its register width in registers, where a wider vector of the compiler is
