@@ -32,6 +32,8 @@
 #endif
 #if REGFAST_CPU_AVX2
 #include <immintrin.h>
+
+#include "f16c.h"
 #endif
 
 namespace regfast {
@@ -248,28 +250,15 @@ __attribute__((always_inline)) inline void store_high_halves(void* p, const Bits
   _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
 }
 
-// c10::Half to float: F16C's conversion is exact, as c10's (a signaling NaN comes back quiet in both).
+// c10::Half to float and back with F16C, c10's bits (f16c.h), one piece at a time.
 __attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
-  const auto* q = reinterpret_cast<const __m128i*>(p);
   Vec<float> v;
-  for (int k = 0; k < Vec<float>::kPieces; ++k) {
-    v.p[k] = bits_as<Vec<float>::Piece>(_mm256_cvtph_ps(_mm_loadu_si128(q + k)));
-  }
+  for (int k = 0; k < Vec<float>::kPieces; ++k) v.p[k] = bits_as<Vec<float>::Piece>(f16c::load8(p + 8 * k));
   return v;
 }
 
-// float to c10::Half: F16C rounds to nearest even as c10 does; a NaN is first replaced by the NaN whose
-// conversion is c10's (sign | 0x7E00), where F16C would keep the payload.
 __attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec<float>& v) {
-  auto* q = reinterpret_cast<__m128i*>(p);
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
-  for (int k = 0; k < Vec<float>::kPieces; ++k) {
-    const __m256 x = bits_as<__m256>(v.p[k]);
-    const __m256 nan = _mm256_or_ps(_mm256_and_ps(x, sign), quiet);
-    const __m256 y = _mm256_blendv_ps(x, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    _mm_storeu_si128(q + k, _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
-  }
+  for (int k = 0; k < Vec<float>::kPieces; ++k) f16c::store8(p + 8 * k, bits_as<__m256>(v.p[k]));
 }
 #else
 #if defined(__clang__)

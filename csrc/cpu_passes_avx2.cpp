@@ -22,6 +22,7 @@
 #include "cpu_passes.h"
 #include "cpu_work_list.h"
 #include "elementwise.h"
+#include "f16c.h"
 #include "groups.h"
 #include "kernel_types.h"
 #include "norm_parts.h"

@@ -9,7 +9,6 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +16,7 @@
 #include <type_traits>
 
 #include "elementwise.h"
+#include "f16c.h"
 #include "kernel_types.h"
 #include "optim_cpu.h"
 

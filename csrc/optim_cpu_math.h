@@ -19,6 +19,9 @@
 #include "elementwise.h"
 #include "kernel_types.h"
 #include "optim_cpu.h"
+#if defined(REGFAST_OPTIM_F16C)
+#include "f16c.h"
+#endif
 
 #if !defined(REGFAST_OPTIM_LOOPS)
 #error "define REGFAST_OPTIM_LOOPS, the namespace of the including file's instruction set"
@@ -65,9 +68,8 @@ template <typename T>
 constexpr bool kNarrow = std::is_same_v<T, c10::Half>;
 
 #if defined(REGFAST_OPTIM_F16C)
-// F16C's conversions, where the CPU has them (the including file defines REGFAST_OPTIM_F16C where it is compiled
-// for AVX2): float16 to float is exact as c10's; float to float16 rounds to nearest even as c10's, a NaN first
-// replaced by c10's NaN (sign | 0x7E00), where F16C would keep the payload.
+// F16C's conversions (f16c.h, c10's bits), where the CPU has them: the including file defines REGFAST_OPTIM_F16C
+// where it is compiled for AVX2.
 inline bool has_f16c() {
   static const bool yes = __builtin_cpu_supports("f16c");
   return yes;
@@ -76,23 +78,14 @@ inline bool has_f16c() {
 __attribute__((target("avx2,fma,f16c"), noinline)) void widen_f16c(const c10::Half* __restrict__ src,
                                                                     float* __restrict__ dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, f16c::load8(src + i));
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 __attribute__((target("avx2,fma,f16c"), noinline)) void narrow_f16c(const float* __restrict__ src,
                                                                      c10::Half* __restrict__ dst, int64_t n) {
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(src + i);
-    const __m256 nan = _mm256_or_ps(_mm256_and_ps(x, sign), quiet);
-    const __m256 y = _mm256_blendv_ps(x, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
-  }
+  for (; i + 8 <= n; i += 8) f16c::store8(dst + i, _mm256_loadu_ps(src + i));
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 #endif
