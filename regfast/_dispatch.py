@@ -104,16 +104,46 @@ def forced_backend(name: str | None) -> Iterator[None]:
             os.environ[ENV] = old
 
 
+# The backends serving each device type, by (REGFAST_BACKEND, TRITON_INTERPRET): a backend's availability is
+# fixed once its module is imported, and only these variables change which one serves. Every regfast call asks.
+_selected: dict[tuple[str | None, str | None], dict[str, str]] = {}
+
+
+def _serving() -> dict[str, str]:
+    key = (os.environ.get(ENV), os.environ.get("TRITON_INTERPRET"))
+    serving = _selected.get(key)
+    if serving is None:
+        serving = _selected[key] = {}
+    return serving
+
+
 def select_name(device: torch.device) -> str:
     """The name of the backend that serves tensors on ``device``."""
+    serving = _serving()
+    name = serving.get(device.type)
+    if name is None:
+        name = serving[device.type] = _select_name(device.type)
+    return name
+
+
+def cpu_cuda_names() -> tuple[str, str]:
+    """``select_name`` of the CPU and of CUDA devices."""
+    serving = _serving()
+    try:
+        return serving["cpu"], serving["cuda"]
+    except KeyError:
+        return select_name(torch.device("cpu")), select_name(torch.device("cuda"))
+
+
+def _select_name(device_type: str) -> str:
     forced = requested()
-    if forced != "auto" and _serves(forced, device.type):
-        reason = unavailable_reason(forced, device.type)
+    if forced != "auto" and _serves(forced, device_type):
+        reason = unavailable_reason(forced, device_type)
         if reason is not None:
-            raise RuntimeError(f"{ENV}={forced} but the {forced} backend cannot serve {device.type} tensors: {reason}")
+            raise RuntimeError(f"{ENV}={forced} but the {forced} backend cannot serve {device_type} tensors: {reason}")
         return forced
-    for name in AUTO_ORDER.get(device.type, ("torch",)):
-        if unavailable_reason(name, device.type) is None:
+    for name in AUTO_ORDER.get(device_type, ("torch",)):
+        if unavailable_reason(name, device_type) is None:
             return name
     return "torch"
 

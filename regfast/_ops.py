@@ -47,7 +47,7 @@ def walk(name: str, params, *args):
     (:func:`_run_groups`); the optimizer steps then take the Python path."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
-    on_cpu, on_cuda = _dispatch.select_name(_CPU), _dispatch.select_name(_CUDA)
+    on_cpu, on_cuda = _dispatch.cpu_cuda_names()
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     if cpu or cuda:
         walked = getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
@@ -103,7 +103,6 @@ def grads_ready(params) -> bool:
     return _ext._C is not None and _ext._C.grads_ready(params, _PLAIN_TUPLE) is True
 
 
-_CPU, _CUDA = torch.device("cpu"), torch.device("cuda")
 _PLAIN_TUPLE = tuple(PLAIN_TYPES)
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import _ext, _ops
 from .._common import acc_dtype, by_device_dtype, capturing, fast_grouping, refuse_host_lr
@@ -135,6 +137,37 @@ def _flat_states(params: list[Tensor], states: list[dict[str, Any]],
     return out
 
 
+def profile_hook_step(func):
+    """The wrapper torch puts around each optimizer class's ``step`` (``Optimizer.profile_hook_step``, which the
+    optimizers of regfast take from here): the global and the optimizer's step pre hooks, the step, the profiler's
+    entry point, the post hooks. The step's profiler label (a ``record_function``) is entered only while a profiler
+    records (and under ``torch.compile``, which traces torch's own form): elsewhere it records nothing, and it costs
+    about as much as the whole host path of a small model's step."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return _hooked_step(func, self, args, kwargs)
+        return _hooked_step(func, self, args, kwargs)
+
+    return wrapper
+
+
+def _hooked_step(func, self, args, kwargs):
+    for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+            args, kwargs = result
+    out = func(self, *args, **kwargs)
+    self._optimizer_step_code()
+    for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+        post_hook(self, args, kwargs)
+    return out
+
+
 class FusedProximalOptimizer(Optimizer):
     """Base of the optimizers whose step ends with the proximal step in the same pass.
 
@@ -143,6 +176,8 @@ class FusedProximalOptimizer(Optimizer):
     the accumulation dtype (float32, float64 for float64 params) also across
     ``load_state_dict``, which would otherwise cast them to the param dtype.
     """
+
+    profile_hook_step = staticmethod(profile_hook_step)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
                  compute_penalty: bool) -> None:

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .. import _ops
 from ..api import penalty, prox_
-from ._base import REGULARIZATION_KEYS, check_regularization, total, with_grads
+from ._base import REGULARIZATION_KEYS, check_regularization, profile_hook_step, total, with_grads
 
 __all__ = ["Proximal"]
 
@@ -42,6 +42,8 @@ class Proximal(Optimizer):
         optimizer: the wrapped optimizer.
         last_penalty: 0-dim float32 (float64 if any param is) tensor, or None without ``compute_penalty``.
     """
+
+    profile_hook_step = staticmethod(profile_hook_step)
 
     def __init__(self, optimizer: Optimizer, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0,
                  groups: str = "row", *, compute_penalty: bool = False) -> None:
