@@ -56,6 +56,19 @@ inline A pairwise_total(const A* v) {
   return s[0];
 }
 
+// pairwise_total of lane sums of which only the first n (1 <= n <= kLanes) may be nonzero, the others +0: the same
+// additions less those of a +0 (x + 0 is x for a lane sum, never −0), on scalars. Used for chunks shorter than a
+// round (small tensors): their lanes, stored one by one, would stall a vector reload on store forwarding.
+template <typename A>
+inline A leading_total(A* s, int n) {
+  int live = n;
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j + width < live; ++j) s[j] += s[j + width];
+    live = std::min(live, width);
+  }
+  return s[0];
+}
+
 template <typename A>
 struct LaneSum {
   A v[kLanes];
@@ -470,6 +483,20 @@ inline void norms_run(const T* __restrict__ w, int64_t begin, int64_t end, LaneS
   }
 }
 
+// Σ|w| and Σw² of a run of n < kLanes elements (a chunk shorter than a round) as norms_run and LaneSum::total
+// give them: element j is lane j's only term.
+template <typename T, typename A>
+inline void short_norms(const T* w, int n, A& l1, A& l2sq) {
+  A s1[kLanes], s2[kLanes];
+  for (int j = 0; j < n; ++j) {
+    const A x = static_cast<A>(w[j]);
+    s1[j] = std::abs(x);
+    s2[j] = x * x;
+  }
+  l1 = leading_total(s1, n);
+  l2sq = leading_total(s2, n);
+}
+
 // Parts of a group's square sum (see norm_parts.h): three for double, one otherwise.
 template <typename A>
 constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
@@ -537,6 +564,10 @@ void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, 
   const WorkList wl = make_work_list(ts);
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
+    if (ch.end - ch.begin < kLanes) {
+      short_norms(data_of<const T>(ts[ch.tensor]) + ch.begin, static_cast<int>(ch.end - ch.begin), p1[c], p2[c]);
+      return;
+    }
     LaneSum<A> s1, s2;
     norms_run(data_of<const T>(ts[ch.tensor]), ch.begin, ch.end, s1, s2);
     p1[c] = s1.total();

@@ -36,6 +36,19 @@ inline void split_coefficient(double weight, double norm, double& p, double& q) 
   q = (mw / mn) * std::ldexp(1.0, e - e / 2);
 }
 
+// One element of the gradient pass, as on its lane: o = [o +] mult·(l1·sign(x) + scale·(x·p)).
+template <bool kL1, bool kLin, bool kAccumulate, typename T, typename A>
+inline void grad_element(A x, T& o, A l1, A mult, A scale, A p) {
+  A inc = 0;
+  if constexpr (kL1) inc += l1 * sign_of(x);
+  if constexpr (kLin) inc += scale * (x * p);
+  if constexpr (kAccumulate) {
+    o = static_cast<T>(static_cast<A>(o) + mult * inc);
+  } else {
+    o = static_cast<T>(mult * inc);
+  }
+}
+
 // One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
 // [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums when
 // kSums (the value is wanted). The sums live in local arrays and the pointers are restrict-qualified so that
@@ -80,14 +93,27 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
       abs_sum.v[j] += std::abs(x);
       sq_sum.v[j] += x * x;
     }
-    A inc = 0;
-    if constexpr (kL1) inc += l1 * sign_of(x);
-    if constexpr (kLin) inc += scale(i) * (x * scale.p(i));
-    if constexpr (kAccumulate) {
-      out[i] = static_cast<T>(static_cast<A>(out[i]) + mult * inc);
-    } else {
-      out[i] = static_cast<T>(mult * inc);
+    grad_element<kL1, kLin, kAccumulate>(x, out[i], l1, mult, scale(i), scale.p(i));
+  }
+}
+
+// grad_run over a chunk of n < kLanes elements with one scale (a small tensor without groups), its lane sums'
+// totals into *abs_total and *sq_total when kSums: element j is lane j's only term (see leading_total).
+template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A>
+inline void short_grad_run(const T* __restrict__ w, T* __restrict__ out, int n, A l1, A mult, UnitScale<A> scale,
+                           A* abs_total, A* sq_total) {
+  A s1[kLanes], s2[kLanes];
+  for (int j = 0; j < n; ++j) {
+    const A x = static_cast<A>(w[j]);
+    if constexpr (kSums) {
+      s1[j] = std::abs(x);
+      s2[j] = x * x;
     }
+    grad_element<kL1, kLin, kAccumulate>(x, out[j], l1, mult, scale(j), scale.p(j));
+  }
+  if constexpr (kSums) {
+    *abs_total = leading_total(s1, n);
+    *sq_total = leading_total(s2, n);
   }
 }
 
@@ -136,6 +162,12 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
       const T* w = data_of<const T>(ws[ch.tensor]);
       T* out = data_of<T>(outs[ch.tensor]);
+      if (gl == 0 && ch.end - ch.begin < kLanes) {
+        short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin,
+                                                               static_cast<int>(ch.end - ch.begin), a_l1, a_mult,
+                                                               UnitScale<A>{a_lin}, &p1[c], &p2[c]);
+        return;
+      }
       const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
       const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "optim_common.h"
 #include "optim_cpu_step.h"
 #include "tensor_list.h"
@@ -103,6 +104,11 @@ bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
   return true;
 }
 
+// t.grad, read from the tensor's autograd metadata: Tensor::grad first asks whether t is a leaf, to warn when an
+// undefined grad of a non-leaf is read, which costs as much again. The public calls' walk declines an undefined
+// grad (the Python path then reads p.grad, warning where torch warns); an optimizer's params are leaves.
+const at::Tensor& grad_of(const at::Tensor& t) { return t.unsafeGetTensorImpl()->grad(); }
+
 // A tensor to write in place: contiguous (so stored once) and, outside inference mode, not an inference tensor.
 bool writable(const at::Tensor& t) {
   return t.is_contiguous() && (!t.is_inference() || c10::InferenceMode::is_enabled());
@@ -110,7 +116,7 @@ bool writable(const at::Tensor& t) {
 
 // `t` has a grad to write in place: dense, of its dtype, device and shape.
 bool grad_fits(const at::Tensor& t) {
-  const at::Tensor& g = t.grad();
+  const at::Tensor& g = grad_of(t);
   return g.defined() && g.layout() == at::kStrided && g.scalar_type() == t.scalar_type() && g.device() == t.device() &&
          same_sizes(g.sizes(), t.sizes()) && writable(g);
 }
@@ -176,7 +182,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     }
     group->params.borrow(t);
     group->elements += t.numel();
-    if (needs.grads) group->grads.borrow(t.grad());
+    if (needs.grads) group->grads.borrow(grad_of(t));
     group->index.push_back(count++);
   }
   return true;
@@ -233,7 +239,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     if (t.layout() != at::kStrided || !floating(dtype)) return false;
     const at::Device device = t.device();
     if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
-    const at::Tensor& g = t.grad();
+    const at::Tensor& g = grad_of(t);
     const auto sizes = t.sizes();
     if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != dtype || g.device() != device ||
         !same_sizes(g.sizes(), sizes)) {
@@ -307,11 +313,13 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     if (!group->flat) {  // new: param and grad per param in its table, the states in flat_data
       group->flat = true;
       group->stride = 2;
+      group->offsets.reserve(static_cast<size_t>(n));
+      group->indices.reserve(static_cast<size_t>(n));
     }
     const int64_t offset = group->total, index = group->size;
     group->total += expected[k];
     group->size += 1;
-    const at::Tensor& g = t.grad();
+    const at::Tensor& g = grad_of(t);
     if (!g.defined()) continue;
     if (g.layout() != at::kStrided || g.scalar_type() != dtype || !g.device().is_cpu() ||
         !same_sizes(g.sizes(), t.sizes()) || !g.is_contiguous()) {
@@ -431,18 +439,22 @@ PyObject* norms(PyObject*, PyObject* args) {
   at::Tensor first;
   if (!walk(list, allowed, Needs{false, false}, groups, count, first)) Py_RETURN_NONE;
   static const auto norms_op = op<std::tuple<at::Tensor, at::Tensor>(at::TensorList)>("regfast_C::norms");
+  // A CPU group's op without its checks (the walk made them), a CUDA group's through the dispatcher.
+  auto norms_of = [&](const Group& g) {
+    return g.device.is_cpu() ? cpu_ops::norms(g.params) : norms_op.call(g.params);
+  };
   at::Tensor per_l1, per_l2sq;
   {
     KernelScope scope(groups);
     if (groups.size() == 1) {
-      std::tie(per_l1, per_l2sq) = norms_op.call(groups[0].params);
+      std::tie(per_l1, per_l2sq) = norms_of(groups[0]);
     } else {
       const auto dtype = result_dtype(groups);
       const auto options = at::TensorOptions().device(first.device()).dtype(dtype);
       per_l1 = at::empty({count}, options);
       per_l2sq = at::empty({count}, options);
       for (const auto& g : groups) {
-        const auto [a, b] = norms_op.call(g.params);
+        const auto [a, b] = norms_of(g);
         const at::Tensor index = index_on(g.index, first.device());
         per_l1.index_copy_(0, index, a.to(first.device(), dtype));
         per_l2sq.index_copy_(0, index, b.to(first.device(), dtype));
@@ -471,12 +483,16 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
   static const auto grad_op = op<at::Tensor(at::TensorList, at::TensorList, double, double, double, c10::string_view)>(
       "regfast_C::add_penalty_grad_");
   const std::string grouping(groups_arg);
+  const Grouping parsed = parse_grouping(grouping);
   at::Tensor total;
   {
     KernelScope scope(groups);
     const auto dtype = result_dtype(groups);
     for (const auto& g : groups) {
-      const at::Tensor value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping).to(first.device(), dtype);
+      // A CPU group's op without its checks (the walk made them: the grads are contiguous and match their params).
+      const at::Tensor value = (g.device.is_cpu() ? cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed)
+                                                  : grad_op.call(g.params, g.grads, l1, l2, gl, grouping))
+                                   .to(first.device(), dtype);
       total = total.defined() ? total + value : value;
     }
     for (const auto& g : groups) bump(g.grads);
@@ -510,6 +526,7 @@ PyObject* prox(PyObject*, PyObject* args) {
       op<void(at::TensorList, const std::optional<at::Tensor>&, double, double, double, double, c10::string_view)>(
           "regfast_C::prox_");
   const std::string grouping(groups_arg);
+  const Grouping parsed = parse_grouping(grouping);
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
@@ -517,7 +534,11 @@ PyObject* prox(PyObject*, PyObject* args) {
       // lies, and a CUDA op moves it to the params' device itself (refusing a CPU lr inside a graph capture).
       std::optional<at::Tensor> step;
       if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      prox_op.call(g.params, step, lr, l1, l2, gl, grouping);
+      if (g.device.is_cpu()) {
+        cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);  // the op without its checks
+      } else {
+        prox_op.call(g.params, step, lr, l1, l2, gl, grouping);
+      }
     }
     for (const auto& g : groups) bump(g.params);
   }

@@ -10,18 +10,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cpu_passes.h"
 #include "elementwise.h"
 #include "groups.h"
 #include "tensor_list.h"
 
 namespace regfast {
-namespace {
 
-void check_params(at::TensorList params) { check_group(params, "params", c10::kCPU); }
-
-std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
-  check_params(params);
+std::tuple<at::Tensor, at::Tensor> cpu_ops::norms(at::TensorList params) {
   const auto ws = contiguous_all(params);
   const auto acc = acc_type(params[0].scalar_type());
   at::Tensor l1 = at::empty({static_cast<int64_t>(ws.size())}, params[0].options().dtype(acc));
@@ -34,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
     std::copy(v2.begin(), v2.end(), l2sq.data_ptr<A>());
   });
   return {l1, l2sq};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
+  check_group(params, "params", c10::kCPU);
+  return cpu_ops::norms(params);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cpu_passes.h"
 #include "elementwise.h"
 #include "groups.h"
@@ -216,19 +217,26 @@ at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, dou
                     grads[i].device() == params[i].device(),
                 "grads[", i, "] does not match params[", i, "] in shape, dtype or device");
   }
-  const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
+  at::Tensor value = cpu_ops::add_penalty_grad(params, gs, l1, l2, gl, grouping);
+  write_back(grads, gs);
+  return value;
+}
+
+}  // namespace
+
+at::Tensor cpu_ops::add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>& grads, double l1,
+                                     double l2, double gl, Grouping grouping) {
+  const auto ws = contiguous_all(params);
   const auto acc = acc_type(params[0].scalar_type());
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_add_penalty_grad_cpu",
                                   [&] {
-                                    value = cpu::passes<scalar_t>().grad_pass(ws, gs, true, l1, l2, gl, grouping, 1.0);
+                                    value = cpu::passes<scalar_t>().grad_pass(ws, grads, true, l1, l2, gl, grouping,
+                                                                              1.0);
                                   });
-  write_back(grads, gs);
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(regfast_C, CPU, m) {
   m.impl("penalty", &penalty_cpu);

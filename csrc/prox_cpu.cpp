@@ -11,20 +11,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cpu_passes.h"
 #include "elementwise.h"
 #include "groups.h"
 #include "tensor_list.h"
 
 namespace regfast {
-namespace {
 
-void check_params(at::TensorList params) { check_group(params, "params", c10::kCPU); }
-
-void prox_cpu(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
-              double gl, c10::string_view groups) {
-  check_params(params);
-  const Grouping grouping = parse_grouping(groups);
+void cpu_ops::prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+                   double gl, Grouping grouping) {
   if (l1 == 0 && l2 == 0 && gl == 0) return;
   const double step = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
   const auto acc = acc_type(params[0].scalar_type());
@@ -43,6 +39,14 @@ void prox_cpu(at::TensorList params, const std::optional<at::Tensor>& lr_tensor,
     cpu::passes<scalar_t>().prox(ws, step, elastic, l2, gl, grouping);
   });
   write_back(params, ws);
+}
+
+namespace {
+
+void prox_cpu(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+              double gl, c10::string_view groups) {
+  check_group(params, "params", c10::kCPU);
+  cpu_ops::prox(params, lr_tensor, lr, l1, l2, gl, parse_grouping(groups));
 }
 
 }  // namespace

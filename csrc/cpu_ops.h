@@ -1,0 +1,32 @@
+// The CPU ops' work once their arguments are checked: what regfast_C::norms, add_penalty_grad_ and prox_ run on
+// the CPU after their checks (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp), and what the host path runs
+// straight from its walk (host_path.cpp), which has checked the same.
+//
+// Each takes one group: a non-empty list of CPU tensors of one floating dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "groups.h"
+
+namespace regfast {
+namespace cpu_ops {
+
+// Per-tensor Σ|w| and Σw², in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> norms(at::TensorList params);
+
+// grads += the penalty's gradient at params (grads: contiguous, each of its param's shape and dtype); returns the
+// penalty's value, 0-dim, in the accumulation dtype.
+at::Tensor add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>& grads, double l1, double l2,
+                            double gl, Grouping grouping);
+
+// The prox of params in place, with step lr_tensor (read on the host) or lr.
+void prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+          double gl, Grouping grouping);
+
+}  // namespace cpu_ops
+}  // namespace regfast
