@@ -4,8 +4,9 @@ A small C++ program built with the extension's flags (the AVX2 variant as the ex
 first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign and soft threshold
 against the scalar code they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0,
 infinities), the norms of a chunk shorter than a round against the lane loop's, and the lanes' float16 / bfloat16
-conversions against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign and threshold shows packed compares and no scalar compare or
-branch on NaN, and that of the conversions no branch or call.
+conversions against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign and
+threshold shows packed compares and no scalar compare or branch on NaN, and that of the conversions no branch or
+call.
 """
 
 import re
