@@ -146,8 +146,13 @@ class Seen {
   std::vector<PyObject*> slots_;
 };
 
+// The walks are compiled flattened (every inline function they call inlined into them: TensorImpl's accessors
+// included, which the compiler otherwise calls out of line): their per-tensor checks are most of a small
+// tensor's cost.
+//
 // The walk: every check, repeats dropped, groups formed. False (nothing touched) when the call is not
 // one it takes; `first` is then meaningless.
+__attribute__((flatten))
 bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group>& groups, int64_t& count,
           at::Tensor& first) {
   if (!PyList_Check(list) && !PyTuple_Check(list)) return false;
@@ -220,6 +225,7 @@ struct PlanStates {
 // exactly the plan's params, each with a grad matching it, and each state tensor of the plan must still
 // fit its param. Groups by (device, dtype) in order of first appearance, as the Python path does. CPU
 // groups whose tensors can all be used in place get their data tables in the same pass.
+__attribute__((flatten))
 bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, const Allowed& allowed,
                std::vector<Group>& groups) {
   if (!PyList_Check(list) || !PyTuple_Check(planned)) return false;
@@ -286,6 +292,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
 // state, a tuple of the flat buffers of the dtype groups in order of first appearance (the counts, at
 // index `counts`, one float32 per param of the group); each must still be the plan's size. Reads no state
 // tensor of a param: the states are views that the optimizer made and only load_state_dict replaces.
+__attribute__((flatten))
 bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const std::vector<PyObject*>& flats,
                size_t counts, const Allowed& allowed, std::vector<Group>& groups) {
   if (!allowed.cpu || !PyList_Check(list) || !PyTuple_Check(planned) || !THPVariable_Check(numels_obj)) return false;
@@ -546,6 +553,7 @@ PyObject* prox(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+__attribute__((flatten))
 PyObject* grads_ready(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr;
