@@ -36,6 +36,8 @@ def coefficient(name: str, value: Any) -> float:
     TypeError for anything that is not a real number (a bool, a tensor: pass ``float(t)``), ValueError
     for a negative, NaN, infinite or too large one.
     """
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case, without the numbers.Real check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a tensor (pass a float)" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{name} must be a number, not {kind}")
