@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -117,6 +118,60 @@ inline void short_grad_run(const T* __restrict__ w, T* __restrict__ out, int n, 
   }
 }
 
+// mult·(l1·sign(w)) in a 16-bit T, the gradient penalty_backward returns for l1 alone, is set by the class of w:
+// zero (either sign), subnormal, normal or infinite, NaN, each with its sign (rounded to T, a NaN is canonical:
+// bfloat16 drops its sign, float16 keeps it). The eight values are computed once, by the element loop's own
+// operations on a pattern of each class (so on this thread's floating-point mode), and each element picks its
+// value from its bits: integer compares and selects, which the compiler vectorizes for any instruction set, where
+// the float path converts each element to float and back.
+template <typename T>
+class L1Table {
+ public:
+  using A = acc_t<T>;
+  static constexpr int16_t kInf = std::is_same_v<T, c10::BFloat16> ? 0x7F80 : 0x7C00;  // infinity's bits
+  static constexpr int16_t kMinNormal = std::is_same_v<T, c10::BFloat16> ? 0x0080 : 0x0400;
+
+  L1Table(A l1, A mult) {
+    const uint16_t patterns[4] = {0x0000, 0x0001, kMinNormal, kInf | (kInf >> 1 & ~kInf)};
+    for (int c = 0; c < 4; ++c) {
+      pos_[c] = value(patterns[c], l1, mult);
+      neg_[c] = value(static_cast<uint16_t>(patterns[c] | 0x8000), l1, mult);
+    }
+  }
+
+  void run(const T* w, T* out, int64_t n) const {
+    // On int16 lanes, every choice a select of the same width (signed compares: SSE2 has no unsigned ones).
+    const int16_t* __restrict__ in = reinterpret_cast<const int16_t*>(w);
+    int16_t* __restrict__ o = reinterpret_cast<int16_t*>(out);
+    const int16_t p0 = pos_[0], p1 = pos_[1], p2 = pos_[2], p3 = pos_[3];
+    const int16_t d0 = p0 ^ neg_[0], d1 = p1 ^ neg_[1], d2 = p2 ^ neg_[2], d3 = p3 ^ neg_[3];
+    for (int64_t i = 0; i < n; ++i) {
+      const int16_t x = in[i];
+      const int16_t mag = x & 0x7FFF;
+      const int16_t negative = x >> 15;  // all ones for a negative sign
+      int16_t r = p3 ^ (d3 & negative);
+      r = mag <= kInf ? static_cast<int16_t>(p2 ^ (d2 & negative)) : r;
+      r = mag < kMinNormal ? static_cast<int16_t>(p1 ^ (d1 & negative)) : r;
+      r = mag == 0 ? static_cast<int16_t>(p0 ^ (d0 & negative)) : r;
+      o[i] = r;
+    }
+  }
+
+ private:
+  static uint16_t value(uint16_t bits, A l1, A mult) {
+    // The pattern hidden from the compiler: folded at compile time, l1·NaN would give a NaN of its own sign.
+    asm("" : "+r"(bits));
+    T w, o;
+    std::memcpy(&w, &bits, sizeof w);
+    grad_element<true, false, false>(static_cast<A>(w), o, l1, mult, A(0), A(1));
+    uint16_t r;
+    std::memcpy(&r, &o, sizeof r);
+    return r;
+  }
+
+  uint16_t pos_[4], neg_[4];  // by class: zero, subnormal, normal or infinite, NaN
+};
+
 // The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), and with `accumulate` the value from
 // per-chunk Σ|w| and Σw² and the group norms (see Passes::grad_pass).
 template <typename T>
@@ -155,6 +210,16 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   const A a_l1 = static_cast<A>(l1), a_lin = static_cast<A>(2 * l2), a_mult = static_cast<A>(mult);
   const bool has_l1 = l1 != 0, has_lin = l2 != 0 || gl != 0;
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    if (!accumulate && has_l1 && !has_lin) {
+      const L1Table<T> table(a_l1, a_mult);
+      for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
+        table.run(data_of<const T>(ws[ch.tensor]) + ch.begin, data_of<T>(outs[ch.tensor]) + ch.begin,
+                  ch.end - ch.begin);
+      });
+      return A(0);
+    }
+  }
 
   auto run = [&](auto l1_tag, auto lin_tag, auto acc_tag) {
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;

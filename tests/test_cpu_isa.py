@@ -143,6 +143,35 @@ def test_every_16_bit_pattern_converts_alike_in_both_variants(isa, dtype):
     assert torch.equal(got["avx2"][nan] & 0x7FFF, torch.full_like(got["avx2"][nan], canonical))
 
 
+@pytest.mark.parametrize("variant", ["baseline", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_penalty_backward_of_l1_alone_gives_every_16_bit_pattern_the_float_bits(isa, variant, dtype):
+    """penalty_backward with l1 alone on 16-bit params picks each element's gradient by the class of its bits
+    (csrc/cpu_passes_impl.h, L1Table): every one of the 65,536 patterns, and an odd-length tensor beside them (two
+    chunks and a short one), gets the bits of mult·(l1·sign(w)) in float32 rounded as c10 rounds, a NaN made
+    canonical (bfloat16 0x7FC0, float16 its sign | 0x7E00), for coefficients and upstream gradients that
+    overflow, vanish, are ±0 or infinite."""
+    if variant == "avx2" and not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2 + F16C")
+    isa(variant)
+    g = torch.Generator().manual_seed(3)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    odd = (torch.randn(70_001, generator=g) * 10).to(dtype)
+    for l1 in (0.1, 1e-8, 3e38):
+        for mult in (1.5, -2.0, 0.0, -0.0, 1e-30, 3e38, float("inf"), float("-inf")):
+            grads = torch.ops.regfast_C.penalty_backward(torch.tensor(mult), [every, odd], l1, 0.0, 0.0, "row")
+            for w, got in zip((every, odd), grads):
+                x = w.float()
+                sign = torch.where(x != x, x, (x > 0).float() - (x < 0).float())
+                exact = torch.tensor(mult) * (torch.tensor(l1, dtype=torch.float32) * sign)
+                expected = exact.to(dtype).view(torch.int16).clone()
+                nan = torch.isnan(exact)
+                canonical = torch.tensor(0x7E00 if dtype == torch.float16 else 0x7FC0, dtype=torch.int16)
+                sign_bit = torch.signbit(exact[nan]).to(torch.int16) * -32768 if dtype == torch.float16 else 0
+                expected[nan] = canonical | sign_bit
+                assert torch.equal(got.view(torch.int16), expected), (l1, mult)
+
+
 @pytest.mark.parametrize("opt", ["ProxSGD", "ProxAdamW"])
 def test_the_optimizer_steps_convert_every_float16_pattern_as_c10(opt):
     """Each of the 65,536 float16 patterns widened to float, stepped by nothing (lr 0: −0 added) and narrowed
@@ -210,6 +239,11 @@ def test_only_the_avx2_variants_hold_avx_instructions():
         for variant in ("regfast::cpu::avx2::", "regfast::cpu::baseline::"):
             found = [ops for name, ops in functions if variant in name and kernel in name]
             assert found and any("prefetcht0" in ops for ops in found), (variant, kernel)
+    # penalty_backward of l1 alone on 16-bit params chooses each element's value with packed word compares.
+    for variant, compares in (("regfast::cpu::avx2::", {"vpcmpgtw", "vpcmpeqw"}),
+                              ("regfast::cpu::baseline::", {"pcmpgtw", "pcmpeqw"})):
+        for kernel in ("grad_pass<c10::Half>", "grad_pass<c10::BFloat16>"):
+            assert any(compares <= set(ops) for name, ops in functions if variant in name and kernel in name), kernel
     fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
     assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
     # The AVX2 + FMA optimizer loops widen and narrow float16 blocks with F16C.
