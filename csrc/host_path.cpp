@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -418,6 +419,10 @@ class KernelScope {
   at::NoGradGuard no_grad_;
 };
 
+// A CPU group runs its op's work without the op (cpu_ops.h: the walk made the op's checks), unless a profiler
+// (or any RecordFunction observer) listens: then through the dispatcher, which records the op.
+bool direct_on(const at::Device& device) { return device.is_cpu() && !at::hasCallbacks(); }
+
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -446,9 +451,8 @@ PyObject* norms(PyObject*, PyObject* args) {
   at::Tensor first;
   if (!walk(list, allowed, Needs{false, false}, groups, count, first)) Py_RETURN_NONE;
   static const auto norms_op = op<std::tuple<at::Tensor, at::Tensor>(at::TensorList)>("regfast_C::norms");
-  // A CPU group's op without its checks (the walk made them), a CUDA group's through the dispatcher.
   auto norms_of = [&](const Group& g) {
-    return g.device.is_cpu() ? cpu_ops::norms(g.params) : norms_op.call(g.params);
+    return direct_on(g.device) ? cpu_ops::norms(g.params) : norms_op.call(g.params);
   };
   at::Tensor per_l1, per_l2sq;
   {
@@ -496,9 +500,9 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
     KernelScope scope(groups);
     const auto dtype = result_dtype(groups);
     for (const auto& g : groups) {
-      // A CPU group's op without its checks (the walk made them: the grads are contiguous and match their params).
-      const at::Tensor value = (g.device.is_cpu() ? cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed)
-                                                  : grad_op.call(g.params, g.grads, l1, l2, gl, grouping))
+      // The walk's grads are contiguous and match their params, as cpu_ops::add_penalty_grad takes them.
+      const at::Tensor value = (direct_on(g.device) ? cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed)
+                                                    : grad_op.call(g.params, g.grads, l1, l2, gl, grouping))
                                    .to(first.device(), dtype);
       total = total.defined() ? total + value : value;
     }
@@ -541,8 +545,8 @@ PyObject* prox(PyObject*, PyObject* args) {
       // lies, and a CUDA op moves it to the params' device itself (refusing a CPU lr inside a graph capture).
       std::optional<at::Tensor> step;
       if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      if (g.device.is_cpu()) {
-        cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);  // the op without its checks
+      if (direct_on(g.device)) {
+        cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);
       } else {
         prox_op.call(g.params, step, lr, l1, l2, gl, grouping);
       }

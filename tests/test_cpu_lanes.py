@@ -60,13 +60,20 @@ void scalar_norms(const T* w, int64_t b, int64_t e, LaneSum<A>& a1, LaneSum<A>& 
   });
 }
 
+// n normal draws of generator g, element i scaled by scale(i).
+template <typename T, typename Scale>
+std::vector<T> draws(int n, std::mt19937& g, Scale scale) {
+  std::normal_distribution<double> d;
+  std::vector<T> w(n);
+  for (int i = 0; i < n; ++i) w[i] = static_cast<T>(d(g) * scale(i));
+  return w;
+}
+
 template <typename T>
 bool norms_match(int n, int seed) {
   using A = acc_t<T>;
   std::mt19937 g(seed);
-  std::normal_distribution<double> d;
-  std::vector<T> w(n);
-  for (int i = 0; i < n; ++i) w[i] = static_cast<T>(d(g) * (i % 7 == 0 ? 1e30 : 1.0));
+  std::vector<T> w = draws<T>(n, g, [](int i) { return i % 7 == 0 ? 1e30 : 1.0; });
   if (n > 5) {
     w[3] = static_cast<T>(-0.0);
     w[5] = static_cast<T>(NAN);
@@ -86,9 +93,7 @@ template <typename T>
 bool short_norms_match(int n, int seed) {
   using A = acc_t<T>;
   std::mt19937 g(seed);
-  std::normal_distribution<double> d;
-  std::vector<T> w(n);
-  for (int i = 0; i < n; ++i) w[i] = static_cast<T>(d(g) * std::pow(2.0, static_cast<int>(g() % 40) - 20));
+  std::vector<T> w = draws<T>(n, g, [&g](int) { return std::pow(2.0, static_cast<int>(g() % 40) - 20); });
   const double specials[] = {-0.0, NAN, -INFINITY};
   if (seed % 4 != 3) w[g() % n] = static_cast<T>(specials[seed % 4]);
   LaneSum<A> a1, a2;

@@ -71,6 +71,25 @@ def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, backend, monkeyp
         assert (wv, gv) == (wv2, gv2), "version counters bumped differently"
 
 
+@pytest.mark.parametrize("call, op", [("norms", "norms"), ("add_penalty_grad_ elastic", "add_penalty_grad_"),
+                                      ("prox_ tensor lr", "prox_")])
+def test_a_profiler_sees_the_walks_cpu_ops(call, op):
+    """The walk runs a CPU group's work without its op (the walk made the op's checks), except while a profiler
+    listens: then through the op, which the profiler records; the same bits either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    quiet, profiled = _model(), _model()
+    with use_backend("cpp"):
+        expected = CALLS[call](quiet)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = CALLS[call](profiled)
+    assert any(e.name == f"regfast_C::{op}" for e in prof.events()), sorted({e.name for e in prof.events()})
+    if out is not None:
+        outs, expecteds = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
+        assert all(torch.equal(a, b) for a, b in zip(outs, expecteds))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(_state(quiet), _state(profiled)))
+
+
 @pytest.mark.parametrize("container", [list, tuple, "module"])
 def test_the_walk_takes_lists_tuples_and_modules(container):
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
