@@ -548,6 +548,29 @@ def test_hooks(name):
     assert calls[-1] == ("load", True)
 
 
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_profiler_sees_each_step_under_torchs_label(name, monkeypatch):
+    """The step wrapper enters its record_function only while a profiler records (none without one): then the
+    step appears as torch labels an optimizer's step, once per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = _params(torch.float32)
+    opt = MAKERS[name](params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    entered = []
+    with monkeypatch.context() as m:
+        original = torch.autograd.profiler.record_function
+        m.setattr(torch.autograd.profiler, "record_function", lambda *a: entered.append(a) or original(*a))
+        opt.step()
+    assert entered == []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+        opt.step()
+    label = f"Optimizer.step#{type(opt).__name__}.step"
+    assert sum(e.name == label for e in prof.events()) == 2, sorted({e.name for e in prof.events()})
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda ps: ProxSGD(ps, lr=-0.1), "learning rate"),
     (lambda ps: ProxSGD(ps, lr=0.1, momentum=-1), "momentum"),
