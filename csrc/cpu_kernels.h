@@ -501,6 +501,12 @@ inline void short_norms(const T* w, int n, A& l1, A& l2sq) {
 template <typename A>
 constexpr int kParts = std::is_same_v<A, double> ? 3 : 1;
 
+// The square sums below take a round of elements through lane vectors first (16-bit ones converted there) for
+// every element type but double: GPT-2 small at half scale, 1 thread, add_penalty_grad_ with row groups, float32
+// 37.5 ms staged against 47.5 read element by element, float64 134 against 80.
+template <typename T>
+constexpr bool kStagedSquares = sizeof(T) < 8;
+
 // Σ f(w)² over a run in lane order (see norms_run), unscaled, into *out; for double also whether an
 // element is out of range (then the run is summed again by parts, see square_parts_run).
 template <typename A, typename T, typename F>
@@ -514,9 +520,13 @@ inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, 
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
     prefetch_round(w + i);
-    A x[kLanes];
-    store_lanes<A>(x, load_lanes<A>(w + i));  // 16-bit elements converted on lanes
-    for (int j = 0; j < kLanes; ++j) add(x[j], j);
+    if constexpr (kStagedSquares<T>) {
+      A x[kLanes];
+      store_lanes<A>(x, load_lanes<A>(w + i));
+      for (int j = 0; j < kLanes; ++j) add(x[j], j);
+    } else {
+      for (int j = 0; j < kLanes; ++j) add(static_cast<A>(w[i + j]), j);
+    }
   }
   for (int j = 0; i < end; ++i, ++j) add(static_cast<A>(w[i]), j);
   *out = pairwise_total(s);
@@ -549,9 +559,13 @@ __attribute__((noinline)) bool column_squares(const T* __restrict__ row, double*
   int64_t m = 0;
   for (; m + kLanes <= m_len; m += kLanes) {
     prefetch_round(row + m);
-    A x[kLanes];
-    store_lanes<A>(x, load_lanes<A>(row + m));  // 16-bit elements converted on lanes
-    for (int j = 0; j < kLanes; ++j) add(x[j], m + j, j);
+    if constexpr (kStagedSquares<T>) {
+      A x[kLanes];
+      store_lanes<A>(x, load_lanes<A>(row + m));
+      for (int j = 0; j < kLanes; ++j) add(x[j], m + j, j);
+    } else {
+      for (int j = 0; j < kLanes; ++j) add(static_cast<A>(row[m + j]), m + j, j);
+    }
   }
   for (int j = 0; m < m_len; ++m, ++j) add(static_cast<A>(row[m]), m, j);
   return kParts<A> > 1 && pairwise_total(flags) != 0;
