@@ -99,22 +99,13 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
 }
 
 // grad_run over a chunk of n < kLanes elements with one scale (a small tensor without groups), its lane sums'
-// totals into *abs_total and *sq_total when kSums: element j is lane j's only term (see leading_total).
+// totals into *abs_total and *sq_total when kSums (short_norms: element j is lane j's only term).
 template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A>
 inline void short_grad_run(const T* __restrict__ w, T* __restrict__ out, int n, A l1, A mult, UnitScale<A> scale,
                            A* abs_total, A* sq_total) {
-  A s1[kLanes], s2[kLanes];
+  if constexpr (kSums) short_norms(w, n, *abs_total, *sq_total);
   for (int j = 0; j < n; ++j) {
-    const A x = static_cast<A>(w[j]);
-    if constexpr (kSums) {
-      s1[j] = std::abs(x);
-      s2[j] = x * x;
-    }
-    grad_element<kL1, kLin, kAccumulate>(x, out[j], l1, mult, scale(j), scale.p(j));
-  }
-  if constexpr (kSums) {
-    *abs_total = leading_total(s1, n);
-    *sq_total = leading_total(s2, n);
+    grad_element<kL1, kLin, kAccumulate>(static_cast<A>(w[j]), out[j], l1, mult, scale(j), scale.p(j));
   }
 }
 
@@ -207,7 +198,6 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     shapes.assign(nt, GroupShape{1, 1, 1});
   }
   const WorkList wl = make_work_list(ws);
-  std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   const A a_l1 = static_cast<A>(l1), a_lin = static_cast<A>(2 * l2), a_mult = static_cast<A>(mult);
   const bool has_l1 = l1 != 0, has_lin = l2 != 0 || gl != 0;
   if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
@@ -220,7 +210,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
       return A(0);
     }
   }
-
+  std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   auto run = [&](auto l1_tag, auto lin_tag, auto acc_tag) {
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
     constexpr bool kAccumulate = decltype(acc_tag)::value;

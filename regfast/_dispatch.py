@@ -117,22 +117,22 @@ def _serving() -> dict[str, str]:
     return serving
 
 
-def select_name(device: torch.device) -> str:
-    """The name of the backend that serves tensors on ``device``."""
-    serving = _serving()
-    name = serving.get(device.type)
+def _served(serving: dict[str, str], device_type: str) -> str:
+    name = serving.get(device_type)
     if name is None:
-        name = serving[device.type] = _select_name(device.type)
+        name = serving[device_type] = _select_name(device_type)
     return name
 
 
+def select_name(device: torch.device) -> str:
+    """The name of the backend that serves tensors on ``device``."""
+    return _served(_serving(), device.type)
+
+
 def cpu_cuda_names() -> tuple[str, str]:
-    """``select_name`` of the CPU and of CUDA devices."""
+    """``select_name`` of the CPU and of CUDA devices (the environment read once)."""
     serving = _serving()
-    try:
-        return serving["cpu"], serving["cuda"]
-    except KeyError:
-        return select_name(torch.device("cpu")), select_name(torch.device("cuda"))
+    return _served(serving, "cpu"), _served(serving, "cuda")
 
 
 def _select_name(device_type: str) -> str:
