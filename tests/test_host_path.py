@@ -5,6 +5,11 @@ cannot prove the input valid it declines (returns None, having written nothing) 
 Both must give the same bits, the same version-counter bumps and, through the Python path, the same errors.
 """
 
+import re
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import make_params, noncontiguous, use_backend
@@ -88,6 +93,26 @@ def test_a_profiler_sees_the_walks_cpu_ops(call, op):
         outs, expecteds = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
         assert all(torch.equal(a, b) for a, b in zip(outs, expecteds))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(_state(quiet), _state(profiled)))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or not sys.platform.startswith("linux"), reason="needs objdump")
+def test_the_walks_inline_the_tensor_accessors_of_their_checks():
+    """The walks are compiled flattened (csrc/host_path.cpp): in the built library's disassembly they call none of
+    TensorImpl's inline accessors (layout, sizes, device, dtype, numel, contiguity) out of line."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _ext._C.__file__], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    walks = {}
+    for block in asm.split("\n\n"):
+        head = re.match(r"[0-9a-f]+ <(regfast::host::(?:\(anonymous namespace\)::)?"
+                        r"(walk|walk_plan|walk_flat|grads_ready))\(", block.strip())
+        if head:
+            walks.setdefault(head.group(2), []).extend(
+                line.split("<", 1)[1] for line in block.splitlines() if "\tcall" in line and "<" in line)
+    assert set(walks) == {"walk", "walk_plan", "walk_flat", "grads_ready"}, sorted(walks)
+    accessors = re.compile(r"c10::TensorImpl::(layout|sizes|device|dtype|numel|is_contiguous|scalar_type)\(|"
+                           r"at::TensorBase::(sizes|layout|device|is_contiguous)\(")
+    for name, calls in walks.items():
+        assert not [c for c in calls if accessors.search(c)], (name, calls)
 
 
 @pytest.mark.parametrize("container", [list, tuple, "module"])
