@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_work_list.h"
+#include "elementwise.h"
 #include "groups.h"
 #include "kernel_types.h"
 #include "norm_parts.h"
@@ -544,31 +545,116 @@ inline void square_parts_run(const T* __restrict__ w, int64_t begin, int64_t end
   for (int p = 0; p < kP; ++p) out[p * stride] = pairwise_total(parts[p]);
 }
 
-// out[m] += f(row[m])² for a row of columns, unscaled; for double also whether an element is out of range
-// (a count in lanes, as in sumsq_run, so that the loop vectorizes). Its own function so that the
-// restrict parameters reach the vectorizer.
-template <typename A, typename T, typename F>
-__attribute__((noinline)) bool column_squares(const T* __restrict__ row, double* __restrict__ out, int64_t m_len,
-                                              F f) {
-  double flags[kLanes] = {};
-  auto add = [&](A x, int64_t m, int j) {
-    const double u = static_cast<double>(f(x));
-    out[m] += u * u;
-    if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
-  };
+// The identity as group_norms' f, on elements and on lanes.
+struct Identity {
+  template <typename X>
+  X operator()(X x) const {
+    return x;
+  }
+};
+
+// The elastic step as group_norms' f, on elements and on lanes (the same selects, see soft_threshold_lanes).
+template <typename A>
+struct ElasticLanes {
+  ElasticStep<A> step;
+  A operator()(A x) const { return step(x); }
+  Vec<A> operator()(Vec<A> x) const {
+    if (step.has_l1) x = soft_threshold_lanes<A>(x, step.threshold);
+    if (step.has_l2) x = x * step.shrink;
+    return x;
+  }
+};
+
+// o += x_j² in double, lane by lane: each float lane widened (exactly), squared and added, the operations of the
+// element loop (u = double(x); out += u·u), on vectors.
+__attribute__((always_inline)) inline void add_squares(Lanes<double>& o, const Vec<float>& x) {
+  using D = Lanes<double>;
+  static_assert(D::kPieces == 2 * Vec<float>::kPieces, "two double pieces per float piece");
+  for (int k = 0; k < Vec<float>::kPieces; ++k) {
+    D::Piece u[2];
+#if REGFAST_CPU_AVX2
+    const __m256 v = bits_as<__m256>(x.p[k]);
+    u[0] = bits_as<D::Piece>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    u[1] = bits_as<D::Piece>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#else
+    typedef float Half __attribute__((vector_size(kPieceBytes / 2)));
+    Half h[2];
+    std::memcpy(h, &x.p[k], sizeof(h));
+    for (int i = 0; i < 2; ++i) u[i] = __builtin_convertvector(h[i], D::Piece);
+#endif
+    o.p[2 * k] = o.p[2 * k] + u[0] * u[0];
+    o.p[2 * k + 1] = o.p[2 * k + 1] + u[1] * u[1];
+  }
+}
+
+// Whether column_squares runs on vectors: elements accumulated in float whose f takes lanes.
+template <typename A, typename F>
+constexpr bool kColumnLanes = std::is_same_v<A, float> && std::is_invocable_v<F, Vec<float>>;
+
+// out[m] += f(w[r, m])² for rows r = 0..kRows-1 of a run of rows, in row order, a round of columns at a time:
+// each column's sum stays in a register across the rows (the same additions, in the same order, as row by row).
+template <int kRows, typename A, typename T, typename F>
+__attribute__((always_inline)) inline void column_square_rows(const T* __restrict__ w, double* __restrict__ out,
+                                                             int64_t m_len, F f) {
   int64_t m = 0;
   for (; m + kLanes <= m_len; m += kLanes) {
-    prefetch_round(row + m);
-    if constexpr (kStagedSquares<T>) {
-      A x[kLanes];
-      store_lanes<A>(x, load_lanes<A>(row + m));
-      for (int j = 0; j < kLanes; ++j) add(x[j], m + j, j);
-    } else {
-      for (int j = 0; j < kLanes; ++j) add(static_cast<A>(row[m + j]), m + j, j);
+    Lanes<double> o = Lanes<double>::load(out + m);
+    for (int r = 0; r < kRows; ++r) {
+      prefetch_round(w + r * m_len + m);
+      add_squares(o, f(load_lanes<A>(w + r * m_len + m)));
     }
+    o.store(out + m);
   }
-  for (int j = 0; m < m_len; ++m, ++j) add(static_cast<A>(row[m]), m, j);
-  return kParts<A> > 1 && pairwise_total(flags) != 0;
+  for (; m < m_len; ++m) {
+    double acc = out[m];
+    for (int r = 0; r < kRows; ++r) {
+      const double u = static_cast<double>(f(static_cast<A>(w[r * m_len + m])));
+      acc += u * u;
+    }
+    out[m] = acc;
+  }
+}
+
+// out[m] += f(w[r, m])² for the rows r of a run of `rows` rows of m_len columns, unscaled, row after row; for double
+// also whether an element is out of range (a count in lanes, as in sumsq_run, so that the loop vectorizes). Its own
+// function so that the restrict parameters reach the vectorizer. With kColumnLanes, four rows at a time on vectors
+// (column_square_rows): the compiler leaves the element loop below scalar, the columns' sums being in memory.
+template <typename A, typename T, typename F>
+__attribute__((noinline)) bool column_squares(const T* __restrict__ w, int64_t rows, double* __restrict__ out,
+                                              int64_t m_len, F f) {
+  if constexpr (kColumnLanes<A, F>) {
+    int64_t r = 0;
+    // Rows of a page or more: four streams. Shorter rows share pages, whose hardware prefetch then sees four
+    // interleaved streams and falls behind (measured slower than row by row).
+    if (m_len * static_cast<int64_t>(sizeof(T)) >= 4096) {
+      for (; r + 4 <= rows; r += 4) column_square_rows<4, A>(w + r * m_len, out, m_len, f);
+    }
+    for (; r < rows; ++r) column_square_rows<1, A>(w + r * m_len, out, m_len, f);
+    return false;
+  } else {
+    double flags[kLanes] = {};
+    auto add = [&](A x, int64_t m, int j) {
+      const double u = static_cast<double>(f(x));
+      out[m] += u * u;
+      if constexpr (kParts<A> > 1) flags[j] += out_of_range(u) ? 1.0 : 0.0;
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = w + r * m_len;
+      int64_t m = 0;
+      for (; m + kLanes <= m_len; m += kLanes) {
+        prefetch_round(row + m);
+        if constexpr (kStagedSquares<T>) {
+          A x[kLanes];
+          store_lanes<A>(x, load_lanes<A>(row + m));
+          for (int j = 0; j < kLanes; ++j) add(x[j], m + j, j);
+        } else {
+          for (int j = 0; j < kLanes; ++j) add(static_cast<A>(row[m + j]), m + j, j);
+        }
+      }
+      for (int j = 0; m < m_len; ++m, ++j) add(static_cast<A>(row[m]), m, j);
+    }
+    return kParts<A> > 1 && pairwise_total(flags) != 0;
+  }
 }
 
 // Per-tensor Σ|w| and Σw², from per-chunk partials summed in order.
@@ -603,7 +689,10 @@ void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, 
 // Stage 1 writes partials for fixed pieces of each tensor; stage 2 sums them in a fixed order:
 //   outer == 1, inner <= kChunk: pieces are runs of whole groups, one partial per group;
 //   outer == 1, inner > kChunk: each group is split into kChunk pieces, one partial per piece;
-//   outer > 1: pieces are runs of whole rows [o, :, :], one partial per (piece, column).
+//   outer > 1: pieces are runs of whole rows [o, :, :] of about kRowPiece elements, one partial per (piece,
+//   column): a partial per kChunk elements would write (and read back) a double per column every few rows.
+constexpr int64_t kRowPiece = int64_t(1) << 18;
+
 template <typename T, typename F>
 std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
                                   std::vector<int64_t>& offsets) {
@@ -643,7 +732,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
       slots += s.ngroups * splits[t];
     } else {
       kinds[t] = kRows;
-      const int64_t rows = std::max<int64_t>(1, kChunk / s.row_length());
+      const int64_t rows = std::max<int64_t>(1, kRowPiece / s.row_length());
       splits[t] = (s.outer + rows - 1) / rows;
       for (int64_t p = 0; p < splits[t]; ++p) {
         pieces.push_back({ti, p * rows, std::min(s.outer, (p + 1) * rows), slots + p * s.row_length()});
@@ -686,7 +775,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
             }
           }
         } else {
-          for (int64_t o = pc.begin; o < pc.end; ++o) flag |= column_squares<A>(w + o * m_len, base + pc.slot, m_len, f);
+          flag = column_squares<A>(w + pc.begin * m_len, pc.end - pc.begin, base + pc.slot, m_len, f);
         }
         break;
       }

@@ -177,7 +177,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   if (gl != 0) {
     shapes = shapes_of(ws, grouping);
     std::vector<int64_t> offsets;
-    const std::vector<double> norms = group_norms<T>(ws, shapes, [](A x) { return x; }, offsets);
+    const std::vector<double> norms = group_norms<T>(ws, shapes, Identity{}, offsets);
     std::vector<A> per_group(norms.size()), pre(norms.size());
     for (size_t t = 0; t < nt; ++t) {
       if (ws[t].numel() == 0) continue;
@@ -272,7 +272,7 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
   if (gl != 0) {
     shapes = shapes_of(ws, grouping);
     std::vector<int64_t> offsets;
-    const auto norms = group_norms<T>(ws, shapes, elastic, offsets);
+    const auto norms = group_norms<T>(ws, shapes, ElasticLanes<A>{elastic}, offsets);
     std::vector<A> factor(norms.size());
     for (size_t i = 0; i < nt; ++i) {
       if (ws[i].numel() == 0) continue;
@@ -336,7 +336,7 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
 template <typename T>
 std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const std::vector<GroupShape>& shapes,
                                       std::vector<int64_t>& offsets) {
-  return group_norms<T>(ws, shapes, [](acc_t<T> x) { return x; }, offsets);
+  return group_norms<T>(ws, shapes, Identity{}, offsets);
 }
 
 template <typename T>

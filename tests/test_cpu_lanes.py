@@ -3,10 +3,11 @@
 A small C++ program built with the extension's flags (the AVX2 variant as the extension builds it: its headers
 first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign and soft threshold
 against the scalar code they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0,
-infinities), the norms of a chunk shorter than a round against the lane loop's, and the lanes' float16 / bfloat16
+infinities), the norms of a chunk shorter than a round against the lane loop's, the column sums of group norms by
+columns against the element loop row after row, and the lanes' float16 / bfloat16
 conversions against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign and
-threshold shows packed compares and no scalar compare or branch on NaN, and that of the conversions no branch or
-call.
+threshold shows packed compares and no scalar compare or branch on NaN, that of the conversions no branch or call,
+and that of the column sums packed float-to-double conversions.
 """
 
 import re
@@ -102,6 +103,46 @@ bool short_norms_match(int n, int seed) {
   A s1 = 0, s2 = 0;
   short_norms(w.data(), n, s1, s2);
   return std::memcmp(&e1, &s1, sizeof(A)) == 0 && std::memcmp(&e2, &s2, sizeof(A)) == 0;
+}
+
+// column_squares (the column sums of group norms by columns: on vectors, four rows at a time for rows of a page or
+// more) against the element loop it replaces, row after row: the same bits in every column, for values of spread
+// exponents, −0, NaN and infinities among them, sums already under way in `out`, odd row lengths and row counts,
+// the identity and elastic steps (threshold, shrink, both) as f.
+template <typename T, typename F>
+bool column_squares_match(int rows, int m_len, int seed, F f) {
+  using A = acc_t<T>;
+  std::mt19937 g(seed);
+  std::vector<T> w = draws<T>(rows * m_len, g, [&g](int) { return std::pow(2.0, static_cast<int>(g() % 40) - 20); });
+  const double specials[] = {-0.0, NAN, -INFINITY, INFINITY};
+  for (int k = 0; k < 4 && k < rows * m_len; ++k) w[g() % w.size()] = static_cast<T>(specials[(seed + k) % 4]);
+  std::vector<double> expected(m_len), got;
+  for (int m = 0; m < m_len; ++m) expected[m] = std::ldexp(static_cast<double>(g() % 1000), -10);
+  got = expected;
+  for (int r = 0; r < rows; ++r) {
+    for (int m = 0; m < m_len; ++m) {
+      const double u = static_cast<double>(f(static_cast<A>(w[r * m_len + m])));
+      expected[m] += u * u;
+    }
+  }
+  column_squares<A>(w.data(), rows, got.data(), m_len, f);
+  return std::memcmp(expected.data(), got.data(), m_len * sizeof(double)) == 0;
+}
+
+template <typename T>
+bool column_squares_match_all() {
+  using A = acc_t<T>;
+  const ElasticLanes<A> steps[] = {{ElasticStep<A>{A(0.25), A(1), true, false}},
+                                   {ElasticStep<A>{A(0), A(0.75), false, true}},
+                                   {ElasticStep<A>{A(0.125), A(0.5), true, true}}};
+  bool ok = true;
+  for (int m_len : {1, 15, 16, 17, 100, 1030, 2050})
+    for (int rows : {1, 3, 4, 5, 9})
+      for (int seed = 0; seed < 2; ++seed) {
+        ok = ok && column_squares_match<T>(rows, m_len, seed, Identity{});
+        for (const auto& step : steps) ok = ok && column_squares_match<T>(rows, m_len, seed, step);
+      }
+  return ok;
 }
 
 template <typename A>
@@ -207,6 +248,8 @@ int main() {
     for (int seed = 0; seed < 8; ++seed)
       ok = ok && short_norms_match<float>(n, seed) && short_norms_match<double>(n, seed) &&
            short_norms_match<c10::Half>(n, seed) && short_norms_match<c10::BFloat16>(n, seed);
+  ok = ok && column_squares_match_all<float>() && column_squares_match_all<double>() &&
+       column_squares_match_all<c10::Half>() && column_squares_match_all<c10::BFloat16>();
   std::puts(ok ? "same" : "different");
   return ok ? 0 : 1;
 }
@@ -242,6 +285,11 @@ def test_lane_vectors_give_the_scalar_loops_bits(program):
     assert result.returncode == 0 and result.stdout.strip() == "same", result.stdout + result.stderr
 
 
+def _disassembly(program: Path) -> str:
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _text(asm: str, name: str) -> str:
     """The disassembly of function ``name`` (demangled, up to its parameter list) in ``asm``."""
     start = asm.index(f"<{name}(")
@@ -257,8 +305,7 @@ def test_16_bit_conversions_are_straight_vector_code(program):
     """The lanes' bfloat16 / float16 conversions: no call, no branch (c10's scalar conversions branch on NaN and
     range), packed compares where they select; in the AVX2 variant 256-bit registers and F16C's
     conversions for float16 (with a packed float compare for NaN when narrowing)."""
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
-                         check=True).stdout
+    asm = _disassembly(program)
     avx2 = program.with_suffix(".variant").read_text() == "avx2"
     for kind in ("c10::BFloat16", "c10::Half"):
         for fn in ("widen", "narrow"):
@@ -274,8 +321,7 @@ def test_16_bit_conversions_are_straight_vector_code(program):
 
 
 def test_the_lanes_sign_and_threshold_are_vector_code(program):
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(program)], capture_output=True, text=True,
-                         check=True).stdout
+    asm = _disassembly(program)
     for kind in ("float", "double"):
         for fn in ("signs", "thresholds"):
             ops = _body(asm, f"void {fn}<{kind}>")
@@ -283,3 +329,17 @@ def test_the_lanes_sign_and_threshold_are_vector_code(program):
             assert any(op.removeprefix("v").startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
             scalar = {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}
             assert not {op.removeprefix("v") for op in ops} & scalar, sorted(ops)
+
+
+def test_the_column_sums_are_vector_code(program):
+    """Group norms by columns add each row's squares to per-column sums in memory, which the compiler left scalar
+    (one cvtss2sd per element): they run on vectors, packed float-to-double conversions and additions."""
+    asm = _disassembly(program)
+    variant = program.with_suffix(".variant").read_text()
+    for kind in ("float", "c10::Half", "c10::BFloat16"):
+        name = f"bool regfast::cpu::{variant}::column_squares<float, {kind}, regfast::cpu::{variant}::Identity>"
+        ops = _body(asm, name)
+        packed = {"vcvtps2pd", "vaddpd"} if variant == "avx2" else {"cvtps2pd", "addpd"}
+        assert packed <= ops, (kind, sorted(ops))
+        if variant == "avx2":
+            assert re.search(r"vcvtps2pd\s+\S+,%ymm", _text(asm, name)), kind
