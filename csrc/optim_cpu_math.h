@@ -257,15 +257,17 @@ struct AdamWConst {
         has_l2(flag<A>(a.has_l2)) {}
 };
 
-// One element of the AdamW step and the prox.
-template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
+// One element of the AdamW step and the prox. kLrTensor and kL2 are c.lr_is_tensor and c.has_l2 (kL2 only for the
+// preconditioned prox, the one mode that divides by l2's term): each choice compiled on its own, where a select
+// between both sides would compute the divisions of both (seven a round instead of three).
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                        A* __restrict__ m2, A* __restrict__ mx, int64_t i) {
   A x = static_cast<A>(w[i]);
   A g = static_cast<A>(grad[i]);
   g = pick(c.maximize, -g, g);
   // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
-  const A floor = pick(c.has_l2, c.two_l2 * std::abs(x), A(0)) + c.l1;
+  const A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
   x = x * c.decay;
   A m = m1[i];
   const A diff = g - m;
@@ -282,23 +284,35 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   // prox="preconditioned": Adam's denominator is at least the penalty's gradient (reference.penalty_gradient_scales),
   // for the update and the prox alike. A NaN denominator stays NaN.
   if constexpr (kProx == ProxMode::kPreconditioned) denom = denom < floor ? floor : denom;
-  x = pick(c.lr_is_tensor, x + m / (denom / c.step_size), x + (c.step_size * m) / denom);
+  if constexpr (kLrTensor) {
+    x = x + m / (denom / c.step_size);
+  } else {
+    x = x + (c.step_size * m) / denom;
+  }
   if constexpr (kProx == ProxMode::kLr) {
     x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
     x = x * c.shrink;
   } else if constexpr (kProx == ProxMode::kPreconditioned) {
     // The reference's lr / d: a true division for a tensor lr, reciprocal(d)·lr for a float.
-    const A s = pick(c.lr_is_tensor, c.lr / denom, (A(1) / denom) * c.lr);
+    const A s = kLrTensor ? c.lr / denom : (A(1) / denom) * c.lr;
     x = pick(c.has_l1, soft_threshold(x, s * c.l1), x);
-    x = pick(c.has_l2, x * (A(1) / (s * c.two_l2 + A(1))), x);
+    if constexpr (kL2) x = x * (A(1) / (s * c.two_l2 + A(1)));
   }
   w[i] = static_cast<T>(x);
 }
 
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, typename A>
+__attribute__((noinline)) void adamw_elements(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
+                                              A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
+                                              int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    adamw_element<T, kFused, kAmsgrad, kProx, kLrTensor, kL2>(c, w, grad, m1, m2, mx, i);
+  }
+}
+
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
-__attribute__((noinline)) void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
-                                           A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
-                                           int64_t begin, int64_t end) {
+void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
+                 A* __restrict__ m2, A* __restrict__ mx, int64_t begin, int64_t end) {
   if constexpr (kNarrow<T>) {
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
@@ -308,7 +322,20 @@ __attribute__((noinline)) void adamw_block(const AdamWConst<A>& c, T* __restrict
                                                 kAmsgrad ? mx + begin : mx, 0, n);
     narrow(wf, w + begin, n);
   } else {
-    for (int64_t i = begin; i < end; ++i) adamw_element<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, i);
+    auto run = [&](auto lr_tensor, auto l2) {
+      adamw_elements<T, kFused, kAmsgrad, kProx, decltype(lr_tensor)::value, decltype(l2)::value>(c, w, grad, m1, m2,
+                                                                                                  mx, begin, end);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    const bool tensor = c.lr_is_tensor > A(0);
+    if constexpr (kProx == ProxMode::kPreconditioned) {
+      if (c.has_l2 > A(0)) {
+        tensor ? run(Yes{}, Yes{}) : run(No{}, Yes{});
+        return;
+      }
+    }
+    tensor ? run(Yes{}, No{}) : run(No{}, No{});
   }
 }
 
