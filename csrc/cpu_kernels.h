@@ -31,8 +31,10 @@
 #if !defined(REGFAST_CPU_ISA) || !defined(REGFAST_CPU_AVX2)
 #error "cpu_kernels.h is compiled per instruction set: define REGFAST_CPU_ISA and REGFAST_CPU_AVX2 (cpu_passes.h)"
 #endif
-#if REGFAST_CPU_AVX2
+#if defined(__SSE2__)
 #include <immintrin.h>
+#endif
+#if REGFAST_CPU_AVX2
 
 #include "f16c.h"
 #endif
@@ -413,6 +415,26 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
   return w;
 }
 
+#if defined(__SSE2__)
+// x86's packed max and min of two pieces: max(a, b) = a > b ? a : b, min(a, b) = a < b ? a : b (b where either is
+// NaN, and where they are equal).
+template <typename P>
+__attribute__((always_inline)) inline P max_piece(P a, P b) {
+  if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) return bits_as<P>(_mm256_max_ps(bits_as<__m256>(a), bits_as<__m256>(b)));
+  else if constexpr (sizeof(P) == 32) return bits_as<P>(_mm256_max_pd(bits_as<__m256d>(a), bits_as<__m256d>(b)));
+  else if constexpr (sizeof(a[0]) == 4) return bits_as<P>(_mm_max_ps(bits_as<__m128>(a), bits_as<__m128>(b)));
+  else return bits_as<P>(_mm_max_pd(bits_as<__m128d>(a), bits_as<__m128d>(b)));
+}
+
+template <typename P>
+__attribute__((always_inline)) inline P min_piece(P a, P b) {
+  if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) return bits_as<P>(_mm256_min_ps(bits_as<__m256>(a), bits_as<__m256>(b)));
+  else if constexpr (sizeof(P) == 32) return bits_as<P>(_mm256_min_pd(bits_as<__m256d>(a), bits_as<__m256d>(b)));
+  else if constexpr (sizeof(a[0]) == 4) return bits_as<P>(_mm_min_ps(bits_as<__m128>(a), bits_as<__m128>(b)));
+  else return bits_as<P>(_mm_min_pd(bits_as<__m128d>(a), bits_as<__m128d>(b)));
+}
+#endif
+
 // soft_threshold (elementwise.h) on lanes, with the same selects (on the pieces, as sign_lanes).
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> soft_threshold_lanes(Vec<A> x, A t) {
@@ -425,6 +447,21 @@ __attribute__((always_inline)) inline Vec<A> soft_threshold_lanes(Vec<A> x, A t)
     x.p[k] = v - clamped;
   }
   return x;
+}
+
+// soft_threshold_lanes for a threshold t that is not NaN, in x86's max and min (max(a, b) is a > b ? a : b, min(a, b)
+// is a < b ? a : b): lower = max(−t, x) is soft_threshold's first select; min(t, lower) its second wherever lower is
+// not NaN, and where it is (x NaN) x − min(t, lower) is x's NaN as x − t is. Two instructions a piece for four.
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> soft_threshold_number_lanes(Vec<A> x, A t) {
+#if defined(__SSE2__)
+  using Piece = typename Vec<A>::Piece;
+  const Piece hi = Piece{} + t, lo = -hi;
+  for (int k = 0; k < Vec<A>::kPieces; ++k) x.p[k] = x.p[k] - min_piece(hi, max_piece(lo, x.p[k]));
+  return x;
+#else
+  return soft_threshold_lanes<A>(x, t);
+#endif
 }
 
 // Per-element scale of a run of elements, one value for the run or one per element: element i is
@@ -559,7 +596,10 @@ struct ElasticLanes {
   ElasticStep<A> step;
   A operator()(A x) const { return step(x); }
   Vec<A> operator()(Vec<A> x) const {
-    if (step.has_l1) x = soft_threshold_lanes<A>(x, step.threshold);
+    if (step.has_l1) {
+      const A t = step.threshold;
+      x = t == t ? soft_threshold_number_lanes<A>(x, t) : soft_threshold_lanes<A>(x, t);
+    }
     if (step.has_l2) x = x * step.shrink;
     return x;
   }

@@ -168,7 +168,13 @@ __attribute__((noinline)) void thresholds(const A* in, A t, A* out) {
   store_lanes<A>(out, soft_threshold_lanes<A>(load_lanes<A>(in), t));
 }
 
-// soft_threshold_lanes against soft_threshold: special values about thresholds 0, 1, inf and NaN.
+template <typename A>
+__attribute__((noinline)) void number_thresholds(const A* in, A t, A* out) {
+  store_lanes<A>(out, soft_threshold_number_lanes<A>(load_lanes<A>(in), t));
+}
+
+// soft_threshold_lanes (and soft_threshold_number_lanes where t is not NaN) against soft_threshold: special values
+// about thresholds ±0, 1, inf, NaN and the smallest subnormal.
 template <typename A>
 bool threshold_matches() {
   const A inf = std::numeric_limits<A>::infinity(), nan = std::numeric_limits<A>::quiet_NaN();
@@ -177,10 +183,13 @@ bool threshold_matches() {
                  A(1e30), A(-1e-30)};
   for (A t : {A(0), -A(0), A(1), inf, nan, tiny}) {
     A out[kLanes];
+    A number_out[kLanes];
     thresholds<A>(v, t, out);
+    if (t == t) number_thresholds<A>(v, t, number_out);
     for (int j = 0; j < kLanes; ++j) {
       const A e = soft_threshold(v[j], t);
       if (std::memcmp(&e, &out[j], sizeof(A)) != 0) return false;
+      if (t == t && std::memcmp(&e, &number_out[j], sizeof(A)) != 0) return false;
     }
   }
   return true;
@@ -323,12 +332,16 @@ def test_16_bit_conversions_are_straight_vector_code(program):
 def test_the_lanes_sign_and_threshold_are_vector_code(program):
     asm = _disassembly(program)
     for kind in ("float", "double"):
+        packed = "ps" if kind == "float" else "pd"
         for fn in ("signs", "thresholds"):
             ops = _body(asm, f"void {fn}<{kind}>")
-            packed = "ps" if kind == "float" else "pd"
             assert any(op.removeprefix("v").startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
             scalar = {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}
             assert not {op.removeprefix("v") for op in ops} & scalar, sorted(ops)
+        # A threshold that is not NaN: a packed max and min, no compare, no branch.
+        ops = {op.removeprefix("v") for op in _body(asm, f"void number_thresholds<{kind}>")}
+        assert {f"max{packed}", f"min{packed}"} <= ops, sorted(ops)
+        assert not {op for op in ops if op.startswith(("cmp", "ucomi", "comi", "j", "blend"))}, sorted(ops)
 
 
 def test_the_column_sums_are_vector_code(program):
