@@ -416,22 +416,23 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
 }
 
 #if defined(__SSE2__)
-// x86's packed max and min of two pieces: max(a, b) = a > b ? a : b, min(a, b) = a < b ? a : b (b where either is
+// x86's packed max or min of two pieces: max(a, b) = a > b ? a : b, min(a, b) = a < b ? a : b (b where either is
 // NaN, and where they are equal).
-template <typename P>
-__attribute__((always_inline)) inline P max_piece(P a, P b) {
-  if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) return bits_as<P>(_mm256_max_ps(bits_as<__m256>(a), bits_as<__m256>(b)));
-  else if constexpr (sizeof(P) == 32) return bits_as<P>(_mm256_max_pd(bits_as<__m256d>(a), bits_as<__m256d>(b)));
-  else if constexpr (sizeof(a[0]) == 4) return bits_as<P>(_mm_max_ps(bits_as<__m128>(a), bits_as<__m128>(b)));
-  else return bits_as<P>(_mm_max_pd(bits_as<__m128d>(a), bits_as<__m128d>(b)));
-}
-
-template <typename P>
-__attribute__((always_inline)) inline P min_piece(P a, P b) {
-  if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) return bits_as<P>(_mm256_min_ps(bits_as<__m256>(a), bits_as<__m256>(b)));
-  else if constexpr (sizeof(P) == 32) return bits_as<P>(_mm256_min_pd(bits_as<__m256d>(a), bits_as<__m256d>(b)));
-  else if constexpr (sizeof(a[0]) == 4) return bits_as<P>(_mm_min_ps(bits_as<__m128>(a), bits_as<__m128>(b)));
-  else return bits_as<P>(_mm_min_pd(bits_as<__m128d>(a), bits_as<__m128d>(b)));
+template <bool kMax, typename P>
+__attribute__((always_inline)) inline P max_or_min(P a, P b) {
+  if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) {
+    const __m256 x = bits_as<__m256>(a), y = bits_as<__m256>(b);
+    return bits_as<P>(kMax ? _mm256_max_ps(x, y) : _mm256_min_ps(x, y));
+  } else if constexpr (sizeof(P) == 32) {
+    const __m256d x = bits_as<__m256d>(a), y = bits_as<__m256d>(b);
+    return bits_as<P>(kMax ? _mm256_max_pd(x, y) : _mm256_min_pd(x, y));
+  } else if constexpr (sizeof(a[0]) == 4) {
+    const __m128 x = bits_as<__m128>(a), y = bits_as<__m128>(b);
+    return bits_as<P>(kMax ? _mm_max_ps(x, y) : _mm_min_ps(x, y));
+  } else {
+    const __m128d x = bits_as<__m128d>(a), y = bits_as<__m128d>(b);
+    return bits_as<P>(kMax ? _mm_max_pd(x, y) : _mm_min_pd(x, y));
+  }
 }
 #endif
 
@@ -457,7 +458,7 @@ __attribute__((always_inline)) inline Vec<A> soft_threshold_number_lanes(Vec<A> 
 #if defined(__SSE2__)
   using Piece = typename Vec<A>::Piece;
   const Piece hi = Piece{} + t, lo = -hi;
-  for (int k = 0; k < Vec<A>::kPieces; ++k) x.p[k] = x.p[k] - min_piece(hi, max_piece(lo, x.p[k]));
+  for (int k = 0; k < Vec<A>::kPieces; ++k) x.p[k] = x.p[k] - max_or_min<false>(hi, max_or_min<true>(lo, x.p[k]));
   return x;
 #else
   return soft_threshold_lanes<A>(x, t);
