@@ -591,7 +591,7 @@ struct Identity {
   }
 };
 
-// The elastic step as group_norms' f, on elements and on lanes (the same selects, see soft_threshold_lanes).
+// The elastic step as group_norms' f, on elements and on lanes (the same results, see soft_threshold_number_lanes).
 template <typename A>
 struct ElasticLanes {
   ElasticStep<A> step;

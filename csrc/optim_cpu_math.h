@@ -259,7 +259,7 @@ struct AdamWConst {
 
 // One element of the AdamW step and the prox. kLrTensor and kL2 are c.lr_is_tensor and c.has_l2 (kL2 only for the
 // preconditioned prox, the one mode that divides by l2's term): each choice compiled on its own, where a select
-// between both sides would compute the divisions of both (seven a round instead of three).
+// between both sides would compute the divisions of both (seven per element where three are needed).
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                        A* __restrict__ m2, A* __restrict__ mx, int64_t i) {

@@ -251,6 +251,24 @@ def test_only_the_avx2_variants_hold_avx_instructions():
     assert any("vcvtph2ps" in ops for ops in f16c) and any("vcvtps2ph" in ops for ops in f16c)
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
+def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
+    """Each AdamW element loop (both variants, float32 and 16-bit params) is compiled for one kind of lr (float or
+    tensor) and, for the preconditioned prox, with or without l2: per packed square root (one a vector of elements)
+    at most the divisions its formulas take (sqrt(v)/bc2, the update's one or two, the preconditioned prox's lr/d
+    and l2 shrink), where a loop selecting between both kinds computed the divisions of both (seven)."""
+    loops = [(name, ops) for name, ops in _functions(Path(_ext._C.__file__))
+             if "adamw_elements<" in name and re.search(r"adamw_elements<(float|c10::BFloat16|c10::Half),", name)]
+    assert len(loops) >= 24, [name for name, _ in loops]
+    for name, ops in loops:
+        mode, tensor, l2 = re.search(r"\(regfast::ProxMode\)(\d), (true|false), (true|false), float>", name).groups()
+        divisions = sum(op.removeprefix("v") == "divps" for op in ops)
+        roots = sum(op.removeprefix("v") == "sqrtps" for op in ops)
+        needed = 2 + (tensor == "true") + (mode == "2") + (l2 == "true")
+        assert roots and divisions <= needed * roots, (name, divisions, roots, needed)
+
+
 GDB_PROGRAM = """
 import torch, regfast
 from regfast.optim import ProxAdamW, ProxSGD
