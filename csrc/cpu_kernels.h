@@ -415,6 +415,25 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
   return w;
 }
 
+// l1·sign(x) on lanes for a finite l1 ≥ 0 from x's bits: x's sign on l1 where x ≠ 0, +0 where x = ±0; exactly
+// l1 * sign_lanes(x) wherever x is not NaN (l1·(±1) is ±l1, l1·0 is +0). A NaN x gives ±l1: only for a caller that
+// adds a term which is NaN wherever x is (the linear term's scale·x of the gradient), so that the sum is that NaN,
+// as l1·x + scale·x is. Three bit operations and a compare a piece, for sign_lanes' seven and a multiplication.
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> l1_sign_bits_lanes(Vec<A> x, A l1) {
+  using Piece = typename Vec<A>::Piece;
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  const Piece zero{}, magnitude = zero + l1;
+  for (int k = 0; k < Vec<A>::kPieces; ++k) {
+    const Piece v = x.p[k];
+    const auto nonzero = v != zero;  // a mask: all ones where v is not ±0 (a NaN included)
+    using M = std::remove_const_t<decltype(nonzero)>;
+    const M sign = bits_as<M>(v) & ~(~U(0) >> 1);
+    x.p[k] = bits_as<Piece>((sign | bits_as<M>(magnitude)) & nonzero);
+  }
+  return x;
+}
+
 #if defined(__SSE2__)
 // x86's packed max or min of two pieces: max(a, b) = a > b ? a : b, min(a, b) = a < b ? a : b (b where either is
 // NaN, and where they are equal).

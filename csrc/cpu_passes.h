@@ -32,8 +32,9 @@ struct Passes {
   // ‖w_g‖₂ of every group of every tensor in double; tensor t's groups start at offsets[t].
   std::vector<double> (*group_norms)(const std::vector<at::Tensor>& ws, const std::vector<GroupShape>& shapes,
                                      std::vector<int64_t>& offsets);
-  // outs = [outs +] mult·(gradient of the penalty at ws). With `accumulate` (add_penalty_grad_) returns the
-  // penalty's value; without (penalty_backward, which needs the gradient only) its sums are not formed: 0.
+  // outs = mult·(gradient of the penalty at ws), or with `accumulate` (add_penalty_grad_, mult 1) outs + gradient,
+  // returning the penalty's value; without (penalty_backward, which needs the gradient only) its sums are not
+  // formed: 0.
   A (*grad_pass)(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate, double l1,
                  double l2, double gl, Grouping grouping, double mult);
   // The prox of ws in place: the elastic-net step, then the group shrink (group coefficient from lr).

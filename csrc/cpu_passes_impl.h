@@ -37,24 +37,27 @@ inline void split_coefficient(double weight, double norm, double& p, double& q) 
   q = (mw / mn) * std::ldexp(1.0, e - e / 2);
 }
 
-// One element of the gradient pass, as on its lane: o = [o +] mult·(l1·sign(x) + scale·(x·p)).
+// One element of the gradient pass, as on its lane: o = mult·(l1·sign(x) + scale·(x·p)), or with kAccumulate
+// o + (l1·sign(x) + scale·(x·p)) (add_penalty_grad_, whose mult is 1: 1·inc is inc, not computed).
 template <bool kL1, bool kLin, bool kAccumulate, typename T, typename A>
 inline void grad_element(A x, T& o, A l1, A mult, A scale, A p) {
   A inc = 0;
   if constexpr (kL1) inc += l1 * sign_of(x);
   if constexpr (kLin) inc += scale * (x * p);
   if constexpr (kAccumulate) {
-    o = static_cast<T>(static_cast<A>(o) + mult * inc);
+    o = static_cast<T>(static_cast<A>(o) + inc);
   } else {
     o = static_cast<T>(mult * inc);
   }
 }
 
-// One run of the gradient pass: out[i] = [out[i] +] mult·(l1·sign(w) + scale(i)·(w·scale.p(i))) for i in
-// [begin, end) (scale(i)·p(i) is 2·l2 plus the group coefficient), adding |w| and w² to the lane sums when
-// kSums (the value is wanted). The sums live in local arrays and the pointers are restrict-qualified so that
-// the stores to `out` cannot alias them and the loop vectorizes.
-template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A, typename Scale>
+// One run of the gradient pass: out[i] = mult·(l1·sign(w) + scale(i)·(w·scale.p(i))), or with kAccumulate
+// out[i] + (l1·sign(w) + scale(i)·(w·scale.p(i))), for i in [begin, end) (scale(i)·p(i) is 2·l2 plus the group
+// coefficient), adding |w| and w² to the lane sums when kSums (the value is wanted). The sums live in local arrays
+// and the pointers are restrict-qualified so that the stores to `out` cannot alias them and the loop vectorizes.
+// kSignBits (with kL1 and kLin, for a finite l1): l1·sign(w) from w's bits (l1_sign_bits_lanes), the same values.
+template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, bool kSignBits = false, typename A,
+          typename Scale>
 inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
                      Scale scale, LaneSum<A>& abs_sum, LaneSum<A>& sq_sum) {
   // Whole rounds on lane vectors, the tail element by element from lane 0: the operations of the scalar
@@ -72,7 +75,12 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
     // 0 + l1·sign(w) is l1·sign(w) (never −0: l1 ≥ 0), so the sum starts from it; from 0 otherwise, which turns
     // a −0 of the linear term into +0 as the element loop does.
     Vec<A> inc{};
-    if constexpr (kL1) inc = l1 * sign_lanes<A>(x);
+    static_assert(!kSignBits || (kL1 && kLin), "l1_sign_bits_lanes needs the linear term's NaN");
+    if constexpr (kSignBits) {
+      inc = l1_sign_bits_lanes<A>(x, l1);
+    } else if constexpr (kL1) {
+      inc = l1 * sign_lanes<A>(x);
+    }
     if constexpr (kLin) {
       if constexpr (Scale::kUnitPre) {
         inc += scale.lanes(i) * x;
@@ -81,7 +89,7 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
       }
     }
     if constexpr (kAccumulate) {
-      store_lanes<A>(out + i, load_lanes<A>(out + i) + mult * inc);
+      store_lanes<A>(out + i, load_lanes<A>(out + i) + inc);
     } else {
       store_lanes<A>(out + i, mult * inc);
     }
@@ -168,6 +176,7 @@ class L1Table {
 template <typename T>
 acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
                    double l1, double l2, double gl, Grouping grouping, double mult) {
+  TORCH_INTERNAL_ASSERT(!accumulate || mult == 1.0, "add_penalty_grad_ adds the gradient itself (mult 1)");
   using A = acc_t<T>;
   const size_t nt = ws.size();
   std::vector<GroupShape> shapes;
@@ -211,9 +220,9 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     }
   }
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
-  auto run = [&](auto l1_tag, auto lin_tag, auto acc_tag) {
+  auto run = [&](auto l1_tag, auto lin_tag, auto acc_tag, auto bits_tag) {
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
-    constexpr bool kAccumulate = decltype(acc_tag)::value;
+    constexpr bool kAccumulate = decltype(acc_tag)::value, kSignBits = decltype(bits_tag)::value;
     for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
       const T* w = data_of<const T>(ws[ch.tensor]);
       T* out = data_of<T>(outs[ch.tensor]);
@@ -227,7 +236,7 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
       const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
       LaneSum<A> s1, s2;
       for_scale_runs(shapes[ch.tensor], sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
+        grad_run<T, kL1, kLin, kAccumulate, kAccumulate, kSignBits>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
       });
       p1[c] = s1.total();
       p2[c] = s2.total();
@@ -235,14 +244,18 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   };
   using T_ = std::true_type;
   using F_ = std::false_type;
+  // l1 and the linear term together take l1·sign(w) from w's bits unless l1 overflowed A (then l1·sign(±0) is NaN).
+  const bool sign_bits = std::isfinite(a_l1);
   if (accumulate) {
-    if (has_l1 && has_lin) run(T_{}, T_{}, T_{});
-    else if (has_l1) run(T_{}, F_{}, T_{});
-    else if (has_lin) run(F_{}, T_{}, T_{});
+    if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, T_{}, T_{});
+    else if (has_l1 && has_lin) run(T_{}, T_{}, T_{}, F_{});
+    else if (has_l1) run(T_{}, F_{}, T_{}, F_{});
+    else if (has_lin) run(F_{}, T_{}, T_{}, F_{});
   } else {
-    if (has_l1 && has_lin) run(T_{}, T_{}, F_{});
-    else if (has_l1) run(T_{}, F_{}, F_{});
-    else if (has_lin) run(F_{}, T_{}, F_{});
+    if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, F_{}, T_{});
+    else if (has_l1 && has_lin) run(T_{}, T_{}, F_{}, F_{});
+    else if (has_l1) run(T_{}, F_{}, F_{}, F_{});
+    else if (has_lin) run(F_{}, T_{}, F_{}, F_{});
   }
   if (!accumulate) return A(0);
   A abs_sum = 0, sq_sum = 0;

@@ -1,11 +1,11 @@
 """The CPU kernels' lane vectors (csrc/cpu_kernels.h), checked on compiled code, in each instruction set's variant.
 
 A small C++ program built with the extension's flags (the AVX2 variant as the extension builds it: its headers
-first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign and soft threshold
-against the scalar code they replace (same bits: float, double, float16, bfloat16; odd lengths, NaN, −0,
-infinities), the norms of a chunk shorter than a round against the lane loop's, the column sums of group norms by
-columns against the element loop row after row, and the lanes' float16 / bfloat16
-conversions against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign and
+first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign, l1·sign from the
+sign bit and soft threshold against the scalar code they replace (same bits: float, double, float16, bfloat16; odd
+lengths, NaN, −0, infinities), the norms of a chunk shorter than a round against the lane loop's, the column sums
+of group norms by columns against the element loop row after row, and the lanes' float16 / bfloat16 conversions
+against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign, l1·sign and
 threshold shows packed compares and no scalar compare or branch on NaN, that of the conversions no branch or call,
 and that of the column sums packed float-to-double conversions.
 """
@@ -164,6 +164,34 @@ bool sign_matches() {
 }
 
 template <typename A>
+__attribute__((noinline)) void l1_sign_bits(const A* in, A l1, A lin, A* out, A* bare) {
+  const Vec<A> x = load_lanes<A>(in);
+  store_lanes<A>(bare, l1_sign_bits_lanes<A>(x, l1));
+  store_lanes<A>(out, l1_sign_bits_lanes<A>(x, l1) + lin * x);
+}
+
+// l1_sign_bits_lanes against l1·sign_of: the same bits wherever x is not NaN, and with the linear term lin·x added (as
+// the gradient pass adds it) the same bits everywhere, for l1 of 0, the smallest subnormal, 1 and the largest finite.
+template <typename A>
+bool l1_sign_bits_match() {
+  const A inf = std::numeric_limits<A>::infinity(), nan = std::numeric_limits<A>::quiet_NaN();
+  const A tiny = std::numeric_limits<A>::denorm_min(), big = std::numeric_limits<A>::max();
+  A v[kLanes] = {A(0), -A(0), A(1.5), A(-2), nan, -nan, inf, -inf, tiny, -tiny, A(3), A(-4), A(1e-30), A(-1e30),
+                 big, -big};
+  for (A l1 : {A(0), tiny, A(1), A(0.375), big})
+    for (A lin : {A(0), tiny, A(2), A(0.1)}) {
+      A out[kLanes], bare[kLanes];
+      l1_sign_bits<A>(v, l1, lin, out, bare);
+      for (int j = 0; j < kLanes; ++j) {
+        const A e = l1 * sign_of(v[j]) + lin * v[j], sign_term = l1 * sign_of(v[j]);
+        if (std::memcmp(&e, &out[j], sizeof(A)) != 0) return false;
+        if (v[j] == v[j] && std::memcmp(&sign_term, &bare[j], sizeof(A)) != 0) return false;
+      }
+    }
+  return true;
+}
+
+template <typename A>
 __attribute__((noinline)) void thresholds(const A* in, A t, A* out) {
   store_lanes<A>(out, soft_threshold_lanes<A>(load_lanes<A>(in), t));
 }
@@ -247,7 +275,7 @@ bool conversions_match() {
 
 int main() {
   bool ok = sign_matches<float>() && sign_matches<double>() && threshold_matches<float>() &&
-            threshold_matches<double>();
+            threshold_matches<double>() && l1_sign_bits_match<float>() && l1_sign_bits_match<double>();
   ok = ok && conversions_match<c10::BFloat16>() && conversions_match<c10::Half>();
   for (int n : {0, 1, 15, 16, 17, 100, 1000, 4099})
     for (int seed = 0; seed < 3; ++seed)
@@ -338,6 +366,11 @@ def test_the_lanes_sign_and_threshold_are_vector_code(program):
             assert any(op.removeprefix("v").startswith("cmp") and op.endswith(packed) for op in ops), (fn, sorted(ops))
             scalar = {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}
             assert not {op.removeprefix("v") for op in ops} & scalar, sorted(ops)
+        # l1·sign from the sign bit (with the linear term): one packed compare and bit operations, no blend.
+        ops = {op.removeprefix("v") for op in _body(asm, f"void l1_sign_bits<{kind}>")}
+        assert any(op.startswith("cmp") and op.endswith(packed) for op in ops), sorted(ops)
+        assert {"pand", "por"} <= ops or {f"and{packed}", f"or{packed}"} <= ops, sorted(ops)
+        assert not {op for op in ops if op.startswith(("blend", "pblend", "ucomi", "comi", "j"))}, sorted(ops)
         # A threshold that is not NaN: a packed max and min, no compare, no branch.
         ops = {op.removeprefix("v") for op in _body(asm, f"void number_thresholds<{kind}>")}
         assert {f"max{packed}", f"min{packed}"} <= ops, sorted(ops)
