@@ -55,7 +55,8 @@ inline void grad_element(A x, T& o, A l1, A mult, A scale, A p) {
 // out[i] + (l1·sign(w) + scale(i)·(w·scale.p(i))), for i in [begin, end) (scale(i)·p(i) is 2·l2 plus the group
 // coefficient), adding |w| and w² to the lane sums when kSums (the value is wanted). The sums live in local arrays
 // and the pointers are restrict-qualified so that the stores to `out` cannot alias them and the loop vectorizes.
-// kSignBits (with kL1 and kLin, for a finite l1): l1·sign(w) from w's bits (l1_sign_bits_lanes), the same values.
+// kSignBits (with kL1, for a finite l1): l1·sign(w) from w's bits (l1_sign_bits_lanes), the same values; without
+// the linear term a NaN w is selected into the sum itself (the next operation quiets it, as l1·w does).
 template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, bool kSignBits = false, typename A,
           typename Scale>
 inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin, int64_t end, A l1, A mult,
@@ -75,9 +76,12 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
     // 0 + l1·sign(w) is l1·sign(w) (never −0: l1 ≥ 0), so the sum starts from it; from 0 otherwise, which turns
     // a −0 of the linear term into +0 as the element loop does.
     Vec<A> inc{};
-    static_assert(!kSignBits || (kL1 && kLin), "l1_sign_bits_lanes needs the linear term's NaN");
-    if constexpr (kSignBits) {
+    static_assert(!kSignBits || kL1, "l1·sign(w) from w's bits is the l1 term");
+    if constexpr (kSignBits && kLin) {
       inc = l1_sign_bits_lanes<A>(x, l1);
+    } else if constexpr (kSignBits) {
+      inc = l1_sign_bits_lanes<A>(x, l1);
+      for (int k = 0; k < Vec<A>::kPieces; ++k) inc.p[k] = select_bits(x.p[k] != x.p[k], x.p[k], inc.p[k]);
     } else if constexpr (kL1) {
       inc = l1 * sign_lanes<A>(x);
     }
@@ -244,16 +248,18 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   };
   using T_ = std::true_type;
   using F_ = std::false_type;
-  // l1 and the linear term together take l1·sign(w) from w's bits unless l1 overflowed A (then l1·sign(±0) is NaN).
+  // l1·sign(w) from w's bits unless l1 overflowed A (then l1·sign(±0) is NaN).
   const bool sign_bits = std::isfinite(a_l1);
   if (accumulate) {
     if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, T_{}, T_{});
     else if (has_l1 && has_lin) run(T_{}, T_{}, T_{}, F_{});
+    else if (has_l1 && sign_bits) run(T_{}, F_{}, T_{}, T_{});
     else if (has_l1) run(T_{}, F_{}, T_{}, F_{});
     else if (has_lin) run(F_{}, T_{}, T_{}, F_{});
   } else {
     if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, F_{}, T_{});
     else if (has_l1 && has_lin) run(T_{}, T_{}, F_{}, F_{});
+    else if (has_l1 && sign_bits) run(T_{}, F_{}, F_{}, T_{});
     else if (has_l1) run(T_{}, F_{}, F_{}, F_{});
     else if (has_lin) run(F_{}, T_{}, F_{}, F_{});
   }

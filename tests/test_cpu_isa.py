@@ -172,6 +172,52 @@ def test_penalty_backward_of_l1_alone_gives_every_16_bit_pattern_the_float_bits(
                 assert torch.equal(got.view(torch.int16), expected), (l1, mult)
 
 
+@pytest.mark.parametrize("variant", ["baseline", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_the_l1_gradient_from_the_sign_bit_gives_the_float_bits(isa, variant, dtype, l2):
+    """The gradient pass takes l1·sign(w) from w's sign bit (csrc/cpu_kernels.h, l1_sign_bits_lanes; a NaN w
+    selected or carried by the linear term): add_penalty_grad_ and penalty_backward, l1 with and without l2, give the
+    bits of g + (l1·sign(w) + 2·l2·w) and mult·(l1·sign(w) + 2·l2·w) computed by torch in float32 and rounded to the
+    dtype (a NaN canonical in 16-bit types), for every 16-bit pattern (widened for float32, beside random floats) and
+    an odd-length tensor of two chunks and a short one."""
+    if variant == "avx2" and not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2 + F16C")
+    isa(variant)
+    g = torch.Generator().manual_seed(5)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16 if dtype ==
+                                                                                  torch.float32 else dtype)
+    ws = [every.to(dtype), (torch.randn(70_001, generator=g) * 10).to(dtype)]
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+
+    def expected(exact: torch.Tensor) -> torch.Tensor:
+        out = exact.to(dtype).view(bits).clone()
+        if dtype != torch.float32:
+            nan = torch.isnan(exact)
+            sign_bit = torch.signbit(exact[nan]).to(torch.int16) * -32768 if dtype == torch.float16 else 0
+            out[nan] = torch.tensor(0x7E00 if dtype == torch.float16 else 0x7FC0, dtype=torch.int16) | sign_bit
+        return out
+
+    def inc(w: torch.Tensor, l1: float) -> torch.Tensor:
+        """l1·sign(w) + 2·l2·w in float32, as the kernels' lanes form it."""
+        x = w.float()
+        sign = torch.where(x != x, x, (x > 0).float() - (x < 0).float())
+        term = torch.tensor(l1, dtype=torch.float32) * sign
+        return term + torch.tensor(2 * l2, dtype=torch.float32) * x if l2 else term
+
+    for l1 in (0.1, 1e-8, 3e38, 1e39):  # 1e39 overflows float32: l1·sign(±0) is NaN there
+        for mult in (1.5, -2.0):
+            grads = torch.ops.regfast_C.penalty_backward(torch.tensor(mult), ws, l1, l2, 0.0, "row")
+            for w, got in zip(ws, grads):
+                assert torch.equal(got.view(bits), expected(torch.tensor(mult) * inc(w, l1))), (l1, mult)
+        starts = [(torch.randn(w.shape, generator=g) * 5).to(dtype) for w in ws]
+        for w, start in zip(ws, starts):
+            w.grad = start.clone()
+        regfast.add_penalty_grad_(ws, l1=l1, l2=l2)
+        for w, start in zip(ws, starts):
+            assert torch.equal(w.grad.view(bits), expected(start.float() + inc(w, l1))), l1
+
+
 @pytest.mark.parametrize("opt", ["ProxSGD", "ProxAdamW"])
 def test_the_optimizer_steps_convert_every_float16_pattern_as_c10(opt):
     """Each of the 65,536 float16 patterns widened to float, stepped by nothing (lr 0: −0 added) and narrowed
