@@ -418,9 +418,10 @@ __attribute__((always_inline)) inline Vec<A> sign_lanes(Vec<A> w) {
 }
 
 // l1·sign(x) on lanes for a finite l1 ≥ 0 from x's bits: x's sign on l1 where x ≠ 0, +0 where x = ±0; exactly
-// l1 * sign_lanes(x) wherever x is not NaN (l1·(±1) is ±l1, l1·0 is +0). A NaN x gives ±l1: only for a caller that
-// adds a term which is NaN wherever x is (the linear term's scale·x of the gradient), so that the sum is that NaN,
-// as l1·x + scale·x is. Three bit operations and a compare a piece, for sign_lanes' seven and a multiplication.
+// l1 * sign_lanes(x) wherever x is not NaN (l1·(±1) is ±l1, l1·0 is +0). A NaN x gives ±l1: the caller adds a term
+// which is NaN wherever x is (the gradient's linear term scale·x, so that the sum is that NaN, as l1·x + scale·x
+// is) or selects x there (grad_run without a linear term). Three bit operations and a compare a piece, for
+// sign_lanes' seven and a multiplication.
 template <typename A>
 __attribute__((always_inline)) inline Vec<A> l1_sign_bits_lanes(Vec<A> x, A l1) {
   using Piece = typename Vec<A>::Piece;

@@ -77,11 +77,11 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
     // a −0 of the linear term into +0 as the element loop does.
     Vec<A> inc{};
     static_assert(!kSignBits || kL1, "l1·sign(w) from w's bits is the l1 term");
-    if constexpr (kSignBits && kLin) {
+    if constexpr (kSignBits) {
       inc = l1_sign_bits_lanes<A>(x, l1);
-    } else if constexpr (kSignBits) {
-      inc = l1_sign_bits_lanes<A>(x, l1);
-      for (int k = 0; k < Vec<A>::kPieces; ++k) inc.p[k] = select_bits(x.p[k] != x.p[k], x.p[k], inc.p[k]);
+      if constexpr (!kLin) {
+        for (int k = 0; k < Vec<A>::kPieces; ++k) inc.p[k] = select_bits(x.p[k] != x.p[k], x.p[k], inc.p[k]);
+      }
     } else if constexpr (kL1) {
       inc = l1 * sign_lanes<A>(x);
     }
@@ -248,20 +248,22 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   };
   using T_ = std::true_type;
   using F_ = std::false_type;
-  // l1·sign(w) from w's bits unless l1 overflowed A (then l1·sign(±0) is NaN).
-  const bool sign_bits = std::isfinite(a_l1);
+  // The l1 term from w's bits unless l1 overflowed A (then l1·sign(±0) is NaN).
+  auto go = [&](auto l1_tag, auto lin_tag, auto acc_tag) {
+    if (decltype(l1_tag)::value && std::isfinite(a_l1)) {
+      run(l1_tag, lin_tag, acc_tag, l1_tag);
+    } else {
+      run(l1_tag, lin_tag, acc_tag, F_{});
+    }
+  };
   if (accumulate) {
-    if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, T_{}, T_{});
-    else if (has_l1 && has_lin) run(T_{}, T_{}, T_{}, F_{});
-    else if (has_l1 && sign_bits) run(T_{}, F_{}, T_{}, T_{});
-    else if (has_l1) run(T_{}, F_{}, T_{}, F_{});
-    else if (has_lin) run(F_{}, T_{}, T_{}, F_{});
+    if (has_l1 && has_lin) go(T_{}, T_{}, T_{});
+    else if (has_l1) go(T_{}, F_{}, T_{});
+    else if (has_lin) go(F_{}, T_{}, T_{});
   } else {
-    if (has_l1 && has_lin && sign_bits) run(T_{}, T_{}, F_{}, T_{});
-    else if (has_l1 && has_lin) run(T_{}, T_{}, F_{}, F_{});
-    else if (has_l1 && sign_bits) run(T_{}, F_{}, F_{}, T_{});
-    else if (has_l1) run(T_{}, F_{}, F_{}, F_{});
-    else if (has_lin) run(F_{}, T_{}, F_{}, F_{});
+    if (has_l1 && has_lin) go(T_{}, T_{}, F_{});
+    else if (has_l1) go(T_{}, F_{}, F_{});
+    else if (has_lin) go(F_{}, T_{}, F_{});
   }
   if (!accumulate) return A(0);
   A abs_sum = 0, sq_sum = 0;
