@@ -8,8 +8,9 @@
 // the compiler) combined pairwise in a fixed order.
 //
 // This header is compiled once per instruction set (cpu_passes.h): each translation unit that includes it
-// names its variant's namespace in REGFAST_CPU_ISA, and REGFAST_CPU_AVX2 (1 or 0) says whether the variant
-// holds lane vectors in 32-byte AVX2 registers and converts float16 with F16C. The lane order and the
+// names its variant's namespace in REGFAST_CPU_ISA, REGFAST_CPU_AVX2 (1 or 0) says whether the variant holds
+// lane vectors in 32-byte AVX2 registers and converts float16 with F16C, and REGFAST_CPU_AVX512 (1 or 0, with
+// REGFAST_CPU_AVX2 1) whether it holds them in 64-byte AVX-512 registers instead. The lane order and the
 // operations on each lane are the same in every variant, and so are the results.
 #pragma once
 
@@ -28,8 +29,11 @@
 #include "kernel_types.h"
 #include "norm_parts.h"
 
-#if !defined(REGFAST_CPU_ISA) || !defined(REGFAST_CPU_AVX2)
-#error "cpu_kernels.h is compiled per instruction set: define REGFAST_CPU_ISA and REGFAST_CPU_AVX2 (cpu_passes.h)"
+#if !defined(REGFAST_CPU_ISA) || !defined(REGFAST_CPU_AVX2) || !defined(REGFAST_CPU_AVX512)
+#error "cpu_kernels.h is compiled per instruction set: define REGFAST_CPU_ISA, REGFAST_CPU_AVX2, REGFAST_CPU_AVX512"
+#endif
+#if REGFAST_CPU_AVX512 && !REGFAST_CPU_AVX2
+#error "the AVX-512 variant has AVX2 and F16C too: REGFAST_CPU_AVX2 1"
 #endif
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -44,7 +48,7 @@ namespace cpu {
 namespace REGFAST_CPU_ISA {
 
 // The bytes of one vector register that lane vectors are held in.
-constexpr int kPieceBytes = REGFAST_CPU_AVX2 ? 32 : 16;
+constexpr int kPieceBytes = REGFAST_CPU_AVX512 ? 64 : REGFAST_CPU_AVX2 ? 32 : 16;
 
 constexpr int kLanes = 16;
 
@@ -219,7 +223,7 @@ __attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
 }
 
 // yes where `mask` is all ones, no where it is zero (a lane vector or a piece, and its mask), piece by piece:
-// one byte blend with AVX2, and, and-not, or without.
+// one byte blend with AVX2; and, and-not, or otherwise (one vpternlog with AVX-512).
 template <typename M, typename V>
 __attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
   if constexpr (requires { yes.p; }) {
@@ -229,7 +233,7 @@ __attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes,
     }
     return out;
   } else {
-#if REGFAST_CPU_AVX2
+#if REGFAST_CPU_AVX2 && !REGFAST_CPU_AVX512
     static_assert(sizeof(V) == 32 && sizeof(M) == 32, "one AVX2 register");
     return bits_as<V>(_mm256_blendv_epi8(bits_as<__m256i>(no), bits_as<__m256i>(yes), bits_as<__m256i>(mask)));
 #else
@@ -248,7 +252,33 @@ __attribute__((always_inline)) inline Bits32 bfloat16_in_high_halves(const Vec<f
   return select_bits(nan, Bits32{} + 0x7FC00000u, rounded);
 }
 
-#if REGFAST_CPU_AVX2
+#if REGFAST_CPU_AVX512
+// Each 16-bit element as the high half of a 32-bit lane (vpmovzxwd, then a shift): 16 lanes, one register.
+__attribute__((always_inline)) inline Bits32 to_high_halves(const void* p) {
+  static_assert(Bits32::kPieces == 1, "16 lanes of 32 bits are one AVX-512 register");
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  Bits32 out;
+  out.p[0] = bits_as<Bits32::Piece>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return out;
+}
+
+// The high 16 bits of each 32-bit lane, stored in lane order: a shift, then vpmovdw's narrowing.
+__attribute__((always_inline)) inline void store_high_halves(void* p, const Bits32& w) {
+  const __m512i high = _mm512_srli_epi32(bits_as<__m512i>(w.p[0]), 16);
+  _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(high));
+}
+
+// c10::Half to float and back with the 16-lane F16C conversions of AVX-512F, c10's bits (f16c.h).
+__attribute__((always_inline)) inline Vec<float> lanes_from_half(const c10::Half* p) {
+  Vec<float> v;
+  v.p[0] = bits_as<Vec<float>::Piece>(f16c::load16(p));
+  return v;
+}
+
+__attribute__((always_inline)) inline void lanes_to_half(c10::Half* p, const Vec<float>& v) {
+  f16c::store16(p, bits_as<__m512>(v.p[0]));
+}
+#elif REGFAST_CPU_AVX2
 // Each 16-bit element as the high half of a 32-bit lane (vpmovzxwd, then a shift), 8 lanes per piece.
 __attribute__((always_inline)) inline Bits32 to_high_halves(const void* p) {
   static_assert(Bits32::kPieces == 2, "16 lanes of 32 bits are two AVX2 registers");
@@ -442,6 +472,15 @@ __attribute__((always_inline)) inline Vec<A> l1_sign_bits_lanes(Vec<A> x, A l1) 
 // NaN, and where they are equal).
 template <bool kMax, typename P>
 __attribute__((always_inline)) inline P max_or_min(P a, P b) {
+#if REGFAST_CPU_AVX512
+  if constexpr (sizeof(P) == 64 && sizeof(a[0]) == 4) {
+    const __m512 x = bits_as<__m512>(a), y = bits_as<__m512>(b);
+    return bits_as<P>(kMax ? _mm512_max_ps(x, y) : _mm512_min_ps(x, y));
+  } else if constexpr (sizeof(P) == 64) {
+    const __m512d x = bits_as<__m512d>(a), y = bits_as<__m512d>(b);
+    return bits_as<P>(kMax ? _mm512_max_pd(x, y) : _mm512_min_pd(x, y));
+  } else
+#endif
   if constexpr (sizeof(P) == 32 && sizeof(a[0]) == 4) {
     const __m256 x = bits_as<__m256>(a), y = bits_as<__m256>(b);
     return bits_as<P>(kMax ? _mm256_max_ps(x, y) : _mm256_min_ps(x, y));
@@ -635,7 +674,11 @@ __attribute__((always_inline)) inline void add_squares(Lanes<double>& o, const V
   static_assert(D::kPieces == 2 * Vec<float>::kPieces, "two double pieces per float piece");
   for (int k = 0; k < Vec<float>::kPieces; ++k) {
     D::Piece u[2];
-#if REGFAST_CPU_AVX2
+#if REGFAST_CPU_AVX512
+    const __m512 v = bits_as<__m512>(x.p[k]);
+    u[0] = bits_as<D::Piece>(_mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    u[1] = bits_as<D::Piece>(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+#elif REGFAST_CPU_AVX2
     const __m256 v = bits_as<__m256>(x.p[k]);
     u[0] = bits_as<D::Piece>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     u[1] = bits_as<D::Piece>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));

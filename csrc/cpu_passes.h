@@ -1,12 +1,13 @@
 // The CPU kernels' passes over a list of tensors, compiled once per instruction set from one source
 // (cpu_passes_impl.h, cpu_kernels.h): for the architecture's baseline (cpu_passes_baseline.cpp) and, on
 // x86-64, for AVX2 + F16C (cpu_passes_avx2.cpp), where lane vectors are 32-byte registers and float16
-// converts in one instruction. Every variant keeps the same lane order and the same operations on each
-// lane, so they give the same bits.
+// converts in one instruction, and for AVX-512 (cpu_passes_avx512.cpp), where they are 64-byte registers.
+// Every variant keeps the same lane order and the same operations on each lane, so they give the same bits.
 //
 // The ops (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp) call the passes of the active instruction set,
-// chosen once per process: AVX2 where the CPU and the OS support AVX2 and F16C, unless the environment
-// variable REGFAST_CPU_ISA names another ("baseline" or "avx2"); regfast._C.set_cpu_isa changes it.
+// chosen once per process: the widest the CPU and the OS support (AVX-512 F/BW/DQ/VL, else AVX2 and F16C,
+// else the baseline), unless the environment variable REGFAST_CPU_ISA names another ("baseline", "avx2" or
+// "avx512"); regfast._C.set_cpu_isa changes it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,7 +22,7 @@
 namespace regfast {
 namespace cpu {
 
-enum class Isa : int { kBaseline = 0, kAvx2 = 1 };
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The passes of one instruction set for element type T, as function pointers.
 template <typename T>
@@ -52,21 +53,30 @@ namespace avx2 {
 template <typename T>
 Passes<T> passes();
 }  // namespace avx2
+namespace avx512 {
+template <typename T>
+Passes<T> passes();
+}  // namespace avx512
 #endif
 
-// The active instruction set and its name ("baseline", "avx2").
+// The active instruction set and its name ("baseline", "avx2", "avx512").
 Isa active_isa();
 const char* isa_name(Isa isa);
 // Makes the instruction set named `name` the active one; an error naming the problem when the name is
 // unknown or the CPU lacks it.
 void set_isa(const char* name);
 
-// The passes of the active instruction set. A variant's own code (avx2::passes included) runs only once that
+// The passes of the active instruction set. A variant's own code (its passes() included) runs only once that
 // variant is the active one, which it is only on a CPU that supports it.
 template <typename T>
 const Passes<T>& passes() {
 #if defined(__x86_64__)
-  if (active_isa() == Isa::kAvx2) {
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512) {
+    static const Passes<T> widest = avx512::passes<T>();
+    return widest;
+  }
+  if (isa == Isa::kAvx2) {
     static const Passes<T> wide = avx2::passes<T>();
     return wide;
   }

@@ -36,6 +36,7 @@
 
 #define REGFAST_CPU_ISA avx2
 #define REGFAST_CPU_AVX2 1
+#define REGFAST_CPU_AVX512 0
 #include "cpu_passes_impl.h"
 
 #if defined(__clang__)

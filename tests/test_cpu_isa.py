@@ -1,7 +1,8 @@
-"""The CPU kernels' instruction-set variants (csrc/cpu_passes.h): the AVX2 + F16C variant where the CPU has it,
-the same bits as the baseline variant for every op, dtype, grouping and shape, and AVX instructions only in the
-functions compiled for them (checked on the built extension's disassembly)."""
+"""The CPU kernels' instruction-set variants (csrc/cpu_passes.h): the widest the CPU runs (AVX-512, AVX2 + F16C,
+the baseline) chosen, the same bits as the baseline variant for every op, dtype, grouping and shape, and AVX and
+AVX-512 instructions only in the functions compiled for them (checked on the built extension's disassembly)."""
 
+import functools
 import os
 import re
 import shutil
@@ -28,7 +29,16 @@ def _cpu_flags() -> set[str]:
 
 
 HAS_AVX2 = {"avx2", "f16c"} <= _cpu_flags()
+HAS_AVX512 = HAS_AVX2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 + F16C")
+# Every variant, and whether this CPU runs it.
+RUNS = {"baseline": True, "avx2": HAS_AVX2, "avx512": HAS_AVX512}
+WIDEST = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "baseline"
+
+
+def _skip_unless_runs(variant: str) -> None:
+    if not RUNS[variant]:
+        pytest.skip(f"this CPU does not run the {variant} variant")
 
 
 @pytest.fixture
@@ -40,18 +50,24 @@ def isa():
 
 
 def test_the_variant_chosen_is_the_widest_this_cpu_runs():
-    assert _ext._C.cpu_isa() == ("avx2" if HAS_AVX2 and "REGFAST_CPU_ISA" not in os.environ else
-                                 os.environ.get("REGFAST_CPU_ISA", "baseline"))
+    assert _ext._C.cpu_isa() == os.environ.get("REGFAST_CPU_ISA", WIDEST)
 
 
 def test_set_cpu_isa_names_the_problem(isa):
     with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
         isa("sse9")
-    assert isa("baseline") in ("baseline", "avx2")
+    assert isa("baseline") in RUNS
     assert _ext._C.cpu_isa() == "baseline"
     if not HAS_AVX2:
         with pytest.raises(ValueError, match="does not support AVX2"):
             isa("avx2")
+    if not HAS_AVX512:
+        with pytest.raises(ValueError, match="does not support AVX-512 F, BW, DQ and VL"):
+            isa("avx512")
+    for name in RUNS:
+        if RUNS[name]:
+            isa(name)
+            assert _ext._C.cpu_isa() == name
 
 
 @pytest.mark.parametrize("value, expected", [("baseline", "baseline"), ("sse9", "ValueError")])
@@ -101,17 +117,18 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-@needs_avx2
+@pytest.mark.parametrize("variant", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gl, groups", [(0.0, "row"), (0.2, "row"), (0.2, "col"), (0.2, "tensor")])
-def test_avx2_and_baseline_variants_give_the_same_bits(isa, dtype, gl, groups):
+def test_the_wide_variants_give_the_baseline_bits(isa, variant, dtype, gl, groups):
     from helpers import use_backend
 
+    _skip_unless_runs(variant)
     with use_backend("cpp"):
         for seed in (0, 1):
             isa("baseline")
             base = _outcome(dtype, gl, groups, seed)
-            isa("avx2")
+            isa(variant)
             wide = _outcome(dtype, gl, groups, seed)
             assert len(base) == len(wide)
             for i, (a, b) in enumerate(zip(base, wide)):
@@ -121,29 +138,30 @@ def test_avx2_and_baseline_variants_give_the_same_bits(isa, dtype, gl, groups):
 
 @needs_avx2
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_every_16_bit_pattern_converts_alike_in_both_variants(isa, dtype):
+def test_every_16_bit_pattern_converts_alike_in_every_variant(isa, dtype):
     """Each of the 65,536 patterns widened and narrowed back (add_penalty_grad_ with l2 = 0.5 adds w to a zero
-    grad): the same bits in both variants, and torch's bits for every pattern but NaN payloads (c10's scalar
-    conversion makes every NaN the canonical one, as regfast does)."""
+    grad): the same bits in every variant this CPU runs, and torch's bits for every pattern but NaN payloads (c10's
+    scalar conversion makes every NaN the canonical one, as regfast does)."""
     from helpers import use_backend
 
     w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).clone()
     got = {}
     with use_backend("cpp"):
-        for name in ("baseline", "avx2"):
+        for name in (name for name in RUNS if RUNS[name]):
             isa(name)
             w.grad = torch.zeros_like(w)
             regfast.add_penalty_grad_([w], l2=0.5)
             got[name] = w.grad.view(torch.int16).clone()
-    assert torch.equal(got["baseline"], got["avx2"])
     expected = (torch.zeros_like(w).float() + w.float()).to(dtype).view(torch.int16)  # 0 + (−0) is +0
     nan = torch.isnan(w)
-    assert torch.equal(got["avx2"][~nan], expected[~nan])
     canonical = 0x7E00 if dtype == torch.float16 else 0x7FC0
-    assert torch.equal(got["avx2"][nan] & 0x7FFF, torch.full_like(got["avx2"][nan], canonical))
+    for name, bits in got.items():
+        assert torch.equal(bits, got["baseline"]), name
+        assert torch.equal(bits[~nan], expected[~nan]), name
+        assert torch.equal(bits[nan] & 0x7FFF, torch.full_like(bits[nan], canonical)), name
 
 
-@pytest.mark.parametrize("variant", ["baseline", "avx2"])
+@pytest.mark.parametrize("variant", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_penalty_backward_of_l1_alone_gives_every_16_bit_pattern_the_float_bits(isa, variant, dtype):
     """penalty_backward with l1 alone on 16-bit params picks each element's gradient by the class of its bits
@@ -151,8 +169,7 @@ def test_penalty_backward_of_l1_alone_gives_every_16_bit_pattern_the_float_bits(
     chunks and a short one), gets the bits of mult·(l1·sign(w)) in float32 rounded as c10 rounds, a NaN made
     canonical (bfloat16 0x7FC0, float16 its sign | 0x7E00), for coefficients and upstream gradients that
     overflow, vanish, are ±0 or infinite."""
-    if variant == "avx2" and not HAS_AVX2:
-        pytest.skip("this CPU has no AVX2 + F16C")
+    _skip_unless_runs(variant)
     isa(variant)
     g = torch.Generator().manual_seed(3)
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -172,7 +189,7 @@ def test_penalty_backward_of_l1_alone_gives_every_16_bit_pattern_the_float_bits(
                 assert torch.equal(got.view(torch.int16), expected), (l1, mult)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "avx2"])
+@pytest.mark.parametrize("variant", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("l2", [0.0, 0.3])
 def test_the_l1_gradient_from_the_sign_bit_gives_the_float_bits(isa, variant, dtype, l2):
@@ -181,8 +198,7 @@ def test_the_l1_gradient_from_the_sign_bit_gives_the_float_bits(isa, variant, dt
     bits of g + (l1·sign(w) + 2·l2·w) and mult·(l1·sign(w) + 2·l2·w) computed by torch in float32 and rounded to the
     dtype (a NaN canonical in 16-bit types), for every 16-bit pattern (widened for float32, beside random floats) and
     an odd-length tensor of two chunks and a short one."""
-    if variant == "avx2" and not HAS_AVX2:
-        pytest.skip("this CPU has no AVX2 + F16C")
+    _skip_unless_runs(variant)
     isa(variant)
     g = torch.Generator().manual_seed(5)
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16 if dtype ==
@@ -246,47 +262,55 @@ def test_the_optimizer_steps_convert_every_float16_pattern_as_c10(opt):
     assert torch.equal(got[nan], (before[nan] & -32768) | 0x7E00)
 
 
-def _functions(so: Path) -> list[tuple[str, list[str]]]:
-    """Each function of the library (demangled name; internal ones may share one) and its instructions'
-    mnemonics."""
+@functools.cache
+def _blocks(so: Path) -> tuple[tuple[str, str], ...]:
+    """Each function of the library (demangled name; internal ones may share one) and its disassembly."""
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(so)], capture_output=True, text=True,
                          check=True, timeout=600).stdout
-    out = []
-    for block in asm.split("\n\n"):
-        head = re.match(r"[0-9a-f]+ <(.*)>:", block.strip())
-        if head:
-            # "  addr:\tmnemonic operands" (no raw bytes)
-            out.append((head.group(1), [line.split("\t", 1)[1].split()[0] for line in block.splitlines()[1:]
-                                        if "\t" in line and line.split("\t", 1)[1].strip()]))
-    return out
+    return tuple((head.group(1), block) for block in asm.split("\n\n")
+                 if (head := re.match(r"[0-9a-f]+ <(.*)>:", block.strip())))
+
+
+def _functions(so: Path) -> list[tuple[str, list[str]]]:
+    """Each function of the library and its instructions' mnemonics."""
+    # "  addr:\tmnemonic operands" (no raw bytes)
+    return [(name, [line.split("\t", 1)[1].split()[0] for line in block.splitlines()[1:]
+                    if "\t" in line and line.split("\t", 1)[1].strip()]) for name, block in _blocks(so)]
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
-def test_only_the_avx2_variants_hold_avx_instructions():
+def test_only_the_wide_variants_hold_avx_instructions():
     """The baseline build must run on every x86-64 CPU: an AVX (VEX-encoded, v-prefixed) instruction may appear
-    only in functions compiled for AVX2: namespace regfast::cpu::avx2, and the optimizer steps' AVX2 + FMA loops
-    in regfast::optim_cpu::avx2_fma with their entry points in regfast::optim_cpu::fused. And the AVX2 variant's
-    passes convert float16 with F16C, the optimizer's loops fuse with FMA."""
+    only in functions compiled for AVX2 or AVX-512: namespaces regfast::cpu::avx2 and regfast::cpu::avx512, and the
+    optimizer steps' AVX2 + FMA loops in regfast::optim_cpu::avx2_fma with their entry points in
+    regfast::optim_cpu::fused. And the wide variants' passes convert float16 with F16C, the optimizer's loops fuse
+    with FMA."""
     functions = _functions(Path(_ext._C.__file__))
     assert len(functions) > 500 and sum(len(ops) for _, ops in functions) > 100_000  # the parse found the code
-    allowed = ("regfast::cpu::avx2::", "regfast::optim_cpu::avx2_fma::", "regfast::optim_cpu::fused::")
+    allowed = ("regfast::cpu::avx2::", "regfast::cpu::avx512::", "regfast::optim_cpu::avx2_fma::",
+               "regfast::optim_cpu::fused::")
     outside = {name: sorted({op for op in ops if op.startswith("v") and op not in ("verr", "verw")})[:5]
                for name, ops in functions if not any(a in name for a in allowed)}
     outside = {name: ops for name, ops in outside.items() if ops}
     assert not outside, outside
-    wide = [(name, set(ops)) for name, ops in functions if "regfast::cpu::avx2::" in name]
-    assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "grad_run<c10::Half" in name)
-    assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "prox_pass<c10::Half>" in name)
-    assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
-    # The streaming loops prefetch ahead of their reads and writes (cpu_kernels.h's prefetch_round), in both variants.
-    for kernel in ("tensor_norms<c10::BFloat16>", "grad_run<c10::BFloat16", "grad_run<float",
-                   "sumsq_run<float, c10::Half", "sumsq_run<float, c10::BFloat16"):
-        for variant in ("regfast::cpu::avx2::", "regfast::cpu::baseline::"):
-            found = [ops for name, ops in functions if variant in name and kernel in name]
-            assert found and any("prefetcht0" in ops for ops in found), (variant, kernel)
+    for variant in ("regfast::cpu::avx2::", "regfast::cpu::avx512::"):
+        wide = [(name, set(ops)) for name, ops in functions if variant in name]
+        # (the gradient's loops: grad_run, or where the compiler inlined it, the grad_pass lambdas running it)
+        assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide
+                   if "grad_run<c10::Half" in name or "grad_pass<c10::Half>" in name)
+        assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "prox_pass<c10::Half>" in name)
+        assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
+    # The streaming loops prefetch ahead of their reads and writes (cpu_kernels.h's prefetch_round), in every variant.
+    for kernels in (("tensor_norms<c10::BFloat16>",), ("grad_run<c10::BFloat16", "grad_pass<c10::BFloat16>"),
+                    ("grad_run<float", "grad_pass<float>"), ("sumsq_run<float, c10::Half",),
+                    ("sumsq_run<float, c10::BFloat16",)):
+        for variant in ("regfast::cpu::avx2::", "regfast::cpu::avx512::", "regfast::cpu::baseline::"):
+            found = [ops for name, ops in functions if variant in name and any(k in name for k in kernels)]
+            assert found and any("prefetcht0" in ops for ops in found), (variant, kernels)
     # penalty_backward of l1 alone on 16-bit params chooses each element's value with packed word compares.
     for variant, compares in (("regfast::cpu::avx2::", {"vpcmpgtw", "vpcmpeqw"}),
+                              ("regfast::cpu::avx512::", {"vpcmplew", "vpcmpeqw"}),
                               ("regfast::cpu::baseline::", {"pcmpgtw", "pcmpeqw"})):
         for kernel in ("grad_pass<c10::Half>", "grad_pass<c10::BFloat16>"):
             assert any(compares <= set(ops) for name, ops in functions if variant in name and kernel in name), kernel
@@ -295,6 +319,31 @@ def test_only_the_avx2_variants_hold_avx_instructions():
     # The AVX2 + FMA optimizer loops widen and narrow float16 blocks with F16C.
     f16c = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name and "_f16c" in name]
     assert any("vcvtph2ps" in ops for ops in f16c) and any("vcvtps2ph" in ops for ops in f16c)
+
+
+# An AVX-512 (EVEX-only) operand: a 512-bit register, a mask register, or one of the 16 registers only EVEX names.
+EVEX_OPERAND = re.compile(r"%zmm\d|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
+def test_only_the_avx512_variant_holds_avx512_instructions():
+    """A CPU with AVX2 and without AVX-512 runs the AVX2 code: an AVX-512 operand may appear only in namespace
+    regfast::cpu::avx512, whose loops hold a round of 16 float lanes in one 512-bit register: float16 converted by
+    vcvtph2ps / vcvtps2ph on 512 bits, bfloat16 narrowed by vpmovdw, the float norms added on 512 bits."""
+    blocks = _blocks(Path(_ext._C.__file__))
+    outside = [name for name, block in blocks if "regfast::cpu::avx512::" not in name and EVEX_OPERAND.search(block)]
+    assert not outside, outside[:5]
+    inside = [(name, block) for name, block in blocks if "regfast::cpu::avx512::" in name]
+    assert len(inside) > 50 and sum(bool(EVEX_OPERAND.search(block)) for _, block in inside) > 50
+
+    def has(kernel: str, pattern: str) -> bool:
+        return any(re.search(pattern, block) for name, block in inside if kernel in name)
+
+    assert has("prox_pass<c10::Half>", r"vcvtph2ps\s+\S+,%zmm")
+    assert has("prox_pass<c10::Half>", r"vcvtps2ph\s+\$0x0,%zmm")
+    assert has("grad_pass<c10::BFloat16>", r"vpmovdw\s+%zmm")
+    assert has("tensor_norms<float>", r"vaddps\s+\S+,%zmm")
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
@@ -336,31 +385,37 @@ print("finished")
 
 
 AVX2_SCOPES = ("regfast::cpu::avx2::", "regfast::optim_cpu::fused::", "regfast::optim_cpu::avx2_fma::")
+AVX512_SCOPES = ("regfast::cpu::avx512::",)
 
 
-def _avx2_symbols(so: Path) -> list[str]:
-    """The linkage names of the library's functions compiled for AVX2, or called only from them (a template
-    instantiated with one of their lambdas)."""
+def _symbols(so: Path, scopes: tuple[str, ...]) -> list[str]:
+    """The linkage names of the library's functions in ``scopes`` (compiled for AVX2 or AVX-512), or called only
+    from them (a template instantiated with one of their lambdas)."""
     names = [line.split()[2] for line in subprocess.run(["nm", "--defined-only", str(so)], capture_output=True,
                                                        text=True, check=True).stdout.splitlines()
              if len(line.split()) == 3 and line.split()[1] in "tTW"]
     plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    return [n for n, d in zip(names, plain.splitlines()) if any(scope in d for scope in AVX2_SCOPES)]
+    return [n for n, d in zip(names, plain.splitlines()) if any(scope in d for scope in scopes)]
 
 
 @pytest.mark.skipif(shutil.which("gdb") is None or shutil.which("nm") is None or shutil.which("c++filt") is None,
                     reason="needs gdb, nm and c++filt")
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
-@pytest.mark.parametrize("baseline", [True, False], ids=["baseline", "avx2"])
-def test_a_baseline_process_never_enters_avx2_code(tmp_path, baseline):
-    """Under gdb, with a breakpoint on every function compiled for AVX2 (the passes' variant, the optimizer steps'
-    AVX2 + FMA loops): a process told to run the baseline code (REGFAST_CPU_ISA=baseline, and torch's default
-    kernels, as on a CPU without AVX2) runs every op and optimizer step in every dtype without reaching one; the
-    same program with the AVX2 variant reaches them (the check can fail)."""
-    if not baseline and not HAS_AVX2:
-        pytest.skip("this CPU has no AVX2 + F16C")
+@pytest.mark.parametrize("variant, scopes, enters", [
+    ("baseline", AVX2_SCOPES + AVX512_SCOPES, False),
+    ("avx2", AVX512_SCOPES, False),
+    ("avx2", AVX2_SCOPES, True),
+    ("avx512", AVX512_SCOPES, True),
+], ids=["baseline", "avx2-not-avx512", "avx2", "avx512"])
+def test_a_process_enters_only_the_code_of_its_variant(tmp_path, variant, scopes, enters):
+    """Under gdb, with a breakpoint on every function compiled for a wider instruction set: a process told to run
+    the baseline code (REGFAST_CPU_ISA=baseline, and torch's default kernels, as on a CPU without AVX2) runs every
+    op and optimizer step in every dtype without reaching AVX2 or AVX-512 code, and one told to run AVX2 (as on a
+    CPU without AVX-512) without reaching AVX-512 code; the same program reaches the code of its own variant (the
+    check can fail)."""
+    _skip_unless_runs(variant)
     so = Path(_ext._C.__file__)
-    symbols = _avx2_symbols(so)
+    symbols = _symbols(so, scopes)
     assert len(symbols) > 200, len(symbols)
     script = tmp_path / "ops.py"
     script.write_text(GDB_PROGRAM)
@@ -368,15 +423,15 @@ def test_a_baseline_process_never_enters_avx2_code(tmp_path, baseline):
     commands.write_text("\n".join(["set pagination off", "set breakpoint pending off", "set auto-solib-add off",
                                     "catch load regfast/_C", "run", "sharedlibrary regfast/_C",
                                     *(f"break {name}" for name in symbols), "continue"]) + "\n")
-    env = {**os.environ, "REGFAST_BACKEND": "cpp"}
-    env.update({"REGFAST_CPU_ISA": "baseline", "ATEN_CPU_CAPABILITY": "default"} if baseline else
-               {"REGFAST_CPU_ISA": "avx2"})
+    env = {**os.environ, "REGFAST_BACKEND": "cpp", "REGFAST_CPU_ISA": variant}
+    if variant == "baseline":
+        env["ATEN_CPU_CAPABILITY"] = "default"
     args = ["gdb", "-batch", "-nx", "-x", str(commands), "--args", sys.executable, str(script)]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900).stdout
     breakpoints = len(re.findall(r"^Breakpoint \d+ at ", out, flags=re.M))
     assert breakpoints >= len(symbols), (breakpoints, len(symbols), out[-3000:])
     hits = re.findall(r"hit Breakpoint \d+, (.*)", out)
-    if baseline:
+    if not enters:
         assert not hits and "finished" in out, (hits, out[-3000:])
     else:
         assert hits and "finished" not in out, out[-3000:]

@@ -1,13 +1,13 @@
 """The CPU kernels' lane vectors (csrc/cpu_kernels.h), checked on compiled code, in each instruction set's variant.
 
-A small C++ program built with the extension's flags (the AVX2 variant as the extension builds it: its headers
-first, then the kernels under an AVX2 + F16C target switch) runs the lane-vector norm loop, sign, l1·sign from the
-sign bit and soft threshold against the scalar code they replace (same bits: float, double, float16, bfloat16; odd
-lengths, NaN, −0, infinities), the norms of a chunk shorter than a round against the lane loop's, the column sums
-of group norms by columns against the element loop row after row, and the lanes' float16 / bfloat16 conversions
-against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the sign, l1·sign and
-threshold shows packed compares and no scalar compare or branch on NaN, that of the conversions no branch or call,
-and that of the column sums packed float-to-double conversions.
+A small C++ program built with the extension's flags (the AVX2 and AVX-512 variants as the extension builds them:
+their headers first, then the kernels under the variant's target switch) runs the lane-vector norm loop, sign,
+l1·sign from the sign bit and soft threshold against the scalar code they replace (same bits: float, double,
+float16, bfloat16; odd lengths, NaN, −0, infinities), the norms of a chunk shorter than a round against the lane
+loop's, the column sums of group norms by columns against the element loop row after row, and the lanes' float16 /
+bfloat16 conversions against c10's (every 16-bit pattern, floats at every rounding tie); the disassembly of the
+sign, l1·sign and threshold shows packed compares and no scalar compare or branch on NaN, that of the conversions no
+branch or call, and that of the column sums packed float-to-double conversions.
 """
 
 import re
@@ -24,9 +24,11 @@ FLAGS = ["-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trap
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or shutil.which("objdump") is None,
                                 reason="needs g++ and objdump")
 
-# Before the kernels: what the extension's AVX2 variant includes ahead of its target switch (c10's conversions,
-# the expected values, stay baseline code).
+# Before the kernels: what the extension's AVX2 and AVX-512 variants include ahead of their target switch (c10's
+# conversions, the expected values, stay baseline code), after the AVX-512 file's silencing of GCC 12's false
+# warnings on its intrinsics.
 PRELUDE = r"""
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -43,8 +45,11 @@ PRELUDE = r"""
 #include "norm_parts.h"
 """
 
-VARIANTS = {"baseline": "#define REGFAST_CPU_ISA baseline\n#define REGFAST_CPU_AVX2 0\n",
-            "avx2": '#pragma GCC target("avx2,f16c")\n#define REGFAST_CPU_ISA avx2\n#define REGFAST_CPU_AVX2 1\n'}
+VARIANTS = {"baseline": "#define REGFAST_CPU_ISA baseline\n#define REGFAST_CPU_AVX2 0\n#define REGFAST_CPU_AVX512 0\n",
+            "avx2": '#pragma GCC target("avx2,f16c")\n#define REGFAST_CPU_ISA avx2\n#define REGFAST_CPU_AVX2 1\n'
+                    "#define REGFAST_CPU_AVX512 0\n",
+            "avx512": '#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")\n'
+                      "#define REGFAST_CPU_ISA avx512\n#define REGFAST_CPU_AVX2 1\n#define REGFAST_CPU_AVX512 1\n"}
 
 PROGRAM = r"""
 #include "cpu_kernels.h"
@@ -293,18 +298,23 @@ int main() {
 """
 
 
-def _runs_avx2() -> bool:
+# What each variant needs of the CPU (/proc/cpuinfo's flags).
+NEEDS = {"baseline": set(), "avx2": {"avx2", "f16c"},
+         "avx512": {"avx2", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}}
+
+
+def _runs(variant: str) -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return "avx2" in flags and "f16c" in flags
+    return NEEDS[variant] <= flags
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def program(request, tmp_path_factory) -> Path:
-    if request.param == "avx2" and not _runs_avx2():
-        pytest.skip("this CPU has no AVX2 + F16C")
+    if not _runs(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
     out = tmp_path_factory.mktemp(f"lanes-{request.param}")
     source = out / "lanes.cpp"
     source.write_text(PRELUDE + VARIANTS[request.param] + PROGRAM)
@@ -343,7 +353,8 @@ def test_16_bit_conversions_are_straight_vector_code(program):
     range), packed compares where they select; in the AVX2 variant 256-bit registers and F16C's
     conversions for float16 (with a packed float compare for NaN when narrowing)."""
     asm = _disassembly(program)
-    avx2 = program.with_suffix(".variant").read_text() == "avx2"
+    variant = program.with_suffix(".variant").read_text()
+    avx2 = variant in ("avx2", "avx512")
     for kind in ("c10::BFloat16", "c10::Half"):
         for fn in ("widen", "narrow"):
             ops = _body(asm, f"void {fn}<{kind}>")
@@ -354,7 +365,7 @@ def test_16_bit_conversions_are_straight_vector_code(program):
             elif fn == "narrow" or kind == "c10::Half":  # NaN or range: a packed integer or float compare
                 assert any("pcmp" in op or re.fullmatch(r"v?cmp\w*ps", op) for op in ops), (fn, kind, sorted(ops))
             if avx2:
-                assert "%ymm" in _text(asm, f"void {fn}<{kind}>"), (fn, kind)
+                assert ("%zmm" if variant == "avx512" else "%ymm") in _text(asm, f"void {fn}<{kind}>"), (fn, kind)
 
 
 def test_the_lanes_sign_and_threshold_are_vector_code(program):
@@ -367,9 +378,11 @@ def test_the_lanes_sign_and_threshold_are_vector_code(program):
             scalar = {"ucomiss", "ucomisd", "comiss", "comisd", "jp", "jnp", "cmovp", "cmovnp"}
             assert not {op.removeprefix("v") for op in ops} & scalar, sorted(ops)
         # l1·sign from the sign bit (with the linear term): one packed compare and bit operations, no blend.
-        ops = {op.removeprefix("v") for op in _body(asm, f"void l1_sign_bits<{kind}>")}
+        # (AVX-512's integer and, or name their element width: vpandd, vporq.)
+        ops = {re.sub(r"^(pand|por)[dq]$", r"\1", op.removeprefix("v"))
+               for op in _body(asm, f"void l1_sign_bits<{kind}>")}
         assert any(op.startswith("cmp") and op.endswith(packed) for op in ops), sorted(ops)
-        assert {"pand", "por"} <= ops or {f"and{packed}", f"or{packed}"} <= ops, sorted(ops)
+        assert ops & {"pand", f"and{packed}"} and ops & {"por", f"or{packed}"}, sorted(ops)
         assert not {op for op in ops if op.startswith(("blend", "pblend", "ucomi", "comi", "j"))}, sorted(ops)
         # A threshold that is not NaN: a packed max and min, no compare, no branch.
         ops = {op.removeprefix("v") for op in _body(asm, f"void number_thresholds<{kind}>")}
@@ -385,7 +398,8 @@ def test_the_column_sums_are_vector_code(program):
     for kind in ("float", "c10::Half", "c10::BFloat16"):
         name = f"bool regfast::cpu::{variant}::column_squares<float, {kind}, regfast::cpu::{variant}::Identity>"
         ops = _body(asm, name)
-        packed = {"vcvtps2pd", "vaddpd"} if variant == "avx2" else {"cvtps2pd", "addpd"}
+        packed = {"vcvtps2pd", "vaddpd"} if variant != "baseline" else {"cvtps2pd", "addpd"}
         assert packed <= ops, (kind, sorted(ops))
-        if variant == "avx2":
-            assert re.search(r"vcvtps2pd\s+\S+,%ymm", _text(asm, name)), kind
+        if variant != "baseline":
+            register = "%zmm" if variant == "avx512" else "%ymm"
+            assert re.search(rf"vcvtps2pd\s+\S+,{register}", _text(asm, name)), kind
