@@ -2,7 +2,7 @@
 speed-up over the loops it replaces.
 
     python benchmarks/cpu_bandwidth.py [--repeats 5] [--scale 1.0] [--threads 1 2]
-                                       [--dtypes float32 bfloat16 float16 float64] [--isa avx2 baseline]
+                                       [--dtypes float32 bfloat16 float16 float64] [--isa avx512 avx2 baseline]
                                        [--out FILE]
 
 Parameters are GPT-2 small's (124M elements at ``--scale 1``). Each op is timed on the whole list and
@@ -20,7 +20,9 @@ The ``loop`` rows time, in float32, what regfast replaces: the penalty written i
 per tensor against ``norms``; ``speedup`` is loop time / regfast time.
 
 ``--isa`` runs the op rows with each named instruction set of the CPU kernels (``regfast._C.set_cpu_isa``;
-default: the one chosen for this CPU), recorded in each row's ``isa``.
+default: the one chosen for this CPU), recorded in each row's ``isa``. The instruction sets take turns call by
+call on the same tensors (one op's calls: a warm-up each, then each repeat once in each set), so that the
+machine's drift over a run falls on all of them alike.
 
 Prints one JSON row per measurement; ``--out`` also writes them to FILE.
 """
@@ -53,6 +55,24 @@ def _timings(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def _timings_by_isa(fn, repeats: int, isas: list[str]) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls of ``fn`` per instruction set of the CPU kernels, the sets taking
+    turns call by call after a warm-up call in each."""
+    from regfast import _C
+
+    out = {isa: [] for isa in isas}
+    for isa in isas:
+        _C.set_cpu_isa(isa)
+        fn()
+    for _ in range(repeats):
+        for isa in isas:
+            _C.set_cpu_isa(isa)
+            start = time.perf_counter()
+            fn()
+            out[isa].append(time.perf_counter() - start)
+    return out
+
+
 def _row(name: str, seconds: list[float], nbytes: int, copy_gbs: float | None) -> dict:
     qs = statistics.quantiles(seconds, n=10) if len(seconds) > 1 else [seconds[0]] * 9
     median = statistics.median(seconds)
@@ -76,8 +96,8 @@ def _with_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return params
 
 
-def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float) -> list[dict]:
-    """Every op on GPT-2 small's params in ``dtype``."""
+def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float, isas: list[str]) -> list[dict]:
+    """Every op on GPT-2 small's params in ``dtype``, with each instruction set of ``isas``."""
     params = _with_grads([p.detach().requires_grad_() for p in make_params(gpt2_small(), dtype, scale=scale)])
     numel = sum(p.numel() for p in params)
     e = params[0].element_size()
@@ -85,7 +105,8 @@ def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float) ->
     rows = []
 
     def add(name: str, fn, bytes_per_element: int) -> None:
-        rows.append(_row(name, _timings(fn, repeats), bytes_per_element * numel, copy_gbs))
+        for isa, seconds in _timings_by_isa(fn, repeats, isas).items():
+            rows.append({**_row(name, seconds, bytes_per_element * numel, copy_gbs), "isa": isa})
 
     detached = [p.detach() for p in params]
     add("norms", lambda: regfast.norms(detached), e)
@@ -168,12 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         meta = {"device": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
                 "numel": numel, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
         rows = [{**copy, "dtype": "float32"}]
-        for isa in isas:
-            _C.set_cpu_isa(isa)
+        try:
             for name in args.dtypes:
-                rows += [{**row, "dtype": name, "isa": isa}
-                         for row in _op_rows(getattr(torch, name), args.scale, args.repeats, copy["gb_s"])]
-        _C.set_cpu_isa(chosen)
+                rows += [{**row, "dtype": name}
+                         for row in _op_rows(getattr(torch, name), args.scale, args.repeats, copy["gb_s"], isas)]
+        finally:
+            _C.set_cpu_isa(chosen)
         rows += [{**row, "isa": chosen} for row in _loop_rows(args.scale, args.repeats)]
         for row in rows:
             line = json.dumps({**meta, **row})
