@@ -31,7 +31,8 @@ from setuptools.command.build_ext import build_ext as setuptools_build_ext
 CPU_SOURCES = ["csrc/module.cpp", "csrc/host_path.cpp", "csrc/norms_cpu.cpp", "csrc/penalty_cpu.cpp",
                "csrc/prox_cpu.cpp", "csrc/cpu_passes_baseline.cpp", "csrc/cpu_passes_avx2.cpp",
                "csrc/cpu_passes_avx512.cpp", "csrc/optim_cpu.cpp",
-               "csrc/optim_cpu_baseline.cpp", "csrc/optim_cpu_fma.cpp", "csrc/optim_common.cpp"]
+               "csrc/optim_cpu_baseline.cpp", "csrc/optim_cpu_fma.cpp",
+               "csrc/optim_cpu_avx512.cpp", "csrc/optim_common.cpp"]
 CUDA_SOURCES = ["csrc/cuda_tables.cpp", "csrc/norms_cuda.cpp", "csrc/penalty_cuda.cpp", "csrc/prox_cuda.cpp",
                 "csrc/optim_cuda.cpp", "csrc/norms.cu", "csrc/group_norms.cu", "csrc/penalty.cu", "csrc/prox.cu",
                 "csrc/optim.cu"]

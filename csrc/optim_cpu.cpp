@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_passes.h"
 #include "cpu_work_list.h"
 #include "elementwise.h"
 #include "groups.h"
@@ -167,9 +168,30 @@ AdamWArgs adamw_args(at::ScalarType dtype, double step, bool lr_is_tensor, doubl
   return args;
 }
 
+// The element loops of a step: a·b + c rounded as ATen rounds it here, on 512-bit vectors where the CPU passes run
+// their AVX-512 variant (so never on a CPU without AVX-512, nor with REGFAST_CPU_ISA naming a narrower one).
+using SgdLoops = void (*)(const SgdArgs&, const SgdTensor&, int64_t, int64_t, double*);
+using AdamWLoops = void (*)(const AdamWArgs&, const AdamWTensor&, int64_t, int64_t, double*);
+
+SgdLoops sgd_loops() {
+  if (!aten_fuses_fmadd()) return &rounded_twice::sgd_run;
+#if defined(__x86_64__)
+  if (cpu::active_isa() == cpu::Isa::kAvx512) return &fused_avx512::sgd_run;
+#endif
+  return &fused::sgd_run;
+}
+
+AdamWLoops adamw_loops() {
+  if (!aten_fuses_fmadd()) return &rounded_twice::adamw_run;
+#if defined(__x86_64__)
+  if (cpu::active_isa() == cpu::Isa::kAvx512) return &fused_avx512::adamw_run;
+#endif
+  return &fused::adamw_run;
+}
+
 double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std::vector<int64_t>& numels,
                at::ScalarType acc, double l1, double l2) {
-  const auto run = aten_fuses_fmadd() ? &fused::sgd_run : &rounded_twice::sgd_run;
+  const auto run = sgd_loops();
   return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });
@@ -177,7 +199,7 @@ double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std:
 
 double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
                  at::ScalarType acc, double l1, double l2) {
-  const auto run = aten_fuses_fmadd() ? &fused::adamw_run : &rounded_twice::adamw_run;
+  const auto run = adamw_loops();
   return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });

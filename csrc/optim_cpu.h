@@ -82,5 +82,11 @@ void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end
 void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
 }  // namespace fused
 
+// The same loops as `fused` on 512-bit vectors (optim_cpu_avx512.cpp), where the CPU passes run AVX-512.
+namespace fused_avx512 {
+void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);
+void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
+}  // namespace fused_avx512
+
 }  // namespace optim_cpu
 }  // namespace regfast
