@@ -55,6 +55,18 @@ bool working_copies(at::TensorList params, at::TensorList grads, std::vector<at:
   return copies;
 }
 
+// The float working copies narrowed back into their 16-bit params, every NaN first made the one whose narrowing is
+// regfast's canonical NaN (float16: its sign | 0x7E00, bfloat16: 0x7FC0), as the kernels' own conversions give:
+// torch's copy keeps part of a NaN's payload, and which NaN an operation on two NaNs returns is the order of its
+// operands, which the kernels' vector and tail code need not share.
+void narrow_back(at::TensorList params, const std::vector<at::Tensor>& work) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor quiet = at::full({}, std::numeric_limits<float>::quiet_NaN(), work[i].options());
+    const at::Tensor nan = params[i].scalar_type() == at::kHalf ? at::copysign(quiet, work[i]) : quiet;
+    params[i].copy_(at::where(at::isnan(work[i]), nan, work[i]));
+  }
+}
+
 // Dims reduced to form the groups of t (empty: the whole tensor is one group), as _common.group_dims.
 std::vector<int64_t> group_dims(const at::Tensor& t, Grouping grouping) {
   std::vector<int64_t> dims;
@@ -218,9 +230,7 @@ at::Tensor step_then_group_shrink(at::TensorList params, at::TensorList grads, F
     const double step = l2 != 0 ? lr / (1 + 2 * lr * l2) : lr;
     call_prox(work, std::nullopt, step, 0.0, 0.0, group_lasso, groups);
   }
-  if (copies) {
-    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(work[i]);
-  }
+  if (copies) narrow_back(params, work);
   return finish(params, l1, l2, group_lasso, groups, compute_penalty);
 }
 
@@ -276,9 +286,7 @@ at::Tensor adamw_metric_group_step(at::TensorList params, at::TensorList grads, 
     at::Tensor step = lr_t.has_value() ? *lr_t / denom[i] : denom[i].reciprocal() * lr;
     metric_prox_(work[i], step, l1, l2, group_lasso, grouping);
   }
-  if (copies) {
-    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(work[i]);
-  }
+  if (copies) narrow_back(params, work);
   return finish(params, l1, l2, group_lasso, groups, compute_penalty);
 }
 
