@@ -36,7 +36,7 @@
 #endif
 
 #define REGFAST_OPTIM_LOOPS avx512_fma
-#define REGFAST_OPTIM_F16C 1
+#define REGFAST_OPTIM_F16C 16
 #include "optim_cpu_math.h"
 
 namespace regfast {

@@ -28,7 +28,7 @@
 #endif
 
 #define REGFAST_OPTIM_LOOPS avx2_fma
-#define REGFAST_OPTIM_F16C 1
+#define REGFAST_OPTIM_F16C 8
 #include "optim_cpu_math.h"
 
 namespace regfast {

@@ -69,12 +69,27 @@ constexpr bool kNarrow = std::is_same_v<T, c10::Half>;
 
 #if defined(REGFAST_OPTIM_F16C)
 // F16C's conversions (f16c.h, c10's bits), where the CPU has them: the including file defines REGFAST_OPTIM_F16C
-// where it is compiled for AVX2.
+// where it is compiled for AVX2 (8: eight elements a conversion) or AVX-512 (16: sixteen).
 inline bool has_f16c() {
   static const bool yes = __builtin_cpu_supports("f16c");
   return yes;
 }
 
+#if REGFAST_OPTIM_F16C == 16
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"), noinline)) void widen_f16c(
+    const c10::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, f16c::load16(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"), noinline)) void narrow_f16c(
+    const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f16c::store16(dst + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+#else
 __attribute__((target("avx2,fma,f16c"), noinline)) void widen_f16c(const c10::Half* __restrict__ src,
                                                                     float* __restrict__ dst, int64_t n) {
   int64_t i = 0;
@@ -88,6 +103,7 @@ __attribute__((target("avx2,fma,f16c"), noinline)) void narrow_f16c(const float*
   for (; i + 8 <= n; i += 8) f16c::store8(dst + i, _mm256_loadu_ps(src + i));
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
+#endif
 #endif
 
 template <typename T>

@@ -354,7 +354,7 @@ def test_only_the_avx512_variant_holds_avx512_instructions():
     compiled for AVX-512 (the CPU passes' variant, regfast::cpu::avx512, and the optimizer steps' loops), whose
     loops hold a round of 16 float lanes in one 512-bit register: float16 converted by vcvtph2ps / vcvtps2ph on
     512 bits, bfloat16 narrowed by vpmovdw, the float norms added on 512 bits; the AdamW and SGD steps' loops fuse
-    and divide on 512 bits."""
+    and divide on 512 bits and convert float16 blocks on 512 bits."""
     blocks = _blocks(Path(_ext._C.__file__))
     outside = [name for name, block in blocks
                if not any(scope in name for scope in AVX512_SCOPES) and EVEX_OPERAND.search(block)]
@@ -364,6 +364,10 @@ def test_only_the_avx512_variant_holds_avx512_instructions():
         found = [block for name, block in blocks if "regfast::optim_cpu::avx512_fma::" in name and kernel in name]
         assert any(re.search(r"vfmadd\w+ps\s+\S+,%zmm", block) for block in found), kernel
     assert any(re.search(r"vdivps\s+\S+,%zmm", block) for block in steps)
+    # The AVX-512 optimizer loops widen and narrow float16 blocks 16 elements a conversion.
+    f16c = [block for name, block in blocks if "regfast::optim_cpu::avx512_fma::" in name and "_f16c" in name]
+    assert any(re.search(r"vcvtph2ps\s+\S+,%zmm", block) for block in f16c)
+    assert any(re.search(r"vcvtps2ph\s+\$0x0,%zmm", block) for block in f16c)
     inside = [(name, block) for name, block in blocks if "regfast::cpu::avx512::" in name]
     assert len(inside) > 50 and sum(bool(EVEX_OPERAND.search(block)) for _, block in inside) > 50
 
