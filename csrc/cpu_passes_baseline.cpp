@@ -30,9 +30,7 @@ bool supported(Isa isa) {
 #endif
     case Isa::kAvx512:
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      return supported(Isa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #else
       return false;

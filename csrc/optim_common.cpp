@@ -60,8 +60,9 @@ bool working_copies(at::TensorList params, at::TensorList grads, std::vector<at:
 // torch's copy keeps part of a NaN's payload, and which NaN an operation on two NaNs returns is the order of its
 // operands, which the kernels' vector and tail code need not share.
 void narrow_back(at::TensorList params, const std::vector<at::Tensor>& work) {
+  if (params.empty()) return;
+  const at::Tensor quiet = at::full({}, std::numeric_limits<float>::quiet_NaN(), work[0].options());
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor quiet = at::full({}, std::numeric_limits<float>::quiet_NaN(), work[i].options());
     const at::Tensor nan = params[i].scalar_type() == at::kHalf ? at::copysign(quiet, work[i]) : quiet;
     params[i].copy_(at::where(at::isnan(work[i]), nan, work[i]));
   }

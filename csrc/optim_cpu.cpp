@@ -168,30 +168,24 @@ AdamWArgs adamw_args(at::ScalarType dtype, double step, bool lr_is_tensor, doubl
   return args;
 }
 
-// The element loops of a step: a·b + c rounded as ATen rounds it here, on 512-bit vectors where the CPU passes run
+// The element loops of the steps: a·b + c rounded as ATen rounds it here, on 512-bit vectors where the CPU passes run
 // their AVX-512 variant (so never on a CPU without AVX-512, nor with REGFAST_CPU_ISA naming a narrower one).
-using SgdLoops = void (*)(const SgdArgs&, const SgdTensor&, int64_t, int64_t, double*);
-using AdamWLoops = void (*)(const AdamWArgs&, const AdamWTensor&, int64_t, int64_t, double*);
+struct Loops {
+  void (*sgd)(const SgdArgs&, const SgdTensor&, int64_t, int64_t, double*);
+  void (*adamw)(const AdamWArgs&, const AdamWTensor&, int64_t, int64_t, double*);
+};
 
-SgdLoops sgd_loops() {
-  if (!aten_fuses_fmadd()) return &rounded_twice::sgd_run;
+Loops loops() {
+  if (!aten_fuses_fmadd()) return {&rounded_twice::sgd_run, &rounded_twice::adamw_run};
 #if defined(__x86_64__)
-  if (cpu::active_isa() == cpu::Isa::kAvx512) return &fused_avx512::sgd_run;
+  if (cpu::active_isa() == cpu::Isa::kAvx512) return {&fused_avx512::sgd_run, &fused_avx512::adamw_run};
 #endif
-  return &fused::sgd_run;
-}
-
-AdamWLoops adamw_loops() {
-  if (!aten_fuses_fmadd()) return &rounded_twice::adamw_run;
-#if defined(__x86_64__)
-  if (cpu::active_isa() == cpu::Isa::kAvx512) return &fused_avx512::adamw_run;
-#endif
-  return &fused::adamw_run;
+  return {&fused::sgd_run, &fused::adamw_run};
 }
 
 double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std::vector<int64_t>& numels,
                at::ScalarType acc, double l1, double l2) {
-  const auto run = sgd_loops();
+  const auto run = loops().sgd;
   return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });
@@ -199,7 +193,7 @@ double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std:
 
 double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
                  at::ScalarType acc, double l1, double l2) {
-  const auto run = adamw_loops();
+  const auto run = loops().adamw;
   return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
     run(args, ts[t], begin, end, sums);
   });

@@ -76,34 +76,37 @@ inline bool has_f16c() {
 }
 
 #if REGFAST_OPTIM_F16C == 16
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"), noinline)) void widen_f16c(
-    const c10::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, f16c::load16(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"), noinline)) void narrow_f16c(
-    const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) f16c::store16(dst + i, _mm512_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
+#define REGFAST_OPTIM_F16C_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"
 #else
-__attribute__((target("avx2,fma,f16c"), noinline)) void widen_f16c(const c10::Half* __restrict__ src,
-                                                                    float* __restrict__ dst, int64_t n) {
+#define REGFAST_OPTIM_F16C_TARGET "avx2,fma,f16c"
+#endif
+
+__attribute__((target(REGFAST_OPTIM_F16C_TARGET), noinline)) void widen_f16c(const c10::Half* __restrict__ src,
+                                                                             float* __restrict__ dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, f16c::load8(src + i));
+  for (; i + REGFAST_OPTIM_F16C <= n; i += REGFAST_OPTIM_F16C) {
+#if REGFAST_OPTIM_F16C == 16
+    _mm512_storeu_ps(dst + i, f16c::load16(src + i));
+#else
+    _mm256_storeu_ps(dst + i, f16c::load8(src + i));
+#endif
+  }
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-__attribute__((target("avx2,fma,f16c"), noinline)) void narrow_f16c(const float* __restrict__ src,
-                                                                     c10::Half* __restrict__ dst, int64_t n) {
+__attribute__((target(REGFAST_OPTIM_F16C_TARGET), noinline)) void narrow_f16c(const float* __restrict__ src,
+                                                                              c10::Half* __restrict__ dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) f16c::store8(dst + i, _mm256_loadu_ps(src + i));
+  for (; i + REGFAST_OPTIM_F16C <= n; i += REGFAST_OPTIM_F16C) {
+#if REGFAST_OPTIM_F16C == 16
+    f16c::store16(dst + i, _mm512_loadu_ps(src + i));
+#else
+    f16c::store8(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  }
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
-#endif
+#undef REGFAST_OPTIM_F16C_TARGET
 #endif
 
 template <typename T>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import oracle
 import pytest
@@ -18,6 +19,21 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Relative tolerance of a kernel's result against the float64 reference, per dtype.
 # fp16/bf16 results are rounded once to the param dtype (grads, prox) or accumulated in fp32.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+# Each instruction-set variant of the CPU kernels and whether this CPU runs it: the flags it needs
+# (csrc/cpu_passes_baseline.cpp asks the same of the CPU) against /proc/cpuinfo's.
+CPU_VARIANTS = {name: needs <= _cpu_flags() for name, needs in (
+    ("baseline", set()), ("avx2", {"avx2", "f16c"}),
+    ("avx512", {"avx2", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}))}
 
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU_VARIANTS
 
 import regfast
 from regfast import _ext
@@ -21,18 +22,11 @@ pytestmark = pytest.mark.skipif(_ext._C is None, reason="the cpp backend is not 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
-
-
-HAS_AVX2 = {"avx2", "f16c"} <= _cpu_flags()
-HAS_AVX512 = HAS_AVX2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
+HAS_AVX2 = CPU_VARIANTS["avx2"]
+HAS_AVX512 = CPU_VARIANTS["avx512"]
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2 + F16C")
 # Every variant, and whether this CPU runs it.
-RUNS = {"baseline": True, "avx2": HAS_AVX2, "avx512": HAS_AVX512}
+RUNS = CPU_VARIANTS
 WIDEST = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "baseline"
 # The library's code compiled for each wide instruction set (namespaces): the CPU passes' variant, the optimizer
 # steps' loops and their entry points.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch.utils.cpp_extension as cpp
+from helpers import CPU_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["-std=c++20", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
@@ -298,22 +299,9 @@ int main() {
 """
 
 
-# What each variant needs of the CPU (/proc/cpuinfo's flags).
-NEEDS = {"baseline": set(), "avx2": {"avx2", "f16c"},
-         "avx512": {"avx2", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}}
-
-
-def _runs(variant: str) -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return NEEDS[variant] <= flags
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def program(request, tmp_path_factory) -> Path:
-    if not _runs(request.param):
+    if not CPU_VARIANTS[request.param]:
         pytest.skip(f"this CPU lacks {request.param}")
     out = tmp_path_factory.mktemp(f"lanes-{request.param}")
     source = out / "lanes.cpp"
