@@ -1,6 +1,6 @@
 """Host cost per call of regfast's Python path, beside the naive loop, on many one-element tensors.
 
-    python benchmarks/host_overhead.py [--tensors 2000] [--repeats 30] [--json]
+    python benchmarks/host_overhead.py [--tensors 2000] [--repeats 30] [--scattered] [--json]
 
 With one element per tensor the arithmetic is negligible, so the time per call is what the
 host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
@@ -16,6 +16,11 @@ host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
   ``ProxSGD``, ``ProxAdamW`` (both prox modes) and ``Proximal`` around torch's SGD;
 - ``torch._foreach_add_(grads, params)``: the cheapest multi-tensor op torch has, as a yardstick.
 
+``--scattered`` lists every call's tensors in a shuffled order: their Python objects, TensorImpls and
+grads then lie scattered through memory as a trained model's do (made in one order, grads made during
+backward among the graph's own objects), rather than in the order of the list, where the processor's
+prefetchers find them.
+
 Prints a table (median and p20/p80 microseconds per call, speed-up over the first row of each op), and
 for each row measured at two sizes the cost ratio of the larger to the smaller (10x tensors: 10x is
 linear).
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 
@@ -124,11 +130,18 @@ def _row(op: str, n_tensors: int, name: str, seconds: list[float], base: float |
             "p80_us": qs[7] * 1e6, "speedup": (base or median) / median}
 
 
-def run(n_tensors: int, repeats: int) -> list[dict]:
-    torch.manual_seed(0)
+def _params(n_tensors: int, scattered: bool) -> list[torch.Tensor]:
     params = [torch.randn(1, requires_grad=True) for _ in range(n_tensors)]
     for p in params:
         p.grad = torch.randn(1)
+    if scattered:
+        random.Random(n_tensors).shuffle(params)
+    return params
+
+
+def run(n_tensors: int, repeats: int, scattered: bool = False) -> list[dict]:
+    torch.manual_seed(0)
+    params = _params(n_tensors, scattered)
     providers: list[tuple[str, dict[str, object], str | None]] = [
         ("naive loop", _naive_cases(params), None),
         ("torch._foreach_*", _foreach_cases(params), None),
@@ -156,10 +169,7 @@ def run(n_tensors: int, repeats: int) -> list[dict]:
     for op, cases in _optimizer_cases().items():
         base = None
         for name, make in cases:
-            ps = [torch.randn(1, requires_grad=True) for _ in range(n_tensors)]
-            for p in ps:
-                p.grad = torch.randn(1)
-            opt = make(ps)
+            opt = make(_params(n_tensors, scattered))
             seconds = _timings(opt.step, repeats, warmup=3)
             rows.append(_row(op, n_tensors, name, seconds, base))
             base = base or rows[-1]["median_us"] / 1e6
@@ -186,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[148, 2000, 20000])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--scattered", action="store_true", help="list the tensors in a shuffled order")
     parser.add_argument("--json", action="store_true", help="one JSON row per measurement instead of a table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, regfast {regfast.__version__}, python {sys.version.split()[0]}; "
-          "one-element tensors, 1 thread", file=sys.stderr)
+          f"one-element tensors{', listed in a shuffled order' if args.scattered else ''}, 1 thread", file=sys.stderr)
     all_rows = []
     for n in args.tensors:
-        rows = run(n, args.repeats)
+        rows = run(n, args.repeats, args.scattered)
         all_rows.extend(rows)
         if args.json:
             for row in rows:

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "lookahead.h"
 #include "optim_common.h"
 #include "optim_cpu_step.h"
 #include "tensor_list.h"
@@ -161,8 +162,10 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
   if (n == 0) return false;
   PyObject** items = PySequence_Fast_ITEMS(list);
   Seen seen(static_cast<size_t>(n));
+  Lookahead ahead(items, n, allowed.types);
   count = 0;
   for (Py_ssize_t k = 0; k < n; ++k) {
+    if (needs.grads) ahead.at(k);
     PyObject* obj = items[k];
     if (!THPVariable_Check(obj) || !plain_type(obj, allowed.types)) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);
@@ -236,7 +239,9 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
   }
   const size_t nstates = states.tuples.size();
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types);
   for (Py_ssize_t k = 0; k < n; ++k) {
+    ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
     if (obj != PyTuple_GET_ITEM(planned, k) || !THPVariable_Check(obj) || !plain_type(obj, allowed.types)) {
       return false;
@@ -261,6 +266,8 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
       if (group.direct) {
         group.data.push_back(t.data_ptr());
         group.data.push_back(const_cast<void*>(g.const_data_ptr()));
+        __builtin_prefetch(group.data.end()[-2], 1);  // for the kernels, which run after the walk
+        __builtin_prefetch(group.data.end()[-1]);
         group.numels.push_back(t.numel());
       }
     }
@@ -306,7 +313,9 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
   }
   const int64_t* expected = numels.const_data_ptr<int64_t>();
   const size_t nstates = flats.size();
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types);
   for (Py_ssize_t k = 0; k < n; ++k) {
+    ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
     if (obj != PyTuple_GET_ITEM(planned, k) || !THPVariable_Check(obj) || !plain_type(obj, allowed.types)) {
       return false;
@@ -338,6 +347,8 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     group->elements += expected[k];
     group->data.push_back(t.data_ptr());
     group->data.push_back(const_cast<void*>(g.const_data_ptr()));
+    __builtin_prefetch(group->data.end()[-2], 1);  // for the kernels, which run after the walk
+    __builtin_prefetch(group->data.end()[-1]);
     group->numels.push_back(expected[k]);
     group->offsets.push_back(offset);
     group->indices.push_back(index);
@@ -380,7 +391,11 @@ at::ScalarType result_dtype(const std::vector<Group>& groups) {
 }
 
 void bump(at::TensorList ts) {
-  for (const auto& t : ts) torch::autograd::impl::bump_version(t);
+  const size_t n = ts.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (i + Lookahead::kDistance < n) prefetch_version_counter(ts[i + Lookahead::kDistance]);
+    torch::autograd::impl::bump_version(ts[i]);
+  }
 }
 
 PyObject* wrap_list(at::TensorList ts) {
@@ -566,7 +581,9 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
   if (!PyList_Check(list) && !PyTuple_Check(list)) Py_RETURN_NONE;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
   PyObject** items = PySequence_Fast_ITEMS(list);
+  Lookahead ahead(items, n, types);
   for (Py_ssize_t k = 0; k < n; ++k) {
+    ahead.at(k);
     PyObject* obj = items[k];
     if (!THPVariable_Check(obj) || !plain_type(obj, types)) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(obj);

@@ -166,14 +166,15 @@ def test_command_line_writes_csv_and_renders_markdown(tmp_path, capsys):
     assert "regfast.prox_[" in capsys.readouterr().out
 
 
-def test_host_overhead_script_runs_every_provider():
+@pytest.mark.parametrize("flags", [[], ["--scattered"]], ids=["in-order", "scattered"])
+def test_host_overhead_script_runs_every_provider(flags):
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
-    out = subprocess.run([sys.executable, str(script), "--tensors", "7", "--repeats", "3", "--json"],
+    out = subprocess.run([sys.executable, str(script), "--tensors", "7", "--repeats", "3", "--json", *flags],
                          capture_output=True, text=True, check=True, timeout=600).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     providers = {r["provider"] for r in rows}

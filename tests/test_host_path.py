@@ -23,13 +23,17 @@ pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"regfast._C is not buil
 SHAPES = [(5, 3), (7,), (), (0,), (4, 2, 3), (2**15 + 3,), (1,)]
 
 
-def _model(dtypes=(torch.float32,)):
+def _model(dtypes=(torch.float32,), copies=1):
+    """Params of SHAPES (`copies` times over) with grads. Several copies are listed in another order than made,
+    so that their objects lie scattered through the list as a trained model's do, and the list is longer than
+    the walk looks ahead (csrc/lookahead.h)."""
     params = []
-    for i, shape in enumerate(SHAPES * len(dtypes)):
+    for i, shape in enumerate(SHAPES * len(dtypes) * copies):
         p = nn.Parameter(make_params([shape], dtypes[i % len(dtypes)], seed=i)[0])
         p.grad = make_params([shape], p.dtype, seed=100 + i)[0]
         params.append(p)
-    return params
+    order = torch.randperm(len(params), generator=torch.Generator().manual_seed(len(params))).tolist()
+    return [params[i] for i in order] if copies > 1 else params
 
 
 CALLS = {
@@ -56,9 +60,10 @@ WALKED_BACKENDS = ["cpp", pytest.param("triton", marks=_TRITON_SKIP)]
 
 @pytest.mark.parametrize("backend", WALKED_BACKENDS)
 @pytest.mark.parametrize("call", CALLS, ids=str)
-@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16, torch.float64, torch.bfloat16)], ids=str)
-def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, backend, monkeypatch):
-    walked, python = _model(dtypes), _model(dtypes)
+@pytest.mark.parametrize("dtypes, copies", [((torch.float32,), 1), ((torch.float16, torch.float64, torch.bfloat16), 1),
+                                            ((torch.float32, torch.bfloat16), 9)], ids=str)
+def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, copies, backend, monkeypatch):
+    walked, python = _model(dtypes, copies), _model(dtypes, copies)
     taken = []
     original = _ops.walk
     monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
@@ -131,11 +136,37 @@ class _Sub(torch.Tensor):
     pass
 
 
+def _value(t):
+    """A copy of t's value to compare (meta tensors have none; sparse ones compare dense)."""
+    if t is None or not torch.is_tensor(t):
+        return t
+    if t.is_meta:
+        return ("meta", t.dtype, t.shape)
+    return (t.to_dense() if t.is_sparse else t).detach().clone()
+
+
+def _equal(a, b):
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
+
+
+def _snapshot(params):
+    return [(_value(p), _value(p.grad) if torch.is_tensor(p) else None) for p in params]
+
+
+def _same(a, b):
+    """Two outcomes: the same exception, or params and grads of the same values."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return a == b
+    return len(a) == len(b) and all(_equal(x[0], y[0]) and _equal(x[1], y[1]) for x, y in zip(a, b))
+
+
 def _declines(name, params, *args):
-    snapshot = [(p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params]
+    listed = params if isinstance(params, (list, tuple)) else []
+    snapshot = _snapshot(listed)
     assert _ops.walk(name, params, *args) is None
-    for p, (w, g) in zip(params, snapshot):
-        assert torch.equal(p.detach(), w) and (g is None or torch.equal(p.grad, g))
+    assert _same(_snapshot(listed), snapshot)
 
 
 def test_the_walk_declines_what_it_cannot_prove_and_writes_nothing():
@@ -165,6 +196,85 @@ def test_the_walk_declines_what_it_cannot_prove_and_writes_nothing():
     with use_backend("torch"):
         _declines("norms", ps)
         _declines("prox", ps, *prox_args)
+
+
+def _long_with(k, change):
+    """A long scattered list whose k-th param `change` spoils (far beyond the first stages of the walk's lookahead,
+    which reads the objects of later tensors before the walk checks them)."""
+    ps = _model(copies=12)
+    change(ps, k)
+    return ps
+
+
+def _set_grad(value):
+    def change(ps, k):
+        ps[k].grad = value(ps[k])
+    return change
+
+
+def _set_data(value):
+    def change(ps, k):
+        with torch.no_grad():
+            ps[k].data = value(ps[k])
+    return change
+
+
+def _replace(value):
+    def change(ps, k):
+        ps[k] = value(ps[k])
+    return change
+
+
+SPOILERS = {
+    "no grad": _set_grad(lambda p: None),
+    "sparse grad": _set_grad(lambda p: torch.zeros(p.shape).to_sparse()),
+    "grad of another dtype": _set_data(lambda p: p.detach().double()),  # the grad left behind is float32
+    "grad of another shape": _set_data(lambda p: torch.zeros(2, 2)),
+    "not a tensor": _replace(lambda p: 3.0),
+    "subclass": _replace(lambda p: p.detach().as_subclass(_Sub)),
+    "tensor without autograd metadata": _replace(lambda p: p.detach().clone()),
+    "sparse param": _replace(lambda p: nn.Parameter(torch.zeros(3, 3).to_sparse())),
+    "meta param": _replace(lambda p: nn.Parameter(torch.zeros(3, device="meta"))),
+    "int param": _replace(lambda p: torch.ones(3, dtype=torch.int32)),
+}
+
+
+def _outcome(run, params):
+    """What `run(params)` did: its exception (type and message), or the values of the params and grads after it."""
+    try:
+        run(params)
+    except Exception as e:  # noqa: BLE001 - the outcome compared is the exception itself
+        return type(e), str(e)
+    return _snapshot(params)
+
+
+@pytest.mark.parametrize("spoiler", SPOILERS, ids=str)
+@pytest.mark.parametrize("k", [0, 40, 83])
+def test_a_bad_tensor_anywhere_in_a_long_list_is_declined_by_the_walk(spoiler, k, monkeypatch):
+    """The walk reads the objects of later tensors before it checks them (csrc/lookahead.h): whatever sits at k
+    of a long list, it declines with nothing written, grads_ready says no, and every public call and optimizer
+    step raises or runs exactly as the Python path does."""
+    ps = _long_with(k, SPOILERS[spoiler])
+    _declines("add_penalty_grad", ps, 0.1, 0.1, 0.0, "row")
+    assert not _ops.grads_ready(ps)
+    original = _ops.walk
+    for call in CALLS.values():
+        walked, python = _long_with(k, SPOILERS[spoiler]), _long_with(k, SPOILERS[spoiler])
+        got = _outcome(call, walked)
+        monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        expected = _outcome(call, python)
+        monkeypatch.setattr(_ops, "walk", original)
+        assert _same(got, expected)
+    outcomes = []
+    for walk in (original, lambda *a: None):  # a step from the plan, then the same step without a walk
+        params = _model(copies=12)
+        opt = regfast.optim.ProxAdamW(params, lr=0.01, l1=0.01)
+        opt.step()
+        SPOILERS[spoiler](opt.param_groups[0]["params"], k)
+        monkeypatch.setattr(_ops, "walk", walk)
+        outcomes.append(_outcome(lambda _, step=opt.step: step(), opt.param_groups[0]["params"]))
+        monkeypatch.setattr(_ops, "walk", original)
+    assert _same(*outcomes)
 
 
 @pytest.mark.parametrize(("backend", "numel"),
@@ -226,9 +336,10 @@ def _steps(make, params, n, monkeypatch, walk):
 
 
 @pytest.mark.parametrize("make", OPTIMIZERS, ids=str)
-@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float64)], ids=str)
-def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, monkeypatch):
-    walked, python = _model(dtypes), _model(dtypes)
+@pytest.mark.parametrize("dtypes, copies", [((torch.float32,), 1), ((torch.bfloat16, torch.float64), 1),
+                                            ((torch.float32, torch.float64), 9)], ids=str)
+def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, copies, monkeypatch):
+    walked, python = _model(dtypes, copies), _model(dtypes, copies)
     opt, pens, taken = _steps(OPTIMIZERS[make], walked, 4, monkeypatch, walk=True)
     assert len(taken) == 3 and all(t is not None for t in taken), "every step after the first walks from the plan"
     ref, ref_pens, _ = _steps(OPTIMIZERS[make], python, 4, monkeypatch, walk=False)
