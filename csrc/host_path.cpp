@@ -634,6 +634,84 @@ PyObject* groups(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* count_steps(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* list = nullptr;
+  double lr = 0, beta1 = 0, beta2 = 0;
+  if (!PyArg_ParseTuple(args, "Oddd", &list, &lr, &beta1, &beta2)) return nullptr;
+  if (!PyList_Check(list) && !PyTuple_Check(list)) Py_RETURN_NONE;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
+  PyObject** items = PySequence_Fast_ITEMS(list);
+  std::vector<at::Tensor> steps;
+  steps.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* obj = items[k];
+    if (!THPVariable_Check(obj)) Py_RETURN_NONE;
+    const at::Tensor& s = THPVariable_Unpack(obj);
+    if (!s.is_cpu() || s.numel() != 1 || !s.is_floating_point()) Py_RETURN_NONE;
+    steps.push_back(s);
+  }
+  const BiasCorrections bias = bias_corrections(steps, std::nullopt, lr, beta1, beta2, at::kCPU);
+  at::Tensor out = at::empty({2 * n}, at::TensorOptions().dtype(at::kDouble));
+  double* values = out.data_ptr<double>();
+  std::copy(bias.step_size.begin(), bias.step_size.end(), values);
+  std::copy(bias.bc2_sqrt.begin(), bias.bc2_sqrt.end(), values + n);
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* plan_groups(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *state_tuples = nullptr;
+  int cpu = 0, cuda = 0;
+  Py_ssize_t counts = -1;
+  if (!PyArg_ParseTuple(args, "OO!ppOO!n", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &PyTuple_Type,
+                        &state_tuples, &counts)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  // The walk takes the states in use; an empty tuple stands for a state the step does not keep.
+  const Py_ssize_t nstates = PyTuple_GET_SIZE(state_tuples);
+  PlanStates states;
+  std::vector<Py_ssize_t> position(static_cast<size_t>(nstates), -1);
+  for (Py_ssize_t j = 0; j < nstates; ++j) {
+    PyObject* s = PyTuple_GET_ITEM(state_tuples, j);
+    if (!PyTuple_Check(s)) Py_RETURN_NONE;
+    if (PyTuple_GET_SIZE(s) == 0) continue;
+    position[static_cast<size_t>(j)] = static_cast<Py_ssize_t>(states.tuples.size());
+    if (j == counts) states.counts = states.tuples.size();
+    states.tuples.push_back(s);
+  }
+  std::vector<Group> groups;
+  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
+    PyObject* lists = PyTuple_New(nstates);
+    if (lists == nullptr) break;
+    for (Py_ssize_t j = 0; j < nstates; ++j) {
+      const Py_ssize_t at = position[static_cast<size_t>(j)];
+      PyObject* l = at < 0 ? PyList_New(0) : wrap_list(g.states[static_cast<size_t>(at)]);
+      if (l == nullptr) break;
+      PyTuple_SET_ITEM(lists, j, l);
+    }
+    PyObject* item = PyErr_Occurred() ? nullptr : Py_BuildValue("(NNN)", wrap_list(g.params), wrap_list(g.grads), lists);
+    if (item == nullptr) {
+      Py_XDECREF(lists);
+      break;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  if (PyErr_Occurred()) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
 namespace {
 
 std::optional<at::Tensor> lr_of(PyObject* lr_obj, bool& ok) {

@@ -64,6 +64,13 @@ static PyMethodDef regfast_methods[] = {
     {"groups_walk", regfast::host::groups, METH_VARARGS,
      "groups_walk(params, types, cpu, cuda, grads, write_params) -> [(params, grads or None, index or None)] per "
      "(device, dtype) group in order of first appearance, or None"},
+    {"plan_groups_walk", regfast::host::plan_groups, METH_VARARGS,
+     "plan_groups_walk(params, types, cpu, cuda, planned, states, counts) -> [(params, grads, (state lists))] per "
+     "(device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; counts: the "
+     "index of the step counts among them, -1 if none), or None"},
+    {"count_steps", regfast::host::count_steps, METH_VARARGS,
+     "count_steps(steps, lr, beta1, beta2) -> the AdamW bias corrections of the incremented host step counts "
+     "(float64: step sizes, then sqrt(1 - beta2^t)), or None"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,
@@ -80,9 +87,11 @@ static PyMethodDef regfast_methods[] = {
     {"adamw_flat_walk", regfast::host::adamw_flat, METH_VARARGS,
      "adamw_flat_walk(params, types, cpu, cuda, planned, numels, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, "
      "lr_tensor, lr, ...) -> as adamw_step_walk; each state: one flat buffer per dtype group"},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "cpu_isa() -> the instruction set of the CPU kernels: 'baseline' or 'avx2'"},
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "cpu_isa() -> the instruction set of the CPU kernels: 'baseline', 'avx2' or 'avx512'"},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS,
-     "set_cpu_isa(name) -> the previous instruction set; 'baseline' or 'avx2' (ValueError if this CPU lacks it)"},
+     "set_cpu_isa(name) -> the previous instruction set; 'baseline', 'avx2' or 'avx512' (ValueError if this CPU "
+     "lacks it)"},
 #ifdef REGFAST_WITH_CUDA
     {"cuda_table_cache", cuda_table_cache, METH_NOARGS,
      "cuda_table_cache() -> (entries, kept for captured graphs, hits, misses) of the CUDA launcher's table cache"},

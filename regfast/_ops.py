@@ -43,21 +43,50 @@ def walk(name: str, params, *args):
     kernels, version counters), or None when the walk does not take it: no extension, tracing, a mode or
     transform active, a device the ``torch`` backend serves, or any tensor it cannot prove valid. On None
     nothing was written; the caller's Python path runs. Where a device's backend launches from Python
-    (Triton), the walk checks and groups the public calls' lists, and each group's kernels are launched here
-    (:func:`_run_groups`); the optimizer steps then take the Python path."""
+    (Triton), the walk checks and groups the list (and an optimizer step's states), and each group's kernels
+    are launched here (:func:`_run_groups`, :func:`_run_steps`)."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.cpu_cuda_names()
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
+    launched = "triton" in (on_cpu, on_cuda) and (name in _WALK_NEEDS or name in _STEP_STATES)
     if cpu or cuda:
         walked = getattr(_ext._C, f"{name}_walk")(params, _PLAIN_TUPLE, cpu, cuda, *args)
-        if walked is not None or "triton" not in (on_cpu, on_cuda) or name not in _WALK_NEEDS:
+        if walked is not None or not launched:
             return walked
-    elif "triton" not in (on_cpu, on_cuda) or name not in _WALK_NEEDS:
-        return None  # the optimizer steps: the Python path
+    elif not launched:
+        return None
+    if name in _STEP_STATES:
+        planned, *rest = args
+        count, counts = _STEP_STATES[name]
+        groups = _ext._C.plan_groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", planned,
+                                          tuple(rest[:count]), counts)
+        return None if groups is None else _run_steps(name, groups, *rest[count:])
     grads, write = _WALK_NEEDS[name]
     groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write)
     return None if groups is None else _run_groups(name, groups, *args)
+
+
+# Per optimizer step walked from a plan: (how many state tuples follow the planned params, the index of the step
+# counts among them or -1).
+_STEP_STATES = {"sgd_step": (1, -1), "adamw_step": (4, 3)}
+
+
+def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
+    """Optimizer step ``name`` on the (params, grads, state lists) groups of :func:`walk`, each group on its backend
+    as the Python path calls it (a plan's momentum buffers all exist), with the same version-counter bumps."""
+    values = []
+    with torch.no_grad():
+        for params, grads, states in groups:
+            backend = _backend(params)
+            if name == "sgd_step":
+                lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize, *rest = hyper
+                values.append(backend.sgd_step_(params, grads, states[0], lr_tensor, lr, momentum, dampening, nesterov,
+                                                weight_decay, maximize, False, *rest))
+            else:
+                values.append(backend.adamw_step_(params, grads, *states, *hyper))
+            bump_versions(params, *(s for s in states if s))
+    return values
 
 
 # Per public call: (reads and writes the grads, writes the params).

@@ -63,6 +63,8 @@ WALKED_BACKENDS = ["cpp", pytest.param("triton", marks=_TRITON_SKIP)]
 @pytest.mark.parametrize("dtypes, copies", [((torch.float32,), 1), ((torch.float16, torch.float64, torch.bfloat16), 1),
                                             ((torch.float32, torch.bfloat16), 9)], ids=str)
 def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, copies, backend, monkeypatch):
+    if backend == "triton" and copies > 1:
+        pytest.skip("the long list tests the walk, which is the same for every backend; interpreted Triton is slow")
     walked, python = _model(dtypes, copies), _model(dtypes, copies)
     taken = []
     original = _ops.walk
@@ -335,20 +337,47 @@ def _steps(make, params, n, monkeypatch, walk):
     return opt, penalties, taken
 
 
+@pytest.mark.parametrize("backend", WALKED_BACKENDS)
 @pytest.mark.parametrize("make", OPTIMIZERS, ids=str)
 @pytest.mark.parametrize("dtypes, copies", [((torch.float32,), 1), ((torch.bfloat16, torch.float64), 1),
                                             ((torch.float32, torch.float64), 9)], ids=str)
-def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, copies, monkeypatch):
+def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, copies, backend, monkeypatch):
+    """From the second step on, a step walks from the group's plan: the whole step in C++ ("cpp"), or the walk's
+    groups launched from Python ("triton"); the same bits, states and penalties as the Python path's steps."""
+    if backend == "triton" and copies > 1:
+        pytest.skip("the long list tests the walk, which is the same for every backend; interpreted Triton is slow")
     walked, python = _model(dtypes, copies), _model(dtypes, copies)
-    opt, pens, taken = _steps(OPTIMIZERS[make], walked, 4, monkeypatch, walk=True)
-    assert len(taken) == 3 and all(t is not None for t in taken), "every step after the first walks from the plan"
-    ref, ref_pens, _ = _steps(OPTIMIZERS[make], python, 4, monkeypatch, walk=False)
+    with use_backend(backend):
+        opt, pens, taken = _steps(OPTIMIZERS[make], walked, 4, monkeypatch, walk=True)
+        assert len(taken) == 3 and all(t is not None for t in taken), "every step after the first walks from the plan"
+        ref, ref_pens, _ = _steps(OPTIMIZERS[make], python, 4, monkeypatch, walk=False)
     for p, q in zip(walked, python):
-        assert torch.equal(p, q)
+        assert torch.equal(p, q) and p._version == q._version
         for key, value in ref.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
     for a, b in zip(pens, ref_pens):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_host_step_counts_are_counted_as_foreach_add_counts_them_with_the_references_bias_corrections():
+    """_C.count_steps (AdamW's CPU step counts, on a backend that launches from Python): each count incremented
+    and bumped as torch._foreach_add_(steps, 1) does (float32: 2**24 + 1 rounds back to 2**24), and the bias
+    corrections of the new counts as the Python formula computes them, in float64."""
+    values = [0.0, 1.0, 2.0**24 - 1, 2.0**24, 999_999.0, 2.0, 2.0]
+    steps = [torch.tensor(v, dtype=torch.float32) for v in values] + [torch.tensor(6.0, dtype=torch.float64)]
+    expected_steps = [s.clone() for s in steps]
+    torch._foreach_add_(expected_steps, 1)
+    versions = [s._version for s in steps]
+    lr, beta1, beta2 = 0.003, 0.9, 0.999
+    table = _ext._C.count_steps(steps, lr, beta1, beta2)
+    assert all(torch.equal(s, e) and s.dtype == e.dtype for s, e in zip(steps, expected_steps))
+    assert [s._version for s in steps] == [v + 1 for v in versions]
+    counts = [s.item() for s in expected_steps]
+    expected = torch.tensor([(lr / (1 - beta1**t)) * -1 for t in counts] + [(1 - beta2**t) ** 0.5 for t in counts],
+                            dtype=torch.float64)
+    assert table.dtype == torch.float64 and torch.equal(table, expected)
+    for other in ([torch.zeros(2)], [3.0], (s for s in steps), [torch.zeros((), dtype=torch.int64)]):
+        assert _ext._C.count_steps(other, lr, beta1, beta2) is None
 
 
 def test_a_plan_is_dropped_when_the_group_or_the_state_changes(monkeypatch):

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .. import _ext, _ops
+from .. import _dispatch, _ext, _ops
 from .._common import acc_dtype, by_device_dtype, capturing, fast_grouping, refuse_host_lr
 from .._validate import matching, regularization, strided
 
@@ -224,14 +224,14 @@ class FusedProximalOptimizer(Optimizer):
         next steps' walks. A plan lives until :meth:`add_param_group` or :meth:`load_state_dict`, or until
         ``state`` changes size; state tensors assigned by hand into ``state`` need :meth:`load_state_dict`.
 
-        When ``flat`` (the group's hyperparameters allow it) and every param is a plain contiguous CPU tensor, the
-        states of each dtype are moved into one flat buffer per state, ``state[p][key]`` becoming views of it
-        with the same values: the walk then reads the buffers, not each state tensor."""
+        When ``flat`` (the group's hyperparameters allow it), the extension serves the CPU and every param is a plain
+        contiguous CPU tensor, the states of each dtype are moved into one flat buffer per state, ``state[p][key]``
+        becoming views of it with the same values: the walk then reads the buffers, not each state tensor."""
         if len(updated) != len(group["params"]):
             self._plans.pop(id(group), None)
             return
         states = [self.state[p] for p in updated]
-        buffers = _flat_states(updated, states, keys) if flat else None
+        buffers = _flat_states(updated, states, keys) if flat and _dispatch.cpu_cuda_names()[0] == "cpp" else None
         if buffers is not None:
             numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
             args = (tuple(updated), numels, *buffers)
