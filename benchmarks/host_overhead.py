@@ -13,7 +13,8 @@ host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
   kernel launch replaced by a no-op (runs on the CPU with ``TRITON_INTERPRET=1``): regfast's
   host path without Triton's own launch cost, which a GPU adds once per launch;
 - optimizer steps (momentum SGD, AdamW; l1 = 1e-4): torch's own (``foreach``, ``fused``) beside
-  ``ProxSGD``, ``ProxAdamW`` (both prox modes) and ``Proximal`` around torch's SGD;
+  ``ProxSGD``, ``ProxAdamW`` (both prox modes; and on the Triton backend, launches stubbed) and ``Proximal``
+  around torch's SGD;
 - ``torch._foreach_add_(grads, params)``: the cheapest multi-tensor op torch has, as a yardstick.
 
 ``--scattered`` lists every call's tensors in a shuffled order: their Python objects, TensorImpls and
@@ -103,22 +104,25 @@ def _regfast_cases(params: list[torch.Tensor]) -> dict[str, object]:
     }
 
 
-def _optimizer_cases() -> dict[str, list[tuple[str, object]]]:
-    """Per optimizer op, (provider, maker of an optimizer over a param list)."""
+def _optimizer_cases() -> dict[str, list[tuple[str, object, str | None]]]:
+    """Per optimizer op, (provider, maker of an optimizer over a param list, the regfast backend it is forced to)."""
     from regfast.optim import ProxAdamW, Proximal, ProxSGD
 
     sgd = dict(lr=0.01, momentum=0.9)
     return {
         "SGD step": [
-            ("torch SGD(foreach)", lambda ps: torch.optim.SGD(ps, **sgd, foreach=True)),
-            ("regfast ProxSGD", lambda ps: ProxSGD(ps, **sgd, l1=1e-4)),
-            ("regfast Proximal(SGD(foreach))", lambda ps: Proximal(torch.optim.SGD(ps, **sgd, foreach=True), l1=1e-4)),
+            ("torch SGD(foreach)", lambda ps: torch.optim.SGD(ps, **sgd, foreach=True), None),
+            ("regfast ProxSGD", lambda ps: ProxSGD(ps, **sgd, l1=1e-4), None),
+            ("regfast ProxSGD[triton], launch stubbed", lambda ps: ProxSGD(ps, **sgd, l1=1e-4), "triton"),
+            ("regfast Proximal(SGD(foreach))", lambda ps: Proximal(torch.optim.SGD(ps, **sgd, foreach=True), l1=1e-4),
+             None),
         ],
         "AdamW step": [
-            ("torch AdamW(fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-            ("torch AdamW(foreach)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-            ("regfast ProxAdamW", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4)),
-            ("regfast ProxAdamW(prox=lr)", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4, prox="lr")),
+            ("torch AdamW(fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None),
+            ("torch AdamW(foreach)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None),
+            ("regfast ProxAdamW", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4), None),
+            ("regfast ProxAdamW(prox=lr)", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4, prox="lr"), None),
+            ("regfast ProxAdamW[triton], launch stubbed", lambda ps: ProxAdamW(ps, lr=1e-3, l1=1e-4), "triton"),
         ],
     }
 
@@ -166,11 +170,20 @@ def run(n_tensors: int, repeats: int, scattered: bool = False) -> list[dict]:
                     setattr(module, attr, value)
             rows.append(_row(op, n_tensors, name, seconds, base))
             base = base or rows[-1]["median_us"] / 1e6
+    triton = _dispatch.unavailable_reason("triton", "cpu") is None
     for op, cases in _optimizer_cases().items():
         base = None
-        for name, make in cases:
-            opt = make(_params(n_tensors, scattered))
-            seconds = _timings(opt.step, repeats, warmup=3)
+        for name, make, backend in cases:
+            if backend == "triton" and not triton:
+                continue
+            saved = _stub_triton_launches() if backend == "triton" else []
+            try:
+                with _dispatch.forced_backend(backend or "auto"):
+                    opt = make(_params(n_tensors, scattered))
+                    seconds = _timings(opt.step, repeats, warmup=3)
+            finally:
+                for module, attr, value in saved:
+                    setattr(module, attr, value)
             rows.append(_row(op, n_tensors, name, seconds, base))
             base = base or rows[-1]["median_us"] / 1e6
     grads = [p.grad for p in params]
@@ -188,7 +201,7 @@ def _ratios(all_rows: list[dict]) -> list[str]:
     for (op, provider), sizes in by_key.items():
         if len(sizes) > 1:
             lo, hi = min(sizes), max(sizes)
-            lines.append(f"{op:<18} {provider:<34} {hi}/{lo} tensors: {sizes[hi] / sizes[lo]:6.1f}x")
+            lines.append(f"{op:<18} {provider:<42} {hi}/{lo} tensors: {sizes[hi] / sizes[lo]:6.1f}x")
     return lines
 
 
@@ -210,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(json.dumps(row))
             continue
-        print(f"\n{n} tensors        {'provider':<34} {'median us (p20-p80)':>26} {'speed-up':>9}")
+        print(f"\n{n} tensors        {'provider':<42} {'median us (p20-p80)':>26} {'speed-up':>9}")
         for r in rows:
             spread = f"{r['median_us']:.0f} ({r['p20_us']:.0f}-{r['p80_us']:.0f})"
-            print(f"{r['op']:<18} {r['provider']:<34} {spread:>26} {r['speedup']:>8.2f}x")
+            print(f"{r['op']:<18} {r['provider']:<42} {spread:>26} {r['speedup']:>8.2f}x")
     if not args.json and len(args.tensors) > 1:
         print("\ncost ratio, largest over smallest size")
         print("\n".join(_ratios(all_rows)))
