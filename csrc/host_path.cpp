@@ -89,14 +89,6 @@ bool floating(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-bool plain_type(PyObject* obj, PyObject* types) {
-  const Py_ssize_t n = PyTuple_GET_SIZE(types);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types, i)) return true;
-  }
-  return false;
-}
-
 // Two shapes are equal (inline: the shapes of a model's small tensors are a few dims).
 bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
   if (a.size() != b.size()) return false;
@@ -239,7 +231,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
   }
   const size_t nstates = states.tuples.size();
-  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types);
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, &states.tuples);
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);

@@ -24,9 +24,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace regfast {
 namespace host {
+
+// `obj`'s type is one of the tuple `types` (exactly: a subclass is not one of them).
+inline bool plain_type(PyObject* obj, PyObject* types) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(types);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types, i)) return true;
+  }
+  return false;
+}
 
 // The lines of an object of `bytes` bytes at `p`.
 inline void prefetch_object(const void* p, size_t bytes) {
@@ -44,8 +54,10 @@ inline void prefetch_version_counter(const at::Tensor& t) {
 
 class Lookahead {
  public:
-  // `items`: the n objects of the list; `types`: the tuple of tensor types the walk takes.
-  Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types) : items_(items), n_(n), types_(types) {
+  // `items`: the n objects of the list; `types`: the tuple of tensor types the walk takes; `states`: tuples of n
+  // state tensors whose objects the walk reads with each tensor (an optimizer step's plan), or null.
+  Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types, const std::vector<PyObject*>* states = nullptr)
+      : items_(items), n_(n), types_(types), states_(states) {
     for (ptrdiff_t k = -kStages * kDistance; k < 0; ++k) at(k);
   }
 
@@ -57,7 +69,7 @@ class Lookahead {
       PyObject* obj = items_[j];
       Links& l = ring_[j & kMask];
       l = {};
-      if (plain(obj)) {
+      if (plain_type(obj, types_)) {
         l.impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
         prefetch_object(l.impl, sizeof(c10::TensorImpl));
       }
@@ -68,6 +80,19 @@ class Lookahead {
         prefetch_object(l.impl->unsafe_storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
         l.meta = static_cast<const torch::autograd::AutogradMeta*>(l.impl->autograd_meta());
         if (l.meta != nullptr) __builtin_prefetch(&l.meta->grad_);
+      }
+    }
+    if (states_ != nullptr) {
+      if (const ptrdiff_t j = k + 2 * kDistance; 0 <= j && j < n_) {
+        for (PyObject* tuple : *states_) __builtin_prefetch(PyTuple_GET_ITEM(tuple, j));
+      }
+      if (const ptrdiff_t j = k + kDistance; 0 <= j && j < n_) {
+        for (PyObject* tuple : *states_) {
+          PyObject* obj = PyTuple_GET_ITEM(tuple, j);
+          if (plain_type(obj, types_)) {
+            prefetch_object(THPVariable_Unpack(obj).unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+          }
+        }
       }
     }
     if (const ptrdiff_t j = k + kDistance; 0 <= j && j < n_) {
@@ -94,17 +119,10 @@ class Lookahead {
   static constexpr ptrdiff_t kMask = kRing - 1;
   static_assert(kRing > 3 * kDistance && (kRing & kMask) == 0, "ring too small");
 
-  bool plain(PyObject* obj) const {
-    const Py_ssize_t n = PyTuple_GET_SIZE(types_);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types_, i)) return true;
-    }
-    return false;
-  }
-
   PyObject* const* items_;
   ptrdiff_t n_;
   PyObject* types_;
+  const std::vector<PyObject*>* states_;
   Links ring_[kRing];
 };
 
