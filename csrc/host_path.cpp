@@ -626,32 +626,6 @@ PyObject* groups(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* count_steps(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject* list = nullptr;
-  double lr = 0, beta1 = 0, beta2 = 0;
-  if (!PyArg_ParseTuple(args, "Oddd", &list, &lr, &beta1, &beta2)) return nullptr;
-  if (!PyList_Check(list) && !PyTuple_Check(list)) Py_RETURN_NONE;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
-  PyObject** items = PySequence_Fast_ITEMS(list);
-  std::vector<at::Tensor> steps;
-  steps.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t k = 0; k < n; ++k) {
-    PyObject* obj = items[k];
-    if (!THPVariable_Check(obj)) Py_RETURN_NONE;
-    const at::Tensor& s = THPVariable_Unpack(obj);
-    if (!s.is_cpu() || s.numel() != 1 || !s.is_floating_point()) Py_RETURN_NONE;
-    steps.push_back(s);
-  }
-  const BiasCorrections bias = bias_corrections(steps, std::nullopt, lr, beta1, beta2, at::kCPU);
-  at::Tensor out = at::empty({2 * n}, at::TensorOptions().dtype(at::kDouble));
-  double* values = out.data_ptr<double>();
-  std::copy(bias.step_size.begin(), bias.step_size.end(), values);
-  std::copy(bias.bc2_sqrt.begin(), bias.bc2_sqrt.end(), values + n);
-  return THPVariable_Wrap(out);
-  END_HANDLE_TH_ERRORS
-}
-
 PyObject* plan_groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *state_tuples = nullptr;

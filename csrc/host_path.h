@@ -26,10 +26,6 @@ PyObject* groups(PyObject* self, PyObject* args);
 // The walk of an optimizer step from its plan alone, for the same backends: a list of (params, grads, a tuple of
 // one list per state, empty for a state the step does not keep) per (device, dtype) group, or None.
 PyObject* plan_groups(PyObject* self, PyObject* args);
-// AdamW's step counts held on the host (one-element CPU tensors), each incremented in place as
-// _foreach_add_(steps, 1) would, and the bias corrections of the new counts: a float64 tensor of
-// [−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ, computed as the reference computes them; None for any other list.
-PyObject* count_steps(PyObject* self, PyObject* args);
 
 }  // namespace host
 }  // namespace regfast

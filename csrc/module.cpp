@@ -68,9 +68,6 @@ static PyMethodDef regfast_methods[] = {
      "plan_groups_walk(params, types, cpu, cuda, planned, states, counts) -> [(params, grads, (state lists))] per "
      "(device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; counts: the "
      "index of the step counts among them, -1 if none), or None"},
-    {"count_steps", regfast::host::count_steps, METH_VARARGS,
-     "count_steps(steps, lr, beta1, beta2) -> the AdamW bias corrections of the incremented host step counts "
-     "(float64: step sizes, then sqrt(1 - beta2^t)), or None"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

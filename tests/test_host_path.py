@@ -359,27 +359,6 @@ def test_optimizer_steps_walk_from_their_plan_bit_for_bit(make, dtypes, copies, 
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_host_step_counts_are_counted_as_foreach_add_counts_them_with_the_references_bias_corrections():
-    """_C.count_steps (AdamW's CPU step counts, on a backend that launches from Python): each count incremented
-    and bumped as torch._foreach_add_(steps, 1) does (float32: 2**24 + 1 rounds back to 2**24), and the bias
-    corrections of the new counts as the Python formula computes them, in float64."""
-    values = [0.0, 1.0, 2.0**24 - 1, 2.0**24, 999_999.0, 2.0, 2.0]
-    steps = [torch.tensor(v, dtype=torch.float32) for v in values] + [torch.tensor(6.0, dtype=torch.float64)]
-    expected_steps = [s.clone() for s in steps]
-    torch._foreach_add_(expected_steps, 1)
-    versions = [s._version for s in steps]
-    lr, beta1, beta2 = 0.003, 0.9, 0.999
-    table = _ext._C.count_steps(steps, lr, beta1, beta2)
-    assert all(torch.equal(s, e) and s.dtype == e.dtype for s, e in zip(steps, expected_steps))
-    assert [s._version for s in steps] == [v + 1 for v in versions]
-    counts = [s.item() for s in expected_steps]
-    expected = torch.tensor([(lr / (1 - beta1**t)) * -1 for t in counts] + [(1 - beta2**t) ** 0.5 for t in counts],
-                            dtype=torch.float64)
-    assert table.dtype == torch.float64 and torch.equal(table, expected)
-    for other in ([torch.zeros(2)], [3.0], (s for s in steps), [torch.zeros((), dtype=torch.int64)]):
-        assert _ext._C.count_steps(other, lr, beta1, beta2) is None
-
-
 def test_a_plan_is_dropped_when_the_group_or_the_state_changes(monkeypatch):
     params = _model()
     opt = regfast.optim.ProxAdamW(params[:3], lr=0.01, l1=0.01)

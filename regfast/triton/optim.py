@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _ext, reference
+from .. import reference
 from .._common import Lr, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
@@ -274,19 +274,14 @@ def _float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float, acc: torch.dtype,
-                      device: torch.device) -> Tensor:
-    """Increments the CPU step counts, then ``[−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ`` of the new counts in ``acc`` on
-    ``device``, computed in float64 exactly as the reference computes them (once per distinct count); in one call
-    of the extension where it is built."""
-    table = None if _ext._C is None else _ext._C.count_steps(steps, lr, beta1, beta2)
-    if table is None:
-        torch._foreach_add_(steps, 1)
-        counts = [s.item() for s in steps]
-        corrections = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
-        table = torch.tensor([corrections[t][0] for t in counts] + [corrections[t][1] for t in counts],
-                             dtype=torch.float64)
-    return _to_device(table.to(acc), device)
+def _host_bias_table(steps: list[Tensor], lr: float, beta1: float, beta2: float, acc: torch.dtype,
+                     device: torch.device) -> Tensor:
+    """``[−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ`` in ``acc`` on ``device``, from CPU step counts, computed in
+    float64 exactly as the reference computes them (once per distinct count)."""
+    counts = [s.item() for s in steps]
+    corrections = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
+    values = [corrections[t][0] for t in counts] + [corrections[t][1] for t in counts]
+    return _to_device(torch.tensor(values, dtype=acc), device)
 
 
 def _step_then_group_shrink(params: list[Tensor], grads: list[Tensor], fused, lr: Lr, l1: float, l2: float,
@@ -393,8 +388,7 @@ def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         raise RuntimeError("regfast: this AdamW step reads its step counts on the host, so a CUDA graph would replay "
                            "the bias corrections of the captured step: keep the step counts as float32 tensors on "
                            "the params' device (capturable=True) to capture it")
-    if device_bias:
-        torch._foreach_add_(steps, 1)
+    torch._foreach_add_(steps, 1)
     work_params = contiguous(params)
     # Kept alive until the launch: the kernel reads the copies through their addresses.
     work_grads = contiguous(grads)
@@ -410,7 +404,7 @@ def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
     if not device_bias:
-        bias_table, step_counts = _count_host_steps(steps, float(lr), beta1, beta2, acc, device), unused
+        bias_table, step_counts = _host_bias_table(steps, float(lr), beta1, beta2, acc, device), unused
     elif step_pointers:
         bias_table, step_counts = unused, pointer_table(steps)[0]
     else:
