@@ -137,6 +137,27 @@ def _flat_states(params: list[Tensor], states: list[dict[str, Any]],
     return out
 
 
+def _flat_counts(params: list[Tensor], states: list[dict[str, Any]]) -> None:
+    """Where every step count is a one-element float32 CPU tensor (AdamW's counts, kept on the host for params on
+    any device), make the counts of each (device, dtype) group of params views of one buffer, in order: a backend
+    that launches from Python then counts a group's steps with one add (see regfast.triton.optim)."""
+    if torch.compiler.is_compiling() or len({id(p) for p in params}) != len(params):
+        return
+    steps = [state.get("step") for state in states]
+    if not all(isinstance(t, Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1
+               for t in steps):
+        return
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    for idx in buckets.values():
+        tensors = [steps[i] for i in idx]
+        if _flat_of(tensors, torch.float32) is None:
+            flat = torch.cat([t.reshape(1) for t in tensors])
+            for k, i in enumerate(idx):
+                states[i]["step"] = flat[k].view(steps[i].shape)
+
+
 def profile_hook_step(func):
     """The wrapper torch puts around each optimizer class's ``step`` (``Optimizer.profile_hook_step``, which the
     optimizers of regfast take from here): the global and the optimizer's step pre hooks, the step, the profiler's
@@ -237,6 +258,8 @@ class FusedProximalOptimizer(Optimizer):
             args = (tuple(updated), numels, *buffers)
             self._plans[id(group)] = (self.state, len(self.state), name.replace("_step", "_flat"), args)
             return
+        if "step" in keys:
+            _flat_counts(updated, states)
         args = (tuple(updated), *(tuple(s[key] for s in states) if key else () for key in keys))
         self._plans[id(group)] = (self.state, len(self.state), name, args)
 

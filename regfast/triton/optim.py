@@ -274,11 +274,30 @@ def _float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def _host_bias_table(steps: list[Tensor], lr: float, beta1: float, beta2: float, acc: torch.dtype,
-                     device: torch.device) -> Tensor:
-    """``[−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ`` in ``acc`` on ``device``, from CPU step counts, computed in
-    float64 exactly as the reference computes them (once per distinct count)."""
-    counts = [s.item() for s in steps]
+def _consecutive(steps: list[Tensor]) -> Tensor | None:
+    """The one-dim float32 CPU tensor whose consecutive elements the 0-dim or one-element ``steps`` are, or None."""
+    base = steps[0]._base
+    if base is None or base.device.type != "cpu" or base.dtype != torch.float32 or base.dim() != 1:
+        return None
+    start = steps[0].storage_offset()
+    for i, s in enumerate(steps):
+        if s._base is not base or s.storage_offset() != start + i or s.numel() != 1:
+            return None
+    return base[start:start + len(steps)] if start + len(steps) <= base.numel() else None
+
+
+def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float, acc: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """Increments the CPU step counts (with one add where they are consecutive elements of one tensor, as
+    optimizers' plans keep them), then ``[−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ`` of the new counts in ``acc`` on
+    ``device``, computed in float64 exactly as the reference computes them (once per distinct count)."""
+    flat = _consecutive(steps)
+    if flat is not None:
+        flat.add_(1)
+        counts = flat.tolist()
+    else:
+        torch._foreach_add_(steps, 1)
+        counts = [s.item() for s in steps]
     corrections = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
     values = [corrections[t][0] for t in counts] + [corrections[t][1] for t in counts]
     return _to_device(torch.tensor(values, dtype=acc), device)
@@ -388,7 +407,8 @@ def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         raise RuntimeError("regfast: this AdamW step reads its step counts on the host, so a CUDA graph would replay "
                            "the bias corrections of the captured step: keep the step counts as float32 tensors on "
                            "the params' device (capturable=True) to capture it")
-    torch._foreach_add_(steps, 1)
+    if device_bias:
+        torch._foreach_add_(steps, 1)
     work_params = contiguous(params)
     # Kept alive until the launch: the kernel reads the copies through their addresses.
     work_grads = contiguous(grads)
@@ -404,7 +424,7 @@ def _adamw_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     # Pointer arguments a launch does not read (their constexpr flag is off) get any tensor.
     unused = table
     if not device_bias:
-        bias_table, step_counts = _host_bias_table(steps, float(lr), beta1, beta2, acc, device), unused
+        bias_table, step_counts = _count_host_steps(steps, float(lr), beta1, beta2, acc, device), unused
     elif step_pointers:
         bias_table, step_counts = unused, pointer_table(steps)[0]
     else:
