@@ -154,10 +154,11 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
   if (n == 0) return false;
   PyObject** items = PySequence_Fast_ITEMS(list);
   Seen seen(static_cast<size_t>(n));
-  Lookahead ahead(items, n, allowed.types);
+  std::optional<Lookahead> ahead;  // a walk without grads runs without (lookahead.h)
+  if (needs.grads) ahead.emplace(items, n, allowed.types);
   count = 0;
   for (Py_ssize_t k = 0; k < n; ++k) {
-    if (needs.grads) ahead.at(k);
+    if (ahead) ahead->at(k);
     PyObject* obj = items[k];
     if (!THPVariable_Check(obj) || !plain_type(obj, allowed.types)) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);

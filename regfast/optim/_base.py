@@ -121,20 +121,23 @@ def _flat_states(params: list[Tensor], states: list[dict[str, Any]],
         if key is None:
             out.append(())
             continue
-        flats = []
-        for dtype, idx in buckets.items():
-            tensors = [states[i][key] for i in idx]
-            want = torch.float32 if key == "step" else acc_dtype(dtype)
-            flat = _flat_of(tensors, want)
-            if flat is None:
-                flat = torch.cat([t.reshape(-1) for t in tensors])
-                offset = 0
-                for i, t in zip(idx, tensors):
-                    states[i][key] = flat[offset:offset + t.numel()].view(t.shape)
-                    offset += t.numel()
-            flats.append(flat)
-        out.append(tuple(flats))
+        out.append(tuple(_flatten(states, idx, key, torch.float32 if key == "step" else acc_dtype(dtype))
+                         for dtype, idx in buckets.items()))
     return out
+
+
+def _flatten(states: list[dict[str, Any]], idx: list[int], key: str, dtype: torch.dtype) -> Tensor:
+    """The flat buffer (of ``dtype``) whose consecutive views ``states[i][key]`` for i in ``idx`` are, made (the
+    states becoming views of it, with the same values) unless they already are."""
+    tensors = [states[i][key] for i in idx]
+    flat = _flat_of(tensors, dtype)
+    if flat is None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        offset = 0
+        for i, t in zip(idx, tensors):
+            states[i][key] = flat[offset:offset + t.numel()].view(t.shape)
+            offset += t.numel()
+    return flat
 
 
 def _flat_counts(params: list[Tensor], states: list[dict[str, Any]]) -> None:
@@ -151,11 +154,7 @@ def _flat_counts(params: list[Tensor], states: list[dict[str, Any]]) -> None:
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for idx in buckets.values():
-        tensors = [steps[i] for i in idx]
-        if _flat_of(tensors, torch.float32) is None:
-            flat = torch.cat([t.reshape(1) for t in tensors])
-            for k, i in enumerate(idx):
-                states[i]["step"] = flat[k].view(steps[i].shape)
+        _flatten(states, idx, "step", torch.float32)
 
 
 def profile_hook_step(func):

@@ -277,13 +277,15 @@ def _float32(value: float) -> float:
 def _consecutive(steps: list[Tensor]) -> Tensor | None:
     """The one-dim float32 CPU tensor whose consecutive elements the 0-dim or one-element ``steps`` are, or None."""
     base = steps[0]._base
-    if base is None or base.device.type != "cpu" or base.dtype != torch.float32 or base.dim() != 1:
+    if base is None or base.device.type != "cpu" or base.dtype != torch.float32 or base.dim() != 1 or \
+            base.stride(0) != 1:
         return None
-    start = steps[0].storage_offset()
+    first = steps[0].storage_offset()
     for i, s in enumerate(steps):
-        if s._base is not base or s.storage_offset() != start + i or s.numel() != 1:
+        if s._base is not base or s.storage_offset() != first + i or s.numel() != 1:
             return None
-    return base[start:start + len(steps)] if start + len(steps) <= base.numel() else None
+    start = first - base.storage_offset()  # an index into base
+    return base[start:start + len(steps)] if 0 <= start and start + len(steps) <= base.numel() else None
 
 
 def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float, acc: torch.dtype,
