@@ -41,6 +41,19 @@ namespace regfast {
 namespace host {
 namespace {
 
+// What a launcher in Python (Triton) reads of each tensor of a list (wrap_walked): its data pointer (the
+// writable one, which un-shares a copy-on-write storage, for a list the call writes) and whether it is contiguous.
+struct Listed {
+  std::vector<int64_t> addresses;
+  bool dense = true;
+
+  void add(const at::Tensor& t, bool written) {
+    const void* data = written ? t.data_ptr() : t.const_data_ptr();
+    addresses.push_back(static_cast<int64_t>(reinterpret_cast<intptr_t>(data)));
+    dense = dense && t.is_contiguous();
+  }
+};
+
 // One (device, dtype) group of a call: its tensors, their grads, their positions among the distinct tensors.
 struct Group {
   at::Device device;
@@ -62,6 +75,10 @@ struct Group {
   std::vector<void*> flat_data;
   std::vector<int64_t> offsets, indices;
   int64_t total = 0, size = 0;  // Σ numel, and number, of the group's params, with a grad or not
+  // A walk for a launcher in Python (`listed`): per list (params, grads if read, then each state) what wrap_walked
+  // hands it, read while the walk checks each tensor; and each param's numel.
+  std::vector<Listed> listed;
+  std::vector<int64_t> sizes;
 
   // The data of state j of the i-th param of the table.
   void* state_data(size_t i, size_t j, size_t counts) const {
@@ -148,14 +165,14 @@ class Seen {
 // one it takes; `first` is then meaningless.
 __attribute__((flatten))
 bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group>& groups, int64_t& count,
-          at::Tensor& first) {
+          at::Tensor& first, bool listed = false) {
   if (!PyList_Check(list) && !PyTuple_Check(list)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
   if (n == 0) return false;
   PyObject** items = PySequence_Fast_ITEMS(list);
   Seen seen(static_cast<size_t>(n));
   std::optional<Lookahead> ahead;  // a walk without grads runs without (lookahead.h)
-  if (needs.grads) ahead.emplace(items, n, allowed.types);
+  if (needs.grads) ahead.emplace(items, n, allowed.types, nullptr, listed);
   count = 0;
   for (Py_ssize_t k = 0; k < n; ++k) {
     if (ahead) ahead->at(k);
@@ -180,18 +197,29 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       groups.push_back(Group{device, t.scalar_type(), {}, {}, {}, {}});
       groups.back().params.reserve(static_cast<size_t>(n));
       if (needs.grads) groups.back().grads.reserve(static_cast<size_t>(n));
+      if (listed) {
+        groups.back().listed.resize(needs.grads ? 2 : 1);
+        for (auto& l : groups.back().listed) l.addresses.reserve(static_cast<size_t>(n));
+        groups.back().sizes.reserve(static_cast<size_t>(n));
+      }
       group = &groups.back();
     }
     group->params.borrow(t);
-    group->elements += t.numel();
+    const int64_t numel = t.numel();
+    group->elements += numel;
     if (needs.grads) group->grads.borrow(grad_of(t));
+    if (listed) {
+      group->listed[0].add(t, needs.write_params);
+      group->sizes.push_back(numel);
+      if (needs.grads) group->listed[1].add(grad_of(t), true);
+    }
     group->index.push_back(count++);
   }
   return true;
 }
 
 Group& group_of(std::vector<Group>& groups, const at::Device& device, at::ScalarType dtype, size_t nstates,
-                size_t n) {
+                size_t n, bool listed) {
   for (auto& candidate : groups) {
     if (candidate.device == device && candidate.dtype == dtype) return candidate;
   }
@@ -201,7 +229,11 @@ Group& group_of(std::vector<Group>& groups, const at::Device& device, at::Scalar
   group.grads.reserve(n);
   group.states.resize(nstates);
   for (auto& s : group.states) s.reserve(n);
-  if (device.is_cpu()) {
+  if (listed) {
+    group.listed.resize(2 + nstates);
+    for (auto& l : group.listed) l.addresses.reserve(n);
+    group.sizes.reserve(n);
+  } else if (device.is_cpu()) {
     group.direct = true;
     group.stride = 2 + nstates;
     group.data.reserve(group.stride * n);
@@ -224,7 +256,7 @@ struct PlanStates {
 // groups whose tensors can all be used in place get their data tables in the same pass.
 __attribute__((flatten))
 bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, const Allowed& allowed,
-               std::vector<Group>& groups) {
+               std::vector<Group>& groups, bool listed = false) {
   if (!PyList_Check(list) || !PyTuple_Check(planned)) return false;
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
@@ -232,7 +264,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
   }
   const size_t nstates = states.tuples.size();
-  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, &states.tuples);
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, &states.tuples, listed);
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
@@ -250,10 +282,15 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
         !same_sizes(g.sizes(), sizes)) {
       return false;
     }
-    Group& group = group_of(groups, device, dtype, nstates, static_cast<size_t>(n));
+    Group& group = group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed);
     group.params.borrow(t);
     group.elements += t.numel();
     group.grads.borrow(g);
+    if (listed) {
+      group.listed[0].add(t, true);
+      group.listed[1].add(g, false);
+      group.sizes.push_back(t.numel());
+    }
     if (group.direct) {
       group.direct = writable(t) && g.is_contiguous();
       if (group.direct) {
@@ -281,6 +318,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
         group.direct = writable(s);
       }
       if (group.direct) group.data.push_back(s.data_ptr());
+      if (listed) group.listed[2 + j].add(s, true);
       group.states[j].borrow(s);
     }
   }
@@ -319,7 +357,7 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
         t.numel() != expected[k]) {
       return false;
     }
-    Group* group = &group_of(groups, at::kCPU, dtype, nstates, static_cast<size_t>(n));
+    Group* group = &group_of(groups, at::kCPU, dtype, nstates, static_cast<size_t>(n), false);
     if (!group->flat) {  // new: param and grad per param in its table, the states in flat_data
       group->flat = true;
       group->stride = 2;
@@ -396,6 +434,69 @@ PyObject* wrap_list(at::TensorList ts) {
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < ts.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(ts[i]));
   return out;
+}
+
+// Sets attribute `name` of `obj` to `value`, stealing the reference; false (an exception set) on failure.
+bool set_attr(PyObject* obj, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyObject_SetAttrString(obj, name, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+PyObject* int64_bytes(const std::vector<int64_t>& values) {
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(values.data()),
+                                   static_cast<Py_ssize_t>(values.size() * sizeof(int64_t)));
+}
+
+// A list for a launcher that builds its device tables in Python (Triton): with a list subclass `type`
+// (regfast._common.Walked), one of them holding the tensors `ts`, with what the walk read of them (`listed`,
+// `sizes`: its params' numels, or null) as the attributes `addresses` and `sizes` (native int64 bytes), `dense`
+// and `flat` (a view over step counts, or null: see consecutive_counts); else a plain list. `source`, when not
+// null, is a list or tuple of the objects of `ts` in order (the caller's own, whole): they are taken from it rather
+// than found again from each tensor.
+PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Listed>& listed, size_t which,
+                      const std::vector<int64_t>* sizes, PyObject* flat = nullptr, PyObject* source = nullptr) {
+  if (type == Py_None || which >= listed.size()) return wrap_list(ts);
+  PyObject* out = nullptr;
+  if (source != nullptr) {
+    out = PyObject_CallOneArg(type, source);
+  } else {
+    PyObject* plain = wrap_list(ts);
+    if (plain == nullptr) return nullptr;
+    out = PyObject_CallOneArg(type, plain);
+    Py_DECREF(plain);
+  }
+  if (out == nullptr) return nullptr;
+  const Listed& l = listed[which];
+  if (!set_attr(out, "addresses", int64_bytes(l.addresses)) ||
+      !set_attr(out, "sizes", sizes != nullptr ? int64_bytes(*sizes) : Py_NewRef(Py_None)) ||
+      !set_attr(out, "dense", PyBool_FromLong(l.dense)) ||
+      !set_attr(out, "flat", flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None))) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+// Step counts that are consecutive elements of one float32 CPU storage (as an optimizer's plan keeps them): a view
+// over all of them, which counts them with one add; else an undefined tensor.
+at::Tensor consecutive_counts(at::TensorList counts) {
+  if (counts.empty()) return {};
+  const at::Tensor& first = counts[0];
+  if (!first.has_storage()) return {};
+  const c10::StorageImpl* storage = first.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+  const int64_t offset = first.storage_offset();
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const at::Tensor& s = counts[i];
+    if (!s.device().is_cpu() || s.scalar_type() != at::kFloat || s.layout() != at::kStrided || s.numel() != 1 ||
+        s.is_inference() || !s.has_storage() ||
+        s.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() != storage ||
+        s.storage_offset() != offset + static_cast<int64_t>(i)) {
+      return {};
+    }
+  }
+  return first.as_strided({static_cast<int64_t>(counts.size())}, {1});
 }
 
 // The kernels of a call run with the interpreter lock released only when their work dwarfs the cost of
@@ -565,6 +666,40 @@ PyObject* prox(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* bump_versions(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  // Each tensor's object, its TensorImpl's version-counter field and the counter itself are loaded 16, 8 and 4
+  // tensors ahead: a long list's objects lie anywhere on the heap.
+  constexpr Py_ssize_t kAhead = 4;
+  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(args); ++a) {
+    PyObject* list = PyTuple_GET_ITEM(args, a);
+    if (!PyList_Check(list) && !PyTuple_Check(list)) {
+      PyErr_SetString(PyExc_TypeError, "bump_versions takes lists or tuples of tensors");
+      return nullptr;
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
+    PyObject** items = PySequence_Fast_ITEMS(list);
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (!THPVariable_Check(items[k])) {
+        PyErr_SetString(PyExc_TypeError, "bump_versions takes lists or tuples of tensors");
+        return nullptr;
+      }
+    }
+    for (Py_ssize_t k = -4 * kAhead; k < n; ++k) {
+      if (k + 4 * kAhead < n) __builtin_prefetch(items[k + 4 * kAhead]);
+      if (const Py_ssize_t j = k + 2 * kAhead; 0 <= j && j < n) {
+        __builtin_prefetch(&THPVariable_Unpack(items[j]).unsafeGetTensorImpl()->version_counter());
+      }
+      if (const Py_ssize_t j = k + kAhead; 0 <= j && j < n) prefetch_version_counter(THPVariable_Unpack(items[j]));
+      if (k < 0) continue;
+      const at::Tensor& t = THPVariable_Unpack(items[k]);
+      if (!t.is_inference()) torch::autograd::impl::bump_version(t);  // an inference tensor has no counter
+    }
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 __attribute__((flatten))
 PyObject* grads_ready(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -589,9 +724,10 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
 
 PyObject* groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *types = nullptr;
+  PyObject *list = nullptr, *types = nullptr, *listed = Py_None;
   int cpu = 0, cuda = 0, grads = 0, write_params = 0;
-  if (!PyArg_ParseTuple(args, "OO!pppp", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params)) {
+  if (!PyArg_ParseTuple(args, "OO!pppp|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params,
+                        &listed)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -599,7 +735,9 @@ PyObject* groups(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first)) Py_RETURN_NONE;
+  if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first, listed != Py_None)) {
+    Py_RETURN_NONE;
+  }
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < groups.size(); ++i) {
@@ -614,7 +752,10 @@ PyObject* groups(PyObject*, PyObject* args) {
     } else {
       Py_INCREF(index);
     }
-    PyObject* item = Py_BuildValue("(NNN)", wrap_list(g.params), grads ? wrap_list(g.grads) : Py_NewRef(Py_None),
+    // One group of every tensor once: the caller's list is the group's params.
+    PyObject* whole = groups.size() == 1 && count == PySequence_Fast_GET_SIZE(list) ? list : nullptr;
+    PyObject* item = Py_BuildValue("(NNN)", wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole),
+                                   grads ? wrap_walked(g.grads, listed, g.listed, 1, nullptr) : Py_NewRef(Py_None),
                                    index);
     if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
@@ -629,11 +770,11 @@ PyObject* groups(PyObject*, PyObject* args) {
 
 PyObject* plan_groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *state_tuples = nullptr;
+  PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *state_tuples = nullptr, *listed = Py_None;
   int cpu = 0, cuda = 0;
   Py_ssize_t counts = -1;
-  if (!PyArg_ParseTuple(args, "OO!ppOO!n", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &PyTuple_Type,
-                        &state_tuples, &counts)) {
+  if (!PyArg_ParseTuple(args, "OO!ppOO!n|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &PyTuple_Type,
+                        &state_tuples, &counts, &listed)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -651,7 +792,7 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
     states.tuples.push_back(s);
   }
   std::vector<Group> groups;
-  if (!walk_plan(list, planned, states, allowed, groups)) Py_RETURN_NONE;
+  if (!walk_plan(list, planned, states, allowed, groups, listed != Py_None)) Py_RETURN_NONE;
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < groups.size(); ++i) {
@@ -660,11 +801,29 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
     if (lists == nullptr) break;
     for (Py_ssize_t j = 0; j < nstates; ++j) {
       const Py_ssize_t at = position[static_cast<size_t>(j)];
-      PyObject* l = at < 0 ? PyList_New(0) : wrap_list(g.states[static_cast<size_t>(at)]);
+      PyObject* l = nullptr;
+      if (at < 0) {
+        l = PyList_New(0);
+      } else {
+        const TensorRefs& state = g.states[static_cast<size_t>(at)];
+        // Step counts are the only state the step may keep off the params' device; the others are written.
+        PyObject* flat = nullptr;
+        if (j == counts && listed != Py_None) {
+          const at::Tensor view = consecutive_counts(state);
+          if (view.defined()) flat = THPVariable_Wrap(view);
+        }
+        l = wrap_walked(state, listed, g.listed, 2 + static_cast<size_t>(at), nullptr, flat,
+                        groups.size() == 1 ? PyTuple_GET_ITEM(state_tuples, j) : nullptr);
+        Py_XDECREF(flat);
+      }
       if (l == nullptr) break;
       PyTuple_SET_ITEM(lists, j, l);
     }
-    PyObject* item = PyErr_Occurred() ? nullptr : Py_BuildValue("(NNN)", wrap_list(g.params), wrap_list(g.grads), lists);
+    PyObject* item = PyErr_Occurred() ? nullptr
+                                      : Py_BuildValue("(NNN)",
+                                                      wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr,
+                                                                  groups.size() == 1 ? list : nullptr),
+                                                      wrap_walked(g.grads, listed, g.listed, 1, nullptr), lists);
     if (item == nullptr) {
       Py_XDECREF(lists);
       break;

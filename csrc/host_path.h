@@ -16,6 +16,10 @@ PyObject* prox(PyObject* self, PyObject* args);
 PyObject* sgd_step(PyObject* self, PyObject* args);
 // True when every tensor of the list is a plain dense float tensor with a grad matching it, else None.
 PyObject* grads_ready(PyObject* self, PyObject* args);
+// bump_versions(*lists): marks every tensor of the lists (or tuples) as written in place, as
+// torch._C._increment_version does (an inference tensor has no counter: left alone), loading the
+// objects and counters of later tensors ahead.
+PyObject* bump_versions(PyObject* self, PyObject* args);
 PyObject* adamw_step(PyObject* self, PyObject* args);
 // The optimizer steps of a CPU param group whose states are views of flat buffers (one per state and dtype).
 PyObject* sgd_flat(PyObject* self, PyObject* args);

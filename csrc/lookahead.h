@@ -56,8 +56,11 @@ class Lookahead {
  public:
   // `items`: the n objects of the list; `types`: the tuple of tensor types the walk takes; `states`: tuples of n
   // state tensors whose objects the walk reads with each tensor (an optimizer step's plan), or null.
-  Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types, const std::vector<PyObject*>* states = nullptr)
-      : items_(items), n_(n), types_(types), states_(states) {
+  // `storages`: the walk also reads the data pointers of the grads and states (a walk that lists them for a
+  // launcher in Python), so their StorageImpls are loaded too, half a stage ahead.
+  Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types, const std::vector<PyObject*>* states = nullptr,
+            bool storages = false)
+      : items_(items), n_(n), types_(types), states_(states), storages_(storages) {
     for (ptrdiff_t k = -kStages * kDistance; k < 0; ++k) at(k);
   }
 
@@ -102,6 +105,20 @@ class Lookahead {
         prefetch_object(l.grad, sizeof(c10::TensorImpl));
       }
     }
+    if (!storages_) return;
+    if (const ptrdiff_t j = k + kDistance / 2; 0 <= j && j < n_) {
+      const Links& l = ring_[j & kMask];
+      if (l.grad != nullptr) prefetch_object(l.grad->unsafe_storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
+      if (states_ != nullptr) {
+        for (PyObject* tuple : *states_) {
+          PyObject* obj = PyTuple_GET_ITEM(tuple, j);
+          if (plain_type(obj, types_)) {
+            prefetch_object(THPVariable_Unpack(obj).unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(),
+                            sizeof(c10::StorageImpl));
+          }
+        }
+      }
+    }
   }
 
   static constexpr ptrdiff_t kDistance = 8;  // tensors between stages
@@ -123,6 +140,7 @@ class Lookahead {
   ptrdiff_t n_;
   PyObject* types_;
   const std::vector<PyObject*>* states_;
+  bool storages_;
   Links ring_[kRing];
 };
 

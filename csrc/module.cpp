@@ -62,12 +62,16 @@ static PyMethodDef regfast_methods[] = {
     {"prox_walk", regfast::host::prox, METH_VARARGS,
      "prox_walk(params, types, cpu, cuda, lr_tensor, lr, l1, l2, group_lasso, groups) -> True or None"},
     {"groups_walk", regfast::host::groups, METH_VARARGS,
-     "groups_walk(params, types, cpu, cuda, grads, write_params) -> [(params, grads or None, index or None)] per "
-     "(device, dtype) group in order of first appearance, or None"},
+     "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None) -> [(params, grads or None, index or "
+     "None)] per (device, dtype) group in order of first appearance, or None; with a list subclass `listed`, each "
+     "list is one, with the attributes addresses, sizes, dense and flat (host_path.cpp, wrap_walked)"},
     {"plan_groups_walk", regfast::host::plan_groups, METH_VARARGS,
-     "plan_groups_walk(params, types, cpu, cuda, planned, states, counts) -> [(params, grads, (state lists))] per "
-     "(device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; counts: the "
-     "index of the step counts among them, -1 if none), or None"},
+     "plan_groups_walk(params, types, cpu, cuda, planned, states, counts, listed=None) -> [(params, grads, (state "
+     "lists))] per (device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; "
+     "counts: the index of the step counts among them, -1 if none), or None; `listed` as for groups_walk"},
+    {"bump_versions", regfast::host::bump_versions, METH_VARARGS,
+     "bump_versions(*lists) -> None: bumps the version counter of every tensor of the lists, as "
+     "torch._C._increment_version does"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

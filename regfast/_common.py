@@ -21,6 +21,19 @@ PLAIN_TYPES = {Tensor, nn.Parameter, *((nn.Buffer,) if hasattr(nn, "Buffer") els
 GROUPINGS = ("row", "col", "tensor")
 
 
+class Walked(list):
+    """A list of tensors that the host walk (:mod:`regfast._C`) checked and grouped, with what it read of them for a
+    backend that builds its device tables in Python (Triton), instead of a Python call per tensor.
+
+    ``addresses``: each tensor's data pointer, as native int64 bytes (for a list the call writes, the writable
+    pointer); ``sizes``: each numel likewise, for a group's params (else None); ``dense``: whether every tensor is
+    contiguous; ``flat``: for step counts that are consecutive elements of one float32 CPU tensor, a view over them
+    (else None). Only the walk makes these, and only for the call at hand: the tensors are not to change between.
+    """
+
+    __slots__ = ("addresses", "sizes", "dense", "flat")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of ``dtype``: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _ext
-from ._common import PLAIN_TYPES, acc_dtype
+from ._common import PLAIN_TYPES, Walked, acc_dtype
 from ._schema import SCHEMAS, mutated
 from .reference import penalty_differentiable, penalty_hvp
 
@@ -44,7 +44,8 @@ def walk(name: str, params, *args):
     transform active, a device the ``torch`` backend serves, or any tensor it cannot prove valid. On None
     nothing was written; the caller's Python path runs. Where a device's backend launches from Python
     (Triton), the walk checks and groups the list (and an optimizer step's states), and each group's kernels
-    are launched here (:func:`_run_groups`, :func:`_run_steps`)."""
+    are launched here (:func:`_run_groups`, :func:`_run_steps`) on :class:`~regfast._common.Walked` lists: the
+    data pointers, numels and contiguity the walk read, so that the launcher makes no Python call per tensor."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.cpu_cuda_names()
@@ -60,10 +61,10 @@ def walk(name: str, params, *args):
         planned, *rest = args
         count, counts = _STEP_STATES[name]
         groups = _ext._C.plan_groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", planned,
-                                          tuple(rest[:count]), counts)
+                                          tuple(rest[:count]), counts, Walked)
         return None if groups is None else _run_steps(name, groups, *rest[count:])
     grads, write = _WALK_NEEDS[name]
-    groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write)
+    groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write, Walked)
     return None if groups is None else _run_groups(name, groups, *args)
 
 
@@ -151,7 +152,11 @@ _BUMP_LISTS = _version_bump_takes_lists()
 
 
 def bump_versions(*tensor_lists: list[Tensor]) -> None:
-    """Mark the tensors of ``tensor_lists`` as modified in place (autograd's version counters), as the op would."""
+    """Mark the tensors of ``tensor_lists`` as modified in place (autograd's version counters), as the op would:
+    in one C++ call where the extension is loaded (it loads later tensors ahead), else torch's per list."""
+    if _ext._C is not None:
+        _ext._C.bump_versions(*tensor_lists)
+        return
     for tensors in tensor_lists:
         if _BUMP_LISTS:
             torch._C._increment_version(tensors)

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from array import array
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 import regfast
 from regfast import _dispatch, _ext, _ops
+from regfast._common import Walked
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"regfast._C is not built: {_ext.unavailable_reason('cpu')}")
 
@@ -465,3 +467,93 @@ def test_flat_states_survive_a_state_dict_round_trip_and_a_change_of_hyperparame
         for key, value in ref.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
     assert opt.state[walked[1]]["step"].item() == 9
+
+
+def _int64(values) -> bytes:
+    return array("q", values).tobytes()
+
+
+def _assert_read(listed, tensors, sizes: bool):
+    """``listed`` is a Walked list of ``tensors`` (in order) with what a Python pass over them reads."""
+    assert type(listed) is Walked and len(listed) == len(tensors) and all(a is b for a, b in zip(listed, tensors))
+    assert listed.addresses == _int64(t.data_ptr() for t in tensors)
+    assert listed.sizes == (_int64(t.numel() for t in tensors) if sizes else None)
+    assert listed.dense == all(t.is_contiguous() for t in tensors)
+
+
+def test_the_walk_lists_its_groups_with_what_it_read_for_a_python_launcher():
+    """For a backend that launches from Python (Triton), the walk hands each group's params and grads as Walked
+    lists that carry the data pointers, numels and contiguity it read in C++; plain lists when not asked."""
+    ps = _model((torch.float32, torch.float64))
+    view = torch.randn(6, 4)[:, ::2]  # a call that writes nothing takes a non-contiguous param
+    listed = ps + [ps[0], view]  # the repeat is dropped
+    groups = _ext._C.groups_walk(listed, _ops._PLAIN_TUPLE, True, False, False, False, Walked)
+    assert len(groups) == 2
+    for (params, grads, index), dtype in zip(groups, (torch.float32, torch.float64)):
+        expected = [p for p in ps if p.dtype == dtype] + ([view] if dtype == torch.float32 else [])
+        _assert_read(params, expected, sizes=True)
+        assert grads is None and params.flat is None and len(index) == len(expected)
+    assert not groups[0][0].dense and groups[1][0].dense
+    # With grads, one group of every tensor once: the caller's objects in its order.
+    ps = _model()
+    [(params, grads, index)] = _ext._C.groups_walk(tuple(ps), _ops._PLAIN_TUPLE, True, False, True, True, Walked)
+    _assert_read(params, ps, sizes=True)
+    _assert_read(grads, [p.grad for p in ps], sizes=False)
+    assert index is None
+    [(params, grads, _)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, True, True)
+    assert type(params) is list and type(grads) is list
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_the_plan_walk_lists_states_and_a_view_over_consecutive_step_counts(consecutive):
+    ps = _model((torch.float32, torch.bfloat16))
+    n = len(ps)
+    buffer = torch.arange(n, dtype=torch.float32)
+    counts = tuple(buffer[i] for i in range(n)) if consecutive else tuple(torch.tensor(float(i)) for i in range(n))
+    avgs = tuple(torch.zeros_like(p, dtype=torch.float32) for p in ps)
+    sqs = tuple(torch.ones_like(p, dtype=torch.float32) for p in ps)
+    groups = _ext._C.plan_groups_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), (avgs, sqs, (), counts), 3,
+                                      Walked)
+    assert len(groups) == 2
+    for params, grads, (avg, sq, maxs, steps) in groups:
+        mine = [i for i, p in enumerate(ps) if p.dtype == params[0].dtype]
+        _assert_read(params, [ps[i] for i in mine], sizes=True)
+        _assert_read(grads, [ps[i].grad for i in mine], sizes=False)
+        for state, source in ((avg, avgs), (sq, sqs), (steps, counts)):
+            _assert_read(state, [source[i] for i in mine], sizes=False)
+        assert maxs == [] and avg.flat is None
+        # Consecutive counts only in a group of consecutive params (a view over the group's counts).
+        runs = mine == list(range(mine[0], mine[0] + len(mine)))
+        assert (steps.flat is not None) == (consecutive and runs)
+    one = [p for p in ps if p.dtype == torch.float32]
+    [(_, _, (_, _, _, steps))] = _ext._C.plan_groups_walk(one, _ops._PLAIN_TUPLE, True, False, tuple(one),
+                                                          ((), (), (), counts[:len(one)]), 3, Walked)
+    if consecutive:
+        assert steps.flat.shape == (len(one),) and steps.flat.data_ptr() == buffer.data_ptr()
+        steps.flat.add_(1)  # counts them all, through one add
+        assert buffer[:len(one)].tolist() == [i + 1.0 for i in range(len(one))]
+    else:
+        assert steps.flat is None
+
+
+def test_the_extension_bumps_version_counters_as_torch_does():
+    ours, theirs = ([torch.zeros(2) for _ in range(40)] for _ in range(2))
+    def torch_bump(*lists):
+        for ts in lists:
+            if _ops._BUMP_LISTS:
+                torch._C._increment_version(list(ts))
+            else:
+                for t in ts:
+                    torch._C._increment_version(t)
+
+    for ts, bump in ((ours, _ext._C.bump_versions), (theirs, torch_bump)):
+        bump(ts[:30], tuple(ts[10:]), [ts[0], ts[0]], [])
+    for ts in ours, theirs:
+        assert [t._version for t in ts] == [3] + [1] * 9 + [2] * 20 + [1] * 10
+    with pytest.raises(TypeError, match="lists or tuples of tensors"):
+        _ext._C.bump_versions([ours[0], 3])
+    with torch.inference_mode():
+        frozen = torch.zeros(1)  # no version counter: torch leaves it alone, and so does the extension
+    torch_bump([frozen])
+    _ext._C.bump_versions([frozen], ours[:1])
+    assert ours[0]._version == 4

@@ -6,6 +6,8 @@ sets ``TRITON_INTERPRET=1`` there). Small chunk sizes keep the interpreter fast 
 tensors span many chunks. Every op of the backend against the oracle: tests/test_backends.py.
 """
 
+from array import array
+
 import oracle
 import pytest
 import torch
@@ -81,6 +83,47 @@ def test_cached_tables_are_not_copied_again(monkeypatch):
     assert copies == []
 
 
+def test_a_list_the_walk_checked_reuses_the_tables_of_a_python_pass():
+    """A Walked list (regfast._C's walk read its pointers, numels and contiguity) keys the same cache entries as a
+    Python pass over the same tensors, and a list it found non-contiguous is copied as any other."""
+    ext = pytest.importorskip("regfast._ext")
+    if ext._C is None:
+        pytest.skip("regfast._C is not built")
+    from regfast import _ops
+    from regfast._common import Walked
+
+    ts = make_params([(5, 3), (70,), (0,), (), (2, 2, 9)], torch.float32, DEVICE)
+    [(walked, _, _)] = ext._C.groups_walk(ts, _ops._PLAIN_TUPLE, True, True, False, True, Walked)
+    assert type(walked) is Walked and walked.dense
+    with launcher.chunked(16):
+        assert launcher.layout(walked) is launcher.layout(ts)
+        assert launcher.pointer_table(walked) is launcher.pointer_table(ts)
+    assert launcher.contiguous(walked) is walked
+    view = make_params([(6, 4)], torch.float32, DEVICE)[0][:, ::2]
+    [(walked, _, _)] = ext._C.groups_walk([view], _ops._PLAIN_TUPLE, True, True, False, False, Walked)
+    [copy] = launcher.contiguous(walked)
+    assert not walked.dense and copy.is_contiguous() and torch.equal(copy, view)
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("counts", [[3, 3, 3, 3], [1, 4, 2, 4, 1, 7]], ids=["one count", "several"])
+def test_host_step_counts_are_counted_and_give_each_param_its_bias_corrections(counts, acc):
+    """AdamW's host step counts, kept as consecutive elements of one tensor (one add) or not (one add each): each
+    param gets −lr/(1 − β1ᵗ) and √(1 − β2ᵗ) of its own new count t, computed in float64 and rounded once."""
+    from regfast.triton.optim import _count_host_steps
+
+    lr, beta1, beta2 = 0.01, 0.9, 0.999
+    new = [c + 1 for c in counts]
+    expected = torch.tensor([(lr / (1 - beta1**t)) * -1 for t in new] + [(1 - beta2**t) ** 0.5 for t in new],
+                            dtype=acc)
+    buffer = torch.tensor(counts, dtype=torch.float32)
+    for steps in ([buffer[i] for i in range(len(counts))], [torch.tensor(float(c)) for c in counts]):
+        values = _count_host_steps(steps, lr, beta1, beta2, acc, torch.device(DEVICE))
+        assert values.dtype == acc and torch.equal(values.cpu(), expected)
+        assert [s.item() for s in steps] == new
+    assert buffer.tolist() == new
+
+
 def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     ts = make_params([(3, 4), (11,)], torch.float32, DEVICE)
     with launcher.chunked(16):
@@ -91,8 +134,8 @@ def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
         with pytest.raises(RuntimeError, match="once before capturing"):
             rt.prox_step_(fresh[:1], 0.1, 0.1, 0.0, 0.2, "row")
         monkeypatch.setattr(launcher, "capturing", lambda device: False)
-        key = (ts[0].device, 16, (12, 11))
-        table_key = (ts[0].device, tuple(t.data_ptr() for t in ts))
+        key = (ts[0].device, 16, array("q", (12, 11)).tobytes())
+        table_key = (ts[0].device, array("q", [t.data_ptr() for t in ts]).tobytes())
         for t in fresh:
             rt.prox_step_([t], 0.1, 0.1, 0.0, 0.2, "row")
         assert key in launcher._layouts and table_key in launcher._addresses

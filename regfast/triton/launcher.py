@@ -17,11 +17,13 @@ consecutive groups into pieces of at most ``max(chunk, BLOCK) // group_block`` e
 
 Tables depend only on shapes and addresses, so they are built once and cached: :func:`layout`
 and :func:`group_layout` on (device, chunk size, shapes), :func:`pointer_table` on the data
-pointers. A call whose tensors kept their storage and shapes therefore makes no host-to-device
-copy and no host sync, which is what lets the kernels be captured in a CUDA graph: a table used
-while a graph is being captured is pinned (never evicted, as the graph reads it on every replay;
-:func:`unpin_tables` releases them once those graphs are gone), and a table missing during a
-capture is an error that says to run the call once before capturing.
+pointers (numels and pointers keyed as native int64 bytes). A list that regfast's C++ walk checked
+(:class:`~regfast._common.Walked`) brings those bytes, and whether it is contiguous, read in C++:
+the launch then makes no Python call per tensor. A call whose tensors kept their storage and shapes
+therefore makes no host-to-device copy and no host sync, which is what lets the kernels be captured
+in a CUDA graph: a table used while a graph is being captured is pinned (never evicted, as the graph
+reads it on every replay; :func:`unpin_tables` releases them once those graphs are gone), and a
+table missing during a capture is an error that says to run the call once before capturing.
 
 Every part of a table starts 16-byte aligned, and :func:`pointer_table` says whether every data
 pointer is: the kernels then tell the compiler so (``ALIGNED``) and load 128 bits at a time. They
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._common import Walked
 
 DEFAULT_CHUNK = 65536
 """Elements per work item (a power of two)."""
@@ -210,11 +215,17 @@ class Layout:
         return Layout(len(sizes), n_work, chunk, sizes_t, work.view(2, n_work), segments_t)
 
 
+def _int64_bytes(values) -> bytes:
+    return array("q", values).tobytes()
+
+
 def layout(params: list[Tensor]) -> Layout:
     """The cached :class:`Layout` of ``params`` for the current chunk size."""
-    numels = tuple(map(Tensor.numel, params))
+    sizes = params.sizes if type(params) is Walked and params.sizes is not None else \
+        _int64_bytes(map(Tensor.numel, params))
     device = params[0].device
-    return _cached(_layouts, (device, _chunk, numels), device, lambda: Layout.build(list(numels), _chunk, device))
+    return _cached(_layouts, (device, _chunk, sizes), device,
+                   lambda: Layout.build(array("q", sizes).tolist(), _chunk, device))
 
 
 def group_shape(t: Tensor, groups: str) -> tuple[int, int, int]:
@@ -301,11 +312,15 @@ def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
 
 def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
     """The cached int64 device table of the data pointers of ``tensors`` (in order), and whether all are
-    16-byte aligned."""
-    pointers = tuple(map(Tensor.data_ptr, tensors))
+    16-byte aligned. A list the host walk made (:class:`~regfast._common.Walked`) brings its pointers read."""
+    addresses = tensors.addresses if type(tensors) is Walked else _int64_bytes(map(Tensor.data_ptr, tensors))
     device = tensors[0].device
-    return _cached(_addresses, (device, pointers), device,
-                   lambda: (_pack([list(pointers)], device)[0], all(p % VECTOR_BYTES == 0 for p in pointers)))
+
+    def build() -> tuple[Tensor, bool]:
+        pointers = array("q", addresses).tolist()
+        return _pack([pointers], device)[0], all(p % VECTOR_BYTES == 0 for p in pointers)
+
+    return _cached(_addresses, (device, addresses), device, build)
 
 
 def pointer_tables(*tensor_lists: list[Tensor]) -> tuple[list[Tensor | None], bool]:
@@ -316,7 +331,7 @@ def pointer_tables(*tensor_lists: list[Tensor]) -> tuple[list[Tensor | None], bo
 
 def contiguous(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` with each non-contiguous one replaced by a contiguous copy (the kernels index flat memory)."""
-    if all(map(Tensor.is_contiguous, tensors)):
+    if tensors.dense if type(tensors) is Walked else all(map(Tensor.is_contiguous, tensors)):
         return tensors
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._common import Lr, acc_dtype, lr_step
+from .._common import Lr, Walked, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -276,6 +276,8 @@ def _float32(value: float) -> float:
 
 def _consecutive(steps: list[Tensor]) -> Tensor | None:
     """The one-dim float32 CPU tensor whose consecutive elements the 0-dim or one-element ``steps`` are, or None."""
+    if type(steps) is Walked:
+        return steps.flat
     base = steps[0]._base
     if base is None or base.device.type != "cpu" or base.dtype != torch.float32 or base.dim() != 1 or \
             base.stride(0) != 1:
@@ -296,13 +298,22 @@ def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float
     flat = _consecutive(steps)
     if flat is not None:
         flat.add_(1)
-        counts = flat.tolist()
+        low, high = torch.aminmax(flat)
+        if low.item() == high.item():  # every param stepped as often: one count, no per-param Python
+            distinct, inverse = [low.item()], None
+        else:
+            found, inverse = torch.unique(flat, return_inverse=True)
+            distinct = found.tolist()
     else:
         torch._foreach_add_(steps, 1)
         counts = [s.item() for s in steps]
-    corrections = {t: ((lr / (1 - beta1**t)) * -1, (1 - beta2**t) ** 0.5) for t in set(counts)}
-    values = [corrections[t][0] for t in counts] + [corrections[t][1] for t in counts]
-    return _to_device(torch.tensor(values, dtype=acc), device)
+        distinct = sorted(set(counts))
+        position = {t: i for i, t in enumerate(distinct)}
+        inverse = torch.tensor([position[t] for t in counts], dtype=torch.int64)
+    table = torch.tensor([[(lr / (1 - beta1**t)) * -1 for t in distinct], [(1 - beta2**t) ** 0.5 for t in distinct]],
+                         dtype=acc)
+    values = table.expand(2, len(steps)) if inverse is None else table[:, inverse]
+    return _to_device(values.reshape(-1), device)
 
 
 def _step_then_group_shrink(params: list[Tensor], grads: list[Tensor], fused, lr: Lr, l1: float, l2: float,
