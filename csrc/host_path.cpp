@@ -331,10 +331,16 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
 // state, a tuple of the flat buffers of the dtype groups in order of first appearance (the counts, at
 // index `counts`, one float32 per param of the group); each must still be the plan's size. Reads no state
 // tensor of a param: the states are views that the optimizer made and only load_state_dict replaces.
+// `listed`: the walk of a flat plan for a launcher in Python (plan_groups_flat): params on any device the
+// backends allow, grouped by (device, dtype), each buffer on its group's device (the counts on the CPU or there);
+// each group lists its params' and grads' pointers and the positions of its params with a grad in `index`.
 __attribute__((flatten))
 bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const std::vector<PyObject*>& flats,
-               size_t counts, const Allowed& allowed, std::vector<Group>& groups) {
-  if (!allowed.cpu || !PyList_Check(list) || !PyTuple_Check(planned) || !THPVariable_Check(numels_obj)) return false;
+               size_t counts, const Allowed& allowed, std::vector<Group>& groups, bool listed = false) {
+  if (!(allowed.cpu || (listed && allowed.cuda)) || !PyList_Check(list) || !PyTuple_Check(planned) ||
+      !THPVariable_Check(numels_obj)) {
+    return false;
+  }
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
   const at::Tensor& numels = THPVariable_Unpack(numels_obj);
@@ -344,7 +350,7 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
   }
   const int64_t* expected = numels.const_data_ptr<int64_t>();
   const size_t nstates = flats.size();
-  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types);
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, nullptr, listed);
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
@@ -353,11 +359,12 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     }
     const at::Tensor& t = THPVariable_Unpack(obj);
     const auto dtype = t.scalar_type();
-    if (t.layout() != at::kStrided || !floating(dtype) || !t.device().is_cpu() || !writable(t) ||
-        t.numel() != expected[k]) {
+    const at::Device device = t.device();
+    if (t.layout() != at::kStrided || !floating(dtype) || !writable(t) || t.numel() != expected[k] ||
+        !(device.is_cpu() ? allowed.cpu : listed && device.is_cuda() && allowed.cuda)) {
       return false;
     }
-    Group* group = &group_of(groups, at::kCPU, dtype, nstates, static_cast<size_t>(n), false);
+    Group* group = &group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed);
     if (!group->flat) {  // new: param and grad per param in its table, the states in flat_data
       group->flat = true;
       group->stride = 2;
@@ -369,18 +376,25 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     group->size += 1;
     const at::Tensor& g = grad_of(t);
     if (!g.defined()) continue;
-    if (g.layout() != at::kStrided || g.scalar_type() != dtype || !g.device().is_cpu() ||
+    if (g.layout() != at::kStrided || g.scalar_type() != dtype || g.device() != device ||
         !same_sizes(g.sizes(), t.sizes()) || !g.is_contiguous()) {
       return false;
     }
     group->params.borrow(t);
     group->grads.borrow(g);
     group->elements += expected[k];
-    group->data.push_back(t.data_ptr());
-    group->data.push_back(const_cast<void*>(g.const_data_ptr()));
-    __builtin_prefetch(group->data.end()[-2], 1);  // for the kernels, which run after the walk
-    __builtin_prefetch(group->data.end()[-1]);
-    group->numels.push_back(expected[k]);
+    if (listed) {
+      group->listed[0].add(t, true);
+      group->listed[1].add(g, false);
+      group->sizes.push_back(expected[k]);
+      group->index.push_back(k);
+    } else {
+      group->data.push_back(t.data_ptr());
+      group->data.push_back(const_cast<void*>(g.const_data_ptr()));
+      __builtin_prefetch(group->data.end()[-2], 1);  // for the kernels, which run after the walk
+      __builtin_prefetch(group->data.end()[-1]);
+      group->numels.push_back(expected[k]);
+    }
     group->offsets.push_back(offset);
     group->indices.push_back(index);
   }
@@ -393,7 +407,8 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
       if (!THPVariable_Check(so)) return false;
       const at::Tensor& s = THPVariable_Unpack(so);
       const auto want = j == counts ? at::kFloat : (group.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      if (s.layout() != at::kStrided || s.scalar_type() != want || !s.device().is_cpu() || !writable(s) ||
+      const bool placed = s.device() == group.device || (j == counts && s.device().is_cpu());
+      if (s.layout() != at::kStrided || s.scalar_type() != want || !placed || !writable(s) || s.dim() != 1 ||
           s.numel() != (j == counts ? group.size : group.total)) {
         return false;
       }
@@ -452,7 +467,7 @@ PyObject* int64_bytes(const std::vector<int64_t>& values) {
 // A list for a launcher that builds its device tables in Python (Triton): with a list subclass `type`
 // (regfast._common.Walked), one of them holding the tensors `ts`, with what the walk read of them (`listed`,
 // `sizes`: its params' numels, or null) as the attributes `addresses` and `sizes` (native int64 bytes), `dense`
-// and `flat` (a view over step counts, or null: see consecutive_counts); else a plain list. `source`, when not
+// and `flat` (a view over step counts, or null: see consecutive_counts), `shared` false; else a plain list. `source`, when not
 // null, is a list or tuple of the objects of `ts` in order (the caller's own, whole): they are taken from it rather
 // than found again from each tensor.
 PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Listed>& listed, size_t which,
@@ -472,7 +487,8 @@ PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Liste
   if (!set_attr(out, "addresses", int64_bytes(l.addresses)) ||
       !set_attr(out, "sizes", sizes != nullptr ? int64_bytes(*sizes) : Py_NewRef(Py_None)) ||
       !set_attr(out, "dense", PyBool_FromLong(l.dense)) ||
-      !set_attr(out, "flat", flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None))) {
+      !set_attr(out, "flat", flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None)) ||
+      !set_attr(out, "shared", Py_NewRef(Py_False))) {
     Py_DECREF(out);
     return nullptr;
   }
@@ -829,6 +845,118 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
       break;
     }
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  if (PyErr_Occurred()) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+namespace {
+
+// A list of `tuple[k]` for each k of `index`, or `tuple` itself (copied by the caller's type) when that is all of
+// it in order: a new reference, or null with an exception set.
+PyObject* pick(PyObject* tuple, const std::vector<int64_t>& index) {
+  const auto n = static_cast<Py_ssize_t>(index.size());
+  if (n == PyTuple_GET_SIZE(tuple)) return Py_NewRef(tuple);
+  PyObject* out = PyList_New(n);
+  if (out == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyList_SET_ITEM(out, i, Py_NewRef(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(index[static_cast<size_t>(i)]))));
+  }
+  return out;
+}
+
+// The state list j of a flat plan's group for a launcher in Python: the plan's state tensors of the group's params
+// with a grad (from `tuple`, one per param of the plan), as a `type` list whose addresses are those of their views
+// in the group's flat buffer; with `flat` the buffer itself when it holds exactly these counts, and `shared` (the
+// views share the buffer's version counter).
+PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tuple, PyObject* buffer,
+                          PyObject* type) {
+  PyObject* objects = pick(tuple, g.index);
+  if (objects == nullptr) return nullptr;
+  PyObject* out = PyObject_CallOneArg(type, objects);
+  Py_DECREF(objects);
+  if (out == nullptr) return nullptr;
+  const int64_t itemsize = is_counts ? 4 : (g.dtype == at::kDouble ? 8 : 4);
+  const auto base = static_cast<int64_t>(reinterpret_cast<intptr_t>(g.flat_data[j]));
+  std::vector<int64_t> addresses(g.offsets.size());
+  for (size_t i = 0; i < addresses.size(); ++i) {  // an empty view's data pointer is null, as data_ptr() says
+    addresses[i] = !is_counts && g.sizes[i] == 0 ? 0 : base + itemsize * (is_counts ? g.indices[i] : g.offsets[i]);
+  }
+  const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size;
+  if (!set_attr(out, "addresses", int64_bytes(addresses)) || !set_attr(out, "sizes", Py_NewRef(Py_None)) ||
+      !set_attr(out, "dense", Py_NewRef(Py_True)) || !set_attr(out, "flat", Py_NewRef(whole ? buffer : Py_None)) ||
+      !set_attr(out, "shared", Py_NewRef(Py_True))) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+}  // namespace
+
+PyObject* plan_groups_flat(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *numels = nullptr, *flats = nullptr,
+           *state_tuples = nullptr, *listed = nullptr;
+  int cpu = 0, cuda = 0;
+  Py_ssize_t counts = -1;
+  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
+                        &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed)) {
+    return nullptr;
+  }
+  Allowed allowed{};
+  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
+  const Py_ssize_t nstates = PyTuple_GET_SIZE(flats);
+  if (PyTuple_GET_SIZE(state_tuples) != nstates || !PyList_Check(list)) Py_RETURN_NONE;
+  // The states in use: an empty tuple (of buffers and of tensors) stands for a state the step does not keep.
+  std::vector<PyObject*> buffers;
+  std::vector<Py_ssize_t> position(static_cast<size_t>(nstates), -1);
+  size_t in_use_counts = SIZE_MAX;
+  for (Py_ssize_t j = 0; j < nstates; ++j) {
+    PyObject* b = PyTuple_GET_ITEM(flats, j);
+    PyObject* s = PyTuple_GET_ITEM(state_tuples, j);
+    if (!PyTuple_Check(b) || !PyTuple_Check(s)) Py_RETURN_NONE;
+    if (PyTuple_GET_SIZE(b) == 0) continue;
+    if (PyTuple_GET_SIZE(s) != PyList_GET_SIZE(list)) Py_RETURN_NONE;
+    position[static_cast<size_t>(j)] = static_cast<Py_ssize_t>(buffers.size());
+    if (j == counts) in_use_counts = buffers.size();
+    buffers.push_back(b);
+  }
+  std::vector<Group> groups;
+  if (!walk_flat(list, planned, numels, buffers, in_use_counts, allowed, groups, true)) Py_RETURN_NONE;
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (size_t b = 0; b < groups.size(); ++b) {
+    const Group& g = groups[b];
+    if (g.params.empty()) continue;  // no param of the group has a grad: nothing to step
+    const bool whole = groups.size() == 1 && static_cast<int64_t>(g.index.size()) == g.size;
+    PyObject* lists = PyTuple_New(nstates);
+    if (lists == nullptr) break;
+    for (Py_ssize_t j = 0; j < nstates; ++j) {
+      const Py_ssize_t at = position[static_cast<size_t>(j)];
+      PyObject* l = at < 0 ? PyList_New(0)
+                           : flat_state_list(g, static_cast<size_t>(at), j == counts, PyTuple_GET_ITEM(state_tuples, j),
+                                             PyTuple_GET_ITEM(PyTuple_GET_ITEM(flats, j), static_cast<Py_ssize_t>(b)),
+                                             listed);
+      if (l == nullptr) break;
+      PyTuple_SET_ITEM(lists, j, l);
+    }
+    PyObject* item = PyErr_Occurred() ? nullptr
+                                      : Py_BuildValue("(NNN)",
+                                                      wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr,
+                                                                  whole ? list : nullptr),
+                                                      wrap_walked(g.grads, listed, g.listed, 1, nullptr), lists);
+    if (item == nullptr) {
+      Py_XDECREF(lists);
+      break;
+    }
+    const int rc = PyList_Append(out, item);
+    Py_DECREF(item);
+    if (rc != 0) break;
   }
   if (PyErr_Occurred()) {
     Py_DECREF(out);

@@ -30,6 +30,9 @@ PyObject* groups(PyObject* self, PyObject* args);
 // The walk of an optimizer step from its plan alone, for the same backends: a list of (params, grads, a tuple of
 // one list per state, empty for a state the step does not keep) per (device, dtype) group, or None.
 PyObject* plan_groups(PyObject* self, PyObject* args);
+// The same from a flat plan (states as views of one buffer per state and group): the params with a grad, their
+// grads and their states' tensors per group, the states listed with their addresses in the buffers.
+PyObject* plan_groups_flat(PyObject* self, PyObject* args);
 
 }  // namespace host
 }  // namespace regfast

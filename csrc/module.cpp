@@ -72,6 +72,11 @@ static PyMethodDef regfast_methods[] = {
     {"bump_versions", regfast::host::bump_versions, METH_VARARGS,
      "bump_versions(*lists) -> None: bumps the version counter of every tensor of the lists, as "
      "torch._C._increment_version does"},
+    {"plan_groups_flat_walk", regfast::host::plan_groups_flat, METH_VARARGS,
+     "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed) -> [(params, "
+     "grads, (state lists))] per (device, dtype) group with a param with a grad, of an optimizer step's flat plan "
+     "(flats: per state the tuple of its buffers per group, () if unused; states: per state the plan's tensors), "
+     "lists as `listed` (groups_walk), or None"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

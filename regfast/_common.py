@@ -28,10 +28,12 @@ class Walked(list):
     ``addresses``: each tensor's data pointer, as native int64 bytes (for a list the call writes, the writable
     pointer); ``sizes``: each numel likewise, for a group's params (else None); ``dense``: whether every tensor is
     contiguous; ``flat``: for step counts that are consecutive elements of one float32 CPU tensor, a view over them
-    (else None). Only the walk makes these, and only for the call at hand: the tensors are not to change between.
+    (else None); ``shared``: whether the tensors are views of one buffer (a flat plan's states), whose one version
+    counter a single bump marks. Only the walk makes these, and only for the call at hand: the tensors are not to
+    change between.
     """
 
-    __slots__ = ("addresses", "sizes", "dense", "flat")
+    __slots__ = ("addresses", "sizes", "dense", "flat", "shared")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

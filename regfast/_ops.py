@@ -49,6 +49,12 @@ def walk(name: str, params, *args):
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.cpu_cuda_names()
+    if name in _FLAT_LAUNCHES:
+        step, counts = _FLAT_LAUNCHES[name]
+        planned, numels, flats, tuples, *hyper = args
+        groups = _ext._C.plan_groups_flat_walk(params, _PLAIN_TUPLE, on_cpu == "triton", on_cuda == "triton", planned,
+                                               numels, flats, tuples, counts, Walked)
+        return None if groups is None else _run_steps(step, groups, *hyper)
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     launched = "triton" in (on_cpu, on_cuda) and (name in _WALK_NEEDS or name in _STEP_STATES)
     if cpu or cuda:
@@ -72,6 +78,11 @@ def walk(name: str, params, *args):
 # counts among them or -1).
 _STEP_STATES = {"sgd_step": (1, -1), "adamw_step": (4, 3)}
 
+# Per optimizer step walked from a flat plan for a backend that launches from Python: (the step, the index of the
+# step counts among its states or -1). The plan holds the params, their numels, per state its flat buffers and the
+# state tensors (views of them); params without a grad are skipped, as the Python path skips them.
+_FLAT_LAUNCHES = {"sgd_launch": ("sgd_step", -1), "adamw_launch": ("adamw_step", 3)}
+
 
 def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
     """Optimizer step ``name`` on the (params, grads, state lists) groups of :func:`walk`, each group on its backend
@@ -86,7 +97,8 @@ def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
                                                 weight_decay, maximize, False, *rest))
             else:
                 values.append(backend.adamw_step_(params, grads, *states, *hyper))
-            bump_versions(params, *(s for s in states if s))
+            # A flat plan's states share their buffer's version counter: one bump marks them all.
+            bump_versions(params, *(s[:1] if type(s) is Walked and s.shared else s for s in states if s))
     return values
 
 

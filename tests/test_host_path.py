@@ -395,33 +395,41 @@ def _grads(params, k, skip=()):
         p.grad = None if i in skip else make_params([p.shape], p.dtype, seed=1000 * k + i)[0]
 
 
+@pytest.mark.parametrize("backend", WALKED_BACKENDS)
 @pytest.mark.parametrize("make", FLAT, ids=str)
-def test_cpu_states_move_into_flat_buffers_and_params_without_grads_are_skipped(make, monkeypatch):
+def test_states_move_into_flat_buffers_and_params_without_grads_are_skipped(make, backend, monkeypatch):
+    """On the CPU's extension ("cpp": the whole step in C++) and on a backend that launches from Python ("triton":
+    the walk lists each group's state views with their addresses in the buffers), a plan moves the states into one
+    buffer per state and (device, dtype); a step skips the params without a grad, as the Python path does."""
     dtypes = (torch.float32, torch.bfloat16, torch.float64)
     walked, python = _model(dtypes), _model(dtypes)
     taken = []
     original = _ops.walk
-    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
-    opt = FLAT[make](walked)
-    skips = [(), (), (0, 4, 9), (), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)]
-    for k, skip in enumerate(skips):
-        _grads(walked, k, skip)
-        versions = [p._version for p in walked]
-        opt.step()
-        if k:
-            assert taken[-1] is not None, "the step walked from the flat plan"
-            for i, p in enumerate(walked):
-                assert (p._version > versions[i]) == (i not in skip)
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append((a[0], r := original(*a))) or r)
+    # Some params without a grad; then the whole of one dtype (float64, every third param) without one.
+    skips = [(), (), (0, 4, 9), (), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13), (), tuple(range(2, 21, 3)), ()]
+    with use_backend(backend):
+        opt = FLAT[make](walked)
+        for k, skip in enumerate(skips):
+            _grads(walked, k, skip)
+            versions = [p._version for p in walked]
+            opt.step()
+            if k:
+                assert taken[-1][0].endswith("_flat" if backend == "cpp" else "_launch")
+                assert taken[-1][1] is not None, "the step walked from the flat plan"
+                for i, p in enumerate(walked):
+                    assert (p._version > versions[i]) == (i not in skip)
     # Each state of the params of one dtype is a view of one buffer, in param order.
     for key in opt.state[walked[0]]:
         for dtype in dtypes:
             views = [opt.state[p][key] for p in walked if p.dtype == dtype]
             assert all(v._base is not None and v._base is views[0]._base for v in views), key
     monkeypatch.setattr(_ops, "walk", lambda *a: None)
-    ref = FLAT[make](python)
-    for k, skip in enumerate(skips):
-        _grads(python, k, skip)
-        ref.step()
+    with use_backend(backend):
+        ref = FLAT[make](python)
+        for k, skip in enumerate(skips):
+            _grads(python, k, skip)
+            ref.step()
     for p, q in zip(walked, python):
         assert torch.equal(p, q)
         assert opt.state[p].keys() == ref.state[q].keys()
@@ -479,6 +487,7 @@ def _assert_read(listed, tensors, sizes: bool):
     assert listed.addresses == _int64(t.data_ptr() for t in tensors)
     assert listed.sizes == (_int64(t.numel() for t in tensors) if sizes else None)
     assert listed.dense == all(t.is_contiguous() for t in tensors)
+    assert listed.shared is False
 
 
 def test_the_walk_lists_its_groups_with_what_it_read_for_a_python_launcher():
@@ -557,3 +566,35 @@ def test_the_extension_bumps_version_counters_as_torch_does():
     torch_bump([frozen])
     _ext._C.bump_versions([frozen], ours[:1])
     assert ours[0]._version == 4
+
+
+@pytest.mark.parametrize("skip", [(), (0, 3, 8)], ids=["all grads", "some without"])
+def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(skip):
+    from regfast.optim._base import _flat_states
+
+    ps = _model((torch.float32, torch.float64))
+    _grads(ps, 0, skip)
+    states = [{"exp_avg": torch.randn(p.shape, dtype=p.dtype), "exp_avg_sq": torch.rand(p.shape, dtype=p.dtype),
+               "step": torch.tensor(float(i))} for i, p in enumerate(ps)]
+    keys = ("exp_avg", "exp_avg_sq", None, "step")
+    buffers = _flat_states(ps, states, keys, {"cpu"})
+    assert buffers is not None and all(len(b) == 2 for b in buffers if b)  # per state, one buffer per dtype
+    tuples = tuple(tuple(s[key] for s in states) if key else () for key in keys)
+    numels = torch.tensor([p.numel() for p in ps])
+    groups = _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, tuple(buffers),
+                                           tuples, 3, Walked)
+    assert len(groups) == 2
+    for b, (params, grads, (avg, sq, maxs, steps)) in enumerate(groups):
+        mine = [i for i, p in enumerate(ps) if p.dtype == params[0].dtype and i not in skip]
+        _assert_read(params, [ps[i] for i in mine], sizes=True)
+        _assert_read(grads, [ps[i].grad for i in mine], sizes=False)
+        assert maxs == []
+        for state, key in ((avg, "exp_avg"), (sq, "exp_avg_sq"), (steps, "step")):
+            views = [states[i][key] for i in mine]
+            assert type(state) is Walked and all(a is v for a, v in zip(state, views)) and len(state) == len(views)
+            assert state.addresses == _int64(v.data_ptr() for v in views) and state.dense and state.shared
+        assert (steps.flat is buffers[3][b]) == (not skip) and (steps.flat is None) == bool(skip)
+    # A buffer that is no longer the plan's size: the walk declines.
+    short = tuple((b[0][:-1], b[1]) if b else () for b in buffers)
+    assert _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, short, tuples, 3,
+                                         Walked) is None

@@ -96,33 +96,39 @@ def _flat_of(tensors: list[Tensor], dtype: torch.dtype) -> Tensor | None:
     return base if offset == base.numel() else None
 
 
-def _flat_states(params: list[Tensor], states: list[dict[str, Any]],
-                 keys: tuple[str | None, ...]) -> list[tuple[Tensor, ...]] | None:
-    """Per state key (``()`` for None), the flat buffers of the params' states, one per dtype in order of first
-    appearance; each state becomes a view of its buffer (``"step"``: one float32 count per param). None, with
-    nothing changed, unless every param is a plain contiguous CPU tensor (no repeats) and every state a CPU tensor
-    of the accumulation dtype (float32 counts)."""
-    if torch.compiler.is_compiling() or _ext._C is None or len({id(p) for p in params}) != len(params):
+def _flat_states(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str | None, ...],
+                 devices: set[str]) -> list[tuple[Tensor, ...]] | None:
+    """Per state key (``()`` for None), the flat buffers of the params' states, one per (device, dtype) group in
+    order of first appearance; each state becomes a view of its buffer (``"step"``: one float32 count per param).
+    None, with nothing changed, unless every param is a plain contiguous tensor on a device of type in ``devices``
+    (no repeats) and every state a tensor of the accumulation dtype on its param's device (float32 counts, all of a
+    group on its device or all on the CPU), and no CUDA graph is being captured (the step before the flattening
+    would have captured the states' old memory)."""
+    if torch.compiler.is_compiling() or _ext._C is None or len({id(p) for p in params}) != len(params) or \
+            capturing():
         return None
-    buckets: dict[torch.dtype, list[int]] = {}
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        if type(p) not in _ops.PLAIN_TYPES or p.device.type != "cpu" or not p.is_contiguous():
+        if type(p) not in _ops.PLAIN_TYPES or p.device.type not in devices or not p.is_contiguous():
             return None
-        buckets.setdefault(p.dtype, []).append(i)
+        buckets.setdefault((p.device, p.dtype), []).append(i)
     for key in filter(None, keys):
         for p, state in zip(params, states):
             t = state.get(key)
             want = torch.float32 if key == "step" else acc_dtype(p.dtype)
-            if not isinstance(t, Tensor) or t.device.type != "cpu" or t.dtype != want or \
+            if not isinstance(t, Tensor) or t.dtype != want or \
+                    not (t.device == p.device or (key == "step" and t.device.type == "cpu")) or \
                     (t.numel() != 1 if key == "step" else t.shape != p.shape):
                 return None
+        if key == "step" and any(len({states[i][key].device for i in idx}) != 1 for idx in buckets.values()):
+            return None
     out = []
     for key in keys:
         if key is None:
             out.append(())
             continue
         out.append(tuple(_flatten(states, idx, key, torch.float32 if key == "step" else acc_dtype(dtype))
-                         for dtype, idx in buckets.items()))
+                         for (_, dtype), idx in buckets.items()))
     return out
 
 
@@ -244,19 +250,28 @@ class FusedProximalOptimizer(Optimizer):
         next steps' walks. A plan lives until :meth:`add_param_group` or :meth:`load_state_dict`, or until
         ``state`` changes size; state tensors assigned by hand into ``state`` need :meth:`load_state_dict`.
 
-        When ``flat`` (the group's hyperparameters allow it), the extension serves the CPU and every param is a plain
-        contiguous CPU tensor, the states of each dtype are moved into one flat buffer per state, ``state[p][key]``
-        becoming views of it with the same values: the walk then reads the buffers, not each state tensor."""
+        When ``flat`` (the group's hyperparameters allow it) and every param is a plain contiguous tensor on the CPU
+        served by the extension, or on devices served by a backend that launches from Python (Triton), the states of
+        each (device, dtype) are moved into one flat buffer per state, ``state[p][key]`` becoming views of it with
+        the same values: the walk then reads the buffers, not each state tensor (the Triton backend gets the
+        views' addresses from the walk)."""
         if len(updated) != len(group["params"]):
             self._plans.pop(id(group), None)
             return
         states = [self.state[p] for p in updated]
-        buffers = _flat_states(updated, states, keys) if flat and _dispatch.cpu_cuda_names()[0] == "cpp" else None
-        if buffers is not None:
-            numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
-            args = (tuple(updated), numels, *buffers)
-            self._plans[id(group)] = (self.state, len(self.state), name.replace("_step", "_flat"), args)
-            return
+        on_cpu, on_cuda = _dispatch.cpu_cuda_names()
+        launched = {kind for kind, backend in (("cpu", on_cpu), ("cuda", on_cuda)) if backend == "triton"}
+        for devices, suffix in (({"cpu"} if on_cpu == "cpp" else set(), "_flat"), (launched, "_launch")):
+            buffers = _flat_states(updated, states, keys, devices) if flat and devices else None
+            if buffers is not None:
+                numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
+                if suffix == "_flat":
+                    args = (tuple(updated), numels, *buffers)
+                else:  # the walk hands the backend each state's views, from the plan
+                    args = (tuple(updated), numels, tuple(buffers),
+                            tuple(tuple(s[key] for s in states) if key else () for key in keys))
+                self._plans[id(group)] = (self.state, len(self.state), name.replace("_step", suffix), args)
+                return
         if "step" in keys:
             _flat_counts(updated, states)
         args = (tuple(updated), *(tuple(s[key] for s in states) if key else () for key in keys))
