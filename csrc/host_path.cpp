@@ -318,7 +318,10 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
         group.direct = writable(s);
       }
       if (group.direct) group.data.push_back(s.data_ptr());
-      if (listed) group.listed[2 + j].add(s, true);
+      if (listed) {
+        if (s.layout() != at::kStrided || !s.has_storage()) return false;
+        group.listed[2 + j].add(s, true);
+      }
       group.states[j].borrow(s);
     }
   }
@@ -459,6 +462,21 @@ bool set_attr(PyObject* obj, const char* name, PyObject* value) {
   return rc == 0;
 }
 
+// The tuple (a, b, c), taking the three references; null (and the others released) when one of them is null.
+PyObject* triple(PyObject* a, PyObject* b, PyObject* c) {
+  PyObject* out = a != nullptr && b != nullptr && c != nullptr ? PyTuple_New(3) : nullptr;
+  if (out == nullptr) {
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(out, 0, a);
+  PyTuple_SET_ITEM(out, 1, b);
+  PyTuple_SET_ITEM(out, 2, c);
+  return out;
+}
+
 PyObject* int64_bytes(const std::vector<int64_t>& values) {
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(values.data()),
                                    static_cast<Py_ssize_t>(values.size() * sizeof(int64_t)));
@@ -467,9 +485,9 @@ PyObject* int64_bytes(const std::vector<int64_t>& values) {
 // A list for a launcher that builds its device tables in Python (Triton): with a list subclass `type`
 // (regfast._common.Walked), one of them holding the tensors `ts`, with what the walk read of them (`listed`,
 // `sizes`: its params' numels, or null) as the attributes `addresses` and `sizes` (native int64 bytes), `dense`
-// and `flat` (a view over step counts, or null: see consecutive_counts), `shared` false; else a plain list. `source`, when not
-// null, is a list or tuple of the objects of `ts` in order (the caller's own, whole): they are taken from it rather
-// than found again from each tensor.
+// and `flat` (a view over step counts, or null: see consecutive_counts), `shared` false; else a plain list.
+// `source`, when not null, is a list or tuple of the objects of `ts` in order (the caller's own, whole): they are
+// taken from it rather than found again from each tensor.
 PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Listed>& listed, size_t which,
                       const std::vector<int64_t>* sizes, PyObject* flat = nullptr, PyObject* source = nullptr) {
   if (type == Py_None || which >= listed.size()) return wrap_list(ts);
@@ -687,20 +705,21 @@ PyObject* bump_versions(PyObject*, PyObject* args) {
   // Each tensor's object, its TensorImpl's version-counter field and the counter itself are loaded 16, 8 and 4
   // tensors ahead: a long list's objects lie anywhere on the heap.
   constexpr Py_ssize_t kAhead = 4;
-  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(args); ++a) {
+  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(args); ++a) {  // every list checked before any bump
     PyObject* list = PyTuple_GET_ITEM(args, a);
-    if (!PyList_Check(list) && !PyTuple_Check(list)) {
+    bool tensors = PyList_Check(list) || PyTuple_Check(list);
+    for (Py_ssize_t k = 0; tensors && k < PySequence_Fast_GET_SIZE(list); ++k) {
+      tensors = THPVariable_Check(PySequence_Fast_ITEMS(list)[k]);
+    }
+    if (!tensors) {
       PyErr_SetString(PyExc_TypeError, "bump_versions takes lists or tuples of tensors");
       return nullptr;
     }
+  }
+  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(args); ++a) {
+    PyObject* list = PyTuple_GET_ITEM(args, a);
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
     PyObject** items = PySequence_Fast_ITEMS(list);
-    for (Py_ssize_t k = 0; k < n; ++k) {
-      if (!THPVariable_Check(items[k])) {
-        PyErr_SetString(PyExc_TypeError, "bump_versions takes lists or tuples of tensors");
-        return nullptr;
-      }
-    }
     for (Py_ssize_t k = -4 * kAhead; k < n; ++k) {
       if (k + 4 * kAhead < n) __builtin_prefetch(items[k + 4 * kAhead]);
       if (const Py_ssize_t j = k + 2 * kAhead; 0 <= j && j < n) {
@@ -770,9 +789,10 @@ PyObject* groups(PyObject*, PyObject* args) {
     }
     // One group of every tensor once: the caller's list is the group's params.
     PyObject* whole = groups.size() == 1 && count == PySequence_Fast_GET_SIZE(list) ? list : nullptr;
-    PyObject* item = Py_BuildValue("(NNN)", wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole),
-                                   grads ? wrap_walked(g.grads, listed, g.listed, 1, nullptr) : Py_NewRef(Py_None),
-                                   index);
+    PyObject* params = wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole);
+    PyObject* grad_list =
+        params == nullptr ? nullptr : grads ? wrap_walked(g.grads, listed, g.listed, 1, nullptr) : Py_NewRef(Py_None);
+    PyObject* item = triple(params, grad_list, index);
     if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
   }
@@ -835,15 +855,13 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
       if (l == nullptr) break;
       PyTuple_SET_ITEM(lists, j, l);
     }
-    PyObject* item = PyErr_Occurred() ? nullptr
-                                      : Py_BuildValue("(NNN)",
-                                                      wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr,
-                                                                  groups.size() == 1 ? list : nullptr),
-                                                      wrap_walked(g.grads, listed, g.listed, 1, nullptr), lists);
-    if (item == nullptr) {
-      Py_XDECREF(lists);
-      break;
-    }
+    // A failed state list left an exception and a null slot, which the tuple's release skips.
+    PyObject* whole = groups.size() == 1 ? list : nullptr;
+    PyObject* params =
+        PyErr_Occurred() ? nullptr : wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole);
+    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g.listed, 1, nullptr);
+    PyObject* item = triple(params, grads, lists);
+    if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
   }
   if (PyErr_Occurred()) {
@@ -886,7 +904,9 @@ PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tu
   for (size_t i = 0; i < addresses.size(); ++i) {  // an empty view's data pointer is null, as data_ptr() says
     addresses[i] = !is_counts && g.sizes[i] == 0 ? 0 : base + itemsize * (is_counts ? g.indices[i] : g.offsets[i]);
   }
-  const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size;
+  // Host counts only (as Walked says): counts on the device are read through their pointers.
+  const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size &&
+                     THPVariable_Unpack(buffer).device().is_cpu();
   if (!set_attr(out, "addresses", int64_bytes(addresses)) || !set_attr(out, "sizes", Py_NewRef(Py_None)) ||
       !set_attr(out, "dense", Py_NewRef(Py_True)) || !set_attr(out, "flat", Py_NewRef(whole ? buffer : Py_None)) ||
       !set_attr(out, "shared", Py_NewRef(Py_True))) {
@@ -945,15 +965,13 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
       if (l == nullptr) break;
       PyTuple_SET_ITEM(lists, j, l);
     }
-    PyObject* item = PyErr_Occurred() ? nullptr
-                                      : Py_BuildValue("(NNN)",
-                                                      wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr,
-                                                                  whole ? list : nullptr),
-                                                      wrap_walked(g.grads, listed, g.listed, 1, nullptr), lists);
-    if (item == nullptr) {
-      Py_XDECREF(lists);
-      break;
-    }
+    // A failed state list left an exception and a null slot, which the tuple's release skips.
+    PyObject* params =
+        PyErr_Occurred() ? nullptr
+                         : wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole ? list : nullptr);
+    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g.listed, 1, nullptr);
+    PyObject* item = triple(params, grads, lists);
+    if (item == nullptr) break;
     const int rc = PyList_Append(out, item);
     Py_DECREF(item);
     if (rc != 0) break;

@@ -64,7 +64,7 @@ static PyMethodDef regfast_methods[] = {
     {"groups_walk", regfast::host::groups, METH_VARARGS,
      "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None) -> [(params, grads or None, index or "
      "None)] per (device, dtype) group in order of first appearance, or None; with a list subclass `listed`, each "
-     "list is one, with the attributes addresses, sizes, dense and flat (host_path.cpp, wrap_walked)"},
+     "list is one, with the attributes addresses, sizes, dense, flat and shared (host_path.cpp, wrap_walked)"},
     {"plan_groups_walk", regfast::host::plan_groups, METH_VARARGS,
      "plan_groups_walk(params, types, cpu, cuda, planned, states, counts, listed=None) -> [(params, grads, (state "
      "lists))] per (device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; "
@@ -76,7 +76,7 @@ static PyMethodDef regfast_methods[] = {
      "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed) -> [(params, "
      "grads, (state lists))] per (device, dtype) group with a param with a grad, of an optimizer step's flat plan "
      "(flats: per state the tuple of its buffers per group, () if unused; states: per state the plan's tensors), "
-     "lists as `listed` (groups_walk), or None"},
+     "each list of the list subclass `listed` (as groups_walk's), or None"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

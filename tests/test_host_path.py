@@ -598,3 +598,51 @@ def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(s
     short = tuple((b[0][:-1], b[1]) if b else () for b in buffers)
     assert _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, short, tuples, 3,
                                          Walked) is None
+
+
+@pytest.mark.parametrize("backend", WALKED_BACKENDS)
+@pytest.mark.parametrize("make", FLAT, ids=str)
+def test_a_first_step_makes_the_states_where_every_later_step_keeps_them(make, backend, monkeypatch):
+    """A fresh optimizer's first step makes its states as views of the buffers its plan keeps, and runs on them: no
+    later step moves them (device tables cached by the first step stay valid, as a CUDA graph captured after it
+    needs), and every step from the plan marks them written."""
+    params = _model((torch.float32, torch.float64))
+    launched = {}  # where the first step's op found the first state of each param
+    original = _ops.call
+    monkeypatch.setattr(_ops, "call", lambda name, *args: launched.update(
+        (id(p), s.data_ptr()) for p, s in zip(args[0], args[2])) or original(name, *args))
+    with use_backend(backend):
+        opt = FLAT[make](params)
+        _grads(params, 0)
+        opt.step()
+        keys = list(opt.state[params[0]])
+        assert all(opt.state[p][key]._base is not None for p in params for key in keys)
+        where = [[opt.state[p][key].data_ptr() for p in params] for key in keys]
+        first = "momentum_buffer" if make == "sgd" else "exp_avg"
+        assert [launched[id(p)] for p in params] == where[keys.index(first)]
+        for k in range(1, 4):
+            _grads(params, k)
+            versions = [[opt.state[p][key]._version for p in params] for key in keys]
+            opt.step()
+            assert [[opt.state[p][key].data_ptr() for p in params] for key in keys] == where
+            for key, before in zip(keys, versions):
+                assert all(opt.state[p][key]._version > v for p, v in zip(params, before)), key
+
+
+def test_no_state_moves_while_a_cuda_graph_is_being_captured(monkeypatch):
+    """States moved during a capture would leave the captured step updating their old memory: none is moved then."""
+    from regfast.optim import _base
+
+    params = _model()
+    _grads(params, 0)
+    opt = FLAT["adamw"](params)
+    states = [{"exp_avg": torch.zeros_like(p), "step": torch.tensor(0.0)} for p in params]
+    keys = ("exp_avg", None, None, "step")
+    monkeypatch.setattr(_base, "capturing", lambda: True)
+    assert _base._flat_states(params, states, keys, {"cpu"}) is None
+    assert not opt._fresh_states_flat(opt.param_groups[0], params, True)
+    assert all(s["exp_avg"]._base is None for s in states)
+    monkeypatch.setattr(_base, "capturing", lambda: False)
+    assert _base._flat_states(params, states, keys, {"cpu"}) is not None
+    assert opt._fresh_states_flat(opt.param_groups[0], params, True)
+    assert all(s["exp_avg"]._base is not None for s in states)

@@ -146,6 +146,19 @@ def _flatten(states: list[dict[str, Any]], idx: list[int], key: str, dtype: torc
     return flat
 
 
+def views_of_one_buffer(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device,
+                        zero: bool = True) -> list[Tensor]:
+    """New tensors of ``shapes``, consecutive views of one new buffer (zeros, or uninitialized), laid out as
+    :func:`_flatten` lays out a group's states: a plan then finds them flat and moves nothing."""
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = (torch.zeros if zero else torch.empty)(sum(sizes), dtype=dtype, device=device)
+    out, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(flat[offset:offset + size].view(shape))
+        offset += size
+    return out
+
+
 def _flat_counts(params: list[Tensor], states: list[dict[str, Any]]) -> None:
     """Where every step count is a one-element float32 CPU tensor (AdamW's counts, kept on the host for params on
     any device), make the counts of each (device, dtype) group of params views of one buffer, in order: a backend
@@ -276,6 +289,21 @@ class FusedProximalOptimizer(Optimizer):
             _flat_counts(updated, states)
         args = (tuple(updated), *(tuple(s[key] for s in states) if key else () for key in keys))
         self._plans[id(group)] = (self.state, len(self.state), name, args)
+
+    def _fresh_states_flat(self, group: dict[str, Any], params: list[Tensor], flat: bool) -> bool:
+        """Whether this step makes the states of every param of ``group`` (each with a grad, none with a state yet)
+        and its plan will keep them in flat buffers: they are then made as views of them (views_of_one_buffer), so
+        that the first step already runs on the memory every later step runs on (which a CUDA graph captured after
+        it replays)."""
+        if not flat or len(params) != len(group["params"]) or any(map(self.state.get, params)):
+            return False
+        on_cpu, on_cuda = _dispatch.cpu_cuda_names()
+        devices = {kind for kind, backend in (("cpu", on_cpu), ("cuda", on_cuda)) if backend == "triton"}
+        if on_cpu == "cpp":
+            devices.add("cpu")
+        return not (torch.compiler.is_compiling() or _ext._C is None or capturing() or
+                    len({id(p) for p in params}) != len(params)) and \
+            all(type(p) in _ops.PLAIN_TYPES and p.device.type in devices and p.is_contiguous() for p in params)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}

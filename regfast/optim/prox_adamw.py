@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._common import acc_dtype
-from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
+from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, views_of_one_buffer, with_grads
 
 __all__ = ["ProxAdamW"]
 
@@ -126,6 +126,21 @@ class ProxAdamW(FusedProximalOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=acc, memory_format=torch.preserve_format)
         return state
 
+    def _init_flat_states(self, bucket: list[Tensor], group: dict[str, Any]) -> None:
+        """The states of a (device, dtype) bucket of params, as :meth:`_init_state` makes them, each kind the
+        consecutive views of one buffer."""
+        p = bucket[0]
+        acc = acc_dtype(p.dtype)
+        shapes = [q.shape for q in bucket]
+        step_device = p.device if group["capturable"] else torch.device("cpu")
+        kinds = {"step": views_of_one_buffer([torch.Size()] * len(bucket), torch.float32, step_device),
+                 "exp_avg": views_of_one_buffer(shapes, acc, p.device),
+                 "exp_avg_sq": views_of_one_buffer(shapes, acc, p.device)}
+        if group["amsgrad"]:
+            kinds["max_exp_avg_sq"] = views_of_one_buffer(shapes, acc, p.device)
+        for i, q in enumerate(bucket):
+            self.state[q].update((key, views[i]) for key, views in kinds.items())
+
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
         lr_tensor, lr = split_lr(group["lr"])
         beta1, beta2 = group["betas"]
@@ -136,6 +151,10 @@ class ProxAdamW(FusedProximalOptimizer):
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
+        flat = lr_tensor is None and group["group_lasso"] == 0
+        if self._fresh_states_flat(group, params, flat):
+            for idx in buckets:
+                self._init_flat_states([params[i] for i in idx], group)
         values = []
         for idx in buckets:
             bucket = [params[i] for i in idx]
@@ -145,5 +164,5 @@ class ProxAdamW(FusedProximalOptimizer):
                 [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                 [s["step"] for s in states], *hyper))
         self._keep_plan(group, params, "adamw_step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None,
-                                                     "step"), lr_tensor is None and group["group_lasso"] == 0)
+                                                     "step"), flat)
         return values

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._common import acc_dtype
-from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, with_grads
+from ._base import FusedProximalOptimizer, check_nonnegative, split_lr, views_of_one_buffer, with_grads
 
 __all__ = ["ProxSGD"]
 
@@ -83,11 +83,19 @@ class ProxSGD(FusedProximalOptimizer):
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
+        flat = lr_tensor is None and group["group_lasso"] == 0
+        fresh_flat = momentum != 0 and self._fresh_states_flat(group, params, flat)
         values = []
         for idx in buckets:
             bucket = [params[i] for i in idx]
+            if fresh_flat:  # the first step of every param: the buffers as views of one, set by the step
+                views = views_of_one_buffer([p.shape for p in bucket], acc_dtype(bucket[0].dtype), bucket[0].device,
+                                            zero=False)
+                for p, view in zip(bucket, views):
+                    self.state[p]["momentum_buffer"] = view
+                splits = [(True, bucket, views)]
             # A param's first step sets its buffer to the gradient; the others decay theirs.
-            if momentum == 0:
+            elif momentum == 0:
                 splits = [(False, bucket, [])]
             else:
                 found = [s.get("momentum_buffer") if s else None for s in map(self.state.get, bucket)]
@@ -107,6 +115,5 @@ class ProxSGD(FusedProximalOptimizer):
                     "sgd_step_", ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
                     group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
-        self._keep_plan(group, params, "sgd_step", ("momentum_buffer" if momentum != 0 else None,),
-                        lr_tensor is None and group["group_lasso"] == 0)
+        self._keep_plan(group, params, "sgd_step", ("momentum_buffer" if momentum != 0 else None,), flat)
         return values
