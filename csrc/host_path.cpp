@@ -502,7 +502,22 @@ PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Liste
   }
   if (out == nullptr) return nullptr;
   const Listed& l = listed[which];
+  // A group's params: per tensor dim, numel, shape[0], shape[1] (0 where absent), prod(shape[1:]), prod(shape[2:])
+  // (regfast.triton.launcher.DIMS), for the group tables of group lasso.
+  std::vector<int64_t> dims;
+  if (sizes != nullptr) {
+    dims.reserve(6 * ts.size());
+    for (const auto& t : ts) {
+      const auto shape = t.sizes();
+      const auto d = static_cast<int64_t>(shape.size());
+      int64_t rest = 1, rest2 = 1;
+      for (int64_t i = 1; i < d; ++i) rest *= shape[i];
+      for (int64_t i = 2; i < d; ++i) rest2 *= shape[i];
+      dims.insert(dims.end(), {d, t.numel(), d > 0 ? shape[0] : 0, d > 1 ? shape[1] : 0, rest, rest2});
+    }
+  }
   if (!set_attr(out, "addresses", int64_bytes(l.addresses)) ||
+      !set_attr(out, "dims", sizes != nullptr ? int64_bytes(dims) : Py_NewRef(Py_None)) ||
       !set_attr(out, "sizes", sizes != nullptr ? int64_bytes(*sizes) : Py_NewRef(Py_None)) ||
       !set_attr(out, "dense", PyBool_FromLong(l.dense)) ||
       !set_attr(out, "flat", flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None)) ||
@@ -908,6 +923,7 @@ PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tu
   const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size &&
                      THPVariable_Unpack(buffer).device().is_cpu();
   if (!set_attr(out, "addresses", int64_bytes(addresses)) || !set_attr(out, "sizes", Py_NewRef(Py_None)) ||
+      !set_attr(out, "dims", Py_NewRef(Py_None)) ||
       !set_attr(out, "dense", Py_NewRef(Py_True)) || !set_attr(out, "flat", Py_NewRef(whole ? buffer : Py_None)) ||
       !set_attr(out, "shared", Py_NewRef(Py_True))) {
     Py_DECREF(out);

@@ -29,11 +29,13 @@ class Walked(list):
     pointer); ``sizes``: each numel likewise, for a group's params (else None); ``dense``: whether every tensor is
     contiguous; ``flat``: for step counts that are consecutive elements of one float32 CPU tensor, a view over them
     (else None); ``shared``: whether the tensors are views of one buffer (a flat plan's states), whose one version
-    counter a single bump marks. Only the walk makes these, and only for the call at hand: the tensors are not to
-    change between.
+    counter a single bump marks; ``dims``: for a group's params, per tensor its dim, numel, first two sizes (0 where
+    absent) and the products of its sizes from the second and from the third on, as native int64 bytes (the key of
+    the group tables of regfast.triton.launcher), else None. Only the walk makes these, and only for the call at
+    hand: the tensors are not to change between.
     """
 
-    __slots__ = ("addresses", "sizes", "dense", "flat", "shared")
+    __slots__ = ("addresses", "sizes", "dense", "flat", "shared", "dims")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

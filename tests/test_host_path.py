@@ -5,6 +5,7 @@ cannot prove the input valid it declines (returns None, having written nothing) 
 Both must give the same bits, the same version-counter bumps and, through the Python path, the same errors.
 """
 
+import math
 import re
 import shutil
 import subprocess
@@ -486,6 +487,9 @@ def _assert_read(listed, tensors, sizes: bool):
     assert type(listed) is Walked and len(listed) == len(tensors) and all(a is b for a, b in zip(listed, tensors))
     assert listed.addresses == _int64(t.data_ptr() for t in tensors)
     assert listed.sizes == (_int64(t.numel() for t in tensors) if sizes else None)
+    dims = [(t.dim(), t.numel(), t.shape[0] if t.dim() else 0, t.shape[1] if t.dim() > 1 else 0,
+             math.prod(t.shape[1:]), math.prod(t.shape[2:])) for t in tensors]
+    assert listed.dims == (_int64(v for d in dims for v in d) if sizes else None)
     assert listed.dense == all(t.is_contiguous() for t in tensors)
     assert listed.shared is False
 

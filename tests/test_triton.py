@@ -6,6 +6,7 @@ sets ``TRITON_INTERPRET=1`` there). Small chunk sizes keep the interpreter fast 
 tensors span many chunks. Every op of the backend against the oracle: tests/test_backends.py.
 """
 
+import math
 from array import array
 
 import oracle
@@ -92,12 +93,20 @@ def test_a_list_the_walk_checked_reuses_the_tables_of_a_python_pass():
     from regfast import _ops
     from regfast._common import Walked
 
-    ts = make_params([(5, 3), (70,), (0,), (), (2, 2, 9)], torch.float32, DEVICE)
+    ts = make_params([(5, 3), (70,), (0,), (), (2, 2, 9), (0, 5), (3, 0, 2), (4, 3, 0)], torch.float32, DEVICE)
+    for groups in GROUPINGS:  # the (outer, ngroups, inner) of each tensor, from the dims the walk reads
+        expected = [(1, 1, t.numel()) if groups == "tensor" or t.dim() < 2 else
+                    (1, t.shape[0], math.prod(t.shape[1:])) if groups == "row" else
+                    (t.shape[0], t.shape[1], math.prod(t.shape[2:])) for t in ts]
+        assert launcher._group_shapes(array("q", [v for t in ts for v in launcher._dims_of(t)]).tobytes(),
+                                      groups) == expected
     [(walked, _, _)] = ext._C.groups_walk(ts, _ops._PLAIN_TUPLE, True, True, False, True, Walked)
     assert type(walked) is Walked and walked.dense
     with launcher.chunked(16):
         assert launcher.layout(walked) is launcher.layout(ts)
         assert launcher.pointer_table(walked) is launcher.pointer_table(ts)
+        for groups in GROUPINGS:
+            assert launcher.group_layout(walked, groups) is launcher.group_layout(ts, groups)
     assert launcher.contiguous(walked) is walked
     view = make_params([(6, 4)], torch.float32, DEVICE)[0][:, ::2]
     [(walked, _, _)] = ext._C.groups_walk([view], _ops._PLAIN_TUPLE, True, True, False, False, Walked)

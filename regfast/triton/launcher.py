@@ -228,19 +228,6 @@ def layout(params: list[Tensor]) -> Layout:
                    lambda: Layout.build(array("q", sizes).tolist(), _chunk, device))
 
 
-def group_shape(t: Tensor, groups: str) -> tuple[int, int, int]:
-    """``(outer, ngroups, inner)``: ``t`` (contiguous) seen as ``[outer, ngroups, inner]``, group g = ``[:, g, :]``.
-
-    ``"row"`` groups are slices along dim 0, ``"col"`` along dim 1, ``"tensor"`` (and any tensor
-    with fewer than 2 dims) is one group.
-    """
-    if groups == "tensor" or t.dim() < 2:
-        return 1, 1, t.numel()
-    if groups == "row":
-        return 1, t.shape[0], math.prod(t.shape[1:])
-    return t.shape[0], t.shape[1], math.prod(t.shape[2:])
-
-
 @dataclass(frozen=True)
 class GroupLayout:
     """The group tables of one tensor list (all int64 on the list's device).
@@ -301,13 +288,47 @@ class GroupLayout:
                            parts[4].view(3, n_work), parts[5].view(2, n_blocks), parts[6])
 
 
+DIMS = 6
+"""Per tensor, the int64 values of a list's ``dims`` key: dim, numel, shape[0], shape[1] (0 where absent),
+prod(shape[1:]), prod(shape[2:])."""
+
+
+def _dims_of(t: Tensor) -> tuple[int, ...]:
+    shape = t.shape
+    return (len(shape), t.numel(), shape[0] if shape else 0, shape[1] if len(shape) > 1 else 0,
+            math.prod(shape[1:]), math.prod(shape[2:]))
+
+
+def _group_shapes(dims: bytes, groups: str) -> list[tuple[int, int, int]]:
+    """``(outer, ngroups, inner)`` of each tensor of a ``dims`` key: the tensor (contiguous) seen as ``[outer,
+    ngroups, inner]``, group g = ``[:, g, :]``. ``"row"`` groups are slices along dim 0, ``"col"`` along dim 1,
+    ``"tensor"`` (and any tensor with fewer than 2 dims) is one group."""
+    values = array("q", dims)
+    shapes = []
+    for i in range(0, len(values), DIMS):
+        dim, numel, first, second, rest, rest2 = values[i:i + DIMS]
+        if groups == "tensor" or dim < 2:
+            shapes.append((1, 1, numel))
+        elif groups == "row":
+            shapes.append((1, first, rest))
+        else:
+            shapes.append((first, second, rest2))
+    return shapes
+
+
 def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
-    """The cached :class:`GroupLayout` of contiguous ``params`` for ``groups`` and the current chunk size."""
-    shapes = tuple(group_shape(t, groups) for t in params)
-    group_block = 1 if all(s[1] == 1 for s in shapes) else GROUP_BLOCK
+    """The cached :class:`GroupLayout` of contiguous ``params`` for ``groups`` and the current chunk size, keyed by
+    the params' ``dims`` (read by the walk for a Walked list, else here)."""
+    dims = params.dims if type(params) is Walked and params.dims is not None else \
+        _int64_bytes(value for t in params for value in _dims_of(t))
     device = params[0].device
-    return _cached(_group_layouts, (device, _chunk, group_block, shapes), device,
-                   lambda: GroupLayout.build(list(shapes), _chunk, group_block, device))
+
+    def build() -> GroupLayout:
+        shapes = _group_shapes(dims, groups)
+        group_block = 1 if all(s[1] == 1 for s in shapes) else GROUP_BLOCK
+        return GroupLayout.build(shapes, _chunk, group_block, device)
+
+    return _cached(_group_layouts, (device, _chunk, groups, dims), device, build)
 
 
 def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
