@@ -104,13 +104,10 @@ def _flat_states(params: list[Tensor], states: list[dict[str, Any]], keys: tuple
     (no repeats) and every state a tensor of the accumulation dtype on its param's device (float32 counts, all of a
     group on its device or all on the CPU), and no CUDA graph is being captured (the step before the flattening
     would have captured the states' old memory)."""
-    if torch.compiler.is_compiling() or _ext._C is None or len({id(p) for p in params}) != len(params) or \
-            capturing():
+    if not _flat_params(params, devices):
         return None
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        if type(p) not in _ops.PLAIN_TYPES or p.device.type not in devices or not p.is_contiguous():
-            return None
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for key in filter(None, keys):
         for p, state in zip(params, states):
@@ -130,6 +127,22 @@ def _flat_states(params: list[Tensor], states: list[dict[str, Any]], keys: tuple
         out.append(tuple(_flatten(states, idx, key, torch.float32 if key == "step" else acc_dtype(dtype))
                          for (_, dtype), idx in buckets.items()))
     return out
+
+
+def _flat_params(params: list[Tensor], devices: set[str]) -> bool:
+    """Whether a plan may keep the states of ``params`` flat: the extension is loaded, nothing is traced or captured
+    into a CUDA graph, and the params are distinct plain contiguous tensors on devices of type in ``devices``."""
+    return not (torch.compiler.is_compiling() or _ext._C is None or capturing() or
+                len({id(p) for p in params}) != len(params)) and \
+        all(type(p) in _ops.PLAIN_TYPES and p.device.type in devices and p.is_contiguous() for p in params)
+
+
+def _flat_devices() -> tuple[set[str], set[str]]:
+    """The device types whose plans keep flat states: those the extension steps from a flat plan (the CPU, under
+    ``cpp``), and those a backend that launches from Python (Triton) serves."""
+    on_cpu, on_cuda = _dispatch.cpu_cuda_names()
+    launched = {kind for kind, backend in (("cpu", on_cpu), ("cuda", on_cuda)) if backend == "triton"}
+    return ({"cpu"} if on_cpu == "cpp" else set()), launched
 
 
 def _flatten(states: list[dict[str, Any]], idx: list[int], key: str, dtype: torch.dtype) -> Tensor:
@@ -272,9 +285,7 @@ class FusedProximalOptimizer(Optimizer):
             self._plans.pop(id(group), None)
             return
         states = [self.state[p] for p in updated]
-        on_cpu, on_cuda = _dispatch.cpu_cuda_names()
-        launched = {kind for kind, backend in (("cpu", on_cpu), ("cuda", on_cuda)) if backend == "triton"}
-        for devices, suffix in (({"cpu"} if on_cpu == "cpp" else set(), "_flat"), (launched, "_launch")):
+        for devices, suffix in zip(_flat_devices(), ("_flat", "_launch")):
             buffers = _flat_states(updated, states, keys, devices) if flat and devices else None
             if buffers is not None:
                 numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
@@ -297,13 +308,7 @@ class FusedProximalOptimizer(Optimizer):
         it replays)."""
         if not flat or len(params) != len(group["params"]) or any(map(self.state.get, params)):
             return False
-        on_cpu, on_cuda = _dispatch.cpu_cuda_names()
-        devices = {kind for kind, backend in (("cpu", on_cpu), ("cuda", on_cuda)) if backend == "triton"}
-        if on_cpu == "cpp":
-            devices.add("cpu")
-        return not (torch.compiler.is_compiling() or _ext._C is None or capturing() or
-                    len({id(p) for p in params}) != len(params)) and \
-            all(type(p) in _ops.PLAIN_TYPES and p.device.type in devices and p.is_contiguous() for p in params)
+        return any(devices and _flat_params(params, devices) for devices in _flat_devices())
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}
