@@ -29,13 +29,6 @@ void call_prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor
   op.call(params, lr_tensor, lr, l1, l2, group_lasso, groups);
 }
 
-at::Tensor call_penalty(at::TensorList params, double l1, double l2, double group_lasso, c10::string_view groups) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("regfast_C::penalty", "")
-                             .typed<at::Tensor(at::TensorList, double, double, double, c10::string_view)>();
-  return op.call(params, l1, l2, group_lasso, groups);
-}
-
 // The penalty of the new params when asked, else a 0-dim zero, in the accumulation dtype.
 at::Tensor finish(at::TensorList params, double l1, double l2, double group_lasso, c10::string_view groups,
                   bool compute_penalty) {
@@ -163,6 +156,13 @@ void metric_prox_(at::Tensor& w, at::Tensor step, double l1, double l2, double g
 }
 
 }  // namespace
+
+at::Tensor call_penalty(at::TensorList params, double l1, double l2, double group_lasso, c10::string_view groups) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("regfast_C::penalty", "")
+                             .typed<at::Tensor(at::TensorList, double, double, double, c10::string_view)>();
+  return op.call(params, l1, l2, group_lasso, groups);
+}
 
 BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
                                  double beta1, double beta2, const at::Device& device) {

@@ -37,6 +37,9 @@ inline void host_bias_corrections(double t, double lr, double beta1, double beta
 BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
                                  double beta1, double beta2, const at::Device& device);
 
+// The device's regfast_C::penalty of params, reached through the dispatcher.
+at::Tensor call_penalty(at::TensorList params, double l1, double l2, double group_lasso, c10::string_view groups);
+
 // The device's fused step on (params, grads), without group lasso and without the penalty.
 using FusedStep = c10::function_ref<void(at::TensorList params, at::TensorList grads)>;
 
@@ -50,7 +53,8 @@ at::Tensor step_then_group_shrink(at::TensorList params, at::TensorList grads, F
 
 // AdamW with prox="preconditioned" and group lasso: the step of regfast/reference/optim.py
 // (Adam's denominator floored by the penalty's gradient size, then the exact group prox in that
-// diagonal metric, found by Newton's method per group), op for op in ATen.
+// diagonal metric, found by Newton's method per group), op for op in ATen: the CUDA backend's step.
+// The CPU's runs the group passes of optim_cpu_groups.h around its one-pass step (optim_cpu.cpp).
 at::Tensor adamw_metric_group_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,

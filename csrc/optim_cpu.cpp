@@ -8,12 +8,14 @@
 // in optim_cpu_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_passes.h"
@@ -30,6 +32,7 @@ namespace {
 
 using optim_cpu::AdamWArgs;
 using optim_cpu::AdamWTensor;
+using optim_cpu::GroupBlock;
 using optim_cpu::SgdArgs;
 using optim_cpu::SgdTensor;
 
@@ -225,6 +228,44 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
+// The contiguous tensors of an AdamW step, the step counts incremented and each param's bias corrections read.
+struct AdamWTable {
+  TensorRefs ws, gs, m1, m2, mx;
+  std::vector<AdamWTensor> ts;
+};
+
+AdamWTable adamw_table(const AdamWArgs& args, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2) {
+  const auto acc = acc_type(params[0].scalar_type());
+  AdamWTable tb{contiguous_all(params), contiguous_all(grads), contiguous_all(exp_avgs), contiguous_all(exp_avg_sqs),
+                contiguous_all(args.amsgrad ? max_exp_avg_sqs : at::TensorList()), {}};
+  tb.ts.resize(tb.ws.size());
+  for (size_t i = 0; i < tb.ws.size(); ++i) {
+    tb.ts[i] = {tb.ws[i].data_ptr(), tb.gs[i].const_data_ptr(), tb.m1[i].data_ptr(), tb.m2[i].data_ptr(),
+                tb.mx.empty() ? nullptr : tb.mx[i].data_ptr(), 0.0, 0.0};
+  }
+  for (const auto& s : steps) {
+    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1, "steps must be one-element CPU tensors");
+  }
+  const std::optional<at::Tensor> lr_acc =
+      args.lr_is_tensor ? std::optional<at::Tensor>(lr_tensor->to(at::kCPU, acc)) : std::nullopt;
+  const BiasCorrections bc = bias_corrections(steps, lr_acc, lr, beta1, beta2, at::kCPU);
+  for (size_t i = 0; i < tb.ts.size(); ++i) {
+    tb.ts[i].step_size = bc.on_host() ? bc.step_size[i] : bc.bc1[i].item<double>();
+    tb.ts[i].bc2_sqrt = bc.on_host() ? bc.bc2_sqrt[i] : bc.bc2[i].item<double>();
+  }
+  return tb;
+}
+
+void write_back_adamw(const AdamWTable& tb, at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList max_exp_avg_sqs, bool amsgrad) {
+  write_back(params, tb.ws);
+  write_back(exp_avgs, tb.m1);
+  write_back(exp_avg_sqs, tb.m2);
+  if (amsgrad) write_back(max_exp_avg_sqs, tb.mx);
+}
+
 // The one-pass step with the elementwise prox (no group lasso); params and state are checked.
 at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
@@ -236,32 +277,87 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   const AdamWArgs args =
       optim_cpu::adamw_args(params[0].scalar_type(), step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
                             amsgrad, maximize, l1, l2, prox == "lr", compute_penalty);
-  const auto ws = contiguous_all(params);
-  const auto gs = contiguous_all(grads);
-  const auto m1 = contiguous_all(exp_avgs);
-  const auto m2 = contiguous_all(exp_avg_sqs);
-  const auto mx = contiguous_all(amsgrad ? max_exp_avg_sqs : at::TensorList());
-  std::vector<AdamWTensor> ts(ws.size());
-  for (size_t i = 0; i < ws.size(); ++i) {
-    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), m1[i].data_ptr(), m2[i].data_ptr(),
-             mx.empty() ? nullptr : mx[i].data_ptr(), 0.0, 0.0};
-  }
-  for (const auto& s : steps) {
-    TORCH_CHECK(s.device().is_cpu() && s.numel() == 1, "steps must be one-element CPU tensors");
-  }
-  const std::optional<at::Tensor> lr_acc =
-      args.lr_is_tensor ? std::optional<at::Tensor>(lr_tensor->to(at::kCPU, acc)) : std::nullopt;
-  const BiasCorrections bc = bias_corrections(steps, lr_acc, lr, beta1, beta2, at::kCPU);
-  for (size_t i = 0; i < ts.size(); ++i) {
-    ts[i].step_size = bc.on_host() ? bc.step_size[i] : bc.bc1[i].item<double>();
-    ts[i].bc2_sqrt = bc.on_host() ? bc.bc2_sqrt[i] : bc.bc2[i].item<double>();
-  }
-  const double value = optim_cpu::run_adamw(args, ts, cpu::numels_of(ws), acc, l1, l2);
-  write_back(params, ws);
-  write_back(exp_avgs, m1);
-  write_back(exp_avg_sqs, m2);
-  if (amsgrad) write_back(max_exp_avg_sqs, mx);
+  const AdamWTable tb =
+      adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
+  const double value = optim_cpu::run_adamw(args, tb.ts, cpu::numels_of(tb.ws), acc, l1, l2);
+  write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   return at::scalar_tensor(value, params[0].options().dtype(acc));
+}
+
+// Group passes' blocks: about this many elements each (the params' and the thresholds' fit in L2 together), and
+// at least this many column groups (a row of the block spans a cache line of float32 elements).
+constexpr int64_t kGroupBlockElements = 1 << 15;
+constexpr int64_t kMinColumnGroups = 64;
+
+// The blocks of groups of tensor t, whole groups each, sized by the shape alone.
+void add_group_blocks(const GroupShape& shape, int64_t t, std::vector<std::pair<int64_t, GroupBlock>>& blocks) {
+  const int64_t per_group = shape.group_size();
+  int64_t span = std::max<int64_t>(1, kGroupBlockElements / per_group);
+  if (shape.inner == 1 && shape.outer > 1) span = std::max(span, kMinColumnGroups);
+  for (int64_t g0 = 0; g0 < shape.ngroups; g0 += span) {
+    blocks.push_back({t, {shape.outer, shape.ngroups, shape.inner, g0, std::min(shape.ngroups, g0 + span)}});
+  }
+}
+
+const optim_cpu::GroupPasses& group_passes() {
+#if defined(__x86_64__)
+  if (cpu::active_isa() != cpu::Isa::kBaseline) return optim_cpu::fused::kGroupPasses;
+#endif
+  return optim_cpu::rounded_twice::kGroupPasses;
+}
+
+// AdamW with prox="preconditioned" and group lasso (reference: adamw_step_ with penalty_gradient_scales and
+// metric_prox_): the group terms of the floors from the params before the step, then the one-pass step that floors
+// Adam's denominator with them, applies the elementwise prox and leaves each element's group threshold, then the
+// group shrink by Newton's method per group. Params and state are checked.
+at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                              const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                              double group_lasso, c10::string_view groups, bool compute_penalty) {
+  const Grouping grouping = parse_grouping(groups);
+  const auto dtype = params[0].scalar_type();
+  const auto acc = acc_type(dtype);
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
+  AdamWArgs args = optim_cpu::adamw_args(dtype, step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
+                                         amsgrad, maximize, l1, l2, false, false);
+  args.prox = ProxMode::kPreconditioned;
+  args.group = true;
+  AdamWTable tb =
+      adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
+  const bool narrow = dtype != acc;
+  std::vector<at::Tensor> scratch;
+  std::vector<std::pair<int64_t, GroupBlock>> blocks;
+  for (size_t i = 0; i < tb.ws.size(); ++i) {
+    const at::Tensor& w = tb.ws[i];
+    if (w.numel() == 0) continue;
+    const GroupShape shape = group_shape(w, grouping);
+    scratch.push_back(at::empty({w.numel()}, w.options().dtype(acc)));
+    tb.ts[i].group = scratch.back().data_ptr();
+    if (narrow) {
+      scratch.push_back(at::empty({w.numel()}, w.options().dtype(acc)));
+      tb.ts[i].work = scratch.back().data_ptr();
+    }
+    tb.ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
+    add_group_blocks(shape, static_cast<int64_t>(i), blocks);
+  }
+  const auto& passes = group_passes();
+  const DType elem = dtype_of(dtype);
+  const auto for_each_block = [&](auto&& f) {
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) f(tb.ts[blocks[k].first], blocks[k].second);
+    });
+  };
+  for_each_block([&](const AdamWTensor& t, const GroupBlock& b) {
+    passes.group_floors(elem, t.param, t.group, b, t.group_weight);
+  });
+  optim_cpu::run_adamw(args, tb.ts, cpu::numels_of(tb.ws), acc, l1, l2);
+  for_each_block([&](const AdamWTensor& t, const GroupBlock& b) {
+    passes.metric_shrink(elem, narrow ? t.work : t.param, t.group, narrow ? t.param : nullptr, b);
+  });
+  write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
+  return at::zeros({}, params[0].options().dtype(acc));
 }
 
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -300,9 +396,9 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                        weight_decay, amsgrad, maximize, l1, l2, prox, compute_penalty);
   }
   if (prox == "preconditioned") {
-    return adamw_metric_group_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
-                                   beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
-                                   compute_penalty);
+    return adamw_metric_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
+                              beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
+                              compute_penalty);
   }
   return step_then_group_shrink(
       params, grads,

@@ -59,6 +59,7 @@ struct AdamWArgs {
   double shrink;         // prox "lr": 1/(1 + 2·lr·l2)
   double l1;             // prox "preconditioned": per element s·l1 and 1/(1 + s·2l2)
   double two_l2;
+  bool group;            // prox "preconditioned" with group lasso: AdamWTensor's group and work (below)
 };
 
 struct AdamWTensor {
@@ -69,6 +70,17 @@ struct AdamWTensor {
   void* max_exp_avg_sq;  // unused without amsgrad
   double step_size;      // −lr/(1 − β1ᵗ)
   double bc2_sqrt;       // √(1 − β2ᵗ)
+  // With args.group (accumulation dtype, one element per param element): `group` holds the group term of the
+  // floor on entry (group_floors) and the group shrink's threshold group_weight·s/(1 + s·2l2) on return; the new
+  // params before the group shrink go to `work` for 16-bit params, else to the params themselves.
+  void* group = nullptr;
+  void* work = nullptr;
+  double group_weight = 0;  // group_lasso·√|g|
+};
+
+// Groups [g0, g1) of a contiguous tensor laid out [outer, ngroups, inner] (groups.h's GroupShape).
+struct GroupBlock {
+  int64_t outer, ngroups, inner, g0, g1;
 };
 
 // sums[0] = Σ|w|, sums[1] = Σw² of the run's new params (in A, stored exactly) when args.penalty.
@@ -76,6 +88,27 @@ namespace rounded_twice {
 void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);
 void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
 }  // namespace rounded_twice
+
+// The group passes of the preconditioned prox with group lasso (reference: penalty_gradient_scales and
+// _metric_group_shrink_), per block of groups, each group's sums in double in an order fixed by its shape alone
+// (optim_cpu_groups.h): the same bits from the baseline build (optim_cpu_baseline.cpp) and the AVX2 one
+// (optim_cpu_fma.cpp, x86-64 only). group_floors: out_i = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1), w of
+// element type `elem`, out in its accumulation dtype. metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) +
+// ‖x_g‖₂, u and a in the accumulation dtype of `elem`; the result narrowed into `out` where given (16-bit params),
+// else written to u.
+struct GroupPasses {
+  void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
+  void (*metric_shrink)(DType elem, void* u, const void* a, void* out, const GroupBlock& b);
+};
+
+namespace rounded_twice {
+extern const GroupPasses kGroupPasses;
+}  // namespace rounded_twice
+#if defined(__x86_64__)
+namespace fused {
+extern const GroupPasses kGroupPasses;
+}  // namespace fused
+#endif
 
 namespace fused {
 void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);

@@ -3,6 +3,7 @@
 // fused loops are built here too (std::fma is part of their baseline; see optim_cpu_fma.cpp).
 #define REGFAST_OPTIM_LOOPS baseline
 #include "optim_cpu_math.h"
+#include "optim_cpu_groups.h"
 
 namespace regfast {
 namespace optim_cpu {
@@ -15,6 +16,8 @@ void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end
 void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
   adamw_dispatch<false>(args, t, begin, end, sums);
 }
+
+const GroupPasses kGroupPasses = {&group_floors_run, &metric_shrink_run};
 }  // namespace rounded_twice
 
 #if !defined(__x86_64__)

@@ -13,7 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "elementwise.h"
 #include "f16c.h"
@@ -30,6 +33,7 @@
 #define REGFAST_OPTIM_LOOPS avx2_fma
 #define REGFAST_OPTIM_F16C 8
 #include "optim_cpu_math.h"
+#include "optim_cpu_groups.h"
 
 namespace regfast {
 namespace optim_cpu {
@@ -42,6 +46,8 @@ void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end
 void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums) {
   adamw_dispatch<true>(args, t, begin, end, sums);
 }
+
+const GroupPasses kGroupPasses = {&group_floors_run, &metric_shrink_run};
 
 }  // namespace fused
 }  // namespace optim_cpu

@@ -251,8 +251,8 @@ void sgd_loop(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t en
 template <typename A>
 struct AdamWConst {
   A lr, decay, beta1_weight, beta1_weight_m1, beta2, beta2_weight, eps, threshold, shrink, l1, two_l2;
-  A step_size, bc2_sqrt;
-  A maximize, lr_is_tensor, small_weight, has_l1, has_l2;
+  A step_size, bc2_sqrt, group_weight;
+  A maximize, lr_is_tensor, small_weight, has_l1, has_l2, group;
 
   AdamWConst(const AdamWArgs& a, const AdamWTensor& t)
       : lr(static_cast<A>(a.lr)),
@@ -268,25 +268,31 @@ struct AdamWConst {
         two_l2(static_cast<A>(a.two_l2)),
         step_size(static_cast<A>(t.step_size)),
         bc2_sqrt(static_cast<A>(t.bc2_sqrt)),
+        group_weight(static_cast<A>(t.group_weight)),
         maximize(flag<A>(a.maximize)),
         lr_is_tensor(flag<A>(a.lr_is_tensor)),
         // ATen's lerp: self + w·(end − self) for |w| < 0.5, else end + (w − 1)·(end − self).
         small_weight(flag<A>(std::abs(static_cast<A>(a.beta1_weight)) < A(0.5))),
         has_l1(flag<A>(a.has_l1)),
-        has_l2(flag<A>(a.has_l2)) {}
+        has_l2(flag<A>(a.has_l2)),
+        group(flag<A>(a.group)) {}
 };
 
 // One element of the AdamW step and the prox. kLrTensor and kL2 are c.lr_is_tensor and c.has_l2 (kL2 only for the
 // preconditioned prox, the one mode that divides by l2's term): each choice compiled on its own, where a select
 // between both sides would compute the divisions of both (seven per element where three are needed).
-template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, typename A>
+// kGroup (the preconditioned prox with group lasso): the floor adds the group term ga[i], the elementwise prox's
+// step in the l2 metric times group_weight goes to ga[i], and a 16-bit param's new value to work[i] unrounded.
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
-                       A* __restrict__ m2, A* __restrict__ mx, int64_t i) {
+                          A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
+                          int64_t i) {
   A x = static_cast<A>(w[i]);
   A g = static_cast<A>(grad[i]);
   g = pick(c.maximize, -g, g);
   // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
-  const A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
+  A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
+  if constexpr (kGroup) floor = floor + ga[i];
   x = x * c.decay;
   A m = m1[i];
   const A diff = g - m;
@@ -313,48 +319,73 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
     x = x * c.shrink;
   } else if constexpr (kProx == ProxMode::kPreconditioned) {
     // The reference's lr / d: a true division for a tensor lr, reciprocal(d)·lr for a float.
-    const A s = kLrTensor ? c.lr / denom : (A(1) / denom) * c.lr;
+    A s = kLrTensor ? c.lr / denom : (A(1) / denom) * c.lr;
     x = pick(c.has_l1, soft_threshold(x, s * c.l1), x);
-    if constexpr (kL2) x = x * (A(1) / (s * c.two_l2 + A(1)));
+    if constexpr (kL2) {
+      const A shrink = A(1) / (s * c.two_l2 + A(1));
+      x = x * shrink;
+      if constexpr (kGroup) s = s * shrink;
+    }
+    if constexpr (kGroup) ga[i] = s * c.group_weight;
   }
-  w[i] = static_cast<T>(x);
+  if constexpr (kGroup && !std::is_same_v<T, A>) {
+    work[i] = x;
+  } else {
+    w[i] = static_cast<T>(x);
+  }
 }
 
-template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, typename A>
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup,
+          typename A>
 __attribute__((noinline)) void adamw_elements(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                               A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
-                                              int64_t begin, int64_t end) {
+                                              A* __restrict__ ga, A* __restrict__ work, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    adamw_element<T, kFused, kAmsgrad, kProx, kLrTensor, kL2>(c, w, grad, m1, m2, mx, i);
+    adamw_element<T, kFused, kAmsgrad, kProx, kLrTensor, kL2, kGroup>(c, w, grad, m1, m2, mx, ga, work, i);
   }
 }
 
+// ga and work: AdamWTensor's group and work (kGroup only).
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
-                 A* __restrict__ m2, A* __restrict__ mx, int64_t begin, int64_t end) {
+                 A* __restrict__ m2, A* __restrict__ mx, A* ga, A* work, int64_t begin, int64_t end) {
+  const bool group = kProx == ProxMode::kPreconditioned && c.group > A(0);
   if constexpr (kNarrow<T>) {
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
     widen(w + begin, wf, n);
     widen(grad + begin, gf, n);
-    adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin,
-                                                kAmsgrad ? mx + begin : mx, 0, n);
-    narrow(wf, w + begin, n);
+    adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin, kAmsgrad ? mx + begin : mx,
+                                                group ? ga + begin : ga, static_cast<float*>(nullptr), 0, n);
+    if (group) {
+      std::copy(wf, wf + n, work + begin);
+    } else {
+      narrow(wf, w + begin, n);
+    }
   } else {
-    auto run = [&](auto lr_tensor, auto l2) {
-      adamw_elements<T, kFused, kAmsgrad, kProx, decltype(lr_tensor)::value, decltype(l2)::value>(c, w, grad, m1, m2,
-                                                                                                  mx, begin, end);
+    auto run = [&](auto lr_tensor, auto l2, auto grouped) {
+      adamw_elements<T, kFused, kAmsgrad, kProx, decltype(lr_tensor)::value, decltype(l2)::value,
+                     decltype(grouped)::value>(c, w, grad, m1, m2, mx, ga, work, begin, end);
     };
     using Yes = std::true_type;
     using No = std::false_type;
     const bool tensor = c.lr_is_tensor > A(0);
     if constexpr (kProx == ProxMode::kPreconditioned) {
-      if (c.has_l2 > A(0)) {
-        tensor ? run(Yes{}, Yes{}) : run(No{}, Yes{});
+      const bool l2 = c.has_l2 > A(0);
+      if (group) {
+        if (l2) {
+          tensor ? run(Yes{}, Yes{}, Yes{}) : run(No{}, Yes{}, Yes{});
+        } else {
+          tensor ? run(Yes{}, No{}, Yes{}) : run(No{}, No{}, Yes{});
+        }
+        return;
+      }
+      if (l2) {
+        tensor ? run(Yes{}, Yes{}, No{}) : run(No{}, Yes{}, No{});
         return;
       }
     }
-    tensor ? run(Yes{}, No{}) : run(No{}, No{});
+    tensor ? run(Yes{}, No{}, No{}) : run(No{}, No{}, No{});
   }
 }
 
@@ -367,10 +398,12 @@ void adamw_loop(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int6
   A* __restrict__ m1 = static_cast<A*>(t.exp_avg);
   A* __restrict__ m2 = static_cast<A*>(t.exp_avg_sq);
   A* __restrict__ mx = static_cast<A*>(t.max_exp_avg_sq);
+  A* ga = static_cast<A*>(t.group);
+  A* work = static_cast<A*>(t.work);
   A s1[kLanes] = {}, s2[kLanes] = {};
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
-    adamw_block<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, b, e);
+    adamw_block<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, ga, work, b, e);
     if constexpr (kPenalty) add_to_lanes(w, b, e, s1, s2);
   }
   if constexpr (kPenalty) add_lanes(s1, s2, sums);

@@ -380,12 +380,14 @@ def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
     """Each AdamW element loop (both variants, float32 and 16-bit params) is compiled for one kind of lr (float or
     tensor) and, for the preconditioned prox, with or without l2: per packed square root (one a vector of elements)
     at most the divisions its formulas take (sqrt(v)/bc2, the update's one or two, the preconditioned prox's lr/d
-    and l2 shrink), where a loop selecting between both kinds computed the divisions of both (seven)."""
+    and l2 shrink; with group lasso no more: its threshold reuses the l2 shrink), where a loop selecting between
+    both kinds computed the divisions of both (seven)."""
     loops = [(name, ops) for name, ops in _functions(Path(_ext._C.__file__))
              if "adamw_elements<" in name and re.search(r"adamw_elements<(float|c10::BFloat16|c10::Half),", name)]
     assert len(loops) >= 24, [name for name, _ in loops]
     for name, ops in loops:
-        mode, tensor, l2 = re.search(r"\(regfast::ProxMode\)(\d), (true|false), (true|false), float>", name).groups()
+        mode, tensor, l2, _ = re.search(r"\(regfast::ProxMode\)(\d), (true|false), (true|false), (true|false), float>",
+                                        name).groups()
         divisions = sum(op.removeprefix("v") == "divps" for op in ops)
         roots = sum(op.removeprefix("v") == "sqrtps" for op in ops)
         needed = 2 + (tensor == "true") + (mode == "2") + (l2 == "true")
@@ -405,7 +407,8 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         regfast.add_penalty_grad_(ws, l1=0.1, l2=0.2, group_lasso=gl)
         with torch.no_grad():
             regfast.prox_(ws, lr=0.1, l1=0.1, l2=0.1, group_lasso=gl)
-    for opt in (ProxSGD(ws, lr=0.1, momentum=0.9, l1=0.01), ProxAdamW(ws, lr=0.1, l1=0.01)):
+    for opt in (ProxSGD(ws, lr=0.1, momentum=0.9, l1=0.01), ProxAdamW(ws, lr=0.1, l1=0.01),
+                ProxAdamW(ws, lr=0.1, l1=0.01, group_lasso=0.1, groups="col")):
         opt.step()
         opt.step()
 print("finished")
@@ -416,10 +419,11 @@ print("finished")
 
 def _symbols(so: Path, scopes: tuple[str, ...]) -> list[str]:
     """The linkage names of the library's functions in ``scopes`` (compiled for AVX2 or AVX-512), or called only
-    from them (a template instantiated with one of their lambdas)."""
+    from them (a template instantiated with one of their lambdas); not the cold parts the compiler splits off a
+    function (``.cold``: its error paths, entered only from the function, which is on the list)."""
     names = [line.split()[2] for line in subprocess.run(["nm", "--defined-only", str(so)], capture_output=True,
                                                        text=True, check=True).stdout.splitlines()
-             if len(line.split()) == 3 and line.split()[1] in "tTW"]
+             if len(line.split()) == 3 and line.split()[1] in "tTW" and not line.endswith(".cold")]
     plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
     return [n for n, d in zip(names, plain.splitlines()) if any(scope in d for scope in scopes)]
 
