@@ -284,8 +284,8 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
-// Group passes' blocks: about this many elements each (the params' and the thresholds' fit in L2 together), and
-// at least this many column groups (a row of the block spans a cache line of float32 elements).
+// Group passes' blocks: about this many elements each (the block's own arrays fit in L2 with its params and state),
+// and at least this many column groups (a row of the block spans a few cache lines of float32 elements).
 constexpr int64_t kGroupBlockElements = 1 << 15;
 constexpr int64_t kMinColumnGroups = 64;
 
@@ -306,10 +306,24 @@ const optim_cpu::GroupPasses& group_passes() {
   return optim_cpu::rounded_twice::kGroupPasses;
 }
 
+// t's pointers moved to element `at` (elements of `elem` bytes, states of `acc` bytes).
+AdamWTensor offset(const AdamWTensor& t, int64_t at, size_t elem, size_t acc) {
+  const auto move = [&](auto* p, size_t size) { return p == nullptr ? p : static_cast<char*>(p) + at * size; };
+  AdamWTensor out = t;
+  out.param = move(static_cast<char*>(t.param), elem);
+  out.grad = static_cast<const char*>(t.grad) + at * elem;
+  out.exp_avg = move(static_cast<char*>(t.exp_avg), acc);
+  out.exp_avg_sq = move(static_cast<char*>(t.exp_avg_sq), acc);
+  out.max_exp_avg_sq = move(static_cast<char*>(t.max_exp_avg_sq), acc);
+  return out;
+}
+
 // AdamW with prox="preconditioned" and group lasso (reference: adamw_step_ with penalty_gradient_scales and
-// metric_prox_): the group terms of the floors from the params before the step, then the one-pass step that floors
-// Adam's denominator with them, applies the elementwise prox and leaves each element's group threshold, then the
-// group shrink by Newton's method per group. Params and state are checked.
+// metric_prox_), one block of groups at a time, each in one visit to its params and state: the group terms of the
+// floors from the params before the step (into the block's own array), the one-pass step over the block's runs
+// (which floors Adam's denominator with them, applies the elementwise prox and leaves the new values and each
+// element's group threshold in the block's arrays), then the Newton steps of the group shrink on those arrays,
+// the results rounded into the params. Params and state are checked.
 at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                               const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
@@ -325,35 +339,36 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   args.group = true;
   AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
-  const bool narrow = dtype != acc;
-  std::vector<at::Tensor> scratch;
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {
     const at::Tensor& w = tb.ws[i];
     if (w.numel() == 0) continue;
     const GroupShape shape = group_shape(w, grouping);
-    scratch.push_back(at::empty({w.numel()}, w.options().dtype(acc)));
-    tb.ts[i].group = scratch.back().data_ptr();
-    if (narrow) {
-      scratch.push_back(at::empty({w.numel()}, w.options().dtype(acc)));
-      tb.ts[i].work = scratch.back().data_ptr();
-    }
     tb.ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
     add_group_blocks(shape, static_cast<int64_t>(i), blocks);
   }
   const auto& passes = group_passes();
+  const auto run = optim_cpu::loops().adamw;
   const DType elem = dtype_of(dtype);
-  const auto for_each_block = [&](auto&& f) {
-    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) f(tb.ts[blocks[k].first], blocks[k].second);
-    });
-  };
-  for_each_block([&](const AdamWTensor& t, const GroupBlock& b) {
-    passes.group_floors(elem, t.param, t.group, b, t.group_weight);
-  });
-  optim_cpu::run_adamw(args, tb.ts, cpu::numels_of(tb.ws), acc, l1, l2);
-  for_each_block([&](const AdamWTensor& t, const GroupBlock& b) {
-    passes.metric_shrink(elem, narrow ? t.work : t.param, t.group, narrow ? t.param : nullptr, b);
+  const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> arrays;
+    for (int64_t k = begin; k < end; ++k) {
+      const AdamWTensor& t = tb.ts[blocks[k].first];
+      const GroupBlock& b = blocks[k].second;
+      const int64_t span = (b.g1 - b.g0) * b.inner;
+      arrays.resize(2 * b.outer * span * acc_size);
+      char* const group = arrays.data();
+      char* const work = group + b.outer * span * acc_size;
+      passes.group_floors(elem, t.param, group, b, t.group_weight);
+      for (int64_t o = 0; o < b.outer; ++o) {
+        AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner, elem_size, acc_size);
+        run_t.group = group + o * span * acc_size;
+        run_t.work = work + o * span * acc_size;
+        run(args, run_t, 0, span, nullptr);
+      }
+      passes.metric_shrink(elem, work, group, t.param, b);
+    }
   });
   write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);

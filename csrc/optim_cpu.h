@@ -70,9 +70,9 @@ struct AdamWTensor {
   void* max_exp_avg_sq;  // unused without amsgrad
   double step_size;      // −lr/(1 − β1ᵗ)
   double bc2_sqrt;       // √(1 − β2ᵗ)
-  // With args.group (accumulation dtype, one element per param element): `group` holds the group term of the
-  // floor on entry (group_floors) and the group shrink's threshold group_weight·s/(1 + s·2l2) on return; the new
-  // params before the group shrink go to `work` for 16-bit params, else to the params themselves.
+  // With args.group (accumulation dtype, indexed as the param): `group` holds the group term of the floor on entry
+  // (group_floors) and the group shrink's threshold group_weight·s/(1 + s·2l2) on return; the new params before the
+  // group shrink go to `work`, the params are not written.
   void* group = nullptr;
   void* work = nullptr;
   double group_weight = 0;  // group_lasso·√|g|
@@ -90,15 +90,15 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
 }  // namespace rounded_twice
 
 // The group passes of the preconditioned prox with group lasso (reference: penalty_gradient_scales and
-// _metric_group_shrink_), per block of groups, each group's sums in double in an order fixed by its shape alone
+// _metric_group_shrink_) over one block of groups, each group's sums in double in an order fixed by its shape alone
 // (optim_cpu_groups.h): the same bits from the baseline build (optim_cpu_baseline.cpp) and the AVX2 one
-// (optim_cpu_fma.cpp, x86-64 only). group_floors: out_i = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1), w of
-// element type `elem`, out in its accumulation dtype. metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) +
-// ‖x_g‖₂, u and a in the accumulation dtype of `elem`; the result narrowed into `out` where given (16-bit params),
-// else written to u.
+// (optim_cpu_fma.cpp, x86-64 only). The block's own arrays (`out`, `u`, `a`: accumulation dtype) hold its elements
+// contiguously, [outer, g1 − g0, inner]; the params `w` (element type `elem`) are the whole tensor.
+// group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params.
+// metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
-  void (*metric_shrink)(DType elem, void* u, const void* a, void* out, const GroupBlock& b);
+  void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
 };
 
 namespace rounded_twice {

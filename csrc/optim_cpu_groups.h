@@ -165,65 +165,80 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
   }
 }
 
-// Calls f(i, j) for every element i of the block, j its group's index in the block, in memory order.
+// Calls f(i, l, j) for every element of the block: i its index in the tensor, l in the block's own arrays
+// ([outer, g1 − g0, inner]), j its group's index in the block; in memory order.
 template <typename F>
 inline void for_each_element(const GroupBlock& b, F&& f) {
   const int64_t ng = b.g1 - b.g0;
+  const int64_t span = ng * b.inner;
   for (int64_t o = 0; o < b.outer; ++o) {
     const int64_t base = (o * b.ngroups + b.g0) * b.inner;
+    const int64_t local = o * span;
     if (b.inner == 1) {
-      for (int64_t j = 0; j < ng; ++j) f(base + j, j);
+      for (int64_t j = 0; j < ng; ++j) f(base + j, local + j, j);
     } else {
       for (int64_t j = 0; j < ng; ++j) {
-        const int64_t run = base + j * b.inner;
-        for (int64_t k = 0; k < b.inner; ++k) f(run + k, j);
+        for (int64_t k = 0; k < b.inner; ++k) f(base + j * b.inner + k, local + j * b.inner + k, j);
       }
     }
   }
 }
 
-// out_i = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm in double,
-// each group scaled by its largest magnitude (reference: group_norms), taken as 1 where it is 0.
+// The block's own arrays seen as a block: [outer, g1 − g0, inner], every group of it.
+inline GroupBlock own_layout(const GroupBlock& b) { return {b.outer, b.g1 - b.g0, b.inner, 0, b.g1 - b.g0}; }
+
+// out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm in double
+// (reference: group_norms). Squares of float32 / 16-bit values neither overflow nor underflow in double, so their
+// norms are taken as they are; float64 groups are scaled by their largest magnitude first, as the reference does.
 template <typename T>
 void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, const GroupBlock& b, double weight) {
   using A = acc_t<T>;
+  constexpr bool kScaled = std::is_same_v<T, double>;
   const int64_t ng = b.g1 - b.g0;
-  std::vector<double> buf(4 * ng);
+  std::vector<double> buf(4 * ng, 0.0);
   double* __restrict__ scale = buf.data();
   double* __restrict__ norm = scale + ng;
   double* __restrict__ unused = norm + ng;
-  double* __restrict__ zeros = unused + ng;
-  group_reduce<Max>(b, w, w, zeros, 0.0, scale, unused, [](auto x, auto, auto, auto& v0, auto& v1) {
-    v0 = magnitude(x);
-    v1 = x - x;
-  });
-  for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
+  double* __restrict__ ones = unused + ng;
+  if constexpr (kScaled) {
+    group_reduce<Max>(b, w, w, ones, 0.0, scale, unused, [](auto x, auto, auto, auto& v0, auto& v1) {
+      v0 = magnitude(x);
+      v1 = x - x;
+    });
+    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
+  } else {
+    for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
+  }
   group_reduce<Add>(b, w, w, scale, 0.0, norm, unused, [](auto x, auto, auto p, auto& v0, auto& v1) {
-    const auto y = x / p;
+    const auto y = kScaled ? x / p : x;
     v0 = y * y;
     v1 = y - y;
   });
   for (int64_t j = 0; j < ng; ++j) {
     const double n = std::sqrt(norm[j]) * scale[j];
-    norm[j] = n == 0 ? 1.0 : n;
+    norm[j] = weight / (n == 0 ? 1.0 : n);
   }
-  for_each_element(b, [&](int64_t i, int64_t j) {
-    out[i] = static_cast<A>((std::abs(static_cast<double>(w[i])) / norm[j]) * weight);
+  for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
+    out[l] = static_cast<A>(std::abs(static_cast<double>(w[i])) * norm[j]);
   });
 }
 
-// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (reference: _metric_group_shrink_): the group vanishes when
-// ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t the root of Σ_i u_i²/(t + a_i)² = 1, by Newton's method from
-// max(‖u_g‖ − max a_g, 0), at most the reference's METRIC_NEWTON_STEPS steps, in double. The iterates rise
-// monotonically to the root; a group stops at the first step that does not rise (its root to rounding), and a NaN
-// stops it as NaN. The factor t/(t + a_i) is then rounded as the reference rounds it, from t rounded to A.
-// out: where given, the new values narrowed into it (16-bit params), else written to u.
+// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (reference: _metric_group_shrink_) on the block's own arrays,
+// the results rounded into the params w: the group vanishes when ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t
+// the root of Σ_i u_i²/(t + a_i)² = 1, by Newton's method from max(‖u_g‖ − max a_g, 0), at most the reference's
+// METRIC_NEWTON_STEPS steps, in double. The iterates rise monotonically to the root; a group stops after the first
+// step that rises by less than kSettled relative to t (or not at all), and a NaN stops it as NaN. The factor t/(t + a_i) is then rounded
+// as the reference rounds it, from t rounded to A.
 template <typename A, typename T>
-void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ out, const GroupBlock& b) {
+void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   constexpr int kNewtonSteps = 8;
+  // A step that moves t by at most this much relative to it leaves an error of the order of its square (Newton's
+  // steps converge quadratically): t is then the root to double rounding, and the group stops.
+  constexpr double kSettled = 0x1p-30;
   constexpr double tiny = std::numeric_limits<A>::min();
-  const int64_t ng = b.g1 - b.g0;
-  std::vector<double> buf(7 * ng);
+  const GroupBlock own = own_layout(b);
+  const int64_t ng = own.ngroups;
+  std::vector<double> buf(7 * ng, 0.0);
   double* __restrict__ s0 = buf.data();
   double* __restrict__ s1 = s0 + ng;
   double* __restrict__ t = s1 + ng;
@@ -231,12 +246,12 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   double* __restrict__ unused = amax + ng;
   double* __restrict__ active = unused + ng;  // 1 while a group's Newton steps run, else 0
   double* __restrict__ zeros = active + ng;
-  group_reduce<Add>(b, u, a, zeros, 0.0, s0, s1, [](auto x, auto y, auto, auto& v0, auto& v1) {
+  group_reduce<Add>(own, u, a, zeros, 0.0, s0, s1, [](auto x, auto y, auto, auto& v0, auto& v1) {
     const auto q = x / y;
     v0 = select(nonzero(x), q * q, x - x);
     v1 = x * x;
   });
-  group_reduce<Max>(b, a, a, zeros, 0.0, amax, unused, [](auto y, auto, auto, auto& v0, auto& v1) {
+  group_reduce<Max>(own, a, a, zeros, 0.0, amax, unused, [](auto y, auto, auto, auto& v0, auto& v1) {
     v0 = y;
     v1 = y - y;
   });
@@ -250,7 +265,7 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
     running = running || !vanishes[j];
   }
   for (int step = 0; running && step < kNewtonSteps; ++step) {
-    group_reduce<Add>(b, u, a, t, 0.0, s0, s1, [](auto x, auto y, auto tj, auto& v0, auto& v1) {
+    group_reduce<Add>(own, u, a, t, 0.0, s0, s1, [](auto x, auto y, auto tj, auto& v0, auto& v1) {
       // r is finite (d ≥ tiny), so q = 0 where x = 0 unless d is NaN, where the reference's sums are NaN too.
       const auto r = 1.0 / clamp_min(tj + y, tiny);
       const auto q = x * r;
@@ -264,7 +279,7 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
       const double r2 = s0[j];
       const double slope = s1[j] < tiny ? tiny : s1[j];
       const double next = t[j] + (std::sqrt(r2) - 1) * r2 / slope;
-      active[j] = next > t[j] ? 1.0 : 0.0;
+      active[j] = next - t[j] > kSettled * next ? 1.0 : 0.0;
       t[j] = next;
       running = running || active[j] != 0;
     }
@@ -272,16 +287,11 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   std::vector<A> root(ng);
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
-  for_each_element(b, [&](int64_t i, int64_t j) {
-    A d = rt[j] + a[i];
+  for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
+    A d = rt[j] + a[l];
     d = d < A(tiny) ? A(tiny) : d;
     const A factor = vanishes[j] ? A(0) : rt[j] / d;
-    const A value = u[i] * factor;
-    if constexpr (std::is_same_v<T, A>) {
-      u[i] = value;
-    } else {
-      out[i] = static_cast<T>(value);
-    }
+    w[i] = static_cast<T>(u[l] * factor);
   });
 }
 
@@ -292,47 +302,15 @@ inline void group_floors_run(DType elem, const void* w, void* out, const GroupBl
   });
 }
 
-// Column groups of a 2-D tensor (inner = 1) whose rows are wider than the block: the block's columns are copied
-// into contiguous arrays first, so that the Newton steps read them from the cache, not one line of each row.
-inline void metric_shrink_run(DType elem, void* u, const void* a, void* out, const GroupBlock& b) {
+inline void metric_shrink_run(DType elem, void* u, const void* a, void* w, const GroupBlock& b) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    A* const uu = static_cast<A*>(u);
-    const A* const aa = static_cast<const A*>(a);
-    T* const oo = static_cast<T*>(out);
-    const int64_t ng = b.g1 - b.g0;
-    if (b.inner != 1 || b.outer == 1 || ng == b.ngroups) {
-      metric_shrink_typed<A, T>(uu, aa, oo, b);
-      return;
-    }
-    std::vector<A> cu(b.outer * ng), ca(b.outer * ng);
-    for (int64_t o = 0; o < b.outer; ++o) {
-      const A* __restrict__ su = uu + o * b.ngroups + b.g0;
-      const A* __restrict__ sa = aa + o * b.ngroups + b.g0;
-      A* __restrict__ du = cu.data() + o * ng;
-      A* __restrict__ da = ca.data() + o * ng;
-      for (int64_t j = 0; j < ng; ++j) {
-        du[j] = su[j];
-        da[j] = sa[j];
-      }
-    }
-    metric_shrink_typed<A, A>(cu.data(), ca.data(), nullptr, GroupBlock{b.outer, ng, 1, 0, ng});
-    for (int64_t o = 0; o < b.outer; ++o) {
-      const A* src = cu.data() + o * ng;
-      if constexpr (std::is_same_v<T, A>) {
-        A* __restrict__ dst = uu + o * b.ngroups + b.g0;
-        for (int64_t j = 0; j < ng; ++j) dst[j] = src[j];
-      } else {
-        T* dst = oo + o * b.ngroups + b.g0;
-        for (int64_t j = 0; j < ng; ++j) dst[j] = static_cast<T>(src[j]);
-      }
-    }
+    metric_shrink_typed<A, T>(static_cast<A*>(u), static_cast<const A*>(a), static_cast<T*>(w), b);
   });
 }
 
 }  // namespace
-
 }  // namespace REGFAST_OPTIM_LOOPS
 }  // namespace optim_cpu
 }  // namespace regfast

@@ -282,7 +282,7 @@ struct AdamWConst {
 // preconditioned prox, the one mode that divides by l2's term): each choice compiled on its own, where a select
 // between both sides would compute the divisions of both (seven per element where three are needed).
 // kGroup (the preconditioned prox with group lasso): the floor adds the group term ga[i], the elementwise prox's
-// step in the l2 metric times group_weight goes to ga[i], and a 16-bit param's new value to work[i] unrounded.
+// step in the l2 metric times group_weight goes to ga[i], and the param's new value to work[i] (unrounded).
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                           A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
@@ -328,7 +328,7 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
     }
     if constexpr (kGroup) ga[i] = s * c.group_weight;
   }
-  if constexpr (kGroup && !std::is_same_v<T, A>) {
+  if constexpr (kGroup) {
     work[i] = x;
   } else {
     w[i] = static_cast<T>(x);
@@ -356,12 +356,8 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
     widen(w + begin, wf, n);
     widen(grad + begin, gf, n);
     adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin, kAmsgrad ? mx + begin : mx,
-                                                group ? ga + begin : ga, static_cast<float*>(nullptr), 0, n);
-    if (group) {
-      std::copy(wf, wf + n, work + begin);
-    } else {
-      narrow(wf, w + begin, n);
-    }
+                                                group ? ga + begin : ga, group ? work + begin : work, 0, n);
+    if (!group) narrow(wf, w + begin, n);
   } else {
     auto run = [&](auto lr_tensor, auto l2, auto grouped) {
       adamw_elements<T, kFused, kAmsgrad, kProx, decltype(lr_tensor)::value, decltype(l2)::value,
