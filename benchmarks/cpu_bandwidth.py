@@ -3,14 +3,15 @@ speed-up over the loops it replaces.
 
     python benchmarks/cpu_bandwidth.py [--repeats 5] [--scale 1.0] [--threads 1 2]
                                        [--dtypes float32 bfloat16 float16 float64] [--isa avx512 avx2 baseline]
-                                       [--out FILE]
+                                       [--only NAME ...] [--out FILE]
 
 Parameters are GPT-2 small's (124M elements at ``--scale 1``). Each op is timed on the whole list and
 set against the bytes it must move per element (e = the params' element size, a = the optimizer
 state's: 4, 8 for float64): ``norms`` and ``penalty`` read w (e); ``penalty_backward`` reads w and writes
 the gradient (2e); ``add_penalty_grad_`` reads w and g and writes g (3e); ``prox_`` reads and writes w
 (2e); group lasso reads w once more for the group norms (+e); momentum SGD reads g and reads and writes
-w and the buffer (3e + 2a); AdamW reads g and reads and writes w and both moments (3e + 4a). The bound
+w and the buffer (3e + 2a); AdamW reads g and reads and writes w and both moments (3e + 4a); the steps with
+group lasso (SGD; AdamW with ``prox="lr"`` and ``"preconditioned"``) one more e. The bound
 is those bytes at the copy rate measured in the same run (a float32 copy of the same element count,
 counting its read and its write); ``of_bound`` is the share of it reached (1.0 = as fast as copying).
 
@@ -24,7 +25,8 @@ default: the one chosen for this CPU), recorded in each row's ``isa``. The instr
 call on the same tensors (one op's calls: a warm-up each, then each repeat once in each set), so that the
 machine's drift over a run falls on all of them alike.
 
-Prints one JSON row per measurement; ``--out`` also writes them to FILE.
+``--only`` runs just the op rows whose names contain one of its strings (``--only step``: the optimizer steps),
+without the loop rows. Prints one JSON row per measurement; ``--out`` also writes them to FILE.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def _with_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return params
 
 
-def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float, isas: list[str]) -> list[dict]:
-    """Every op on GPT-2 small's params in ``dtype``, with each instruction set of ``isas``."""
+def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float, isas: list[str],
+             only: list[str] | None = None) -> list[dict]:
+    """Every op on GPT-2 small's params in ``dtype`` (with ``only``, those whose names contain one of its
+    strings), with each instruction set of ``isas``."""
     params = _with_grads([p.detach().requires_grad_() for p in make_params(gpt2_small(), dtype, scale=scale)])
     numel = sum(p.numel() for p in params)
     e = params[0].element_size()
@@ -105,6 +109,8 @@ def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float, is
     rows = []
 
     def add(name: str, fn, bytes_per_element: int) -> None:
+        if only and not any(part in name for part in only):
+            return
         for isa, seconds in _timings_by_isa(fn, repeats, isas).items():
             rows.append({**_row(name, seconds, bytes_per_element * numel, copy_gbs), "isa": isa})
 
@@ -127,6 +133,16 @@ def _op_rows(dtype: torch.dtype, scale: float, repeats: int, copy_gbs: float, is
     del sgd
     adamw = ProxAdamW(params, lr=1e-4, l1=1e-5)
     add("ProxAdamW step (l1)", adamw.step, 3 * e + 4 * a)
+    del adamw
+    for groups in ("row", "col", "tensor"):
+        hyper = {"l1": 1e-5, "group_lasso": 1e-4, "groups": groups}
+        sgd = ProxSGD(params, lr=1e-3, momentum=0.9, **hyper)
+        add(f"ProxSGD step (momentum, l1, group_lasso {groups})", sgd.step, 4 * e + 2 * a)
+        del sgd
+        for prox in ("lr", "preconditioned"):
+            adamw = ProxAdamW(params, lr=1e-4, prox=prox, **hyper)
+            add(f"ProxAdamW step (l1, group_lasso {groups}, prox {prox})", adamw.step, 4 * e + 4 * a)
+            del adamw
     return rows
 
 
@@ -175,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--isa", nargs="+", default=None, help="instruction sets of the CPU kernels to run")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the op rows whose names contain one of these strings (and no loop rows)")
     args = parser.parse_args(argv)
     os.environ["REGFAST_BACKEND"] = "cpp"
     from regfast import _C
@@ -192,10 +210,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for name in args.dtypes:
                 rows += [{**row, "dtype": name}
-                         for row in _op_rows(getattr(torch, name), args.scale, args.repeats, copy["gb_s"], isas)]
+                         for row in _op_rows(getattr(torch, name), args.scale, args.repeats, copy["gb_s"], isas,
+                                             args.only)]
         finally:
             _C.set_cpu_isa(chosen)
-        rows += [{**row, "isa": chosen} for row in _loop_rows(args.scale, args.repeats)]
+        if not args.only:
+            rows += [{**row, "isa": chosen} for row in _loop_rows(args.scale, args.repeats)]
         for row in rows:
             line = json.dumps({**meta, **row})
             print(line, flush=True)

@@ -205,7 +205,8 @@ def test_cpu_bandwidth_script_measures_every_op_dtype_and_loop(tmp_path):
         for dtype in ("float32", "bfloat16"):
             for op in ("norms", "penalty l1", "penalty_backward l2", "add_penalty_grad_ l1+l2", "prox_ l1",
                        "add_penalty_grad_ group_lasso col", "prox_ group_lasso tensor", "ProxSGD step (momentum, l1)",
-                       "ProxAdamW step (l1)"):
+                       "ProxAdamW step (l1)", "ProxSGD step (momentum, l1, group_lasso row)",
+                       "ProxAdamW step (l1, group_lasso col, prox preconditioned)"):
                 for isa in isas:
                     assert (op, dtype, threads, isa) in ops, (op, dtype, threads, isa)
     assert all(r["of_bound"] > 0 for r in rows if "of_bound" in r)
