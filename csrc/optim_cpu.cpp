@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cpu_passes.h"
 #include "cpu_work_list.h"
 #include "elementwise.h"
@@ -375,6 +376,142 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   return at::zeros({}, params[0].options().dtype(acc));
 }
 
+// The group shrink of prox_ with step `step` and only the group term (u_g ← max(0, 1 − step·gl·√|g| / ‖u_g‖)·u_g,
+// the reference's group norms and rounding) on the block's own array, as a tensor whose groups are the block's.
+void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t dim, Grouping grouping, double step,
+                  double gl) {
+  const int64_t ng = b.g1 - b.g0;
+  std::vector<int64_t> shape;
+  if (grouping == Grouping::kTensor || dim < 2) {
+    shape = {b.outer * ng * b.inner};
+  } else if (grouping == Grouping::kRow) {
+    shape = {ng, b.inner};
+  } else {
+    shape = {b.outer, ng, b.inner};
+  }
+  const at::Tensor block = at::from_blob(work, shape, at::TensorOptions().dtype(acc));
+  cpu_ops::prox(block, std::nullopt, step, 0.0, 0.0, gl, grouping);
+}
+
+// The block's own array (accumulation dtype) rounded into the params (element type `dtype`), as the kernels round.
+void round_into(const void* work, void* param, const GroupBlock& b, at::ScalarType dtype) {
+  const int64_t span = (b.g1 - b.g0) * b.inner;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_round_into", [&] {
+    using A = acc_t<scalar_t>;
+    for (int64_t o = 0; o < b.outer; ++o) {
+      const A* __restrict__ src = static_cast<const A*>(work) + o * span;
+      scalar_t* __restrict__ dst = static_cast<scalar_t*>(param) + (o * b.ngroups + b.g0) * b.inner;
+      for (int64_t k = 0; k < span; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+    }
+  });
+}
+
+// A step with group lasso and the scalar prox step (SGD, AdamW with prox="lr"), one block of groups at a time, each
+// in one visit to its params and state: step(t, at, n, work) runs the one-pass step (the elementwise prox included)
+// over n elements of tensor t from element `at`, its new values into `work`; then the group shrink with step
+// lr/(1 + 2·lr·l2) on the block's array (reference: prox_step_ after the step), rounded into the params.
+template <typename Step>
+void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrink_step, double group_lasso,
+                           Step&& step) {
+  const auto dtype = ws[0].scalar_type();
+  const auto acc = acc_type(dtype);
+  const size_t acc_size = c10::elementSize(acc);
+  std::vector<std::pair<int64_t, GroupBlock>> blocks;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    if (ws[i].numel() != 0) add_group_blocks(group_shape(ws[i], grouping), static_cast<int64_t>(i), blocks);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> work;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t t = blocks[k].first;
+      const GroupBlock& b = blocks[k].second;
+      const int64_t span = (b.g1 - b.g0) * b.inner;
+      work.resize(b.outer * span * acc_size);
+      for (int64_t o = 0; o < b.outer; ++o) {
+        step(t, (o * b.ngroups + b.g0) * b.inner, span, work.data() + o * span * acc_size);
+      }
+      shrink_block(work.data(), b, acc, ws[t].dim(), grouping, shrink_step, group_lasso);
+      round_into(work.data(), ws[t].data_ptr(), b, dtype);
+    }
+  });
+}
+
+// The group shrink's step lr/(1 + 2·lr·l2) as the reference computes it: in double from a float lr, in the
+// accumulation dtype from a tensor one.
+double group_shrink_step(const std::optional<at::Tensor>& lr_tensor, double lr, double l2, at::ScalarType acc) {
+  if (!lr_tensor.has_value()) return l2 != 0 ? lr / (1 + 2 * lr * l2) : lr;
+  at::Tensor step = lr_tensor->to(at::kCPU, acc);
+  if (l2 != 0) step = step / step.mul(2).mul(l2).add(1);
+  return step.item<double>();
+}
+
+// Whether the steps with group lasso and the scalar prox step go block by block (blockwise_group_steps): for 16-bit
+// params, whose steps otherwise round float copies back, and where every group's elements are contiguous. Column
+// groups of float32 / float64 params step in place and then shrink (prox_'s group passes): both passes stream
+// through whole rows, where a block of columns reads a short run of each row.
+bool blockwise(at::TensorList params, Grouping grouping) {
+  if (acc_type(params[0].scalar_type()) != params[0].scalar_type() || grouping != Grouping::kCol) return true;
+  return std::none_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.dim() >= 2 && t.size(0) > 1; });
+}
+
+// SGD with group lasso: see blockwise_group_steps. Params and state are checked.
+at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                     bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
+                     double group_lasso, c10::string_view groups, bool compute_penalty) {
+  const Grouping grouping = parse_grouping(groups);
+  const auto dtype = params[0].scalar_type();
+  const auto acc = acc_type(dtype);
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
+  const SgdArgs args = optim_cpu::sgd_args(dtype, step, lr_tensor.has_value(), momentum, dampening, nesterov,
+                                           weight_decay, maximize, init_buffers, l1, l2, false);
+  const auto ws = contiguous_all(params);
+  const auto gs = contiguous_all(grads);
+  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
+  const auto run = optim_cpu::loops().sgd;
+  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
+  blockwise_group_steps(ws, grouping, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso,
+                        [&](int64_t t, int64_t at, int64_t n, void* work) {
+                          SgdTensor seg{static_cast<char*>(ws[t].data_ptr()) + at * elem,
+                                        static_cast<const char*>(gs[t].const_data_ptr()) + at * elem,
+                                        bs.empty() ? nullptr : static_cast<char*>(bs[t].data_ptr()) + at * acc_size,
+                                        work};
+                          run(args, seg, 0, n, nullptr);
+                        });
+  write_back(params, ws);
+  if (!bs.empty()) write_back(momentum_buffers, bs);
+  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
+  return at::zeros({}, params[0].options().dtype(acc));
+}
+
+// AdamW with prox="lr" and group lasso: see blockwise_group_steps. Params and state are checked.
+at::Tensor adamw_lr_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
+                          double group_lasso, c10::string_view groups, bool compute_penalty) {
+  const Grouping grouping = parse_grouping(groups);
+  const auto dtype = params[0].scalar_type();
+  const auto acc = acc_type(dtype);
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
+  AdamWArgs args = optim_cpu::adamw_args(dtype, step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
+                                         amsgrad, maximize, l1, l2, true, false);
+  args.group = true;
+  const AdamWTable tb =
+      adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
+  const auto run = optim_cpu::loops().adamw;
+  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
+  blockwise_group_steps(tb.ws, grouping, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso,
+                        [&](int64_t t, int64_t at, int64_t n, void* work) {
+                          AdamWTensor seg = offset(tb.ts[t], at, elem, acc_size);
+                          seg.work = work;
+                          run(args, seg, 0, n, nullptr);
+                        });
+  write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
+  return at::zeros({}, params[0].options().dtype(acc));
+}
+
 at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                         const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
                         bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
@@ -384,6 +521,10 @@ at::Tensor sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   if (group_lasso == 0) {
     return sgd_fused(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay,
                      maximize, init_buffers, l1, l2, compute_penalty);
+  }
+  if (blockwise(params, parse_grouping(groups))) {
+    return sgd_group(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov, weight_decay,
+                     maximize, init_buffers, l1, l2, group_lasso, groups, compute_penalty);
   }
   return step_then_group_shrink(
       params, grads,
@@ -414,6 +555,10 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     return adamw_metric_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
                               beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
                               compute_penalty);
+  }
+  if (blockwise(params, parse_grouping(groups))) {
+    return adamw_lr_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2,
+                          eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, compute_penalty);
   }
   return step_then_group_shrink(
       params, grads,

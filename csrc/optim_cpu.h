@@ -38,6 +38,9 @@ struct SgdTensor {
   void* param;
   const void* grad;
   void* buffer;  // accumulation dtype; unused without momentum
+  // Where given (group lasso, the group shrink to follow): the new params go here, unrounded (accumulation dtype,
+  // indexed as the param), and the params are not written.
+  void* work = nullptr;
 };
 
 struct AdamWArgs {
@@ -59,7 +62,7 @@ struct AdamWArgs {
   double shrink;         // prox "lr": 1/(1 + 2·lr·l2)
   double l1;             // prox "preconditioned": per element s·l1 and 1/(1 + s·2l2)
   double two_l2;
-  bool group;            // prox "preconditioned" with group lasso: AdamWTensor's group and work (below)
+  bool group;            // group lasso: AdamWTensor's work (and group, prox "preconditioned") below
 };
 
 struct AdamWTensor {
@@ -70,9 +73,9 @@ struct AdamWTensor {
   void* max_exp_avg_sq;  // unused without amsgrad
   double step_size;      // −lr/(1 − β1ᵗ)
   double bc2_sqrt;       // √(1 − β2ᵗ)
-  // With args.group (accumulation dtype, indexed as the param): `group` holds the group term of the floor on entry
-  // (group_floors) and the group shrink's threshold group_weight·s/(1 + s·2l2) on return; the new params before the
-  // group shrink go to `work`, the params are not written.
+  // With args.group (accumulation dtype, indexed as the param): the new params before the group shrink go to
+  // `work`, the params are not written; with the preconditioned prox `group` holds the group term of the floor on
+  // entry (group_floors) and the group shrink's threshold group_weight·s/(1 + s·2l2) on return.
   void* group = nullptr;
   void* work = nullptr;
   double group_weight = 0;  // group_lasso·√|g|

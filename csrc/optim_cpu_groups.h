@@ -227,8 +227,8 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
 // the results rounded into the params w: the group vanishes when ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t
 // the root of Σ_i u_i²/(t + a_i)² = 1, by Newton's method from max(‖u_g‖ − max a_g, 0), at most the reference's
 // METRIC_NEWTON_STEPS steps, in double. The iterates rise monotonically to the root; a group stops after the first
-// step that rises by less than kSettled relative to t (or not at all), and a NaN stops it as NaN. The factor t/(t + a_i) is then rounded
-// as the reference rounds it, from t rounded to A.
+// step that rises by less than kSettled relative to t (or not at all), and a NaN stops it as NaN. The factor
+// t/(t + a_i) is then rounded as the reference rounds it, from t rounded to A.
 template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   constexpr int kNewtonSteps = 8;

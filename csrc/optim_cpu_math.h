@@ -195,10 +195,11 @@ struct SgdConst {
         has_l1(flag<A>(a.has_l1)) {}
 };
 
-// One element of the SGD step and the prox.
-template <typename T, bool kFused, Momentum kMode, typename A>
+// One element of the SGD step and the prox; kWork (group lasso, the group shrink to follow): the new value goes
+// to work[i] (unrounded), the param is not written.
+template <typename T, bool kFused, Momentum kMode, bool kWork, typename A>
 inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ buf,
-                     int64_t i) {
+                        A* __restrict__ work, int64_t i) {
   A x = static_cast<A>(w[i]);
   A g = static_cast<A>(grad[i]);
   g = pick(c.maximize, -g, g);
@@ -212,23 +213,28 @@ inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __rest
   // torch's SGD adds g with alpha = −lr, a tensor lr read as a number: the same rounding for both.
   x = fmadd<kFused>(g, c.neg_lr, x);
   x = pick(c.has_l1, soft_threshold(x, c.threshold), x);
-  w[i] = static_cast<T>(x * c.shrink);
+  if constexpr (kWork) {
+    work[i] = x * c.shrink;
+  } else {
+    w[i] = static_cast<T>(x * c.shrink);
+  }
 }
 
 // The element loop of one block. Its own function, not inlined, so that the restrict parameters
 // reach the vectorizer (they are lost when inlined into the caller).
-template <typename T, bool kFused, Momentum kMode, typename A>
+template <typename T, bool kFused, Momentum kMode, bool kWork, typename A>
 __attribute__((noinline)) void sgd_block(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
-                                         A* __restrict__ buf, int64_t begin, int64_t end) {
+                                         A* __restrict__ buf, A* __restrict__ work, int64_t begin, int64_t end) {
   if constexpr (kNarrow<T>) {
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
     widen(w + begin, wf, n);
     widen(grad + begin, gf, n);
-    sgd_block<float, kFused, kMode>(c, wf, gf, kMode == Momentum::kNone ? buf : buf + begin, 0, n);
-    narrow(wf, w + begin, n);
+    sgd_block<float, kFused, kMode, kWork>(c, wf, gf, kMode == Momentum::kNone ? buf : buf + begin,
+                                           kWork ? work + begin : work, 0, n);
+    if constexpr (!kWork) narrow(wf, w + begin, n);
   } else {
-    for (int64_t i = begin; i < end; ++i) sgd_element<T, kFused, kMode>(c, w, grad, buf, i);
+    for (int64_t i = begin; i < end; ++i) sgd_element<T, kFused, kMode, kWork>(c, w, grad, buf, work, i);
   }
 }
 
@@ -239,10 +245,15 @@ void sgd_loop(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t en
   T* __restrict__ w = static_cast<T*>(t.param);
   const T* __restrict__ grad = static_cast<const T*>(t.grad);
   A* __restrict__ buf = static_cast<A*>(t.buffer);
+  A* __restrict__ work = static_cast<A*>(t.work);
   A s1[kLanes] = {}, s2[kLanes] = {};
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
-    sgd_block<T, kFused, kMode>(c, w, grad, buf, b, e);
+    if (work != nullptr) {
+      sgd_block<T, kFused, kMode, true>(c, w, grad, buf, work, b, e);
+    } else {
+      sgd_block<T, kFused, kMode, false>(c, w, grad, buf, work, b, e);
+    }
     if constexpr (kPenalty) add_to_lanes(w, b, e, s1, s2);
   }
   if constexpr (kPenalty) add_lanes(s1, s2, sums);
@@ -281,8 +292,9 @@ struct AdamWConst {
 // One element of the AdamW step and the prox. kLrTensor and kL2 are c.lr_is_tensor and c.has_l2 (kL2 only for the
 // preconditioned prox, the one mode that divides by l2's term): each choice compiled on its own, where a select
 // between both sides would compute the divisions of both (seven per element where three are needed).
-// kGroup (the preconditioned prox with group lasso): the floor adds the group term ga[i], the elementwise prox's
-// step in the l2 metric times group_weight goes to ga[i], and the param's new value to work[i] (unrounded).
+// kGroup (group lasso, the group shrink to follow): the param's new value goes to work[i] (unrounded); with the
+// preconditioned prox the floor also adds the group term ga[i], and the elementwise prox's step in the l2 metric
+// times group_weight goes to ga[i].
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                           A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
@@ -292,7 +304,7 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   g = pick(c.maximize, -g, g);
   // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
   A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
-  if constexpr (kGroup) floor = floor + ga[i];
+  if constexpr (kGroup && kProx == ProxMode::kPreconditioned) floor = floor + ga[i];
   x = x * c.decay;
   A m = m1[i];
   const A diff = g - m;
@@ -349,14 +361,14 @@ __attribute__((noinline)) void adamw_elements(const AdamWConst<A>& c, T* __restr
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                  A* __restrict__ m2, A* __restrict__ mx, A* ga, A* work, int64_t begin, int64_t end) {
-  const bool group = kProx == ProxMode::kPreconditioned && c.group > A(0);
+  const bool group = c.group > A(0);
   if constexpr (kNarrow<T>) {
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
     widen(w + begin, wf, n);
     widen(grad + begin, gf, n);
     adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin, kAmsgrad ? mx + begin : mx,
-                                                group ? ga + begin : ga, group ? work + begin : work, 0, n);
+                                                ga ? ga + begin : ga, group ? work + begin : work, 0, n);
     if (!group) narrow(wf, w + begin, n);
   } else {
     auto run = [&](auto lr_tensor, auto l2, auto grouped) {
@@ -380,6 +392,9 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
         tensor ? run(Yes{}, Yes{}, No{}) : run(No{}, Yes{}, No{});
         return;
       }
+    } else if (group) {
+      tensor ? run(Yes{}, No{}, Yes{}) : run(No{}, No{}, Yes{});
+      return;
     }
     tensor ? run(Yes{}, No{}, No{}) : run(No{}, No{}, No{});
   }
