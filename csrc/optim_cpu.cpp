@@ -446,12 +446,19 @@ double group_shrink_step(const std::optional<at::Tensor>& lr_tensor, double lr, 
 }
 
 // Whether the steps with group lasso and the scalar prox step go block by block (blockwise_group_steps): for 16-bit
-// params, whose steps otherwise round float copies back, and where every group's elements are contiguous. Column
-// groups of float32 / float64 params step in place and then shrink (prox_'s group passes): both passes stream
-// through whole rows, where a block of columns reads a short run of each row.
+// params, whose steps otherwise round float copies back; for float32 / float64 params where every group's elements
+// are contiguous and a group fits in the caches. Other groups of float32 / float64 params (columns, a whole large
+// tensor) are stepped in place and then shrunk by prox_'s group passes: both stream through whole rows with every
+// thread, where a block of columns reads a short run of each row and a block of one large group has one thread.
+constexpr int64_t kBlockwiseLargestGroup = 1 << 16;
+
 bool blockwise(at::TensorList params, Grouping grouping) {
-  if (acc_type(params[0].scalar_type()) != params[0].scalar_type() || grouping != Grouping::kCol) return true;
-  return std::none_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.dim() >= 2 && t.size(0) > 1; });
+  if (acc_type(params[0].scalar_type()) != params[0].scalar_type()) return true;
+  return std::all_of(params.begin(), params.end(), [&](const at::Tensor& t) {
+    if (t.numel() == 0) return true;
+    const GroupShape shape = group_shape(t, grouping);
+    return shape.outer == 1 && shape.group_size() <= kBlockwiseLargestGroup;
+  });
 }
 
 // SGD with group lasso: see blockwise_group_steps. Params and state are checked.
