@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -307,6 +308,22 @@ const optim_cpu::GroupPasses& group_passes() {
   return optim_cpu::rounded_twice::kGroupPasses;
 }
 
+// A block's own arrays, reused from block to block and never zeroed: every element is written before it is read.
+class BlockArrays {
+ public:
+  char* get(size_t bytes) {
+    if (bytes > size_) {
+      data_.reset(new char[bytes]);
+      size_ = bytes;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<char[]> data_;
+  size_t size_ = 0;
+};
+
 // t's pointers moved to element `at` (elements of `elem` bytes, states of `acc` bytes).
 AdamWTensor offset(const AdamWTensor& t, int64_t at, size_t elem, size_t acc) {
   const auto move = [&](auto* p, size_t size) { return p == nullptr ? p : static_cast<char*>(p) + at * size; };
@@ -353,13 +370,12 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   const DType elem = dtype_of(dtype);
   const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<char> arrays;
+    BlockArrays arrays;
     for (int64_t k = begin; k < end; ++k) {
       const AdamWTensor& t = tb.ts[blocks[k].first];
       const GroupBlock& b = blocks[k].second;
       const int64_t span = (b.g1 - b.g0) * b.inner;
-      arrays.resize(2 * b.outer * span * acc_size);
-      char* const group = arrays.data();
+      char* const group = arrays.get(2 * b.outer * span * acc_size);
       char* const work = group + b.outer * span * acc_size;
       passes.group_floors(elem, t.param, group, b, t.group_weight);
       for (int64_t o = 0; o < b.outer; ++o) {
@@ -421,17 +437,15 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
     if (ws[i].numel() != 0) add_group_blocks(group_shape(ws[i], grouping), static_cast<int64_t>(i), blocks);
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<char> work;
+    BlockArrays arrays;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t t = blocks[k].first;
       const GroupBlock& b = blocks[k].second;
       const int64_t span = (b.g1 - b.g0) * b.inner;
-      work.resize(b.outer * span * acc_size);
-      for (int64_t o = 0; o < b.outer; ++o) {
-        step(t, (o * b.ngroups + b.g0) * b.inner, span, work.data() + o * span * acc_size);
-      }
-      shrink_block(work.data(), b, acc, ws[t].dim(), grouping, shrink_step, group_lasso);
-      round_into(work.data(), ws[t].data_ptr(), b, dtype);
+      char* const work = arrays.get(b.outer * span * acc_size);
+      for (int64_t o = 0; o < b.outer; ++o) step(t, (o * b.ngroups + b.g0) * b.inner, span, work + o * span * acc_size);
+      shrink_block(work, b, acc, ws[t].dim(), grouping, shrink_step, group_lasso);
+      round_into(work, ws[t].data_ptr(), b, dtype);
     }
   });
 }
