@@ -287,15 +287,19 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 // Group passes' blocks: about this many elements each (the block's own arrays fit in L2 with its params and state),
-// and at least this many column groups (a row of the block spans a few cache lines of float32 elements).
+// and at least this many column groups (a row of the block spans a few cache lines of float32 elements) as long as
+// the block stays within kLargestColumnBlock elements.
 constexpr int64_t kGroupBlockElements = 1 << 15;
 constexpr int64_t kMinColumnGroups = 64;
+constexpr int64_t kLargestColumnBlock = 1 << 22;
 
 // The blocks of groups of tensor t, whole groups each, sized by the shape alone.
 void add_group_blocks(const GroupShape& shape, int64_t t, std::vector<std::pair<int64_t, GroupBlock>>& blocks) {
   const int64_t per_group = shape.group_size();
   int64_t span = std::max<int64_t>(1, kGroupBlockElements / per_group);
-  if (shape.inner == 1 && shape.outer > 1) span = std::max(span, kMinColumnGroups);
+  if (shape.inner == 1 && shape.outer > 1) {
+    span = std::max(span, std::min(kMinColumnGroups, std::max<int64_t>(1, kLargestColumnBlock / per_group)));
+  }
   for (int64_t g0 = 0; g0 < shape.ngroups; g0 += span) {
     blocks.push_back({t, {shape.outer, shape.ngroups, shape.inner, g0, std::min(shape.ngroups, g0 + span)}});
   }
@@ -348,6 +352,7 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
                               double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
                               double group_lasso, c10::string_view groups, bool compute_penalty) {
   const Grouping grouping = parse_grouping(groups);
+  at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
   const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
@@ -481,6 +486,7 @@ at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList
                      bool nesterov, double weight_decay, bool maximize, bool init_buffers, double l1, double l2,
                      double group_lasso, c10::string_view groups, bool compute_penalty) {
   const Grouping grouping = parse_grouping(groups);
+  at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
   const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
@@ -512,6 +518,7 @@ at::Tensor adamw_lr_group(at::TensorList params, at::TensorList grads, at::Tenso
                           double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
                           double group_lasso, c10::string_view groups, bool compute_penalty) {
   const Grouping grouping = parse_grouping(groups);
+  at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
   const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;

@@ -216,10 +216,11 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   });
   for (int64_t j = 0; j < ng; ++j) {
     const double n = std::sqrt(norm[j]) * scale[j];
-    norm[j] = weight / (n == 0 ? 1.0 : n);
+    norm[j] = n == 0 ? 1.0 : n;
   }
+  // |w_i| / ‖w_g‖ first, as the reference: weight / ‖w_g‖ overflows for a float64 group of subnormal norm.
   for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
-    out[l] = static_cast<A>(std::abs(static_cast<double>(w[i])) * norm[j]);
+    out[l] = static_cast<A>((std::abs(static_cast<double>(w[i])) / norm[j]) * weight);
   });
 }
 

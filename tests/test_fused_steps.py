@@ -501,6 +501,23 @@ def test_group_lasso_in_adams_metric_is_as_close_to_the_float64_steps_as_the_ref
             assert ours_ <= 1.5 * refs + 1e-9, (tuple(e.shape), measure.__name__, ours_, refs)
 
 
+def test_group_lasso_in_adams_metric_with_float64_groups_of_subnormal_norm(backend, device):
+    """A float64 group whose norm is subnormal gets the reference's floors (|w|/‖w_g‖ first: ‖w_g‖'s reciprocal
+    overflows), so the group vanishes as in the reference, instead of an infinite floor that leaves it unshrunk."""
+    from regfast.reference import optim as reference
+
+    def step(fn):
+        ps = [torch.tensor([[1e-310, -1e-310], [0.5, 1e-310]], dtype=torch.float64, device=device)]
+        state = [[torch.zeros_like(ps[0])] for _ in range(3)]
+        fn(ps, [torch.zeros_like(ps[0])], *state, [torch.zeros(())], None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False,
+           0.0, 0.0, 1.0, "row", "preconditioned", False)
+        return ps[0]
+
+    expected = step(reference.adamw_step_)
+    assert torch.equal(expected[0], torch.zeros(2, dtype=torch.float64, device=device))
+    torch.testing.assert_close(step(select(device).adamw_step_), expected, rtol=1e-15, atol=0)
+
+
 def test_direct_calls_mutate_and_return_the_penalty(backend, device):
     """The backend functions themselves: state written in place, the penalty of the new params returned."""
     ops = select(device)
