@@ -117,21 +117,24 @@ std::vector<at::Tensor> penalty_gradient_scales(const std::vector<at::Tensor>& p
 // Newton steps of the group shrink in a diagonal metric (reference: METRIC_NEWTON_STEPS).
 constexpr int kMetricNewtonSteps = 8;
 
-// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ for every group (reference: _metric_group_shrink_).
+// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ for every group (reference: _metric_group_shrink_): the test
+// and Newton's steps in float64, the factor from t rounded to u's dtype.
 void metric_group_shrink_(at::Tensor& u, const at::Tensor& a, const std::vector<int64_t>& dims) {
   if (u.numel() == 0) return;
-  const at::Tensor nonzero = u != 0;
-  const at::Tensor vanishes = group_sum(at::where(nonzero, u / a, 0).square(), dims) <= 1;
+  const at::Tensor u64 = u.to(at::kDouble), a64 = a.to(at::kDouble);
+  const at::Tensor nonzero = u64 != 0;
+  const at::Tensor vanishes = group_sum(at::where(nonzero, u64 / a64, 0).square(), dims) <= 1;
   const double tiny =
       u.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  at::Tensor t = at::clamp_min(group_sum(u.square(), dims).sqrt() - group_max(a, dims), 0);
+  at::Tensor t = at::clamp_min(group_sum(u64.square(), dims).sqrt() - group_max(a64, dims), 0);
   for (int k = 0; k < kMetricNewtonSteps; ++k) {
-    const at::Tensor x = (t + a).clamp_min(tiny);
-    const at::Tensor q2 = at::where(nonzero, u / x, 0).square();
+    const at::Tensor x = (t + a64).clamp_min(tiny);
+    const at::Tensor q2 = at::where(nonzero, u64 / x, 0).square();
     const at::Tensor r2 = group_sum(q2, dims);
     const at::Tensor slope = group_sum(q2 / x, dims).clamp_min(tiny);
     t = t + (r2.sqrt() - 1) * r2 / slope;
   }
+  t = t.to(u.scalar_type());
   const at::Tensor factor = t / (t + a).clamp_min(tiny);
   u.mul_(at::where(vanishes, 0, factor));
 }

@@ -85,6 +85,31 @@ def test_group_lasso_at_the_edges_of_the_range(backend, groups, dtype, scale):
             assert abs(xv - v * factor) <= tol * abs(v), (xv, v, factor)
 
 
+# Adam's metric takes its Newton steps in float64 unscaled: float64 weights beyond about 1e±150 are out of reach.
+METRIC_EDGES = [(d, s) for d, s in EDGES if d != torch.float64 or 1e-150 < s < 1e150]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", ["row", "col"])
+@pytest.mark.parametrize("dtype, scale", METRIC_EDGES, ids=[f"{str(d)[6:]}-{s:g}" for d, s in METRIC_EDGES])
+def test_group_lasso_in_adams_metric_at_the_edges_of_the_range(backend, groups, dtype, scale):
+    """A ProxAdamW step with group lasso in Adam's metric on weights whose squares leave the dtype's range: every
+    new weight finite, as the torch backend's (float32 weights of 3e19 had overflowed ‖u_g‖² into NaN)."""
+    from regfast.optim import ProxAdamW
+
+    results = []
+    for name in ("torch", backend):
+        p = _weights(dtype, scale, groups).requires_grad_()
+        p.grad = (torch.ones_like(p) * scale).to(dtype)
+        with use_backend(name):
+            ProxAdamW([p], lr=0.1, group_lasso=0.5, groups=groups).step()
+        results.append(p.detach())
+    expected, actual = results
+    assert torch.isfinite(actual).all() and torch.isfinite(expected).all(), (actual, expected)
+    tol = _tolerance(dtype, scale)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=4 * tol, atol=4 * tol * scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_group_norms_propagate_nan_and_inf(backend):
     w = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0], [3.0, 4.0]])

@@ -212,15 +212,19 @@ def _metric_group_shrink_(u: Tensor, a: Tensor, groups: str) -> None:
     def group_max(x: Tensor) -> Tensor:
         return x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
 
-    nonzero = u != 0
-    vanishes = group_sum(torch.where(nonzero, u / a, 0).square()) <= 1
+    # The test and Newton's steps in float64, where ‖u_g‖² of float32 / 16-bit weights neither overflows nor
+    # underflows; t is then rounded to u's dtype, where the factor is formed.
+    u64, a64 = u.to(torch.float64), a.to(torch.float64)
+    nonzero = u64 != 0
+    vanishes = group_sum(torch.where(nonzero, u64 / a64, 0).square()) <= 1
     tiny = torch.finfo(u.dtype).tiny
-    t = torch.clamp_min(group_sum(u.square()).sqrt() - group_max(a), 0)
+    t = torch.clamp_min(group_sum(u64.square()).sqrt() - group_max(a64), 0)
     for _ in range(METRIC_NEWTON_STEPS):
-        x = (t + a).clamp_min(tiny)
-        q2 = torch.where(nonzero, u / x, 0).square()
+        x = (t + a64).clamp_min(tiny)
+        q2 = torch.where(nonzero, u64 / x, 0).square()
         r2 = group_sum(q2)
         slope = group_sum(q2 / x).clamp_min(tiny)
         t = t + (r2.sqrt() - 1) * r2 / slope
+    t = t.to(u.dtype)
     factor = t / (t + a).clamp_min(tiny)
     u.mul_(torch.where(vanishes, 0, factor))
