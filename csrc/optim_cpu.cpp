@@ -340,6 +340,18 @@ AdamWTensor offset(const AdamWTensor& t, int64_t at, size_t elem, size_t acc) {
   return out;
 }
 
+// The scalars of an AdamW step with group lasso (AdamWArgs::group), prox "lr" or "preconditioned".
+AdamWArgs adamw_group_args(at::ScalarType dtype, const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, double l1,
+                           double l2, bool prox_lr) {
+  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc_type(dtype)) : lr;
+  AdamWArgs args = optim_cpu::adamw_args(dtype, step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
+                                         amsgrad, maximize, l1, l2, prox_lr, false);
+  if (!prox_lr) args.prox = ProxMode::kPreconditioned;
+  args.group = true;
+  return args;
+}
+
 // AdamW with prox="preconditioned" and group lasso (reference: adamw_step_ with penalty_gradient_scales and
 // metric_prox_), one block of groups at a time, each in one visit to its params and state: the group terms of the
 // floors from the params before the step (into the block's own array), the one-pass step over the block's runs
@@ -355,11 +367,8 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
-  AdamWArgs args = optim_cpu::adamw_args(dtype, step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
-                                         amsgrad, maximize, l1, l2, false, false);
-  args.prox = ProxMode::kPreconditioned;
-  args.group = true;
+  const AdamWArgs args = adamw_group_args(dtype, lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                          l1, l2, false);
   AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
@@ -521,10 +530,8 @@ at::Tensor adamw_lr_group(at::TensorList params, at::TensorList grads, at::Tenso
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
-  AdamWArgs args = optim_cpu::adamw_args(dtype, step, lr_tensor.has_value(), beta1, beta2, eps, weight_decay,
-                                         amsgrad, maximize, l1, l2, true, false);
-  args.group = true;
+  const AdamWArgs args = adamw_group_args(dtype, lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                          l1, l2, true);
   const AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
   const auto run = optim_cpu::loops().adamw;
