@@ -199,9 +199,9 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   double* __restrict__ scale = buf.data();
   double* __restrict__ norm = scale + ng;
   double* __restrict__ unused = norm + ng;
-  double* __restrict__ ones = unused + ng;
+  double* __restrict__ zeros = unused + ng;
   if constexpr (kScaled) {
-    group_reduce<Max>(b, w, w, ones, 0.0, scale, unused, [](auto x, auto, auto, auto& v0, auto& v1) {
+    group_reduce<Max>(b, w, w, zeros, 0.0, scale, unused, [](auto x, auto, auto, auto& v0, auto& v1) {
       v0 = magnitude(x);
       v1 = x - x;
     });

@@ -394,6 +394,20 @@ def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
         assert roots and divisions <= needed * roots, (name, divisions, roots, needed)
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
+def test_the_newton_steps_of_the_metric_group_shrink_divide_packed_vectors():
+    """The group shrink in Adam's metric (csrc/optim_cpu_groups.h) divides packed doubles, several lanes an
+    instruction, in every variant it is built for: AVX's vdivpd in the AVX2 one, SSE2's divpd in the baseline."""
+    shrinks = [(name, ops) for name, ops in _functions(Path(_ext._C.__file__))
+               if "metric_shrink_typed<" in name and ".cold" not in name]
+    for scope, packed in (("regfast::optim_cpu::avx2_fma::", "vdivpd"), ("regfast::optim_cpu::baseline::", "divpd")):
+        found = [(name, ops) for name, ops in shrinks if scope in name]
+        assert found, [name for name, _ in shrinks]
+        for name, ops in found:
+            assert packed in ops, (name, sorted(set(ops)))
+
+
 GDB_PROGRAM = """
 import torch, regfast
 from regfast.optim import ProxAdamW, ProxSGD
