@@ -287,10 +287,12 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 // Group passes' blocks: about this many elements each (the block's own arrays fit in L2 with its params and state),
-// and at least this many column groups (a row of the block spans a few cache lines of float32 elements) as long as
-// the block stays within kLargestColumnBlock elements.
+// and at least this many column groups as long as the block stays within kLargestColumnBlock elements: a block of
+// columns reads a run of each row, rows a row's length apart, and runs of 64 elements (two cache lines of 16-bit
+// params) left the step waiting on memory (2048 × 2048 float16 SGD by columns, one thread: 7.7-8.2 ms per step with
+// 64, 5.0-5.4 with 256).
 constexpr int64_t kGroupBlockElements = 1 << 15;
-constexpr int64_t kMinColumnGroups = 64;
+constexpr int64_t kMinColumnGroups = 256;
 constexpr int64_t kLargestColumnBlock = 1 << 22;
 
 // The blocks of groups of tensor t, whole groups each, sized by the shape alone.
@@ -423,19 +425,6 @@ void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t d
   cpu_ops::prox(block, std::nullopt, step, 0.0, 0.0, gl, grouping);
 }
 
-// The block's own array (accumulation dtype) rounded into the params (element type `dtype`), as the kernels round.
-void round_into(const void* work, void* param, const GroupBlock& b, at::ScalarType dtype) {
-  const int64_t span = (b.g1 - b.g0) * b.inner;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_round_into", [&] {
-    using A = acc_t<scalar_t>;
-    for (int64_t o = 0; o < b.outer; ++o) {
-      const A* __restrict__ src = static_cast<const A*>(work) + o * span;
-      scalar_t* __restrict__ dst = static_cast<scalar_t*>(param) + (o * b.ngroups + b.g0) * b.inner;
-      for (int64_t k = 0; k < span; ++k) dst[k] = static_cast<scalar_t>(src[k]);
-    }
-  });
-}
-
 // A step with group lasso and the scalar prox step (SGD, AdamW with prox="lr"), one block of groups at a time, each
 // in one visit to its params and state: step(t, at, n, work) runs the one-pass step (the elementwise prox included)
 // over n elements of tensor t from element `at`, its new values into `work`; then the group shrink with step
@@ -446,6 +435,8 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
   const auto dtype = ws[0].scalar_type();
   const auto acc = acc_type(dtype);
   const size_t acc_size = c10::elementSize(acc);
+  const DType elem = dtype_of(dtype);
+  const auto& passes = group_passes();
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < ws.size(); ++i) {
     if (ws[i].numel() != 0) add_group_blocks(group_shape(ws[i], grouping), static_cast<int64_t>(i), blocks);
@@ -459,7 +450,7 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
       char* const work = arrays.get(b.outer * span * acc_size);
       for (int64_t o = 0; o < b.outer; ++o) step(t, (o * b.ngroups + b.g0) * b.inner, span, work + o * span * acc_size);
       shrink_block(work, b, acc, ws[t].dim(), grouping, shrink_step, group_lasso);
-      round_into(work, ws[t].data_ptr(), b, dtype);
+      passes.round_into(elem, work, ws[t].data_ptr(), b);
     }
   });
 }

@@ -99,9 +99,11 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
 // contiguously, [outer, g1 − g0, inner]; the params `w` (element type `elem`) are the whole tensor.
 // group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params.
 // metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
+// round_into: the block's array `work` rounded into its params, as the kernels round (F16C where the CPU has it).
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
+  void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
 };
 
 namespace rounded_twice {

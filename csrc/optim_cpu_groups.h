@@ -311,6 +311,23 @@ inline void metric_shrink_run(DType elem, void* u, const void* a, void* w, const
   });
 }
 
+inline void round_into_run(DType elem, const void* work, void* w, const GroupBlock& b) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const int64_t span = (b.g1 - b.g0) * b.inner;
+    for (int64_t o = 0; o < b.outer; ++o) {
+      const A* src = static_cast<const A*>(work) + o * span;
+      T* dst = static_cast<T*>(w) + (o * b.ngroups + b.g0) * b.inner;
+      if constexpr (std::is_same_v<T, A>) {
+        std::memcpy(dst, src, static_cast<size_t>(span) * sizeof(T));
+      } else {
+        narrow(src, dst, span);
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace REGFAST_OPTIM_LOOPS
 }  // namespace optim_cpu
