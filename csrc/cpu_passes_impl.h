@@ -323,18 +323,26 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
         // float16's conversions on its own, and its loop's threshold takes two compares and two blends where a
         // threshold that is not NaN takes a max and a min (bfloat16 l1, GPT-2 small at half scale, 1 thread: 17.3
         // -> 15.3 ms). No software prefetch here: in pieces around the compiler's loop it measured slower.
+        // The loop's scalars and pointer are copied into its own lambda: the vector stores may alias anything, and a
+        // loop over captures by reference loaded them again after every store (AVX-512 prox_ l1+l2 of 32M elements,
+        // one thread, alternating builds: bfloat16 3.9-4.0 -> 3.3-3.4 ms, float16 3.0-3.2 -> 2.6).
         if constexpr (!std::is_same_v<T, double>) {
-          const bool number = elastic.threshold == elastic.threshold;
-          for (; i + kLanes <= e; i += kLanes) {
-            Vec<A> x = load_lanes<A>(w + i);
-            if constexpr (kT) {
-              x = number ? soft_threshold_number_lanes<A>(x, elastic.threshold)
-                         : soft_threshold_lanes<A>(x, elastic.threshold);
+          const A threshold = elastic.threshold, shrink = elastic.shrink;
+          T* const out = w;
+          const auto lanes = [=](auto number, int64_t k) {
+            for (; k + kLanes <= e; k += kLanes) {
+              Vec<A> x = load_lanes<A>(out + k);
+              if constexpr (kT) {
+                x = decltype(number)::value ? soft_threshold_number_lanes<A>(x, threshold)
+                                            : soft_threshold_lanes<A>(x, threshold);
+              }
+              if constexpr (kShrink) x = x * shrink;
+              if constexpr (kGroup) x = x * scale.lanes(k);
+              store_lanes<A>(out + k, x);
             }
-            if constexpr (kShrink) x = x * elastic.shrink;
-            if constexpr (kGroup) x = x * scale.lanes(i);
-            store_lanes<A>(w + i, x);
-          }
+            return k;
+          };
+          i = !kT || threshold == threshold ? lanes(std::true_type{}, i) : lanes(std::false_type{}, i);
         }
         for (; i < e; ++i) {
           A x = static_cast<A>(w[i]);
