@@ -204,7 +204,9 @@ inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __rest
   A g = static_cast<A>(grad[i]);
   g = pick(c.maximize, -g, g);
   g = pick(c.has_weight_decay, fmadd<kFused>(x, c.weight_decay, g), g);
-  if constexpr (kMode != Momentum::kNone) {
+  if constexpr (kMode == Momentum::kReplay) {
+    g = pick(c.nesterov, fmadd<kFused>(buf[i], c.momentum, g), buf[i]);
+  } else if constexpr (kMode != Momentum::kNone) {
     A b = g;
     if constexpr (kMode == Momentum::kUpdate) b = fmadd<kFused>(g, c.keep, buf[i] * c.momentum);
     buf[i] = b;
@@ -263,7 +265,7 @@ template <typename A>
 struct AdamWConst {
   A lr, decay, beta1_weight, beta1_weight_m1, beta2, beta2_weight, eps, threshold, shrink, l1, two_l2;
   A step_size, bc2_sqrt, group_weight;
-  A maximize, lr_is_tensor, small_weight, has_l1, has_l2, group;
+  A maximize, lr_is_tensor, small_weight, has_l1, has_l2, group, replay;
 
   AdamWConst(const AdamWArgs& a, const AdamWTensor& t)
       : lr(static_cast<A>(a.lr)),
@@ -286,7 +288,8 @@ struct AdamWConst {
         small_weight(flag<A>(std::abs(static_cast<A>(a.beta1_weight)) < A(0.5))),
         has_l1(flag<A>(a.has_l1)),
         has_l2(flag<A>(a.has_l2)),
-        group(flag<A>(a.group)) {}
+        group(flag<A>(a.group)),
+        replay(flag<A>(a.replay)) {}
 };
 
 // One element of the AdamW step and the prox. kLrTensor and kL2 are c.lr_is_tensor and c.has_l2 (kL2 only for the
@@ -295,7 +298,10 @@ struct AdamWConst {
 // kGroup (group lasso, the group shrink to follow): the param's new value goes to work[i] (unrounded); with the
 // preconditioned prox the floor also adds the group term ga[i], and the elementwise prox's step in the l2 metric
 // times group_weight goes to ga[i].
-template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup, typename A>
+// kGroup: 0, 1 (group lasso), or kReplayGroup (AdamWArgs::replay: the moments read again, not updated).
+constexpr int kReplayGroup = 2;
+
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, int kGroup, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                           A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
                           int64_t i) {
@@ -307,15 +313,20 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   if constexpr (kGroup && kProx == ProxMode::kPreconditioned) floor = floor + ga[i];
   x = x * c.decay;
   A m = m1[i];
-  const A diff = g - m;
-  m = pick(c.small_weight, fmadd<kFused>(c.beta1_weight, diff, m), fmadd<kFused>(c.beta1_weight_m1, diff, g));
-  m1[i] = m;
-  const A v = fmadd<kFused>(c.beta2_weight * g, g, m2[i] * c.beta2);
-  m2[i] = v;
-  A second = v;
-  if constexpr (kAmsgrad) {
-    second = maximum(mx[i], v);
-    mx[i] = second;
+  A second;
+  if constexpr (kGroup == kReplayGroup) {
+    second = kAmsgrad ? mx[i] : m2[i];
+  } else {
+    const A diff = g - m;
+    m = pick(c.small_weight, fmadd<kFused>(c.beta1_weight, diff, m), fmadd<kFused>(c.beta1_weight_m1, diff, g));
+    m1[i] = m;
+    const A v = fmadd<kFused>(c.beta2_weight * g, g, m2[i] * c.beta2);
+    m2[i] = v;
+    second = v;
+    if constexpr (kAmsgrad) {
+      second = maximum(mx[i], v);
+      mx[i] = second;
+    }
   }
   A denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
   // prox="preconditioned": Adam's denominator is at least the penalty's gradient (reference.penalty_gradient_scales),
@@ -347,7 +358,7 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
   }
 }
 
-template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, bool kGroup,
+template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, int kGroup,
           typename A>
 __attribute__((noinline)) void adamw_elements(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                               A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
@@ -392,6 +403,10 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
         tensor ? run(Yes{}, Yes{}, No{}) : run(No{}, Yes{}, No{});
         return;
       }
+    } else if (group && c.replay > A(0)) {
+      using Replay = std::integral_constant<int, kReplayGroup>;
+      tensor ? run(Yes{}, No{}, Replay{}) : run(No{}, No{}, Replay{});
+      return;
     } else if (group) {
       tensor ? run(Yes{}, No{}, Yes{}) : run(No{}, No{}, Yes{});
       return;
@@ -459,6 +474,9 @@ void sgd_typed(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t e
       break;
     case Momentum::kUpdate:
       sgd_for_mode<T, kFused, Momentum::kUpdate>(args, t, begin, end, sums);
+      break;
+    case Momentum::kReplay:
+      sgd_for_mode<T, kFused, Momentum::kReplay>(args, t, begin, end, sums);
       break;
   }
 }

@@ -386,7 +386,7 @@ def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
              if "adamw_elements<" in name and re.search(r"adamw_elements<(float|c10::BFloat16|c10::Half),", name)]
     assert len(loops) >= 24, [name for name, _ in loops]
     for name, ops in loops:
-        mode, tensor, l2, _ = re.search(r"\(regfast::ProxMode\)(\d), (true|false), (true|false), (true|false), float>",
+        mode, tensor, l2, _ = re.search(r"\(regfast::ProxMode\)(\d), (true|false), (true|false), (\d), float>",
                                         name).groups()
         divisions = sum(op.removeprefix("v") == "divps" for op in ops)
         roots = sum(op.removeprefix("v") == "sqrtps" for op in ops)

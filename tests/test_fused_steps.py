@@ -453,6 +453,40 @@ def test_group_lasso_after_the_fused_step(backend, device, kind, config, dtype, 
         assert not all(torch.equal(p, q) for p, q in zip(twins.params, without.params))  # the group term did act
 
 
+LARGE_COLUMN_CASES = [
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l1=0.01, l2=0.1, group_lasso=0.5, groups="col")),
+    ("sgd", dict(lr=torch.tensor(0.05), momentum=0.8, dampening=0.3, maximize=True, group_lasso=0.5, groups="col")),
+    ("sgd", dict(l1=0.01, group_lasso=0.5, groups="col")),
+    ("adamw", dict(prox="lr", amsgrad=True, l1=0.01, l2=0.1, group_lasso=0.5, groups="col")),
+    ("adamw", dict(prox="lr", lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col"))]
+
+
+@pytest.mark.parametrize("kind, config", LARGE_COLUMN_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_column_groups_of_large_16bit_params(backend, device, kind, config, dtype):
+    """Column groups of 16-bit params of at least 2**22 elements go in two passes over whole rows on the CPU (the
+    step, then the step again from the state it left), beside a small tensor that goes by blocks of columns: with
+    and without momentum, within two units in the last place of the reference (its column norms, sums of a thousand
+    squares, are taken in another order: a factor one float32 ulp apart rounds a rare element the other way, by
+    blocks as in two passes), and the same bits on 1 and 2 threads."""
+    if backend != "cpp" or device != "cpu":
+        pytest.skip("the CPU kernels' steps by columns")
+    shapes = [(1031, 4099), (64, 600)]
+    lockstep(backend, optimizer(kind, config, True), shapes, dtype, device,
+             Agreement(ulps(2), within(1e-4), within(2e-5, atol=1e-30)), 3)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            twins = run(backend, device, kind, config, dtype, shapes=shapes, noncontig=(), steps=2, reference=False)
+            runs.append([*twins.params, *(t for p in twins.params for t in twins.opt.state[p].values())])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 METRIC_CASES = [pytest.param(dict(l1=0.01, l2=0.1, group_lasso=0.05, groups=groups, prox="preconditioned",
                                   amsgrad=True), dtype, id=f"amsgrad-{groups}-{str(dtype)[6:]}")
                 for groups in ("row", "col", "tensor") for dtype in (torch.float32, torch.float64, torch.bfloat16)]
