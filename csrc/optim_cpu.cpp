@@ -425,69 +425,83 @@ void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t d
   cpu_ops::prox(block, std::nullopt, step, 0.0, 0.0, gl, grouping);
 }
 
-// The column groups of a 16-bit tensor t ([outer, ngroups, 1]: groups a row's length apart) in two passes over whole
-// rows, where a block of columns would read a short run of each row (and wait on memory for each): the first pass
-// steps (states updated) and sums the squares of the unrounded new values per column; the second steps again from
-// the updated states (step(..., replay = true) computes the same values, writing no state), shrinks each column by
-// prox_'s factor max(0, 1 − step·gl·√|g| / ‖u_g‖) and rounds into the params. Rows go in chunks fixed by the shape
-// (at most kColumnChunks, each summed in row order, the chunks' sums then added in order): the same bits for any
-// thread count. Costs one more read of the param, grad and state than one pass: taken for tensors of at least
-// kColumnPassesElements elements, which outgrow the caches (GPT-2 small's shapes in float16, SGD by columns, one
-// thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not for smaller ones, whose blocks of columns
-// come from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two passes).
+// The column groups of a large 16-bit tensor t ([outer, ngroups, 1]: groups a row's length apart), or its one group
+// (groups "tensor", a 1-D tensor), in two passes over its elements in order, where blocks of columns would read a
+// short run of each row (and wait on memory for each) and a one-group block would be the whole tensor on one thread
+// (with arrays of its size): the first pass steps (states updated) and sums the squares of the unrounded new values
+// per column (one group: per lane of kOneGroupLanes, the elements taken as rows of that many); the second steps
+// again from the updated states (step(..., replay = true) computes the same values, writing no state), shrinks each
+// group by prox_'s factor max(0, 1 − step·gl·√|g| / ‖u_g‖) and rounds into the params. Rows go in chunks fixed by
+// the shape (at most kColumnChunks, each summed in row order, the chunks' sums then added in order; one group's
+// lanes then added in order): the same bits for any thread count. Costs one more read of the param, grad and state
+// than one pass: taken for tensors of at least kColumnPassesElements elements, which outgrow the caches (GPT-2
+// small's shapes in float16, SGD by columns, one thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not
+// for smaller ones, whose blocks of columns come from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6
+// in two passes).
 constexpr int64_t kColumnChunks = 64;
 constexpr int64_t kColumnPassesElements = 1 << 22;
+constexpr int64_t kOneGroupLanes = 64;
 
 template <typename Step>
-void column_group_steps(const at::Tensor& w, int64_t t, const GroupShape& shape, double shrink_step,
-                        double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
+void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one_group, double shrink_step,
+                          double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
   using A = float;
-  const int64_t rows = shape.outer, cols = shape.ngroups;
+  const int64_t numel = w.numel();
+  const int64_t rows = (numel + cols - 1) / cols;  // the last one short for one group
   const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);  // rows stepped at a time
   const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
   const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  std::vector<double> sums(static_cast<size_t>(chunks * cols), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    BlockArrays arrays;
-    A* const work = reinterpret_cast<A*>(arrays.get(static_cast<size_t>(piece * cols) * sizeof(A)));
-    for (int64_t k = begin; k < end; ++k) {
-      double* __restrict__ s = sums.data() + k * cols;
-      for (int64_t r0 = k * per_chunk; r0 < std::min(rows, (k + 1) * per_chunk); r0 += piece) {
-        const int64_t n = std::min(piece, std::min(rows, (k + 1) * per_chunk) - r0);
-        step(t, r0 * cols, n * cols, work, false);
-        for (int64_t r = 0; r < n; ++r) {
-          const A* __restrict__ x = work + r * cols;
-          for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<double>(x[c]) * static_cast<double>(x[c]);
+  // Runs body(at, n, work) over the chunks' pieces: elements [at, at + n) in `work`, in parallel over the chunks.
+  const auto for_pieces = [&](auto&& body) {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockArrays arrays;
+      A* const work = reinterpret_cast<A*>(arrays.get(static_cast<size_t>(piece * cols) * sizeof(A)));
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t last = std::min(rows, (k + 1) * per_chunk);
+        for (int64_t r0 = k * per_chunk; r0 < last; r0 += piece) {
+          const int64_t at = r0 * cols;
+          body(k, at, std::min(numel, std::min(last, r0 + piece) * cols) - at, work);
         }
       }
+    });
+  };
+  std::vector<double> sums(static_cast<size_t>(chunks * cols), 0.0);
+  for_pieces([&](int64_t k, int64_t at, int64_t n, A* work) {
+    step(t, at, n, work, false);
+    double* __restrict__ s = sums.data() + k * cols;
+    for (int64_t e = 0; e < n; e += cols) {
+      const A* __restrict__ x = work + e;
+      const int64_t m = std::min(cols, n - e);
+      for (int64_t c = 0; c < m; ++c) s[c] += static_cast<double>(x[c]) * static_cast<double>(x[c]);
     }
   });
-  // prox_'s group factor (cpu_passes_impl.h: prox_pass) from the column norms.
-  const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(rows));
+  // prox_'s group factor (cpu_passes_impl.h: prox_pass) from the group norms.
+  std::vector<double> totals(static_cast<size_t>(cols), 0.0);
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t k = 0; k < chunks; ++k) totals[c] += sums[k * cols + c];
+  }
+  if (one_group) {
+    double total = 0;
+    for (int64_t c = 0; c < cols; ++c) total += totals[c];
+    std::fill(totals.begin(), totals.end(), total);
+  }
+  const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(one_group ? numel : rows));
   std::vector<A> factor(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) {
-    double sum = 0;
-    for (int64_t k = 0; k < chunks; ++k) sum += sums[k * cols + c];
-    const double norm = std::sqrt(sum);
+    const double norm = std::sqrt(totals[c]);
     factor[c] = norm == 0 ? A(0) : static_cast<A>(std::max(1 - coef / norm, 0.0));
   }
+  char* const params = static_cast<char*>(w.data_ptr());
   const size_t elem_size = w.element_size();
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    BlockArrays arrays;
-    A* const work = reinterpret_cast<A*>(arrays.get(static_cast<size_t>(piece * cols) * sizeof(A)));
+  for_pieces([&](int64_t, int64_t at, int64_t n, A* work) {
+    step(t, at, n, work, true);
     const A* __restrict__ f = factor.data();
-    for (int64_t k = begin; k < end; ++k) {
-      for (int64_t r0 = k * per_chunk; r0 < std::min(rows, (k + 1) * per_chunk); r0 += piece) {
-        const int64_t n = std::min(piece, std::min(rows, (k + 1) * per_chunk) - r0);
-        step(t, r0 * cols, n * cols, work, true);
-        for (int64_t r = 0; r < n; ++r) {
-          A* __restrict__ x = work + r * cols;
-          for (int64_t c = 0; c < cols; ++c) x[c] = x[c] * f[c];
-        }
-        passes.round_into(elem, work, static_cast<char*>(w.data_ptr()) + r0 * cols * elem_size,
-                          GroupBlock{1, n * cols, 1, 0, n * cols});
-      }
+    for (int64_t e = 0; e < n; e += cols) {
+      A* __restrict__ x = work + e;
+      const int64_t m = std::min(cols, n - e);
+      for (int64_t c = 0; c < m; ++c) x[c] = x[c] * f[c];
     }
+    passes.round_into(elem, work, params + at * elem_size, GroupBlock{1, n, 1, 0, n});
   });
 }
 
@@ -495,7 +509,7 @@ void column_group_steps(const at::Tensor& w, int64_t t, const GroupShape& shape,
 // in one visit to its params and state: step(t, at, n, work, false) runs the one-pass step (the elementwise prox
 // included) over n elements of tensor t from element `at`, its new values into `work`; then the group shrink with
 // step lr/(1 + 2·lr·l2) on the block's array (reference: prox_step_ after the step), rounded into the params. Column
-// groups of large 16-bit params go by column_group_steps.
+// groups and single groups of large 16-bit params go by two_pass_group_steps.
 template <typename Step>
 void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrink_step, double group_lasso,
                            Step&& step) {
@@ -509,8 +523,12 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
   for (size_t i = 0; i < ws.size(); ++i) {
     if (ws[i].numel() == 0) continue;
     const GroupShape shape = group_shape(ws[i], grouping);
-    if (narrow && shape.inner == 1 && shape.outer > 1 && ws[i].numel() >= kColumnPassesElements) {
-      column_group_steps(ws[i], static_cast<int64_t>(i), shape, shrink_step, group_lasso, elem, passes, step);
+    if (narrow && ws[i].numel() >= kColumnPassesElements && shape.inner == 1 && shape.outer > 1) {
+      two_pass_group_steps(ws[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso, elem,
+                           passes, step);
+    } else if (narrow && ws[i].numel() >= kColumnPassesElements && shape.ngroups == 1) {
+      two_pass_group_steps(ws[i], static_cast<int64_t>(i), kOneGroupLanes, true, shrink_step, group_lasso, elem,
+                           passes, step);
     } else {
       add_group_blocks(shape, static_cast<int64_t>(i), blocks);
     }
@@ -571,7 +589,7 @@ at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList
   const auto ws = contiguous_all(params);
   const auto gs = contiguous_all(grads);
   const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
-  SgdArgs again = args;  // the step once more from the buffers as it left them (column_group_steps)
+  SgdArgs again = args;  // the step once more from the buffers as it left them (two_pass_group_steps)
   if (again.momentum_mode != Momentum::kNone) again.momentum_mode = Momentum::kReplay;
   const auto run = optim_cpu::loops().sgd;
   const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
@@ -603,7 +621,7 @@ at::Tensor adamw_lr_group(at::TensorList params, at::TensorList grads, at::Tenso
                                           l1, l2, true);
   const AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
-  AdamWArgs again = args;  // the step once more from the moments as it left them (column_group_steps)
+  AdamWArgs again = args;  // the step once more from the moments as it left them (two_pass_group_steps)
   again.replay = true;
   const auto run = optim_cpu::loops().adamw;
   const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);

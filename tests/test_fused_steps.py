@@ -458,20 +458,23 @@ LARGE_COLUMN_CASES = [
     ("sgd", dict(lr=torch.tensor(0.05), momentum=0.8, dampening=0.3, maximize=True, group_lasso=0.5, groups="col")),
     ("sgd", dict(l1=0.01, group_lasso=0.5, groups="col")),
     ("adamw", dict(prox="lr", amsgrad=True, l1=0.01, l2=0.1, group_lasso=0.5, groups="col")),
-    ("adamw", dict(prox="lr", lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col"))]
+    ("adamw", dict(prox="lr", lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col")),
+    ("sgd", dict(momentum=0.9, l1=0.01, l2=0.1, group_lasso=0.5, groups="tensor")),
+    ("adamw", dict(prox="lr", l1=0.01, group_lasso=2.0, groups="tensor"))]
 
 
 @pytest.mark.parametrize("kind, config", LARGE_COLUMN_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_column_groups_of_large_16bit_params(backend, device, kind, config, dtype):
-    """Column groups of 16-bit params of at least 2**22 elements go in two passes over whole rows on the CPU (the
-    step, then the step again from the state it left), beside a small tensor that goes by blocks of columns: with
-    and without momentum, within two units in the last place of the reference (its column norms, sums of a thousand
-    squares, are taken in another order: a factor one float32 ulp apart rounds a rare element the other way, by
-    blocks as in two passes), and the same bits on 1 and 2 threads."""
+def test_large_16bit_params_by_columns_or_whole(backend, device, kind, config, dtype):
+    """The column groups of 16-bit params of at least 2**22 elements, and their single groups (a whole tensor, a
+    1-D one by columns), go in two passes over the elements in order on the CPU (the step, then the step again from
+    the state it left), beside a small tensor that goes by blocks: with and without momentum, within two units in
+    the last place of the reference (its group norms, sums of thousands of squares, are taken in another order: a
+    factor one float32 ulp apart rounds a rare element the other way, by blocks as in two passes), and the same
+    bits on 1 and 2 threads."""
     if backend != "cpp" or device != "cpu":
-        pytest.skip("the CPU kernels' steps by columns")
-    shapes = [(1031, 4099), (64, 600)]
+        pytest.skip("the CPU kernels' steps with group lasso on large tensors")
+    shapes = [(1031, 4099), (64, 600), (2**22 + 37,)]
     lockstep(backend, optimizer(kind, config, True), shapes, dtype, device,
              Agreement(ulps(2), within(1e-4), within(2e-5, atol=1e-30)), 3)
     threads = torch.get_num_threads()
