@@ -20,8 +20,8 @@ enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// SGD's momentum buffer: none, set to the gradient (a param's first step), or updated; kReplay (CPU steps with
-// group lasso by columns): the buffer as a step left it, read again.
+// SGD's momentum buffer: none, set to the gradient (a param's first step), or updated; kReplay (the CPU steps with
+// group lasso in two passes): the buffer as a step left it, read again.
 enum class Momentum : int { kNone = 0, kInit = 1, kUpdate = 2, kReplay = 3 };
 
 // AdamW's proximal step: none (no l1, l2), with the scalar step lr, or in Adam's metric.

@@ -425,19 +425,20 @@ void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t d
   cpu_ops::prox(block, std::nullopt, step, 0.0, 0.0, gl, grouping);
 }
 
-// The column groups of a large 16-bit tensor t ([outer, ngroups, 1]: groups a row's length apart), or its one group
-// (groups "tensor", a 1-D tensor), in two passes over its elements in order, where blocks of columns would read a
-// short run of each row (and wait on memory for each) and a one-group block would be the whole tensor on one thread
-// (with arrays of its size): the first pass steps (states updated) and sums the squares of the unrounded new values
-// per column (one group: per lane of kOneGroupLanes, the elements taken as rows of that many); the second steps
-// again from the updated states (step(..., replay = true) computes the same values, writing no state), shrinks each
-// group by prox_'s factor max(0, 1 − step·gl·√|g| / ‖u_g‖) and rounds into the params. Rows go in chunks fixed by
-// the shape (at most kColumnChunks, each summed in row order, the chunks' sums then added in order; one group's
-// lanes then added in order): the same bits for any thread count. Costs one more read of the param, grad and state
-// than one pass: taken for tensors of at least kColumnPassesElements elements, which outgrow the caches (GPT-2
-// small's shapes in float16, SGD by columns, one thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not
-// for smaller ones, whose blocks of columns come from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6
-// in two passes).
+// The column groups of a large 16-bit tensor t ([outer, ngroups, 1] with at least kColumnChunks rows: groups a
+// row's length apart), or its one group (groups "tensor", a 1-D tensor), in two passes over its elements in order,
+// where blocks of columns would read a short run of each row (and wait on memory for each) and a one-group block
+// would be the whole tensor on one thread (with arrays of its size): the first pass steps (states updated) and
+// sums the squares of the unrounded new values per column (one group: per lane of kOneGroupLanes, the elements
+// taken as rows of that many); the second steps again from the updated states (step(..., replay = true) computes
+// the same values, writing no state), shrinks each group by prox_'s factor max(0, 1 − step·gl·√|g| / ‖u_g‖) and
+// rounds into the params. Rows go in chunks fixed by the shape (at most kColumnChunks, each summed in row order,
+// the chunks' sums then added in order; one group's lanes then added in order): the same bits for any thread
+// count. Costs one more read of the param and state (and SGD's grad) than one pass: taken for tensors of at least
+// kColumnPassesElements elements, which outgrow the caches (GPT-2 small's shapes in float16, SGD by columns, one
+// thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not for smaller ones, whose blocks of columns come
+// from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two passes), nor for a few long rows,
+// whose blocks read long runs.
 constexpr int64_t kColumnChunks = 64;
 constexpr int64_t kColumnPassesElements = 1 << 22;
 constexpr int64_t kOneGroupLanes = 64;
@@ -451,7 +452,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
   const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);  // rows stepped at a time
   const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
   const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  // Runs body(at, n, work) over the chunks' pieces: elements [at, at + n) in `work`, in parallel over the chunks.
+  // Runs body(k, at, n, work) over chunk k's pieces: elements [at, at + n) in `work`, the chunks in parallel.
   const auto for_pieces = [&](auto&& body) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       BlockArrays arrays;
@@ -523,11 +524,12 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
   for (size_t i = 0; i < ws.size(); ++i) {
     if (ws[i].numel() == 0) continue;
     const GroupShape shape = group_shape(ws[i], grouping);
-    if (narrow && ws[i].numel() >= kColumnPassesElements && shape.inner == 1 && shape.outer > 1) {
-      two_pass_group_steps(ws[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso, elem,
-                           passes, step);
-    } else if (narrow && ws[i].numel() >= kColumnPassesElements && shape.ngroups == 1) {
+    const bool large = narrow && ws[i].numel() >= kColumnPassesElements;
+    if (large && shape.ngroups == 1) {
       two_pass_group_steps(ws[i], static_cast<int64_t>(i), kOneGroupLanes, true, shrink_step, group_lasso, elem,
+                           passes, step);
+    } else if (large && shape.inner == 1 && shape.outer >= kColumnChunks) {
+      two_pass_group_steps(ws[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso, elem,
                            passes, step);
     } else {
       add_group_blocks(shape, static_cast<int64_t>(i), blocks);

@@ -63,8 +63,8 @@ struct AdamWArgs {
   double l1;             // prox "preconditioned": per element s·l1 and 1/(1 + s·2l2)
   double two_l2;
   bool group;            // group lasso: AdamWTensor's work (and group, prox "preconditioned") below
-  // With group and prox "lr" (CPU steps with group lasso by columns): the moments as a step left them, read again
-  // and not written; the param's new value to work again.
+  // With group and prox "lr" or none (the CPU steps with group lasso in two passes): the moments as a step left
+  // them, read again and not written, the grad not read; the param's new value to work again.
   bool replay = false;
 };
 

@@ -1,5 +1,6 @@
 // The group passes of AdamW's preconditioned prox with group lasso on the CPU (optim_cpu.h's group_passes), for
-// one block of groups of one contiguous tensor seen as [outer, ngroups, inner]. Included by
+// one block of groups of one contiguous tensor seen as [outer, ngroups, inner], and the rounding of a block's
+// array into 16-bit params for every step with group lasso. Included by
 // optim_cpu_baseline.cpp and optim_cpu_fma.cpp after optim_cpu_math.h, in the same instruction-set namespace.
 //
 // Every sum over a group is taken in double, element by element in memory order, into the lanes of a fixed

@@ -377,7 +377,7 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
     widen(w + begin, wf, n);
-    widen(grad + begin, gf, n);
+    if (!(group && c.replay > A(0))) widen(grad + begin, gf, n);  // a replay reads no grad
     adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin, kAmsgrad ? mx + begin : mx,
                                                 ga ? ga + begin : ga, group ? work + begin : work, 0, n);
     if (!group) narrow(wf, w + begin, n);

@@ -460,7 +460,11 @@ LARGE_COLUMN_CASES = [
     ("adamw", dict(prox="lr", amsgrad=True, l1=0.01, l2=0.1, group_lasso=0.5, groups="col")),
     ("adamw", dict(prox="lr", lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col")),
     ("sgd", dict(momentum=0.9, l1=0.01, l2=0.1, group_lasso=0.5, groups="tensor")),
-    ("adamw", dict(prox="lr", l1=0.01, group_lasso=2.0, groups="tensor"))]
+    ("adamw", dict(prox="lr", l1=0.01, group_lasso=2.0, groups="tensor")),
+    # Large steps, thresholds and a short second-moment memory: a replay that read the wrong moment, or skipped the
+    # elementwise prox, moves the params by more than the tolerance.
+    ("sgd", dict(lr=0.2, momentum=0.9, l1=0.5, group_lasso=0.5, groups="col")),
+    ("adamw", dict(prox="lr", lr=0.1, betas=(0.9, 0.5), amsgrad=True, l1=2.0, group_lasso=0.5, groups="col"))]
 
 
 @pytest.mark.parametrize("kind, config", LARGE_COLUMN_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
