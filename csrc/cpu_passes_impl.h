@@ -299,10 +299,7 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
       if (ws[i].numel() == 0) continue;
       const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
       for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
-        const double norm = norms[g];
-        // In double: a tiny norm gives c/norm = inf and factor 0. std::max(x, 0) keeps a NaN x, so a NaN
-        // group stays NaN.
-        factor[g] = norm == 0 ? A(0) : static_cast<A>(std::max(1 - c / norm, 0.0));
+        factor[g] = group_shrink_factor<A>(norms[g], c);
       }
     }
     scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);

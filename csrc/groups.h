@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -38,6 +39,13 @@ inline GroupShape group_shape(const at::Tensor& t, Grouping grouping) {
   if (grouping == Grouping::kTensor || t.dim() < 2) return {1, 1, n};
   if (grouping == Grouping::kRow) return {1, t.size(0), n / t.size(0)};
   return {t.size(0), t.size(1), n / (t.size(0) * t.size(1))};
+}
+
+// prox_'s group factor max(0, 1 − coef/‖w_g‖) from a group's norm, in double and rounded to A: a zero group stays
+// zero, a tiny norm gives coef/norm = inf and factor 0, and std::max(x, 0) keeps a NaN x, so a NaN group stays NaN.
+template <typename A>
+inline A group_shrink_factor(double norm, double coef) {
+  return norm == 0 ? A(0) : static_cast<A>(std::max(1 - coef / norm, 0.0));
 }
 
 // The group shape of each tensor of a list (an empty tensor has no groups).

@@ -476,7 +476,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
       for (int64_t c = 0; c < m; ++c) s[c] += static_cast<double>(x[c]) * static_cast<double>(x[c]);
     }
   });
-  // prox_'s group factor (cpu_passes_impl.h: prox_pass) from the group norms.
+  // prox_'s group factors (as prox_pass) from the group norms.
   std::vector<double> totals(static_cast<size_t>(cols), 0.0);
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t k = 0; k < chunks; ++k) totals[c] += sums[k * cols + c];
@@ -488,10 +488,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
   }
   const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(one_group ? numel : rows));
   std::vector<A> factor(static_cast<size_t>(cols));
-  for (int64_t c = 0; c < cols; ++c) {
-    const double norm = std::sqrt(totals[c]);
-    factor[c] = norm == 0 ? A(0) : static_cast<A>(std::max(1 - coef / norm, 0.0));
-  }
+  for (int64_t c = 0; c < cols; ++c) factor[c] = group_shrink_factor<A>(std::sqrt(totals[c]), coef);
   char* const params = static_cast<char*>(w.data_ptr());
   const size_t elem_size = w.element_size();
   for_pieces([&](int64_t, int64_t at, int64_t n, A* work) {

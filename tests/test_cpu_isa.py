@@ -335,6 +335,14 @@ def test_only_the_wide_variants_hold_avx_instructions():
     # The AVX2 + FMA optimizer loops widen and narrow float16 blocks with F16C.
     f16c = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name and "_f16c" in name]
     assert any("vcvtph2ps" in ops for ops in f16c) and any("vcvtps2ph" in ops for ops in f16c)
+    # The steps with group lasso round their block arrays into float16 params through that variant's narrowing,
+    # which goes to the F16C loop (a call or a tail jump).
+    blocks = dict(_blocks(Path(_ext._C.__file__)))
+    scope = "regfast::optim_cpu::avx2_fma::(anonymous namespace)::"
+    rounding = next(block for name, block in blocks.items() if name.startswith(scope + "round_into_run("))
+    assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(scope) + r"narrow<c10::Half>", rounding)
+    narrowing = next(block for name, block in blocks.items() if name.startswith(f"void {scope}narrow<c10::Half>("))
+    assert re.search(r"\b(call|jmp)\s+\S+ <" + re.escape(scope) + r"narrow_f16c\(", narrowing)
 
 
 # An AVX-512 (EVEX-only) operand: a 512-bit register, a mask register, or one of the 16 registers only EVEX names.
