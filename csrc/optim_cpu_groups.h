@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernel_types.h"
@@ -74,95 +76,112 @@ inline Vm nonzero(Vd x) { return x != splat(0.0); }
 inline double max_nan(double m, double x) { return (m < x || x != x) ? x : m; }
 inline Vd max_nan(Vd m, Vd x) { return select((m < x) | (x != x), x, m); }
 
-struct Add {
-  template <typename V>
-  static V combine(V s, V v) { return s + v; }
-};
-struct Max {
-  template <typename V>
-  static V combine(V s, V v) { return max_nan(s, v); }
-};
+// Output k of a reduction combines its terms by adding them or, where bit k of kMax is set, by keeping the
+// largest (max_nan: NaN as soon as one is).
+template <unsigned kMax, int k, typename V>
+inline V combine(V s, V v) {
+  if constexpr (((kMax >> k) & 1u) != 0) {
+    return max_nan(s, v);
+  } else {
+    return s + v;
+  }
+}
 
-// Per group j of the block, r0[j] and r1[j] = the combination (C: Add or Max), from `init`, of the two terms
-// term(x, y, p, v0, v1) gives for each element (x from xs, y from ys at the same index, p = param[j]; on doubles
-// or on four lanes of Vd), in a fixed order: column groups of 2-D tensors (inner = 1) a row of the block at a time,
-// one accumulator per group (the groups are the vectors' lanes); groups whose elements come in runs (inner > 1)
-// each run over kSumLanes accumulators, element e of a run into lane e mod kSumLanes, the lanes combined in a
-// fixed tree at the end. The same bits whether a lane's element is taken on its own or in a vector.
-template <typename C, typename X, typename Y, typename Term>
+// f(std::integral_constant<int, k>{}) for k = 0, ..., N − 1: the outputs of a reduction, each with its combiner.
+template <typename F, int... K>
+inline void each_output(F&& f, std::integer_sequence<int, K...>) {
+  (f(std::integral_constant<int, K>{}), ...);
+}
+template <int N, typename F>
+inline void each_output(F&& f) {
+  each_output(f, std::make_integer_sequence<int, N>{});
+}
+
+// Per group j of the block and output k < N, r[k][j] = the combination (combine<kMax, k>), from 0, of the terms
+// term(x, y, p, v) gives for each element in v[0 .. N − 1] (x from xs, y from ys at the same index, p = param[j];
+// on doubles or on four lanes of Vd), in a fixed order: column groups of 2-D tensors (inner = 1) a row of the block
+// at a time, one accumulator per group (the groups are the vectors' lanes); groups whose elements come in runs
+// (inner > 1) each run over kSumLanes accumulators, element e of a run into lane e mod kSumLanes, the lanes
+// combined in a fixed tree at the end. The same bits whether a lane's element is taken on its own or in a vector,
+// and for output k whatever the other outputs are.
+template <int N, unsigned kMax, typename X, typename Y, typename Term>
 inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y* __restrict__ ys,
-                         const double* __restrict__ param, double init, double* __restrict__ r0,
-                         double* __restrict__ r1, Term term) {
+                         const double* __restrict__ param, double* const (&r)[N], Term term) {
   const int64_t ng = b.g1 - b.g0;
   if (b.inner == 1) {
-    for (int64_t j = 0; j < ng; ++j) r0[j] = r1[j] = init;
+    for (int k = 0; k < N; ++k) std::fill(r[k], r[k] + ng, 0.0);
     for (int64_t o = 0; o < b.outer; ++o) {
       const int64_t base = o * b.ngroups + b.g0;
       const X* __restrict__ x = xs + base;
       const Y* __restrict__ y = ys + base;
       int64_t j = 0;
       for (; j + kVd <= ng; j += kVd) {
-        Vd v0, v1;
-        term(load_vd(x + j), load_vd(y + j), load_vd(param + j), v0, v1);
-        store_vd(r0 + j, C::combine(load_vd(r0 + j), v0));
-        store_vd(r1 + j, C::combine(load_vd(r1 + j), v1));
+        Vd v[N];
+        term(load_vd(x + j), load_vd(y + j), load_vd(param + j), v);
+        each_output<N>([&](auto k) {
+          constexpr int kk = decltype(k)::value;
+          store_vd(r[kk] + j, combine<kMax, kk>(load_vd(r[kk] + j), v[kk]));
+        });
       }
       for (; j < ng; ++j) {
-        double v0, v1;
-        term(static_cast<double>(x[j]), static_cast<double>(y[j]), param[j], v0, v1);
-        r0[j] = C::combine(r0[j], v0);
-        r1[j] = C::combine(r1[j], v1);
+        double v[N];
+        term(static_cast<double>(x[j]), static_cast<double>(y[j]), param[j], v);
+        each_output<N>([&](auto k) {
+          constexpr int kk = decltype(k)::value;
+          r[kk][j] = combine<kMax, kk>(r[kk][j], v[kk]);
+        });
       }
     }
     return;
   }
   for (int64_t j = 0; j < ng; ++j) {
     const Vd p = splat(param[j]);
-    Vd a0 = splat(init), a1 = a0, b0 = a0, b1 = a0;  // lanes 0-3 and 4-7 of each term
-    double s0[kSumLanes], s1[kSumLanes];
+    Vd lo[N], hi[N];  // lanes 0-3 and 4-7 of each output
+    for (int k = 0; k < N; ++k) lo[k] = hi[k] = splat(0.0);
+    double s[N][kSumLanes];
     for (int64_t o = 0; o < b.outer; ++o) {
       const int64_t start = (o * b.ngroups + b.g0 + j) * b.inner;
       const X* __restrict__ x = xs + start;
       const Y* __restrict__ y = ys + start;
       int64_t e = 0;
       for (; e + kSumLanes <= b.inner; e += kSumLanes) {
-        Vd v0, v1;
-        term(load_vd(x + e), load_vd(y + e), p, v0, v1);
-        a0 = C::combine(a0, v0);
-        a1 = C::combine(a1, v1);
-        term(load_vd(x + e + kVd), load_vd(y + e + kVd), p, v0, v1);
-        b0 = C::combine(b0, v0);
-        b1 = C::combine(b1, v1);
+        Vd v[N], w[N];
+        term(load_vd(x + e), load_vd(y + e), p, v);
+        term(load_vd(x + e + kVd), load_vd(y + e + kVd), p, w);
+        each_output<N>([&](auto k) {
+          constexpr int kk = decltype(k)::value;
+          lo[kk] = combine<kMax, kk>(lo[kk], v[kk]);
+          hi[kk] = combine<kMax, kk>(hi[kk], w[kk]);
+        });
       }
       if (e < b.inner) {
-        store_vd(s0, a0);
-        store_vd(s0 + kVd, b0);
-        store_vd(s1, a1);
-        store_vd(s1 + kVd, b1);
-        for (int l = 0; e < b.inner; ++e, ++l) {
-          double v0, v1;
-          term(static_cast<double>(x[e]), static_cast<double>(y[e]), param[j], v0, v1);
-          s0[l] = C::combine(s0[l], v0);
-          s1[l] = C::combine(s1[l], v1);
+        for (int k = 0; k < N; ++k) {
+          store_vd(s[k], lo[k]);
+          store_vd(s[k] + kVd, hi[k]);
         }
-        a0 = load_vd(s0);
-        b0 = load_vd(s0 + kVd);
-        a1 = load_vd(s1);
-        b1 = load_vd(s1 + kVd);
+        for (int l = 0; e < b.inner; ++e, ++l) {
+          double v[N];
+          term(static_cast<double>(x[e]), static_cast<double>(y[e]), param[j], v);
+          each_output<N>([&](auto k) {
+            constexpr int kk = decltype(k)::value;
+            s[kk][l] = combine<kMax, kk>(s[kk][l], v[kk]);
+          });
+        }
+        for (int k = 0; k < N; ++k) {
+          lo[k] = load_vd(s[k]);
+          hi[k] = load_vd(s[k] + kVd);
+        }
       }
     }
-    store_vd(s0, a0);
-    store_vd(s0 + kVd, b0);
-    store_vd(s1, a1);
-    store_vd(s1 + kVd, b1);
-    for (int width = kSumLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) {
-        s0[l] = C::combine(s0[l], s0[l + width]);
-        s1[l] = C::combine(s1[l], s1[l + width]);
+    each_output<N>([&](auto k) {
+      constexpr int kk = decltype(k)::value;
+      store_vd(s[kk], lo[kk]);
+      store_vd(s[kk] + kVd, hi[kk]);
+      for (int width = kSumLanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) s[kk][l] = combine<kMax, kk>(s[kk][l], s[kk][l + width]);
       }
-    }
-    r0[j] = s0[0];
-    r1[j] = s1[0];
+      r[kk][j] = s[kk][0];
+    });
   }
 }
 
@@ -190,100 +209,134 @@ inline GroupBlock own_layout(const GroupBlock& b) { return {b.outer, b.g1 - b.g0
 
 // out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm in double
 // (reference: group_norms). Squares of float32 / 16-bit values neither overflow nor underflow in double, so their
-// norms are taken as they are; float64 groups are scaled by their largest magnitude first, as the reference does.
+// norms are taken as they are, and each element is multiplied by weight / ‖w_g‖ in double (a double ulp or two from
+// the quotient: the same value rounded to A but within that of a rounding boundary); float64 groups are scaled by
+// their largest magnitude first, as the reference does, and divide each element by the norm first, as the reference
+// does: weight / ‖w_g‖ overflows for a group of subnormal norm.
 template <typename T>
 void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, const GroupBlock& b, double weight) {
   using A = acc_t<T>;
   constexpr bool kScaled = std::is_same_v<T, double>;
   const int64_t ng = b.g1 - b.g0;
-  std::vector<double> buf(4 * ng, 0.0);
+  std::vector<double> buf(2 * ng, 0.0);
   double* __restrict__ scale = buf.data();
   double* __restrict__ norm = scale + ng;
-  double* __restrict__ unused = norm + ng;
-  double* __restrict__ zeros = unused + ng;
   if constexpr (kScaled) {
-    group_reduce<Max>(b, w, w, zeros, 0.0, scale, unused, [](auto x, auto, auto, auto& v0, auto& v1) {
-      v0 = magnitude(x);
-      v1 = x - x;
-    });
+    double* const largest[1] = {scale};
+    group_reduce<1, 1u>(b, w, w, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
     for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
   } else {
     for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
   }
-  group_reduce<Add>(b, w, w, scale, 0.0, norm, unused, [](auto x, auto, auto p, auto& v0, auto& v1) {
+  double* const squares[1] = {norm};
+  group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto p, auto* v) {
     const auto y = kScaled ? x / p : x;
-    v0 = y * y;
-    v1 = y - y;
+    v[0] = y * y;
   });
   for (int64_t j = 0; j < ng; ++j) {
     const double n = std::sqrt(norm[j]) * scale[j];
     norm[j] = n == 0 ? 1.0 : n;
   }
-  // |w_i| / ‖w_g‖ first, as the reference: weight / ‖w_g‖ overflows for a float64 group of subnormal norm.
-  for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
-    out[l] = static_cast<A>((std::abs(static_cast<double>(w[i])) / norm[j]) * weight);
-  });
+  if constexpr (kScaled) {
+    for_each_element(b, [&](int64_t i, int64_t l, int64_t j) { out[l] = (std::abs(w[i]) / norm[j]) * weight; });
+  } else {
+    for (int64_t j = 0; j < ng; ++j) scale[j] = weight / norm[j];
+    for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
+      out[l] = static_cast<A>(std::abs(static_cast<double>(w[i])) * scale[j]);
+    });
+  }
 }
 
 // u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (reference: _metric_group_shrink_) on the block's own arrays,
 // the results rounded into the params w: the group vanishes when ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t
-// the root of Σ_i u_i²/(t + a_i)² = 1, by Newton's method from max(‖u_g‖ − max a_g, 0), at most the reference's
-// METRIC_NEWTON_STEPS steps, in double. The iterates rise monotonically to the root; a group stops after the first
-// step that rises by less than kSettled relative to t (or not at all), and a NaN stops it as NaN. The factor
-// t/(t + a_i) is then rounded as the reference rounds it, from t rounded to A.
+// the root of Σ_i u_i²/(t + a_i)² = 1 found by Newton's method in double, at most the reference's
+// METRIC_NEWTON_STEPS steps. The factor t/(t + a_i) is then rounded as the reference rounds it, from t rounded to A.
+//
+// The first pass sums ‖u_g‖² and Σ_i u_i²·a_i (no division): their ratio ā is the mean of a_g weighted by u_i²,
+// and by Jensen's inequality (1/x² is convex) Σ_i u_i²/(t + a_i)² ≥ ‖u_g‖²/(t + ā)² for t ≥ 0. So where ‖u_g‖
+// exceeds ā by more than the sums' rounding can account for, ‖u_g/a_g‖ > 1 and the group stays without the test's
+// pass, which divides each element and runs only for a block with a group left in doubt (a NaN, ‖u_g‖ ≤ ā, sums
+// out of double's normal range); and t₀ = max(‖u_g‖ − ā, 0) lies at or below the root. The reference starts from
+// max(‖u_g‖ − max a_g, 0), also below the root but further from it where a_g spreads: both reach the same root.
+//
+// Newton's steps solve f(t) = 1 for f = 1/‖u_g/(t + a_g)‖, which is increasing and concave (f'' ∝ S3² − S2·S4 ≤ 0
+// by Cauchy-Schwarz, with Sk = Σ_i u_i²/(t + a_i)^k): the iterates rise monotonically to the root, and a step of
+// length δ from t leaves t short of it by about 1.5·(S2·S4 − S3²)/(S2·S3)·δ², which each step's pass sums at no
+// more divisions. A group stops after a step that rises by less than kSettled relative to t (its next would move
+// t by about the square of that: t is the root to double rounding), or by at most kSmallStep relative to t with
+// that estimate at most kClose relative to t (below half an ulp of A by a margin: the root's rounding to A, unless
+// the root lies within kClose of a rounding boundary), or not at all; a NaN stops it as NaN.
 template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   constexpr int kNewtonSteps = 8;
-  // A step that moves t by at most this much relative to it leaves an error of the order of its square (Newton's
-  // steps converge quadratically): t is then the root to double rounding, and the group stops.
   constexpr double kSettled = 0x1p-30;
+  constexpr double kSmallStep = 0x1p-10;  // the estimate's own error is of the order of δ/t
+  constexpr double kClose = std::is_same_v<A, double> ? 0x1p-56 : 0x1p-36;
+  // ‖u_g‖² beyond ā² by this much is beyond it whatever the sums' rounding (at most n·2⁻⁵³ relative for n < 2³⁶
+  // terms); sums at least kNormal are normal doubles, whose terms lost at most 2⁻¹⁰⁷⁴ each to underflow.
+  constexpr double kMargin = 1 + 0x1p-16;
+  constexpr double kNormal = 0x1p-900;
   constexpr double tiny = std::numeric_limits<A>::min();
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
-  std::vector<double> buf(7 * ng, 0.0);
+  std::vector<double> buf(5 * ng, 0.0);
   double* __restrict__ s0 = buf.data();
   double* __restrict__ s1 = s0 + ng;
-  double* __restrict__ t = s1 + ng;
-  double* __restrict__ amax = t + ng;
-  double* __restrict__ unused = amax + ng;
-  double* __restrict__ active = unused + ng;  // 1 while a group's Newton steps run, else 0
-  double* __restrict__ zeros = active + ng;
-  group_reduce<Add>(own, u, a, zeros, 0.0, s0, s1, [](auto x, auto y, auto, auto& v0, auto& v1) {
-    const auto q = x / y;
-    v0 = select(nonzero(x), q * q, x - x);
-    v1 = x * x;
-  });
-  group_reduce<Max>(own, a, a, zeros, 0.0, amax, unused, [](auto y, auto, auto, auto& v0, auto& v1) {
-    v0 = y;
-    v1 = y - y;
-  });
-  std::vector<char> vanishes(ng);
-  bool running = false;
-  for (int64_t j = 0; j < ng; ++j) {
-    vanishes[j] = s0[j] <= 1;
-    const double t0 = std::sqrt(s1[j]) - amax[j];
-    t[j] = t0 < 0 ? 0.0 : t0;
-    active[j] = vanishes[j] ? 0.0 : 1.0;
-    running = running || !vanishes[j];
+  double* __restrict__ s2 = s1 + ng;
+  double* __restrict__ t = s2 + ng;
+  double* __restrict__ zeros = t + ng;
+  std::vector<char> vanishes(ng, 0), active(ng, 1);
+  {
+    double* const first[2] = {s1, s2};
+    group_reduce<2, 0u>(own, u, a, zeros, first, [](auto x, auto y, auto, auto* v) {
+      v[0] = x * x;
+      v[1] = v[0] * y;
+    });
   }
+  bool doubt = false;
+  for (int64_t j = 0; j < ng; ++j) {
+    const double mean = s2[j] / s1[j];
+    const double m2 = mean * mean;
+    const double t0 = std::sqrt(s1[j]) - mean;
+    t[j] = t0 > 0 ? t0 : 0.0;  // a NaN too: the test's pass decides
+    active[j] = s1[j] >= kNormal && s2[j] >= kNormal && m2 >= kNormal && s1[j] > m2 * kMargin;
+    doubt = doubt || !active[j];
+  }
+  if (doubt) {
+    double* const test[1] = {s0};
+    group_reduce<1, 0u>(own, u, a, zeros, test, [](auto x, auto y, auto, auto* v) {
+      const auto q = x / y;
+      v[0] = select(nonzero(x), q * q, x - x);
+    });
+    for (int64_t j = 0; j < ng; ++j) {
+      vanishes[j] = !active[j] && s0[j] <= 1;
+      active[j] = !vanishes[j];
+    }
+  }
+  bool running = false;
+  for (int64_t j = 0; j < ng; ++j) running = running || active[j];
   for (int step = 0; running && step < kNewtonSteps; ++step) {
-    group_reduce<Add>(own, u, a, t, 0.0, s0, s1, [](auto x, auto y, auto tj, auto& v0, auto& v1) {
+    double* const sums[3] = {s0, s1, s2};
+    group_reduce<3, 0u>(own, u, a, t, sums, [](auto x, auto y, auto tj, auto* v) {
       // r is finite (d ≥ tiny), so q = 0 where x = 0 unless d is NaN, where the reference's sums are NaN too.
       const auto r = 1.0 / clamp_min(tj + y, tiny);
       const auto q = x * r;
       const auto q2 = q * q;
-      v0 = q2;
-      v1 = q2 * r;
+      v[0] = q2;
+      v[1] = q2 * r;
+      v[2] = v[1] * r;
     });
     running = false;
     for (int64_t j = 0; j < ng; ++j) {
-      if (active[j] == 0) continue;
+      if (!active[j]) continue;
       const double r2 = s0[j];
       const double slope = s1[j] < tiny ? tiny : s1[j];
       const double next = t[j] + (std::sqrt(r2) - 1) * r2 / slope;
-      active[j] = next - t[j] > kSettled * next ? 1.0 : 0.0;
+      const double rise = next - t[j];
+      const double short_by = 1.5 * std::abs(r2 * s2[j] - s1[j] * s1[j]) / (r2 * slope) * rise * rise;
+      active[j] = rise > kSettled * next && !(rise <= kSmallStep * next && short_by <= kClose * next);
       t[j] = next;
-      running = running || active[j] != 0;
+      running = running || active[j];
     }
   }
   std::vector<A> root(ng);

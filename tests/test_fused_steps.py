@@ -559,6 +559,48 @@ def test_group_lasso_in_adams_metric_with_float64_groups_of_subnormal_norm(backe
     torch.testing.assert_close(step(select(device).adamw_step_), expected, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("spread", [0.0, 0.2, 1.0])
+def test_group_lasso_in_adams_metric_vanishes_the_references_groups_at_the_boundary(backend, device, dtype, spread):
+    """Rows of 16 whose ‖u_g/a_g‖ runs from 0.5 to 1.5 (the vanishing test at 1): a first AdamW step with grads of
+    magnitudes e^(±spread) leaves u_i = w_i − lr·sign(g_i) and a_i = lr·gl·4/d_i (d_i Adam's floored denominator),
+    the params chosen so that ‖u_g/a_g‖ = c. The rows vanish or stay as the reference's test decides, row for row
+    (equal a: ‖u_g‖ against a itself; spread a: the test's sum, and Newton's steps from further below the root). The
+    rows left agree to a few ulps of u; a NaN row stays NaN."""
+    skip_in_interpreter(backend, device, "the lockstep tests check the interpreter's metric steps")
+    from regfast.reference import optim as reference
+
+    rows, n, lr, gl = 400, 16, 0.01, 0.5
+    gen = torch.Generator().manual_seed(11)
+    grads = torch.sign(torch.randn(rows, n, generator=gen, dtype=torch.float64))
+    grads = grads * torch.exp(spread * (2 * torch.rand(rows, n, generator=gen, dtype=torch.float64) - 1))
+    # Adam's denominators d_i = max(|g_i|, gl): the floors (gl·|w_i|/‖w_g‖·√n) are gl, the elements of a row being
+    # of one magnitude; ‖u_g/a_g‖² = c²·mean(d²)/rms² with u_i = sign(g_i)·lr·gl·c/rms, a_i = 4·lr·gl/d_i.
+    rms = grads.abs().clamp_min(gl).square().mean(dim=1, keepdim=True).sqrt()
+    c = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)[:, None] / rms
+    params = torch.sign(grads) * lr * (1 + c * gl)
+    params[7, 3] = float("nan")
+    state_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+
+    def step(fn):
+        ps = [params.to(device, dtype, copy=True)]
+        state = [[torch.zeros(rows, n, dtype=state_dtype, device=device)] for _ in range(3)]
+        fn(ps, [grads.to(device, dtype)], *state, [torch.zeros(())], None, lr, 0.9, 0.999, 1e-8, 0.0, False, False,
+           0.0, 0.0, gl, "row", "preconditioned", False)
+        return ps[0].double().cpu()
+
+    expected, actual = step(reference.adamw_step_), step(select(device).adamw_step_)
+    gone = (expected == 0).all(dim=1)
+    assert 0.2 * rows < int(gone.sum()) < 0.8 * rows
+    assert torch.equal((actual == 0).all(dim=1), gone)
+    assert actual[7].isnan().all() and expected[7].isnan().all()
+    keep = ~gone
+    keep[7] = False
+    eps = torch.finfo(dtype).eps
+    diff = (actual[keep] - expected[keep]).abs() / (params[keep].abs() - lr)
+    assert bool((diff <= 4 * eps).all()), diff.max().item()
+
+
 def test_direct_calls_mutate_and_return_the_penalty(backend, device):
     """The backend functions themselves: state written in place, the penalty of the new params returned."""
     ops = select(device)
