@@ -354,12 +354,171 @@ AdamWArgs adamw_group_args(at::ScalarType dtype, const std::optional<at::Tensor>
   return args;
 }
 
+// Large tensors' passes over their elements in order (two_pass_group_steps, metric_passes): their rows in at most
+// kColumnChunks chunks; tensors of at least kColumnPassesElements elements, which outgrow the caches; a single group
+// as rows of kOneGroupLanes elements.
+constexpr int64_t kColumnChunks = 64;
+constexpr int64_t kColumnPassesElements = 1 << 22;
+constexpr int64_t kOneGroupLanes = 64;
+
+// Rows of a large tensor's passes (two_pass_group_steps, metric_passes) go in at most kColumnChunks chunks fixed by
+// its shape, each summed in row order, the chunks' sums then added in order: the same bits for any thread count.
+// Its piece function: body(k, at, n, work) for each piece of chunk k (elements [at, at + n), whole rows of `cols`
+// but for a short last one), the chunks in parallel; `work` holds `arrays` arrays of a piece's size per thread.
+template <typename A, typename Body>
+void for_row_pieces(int64_t numel, int64_t cols, int arrays, Body&& body) {
+  const int64_t rows = (numel + cols - 1) / cols;
+  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);  // rows at a time
+  const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    BlockArrays buffer;
+    A* const work = reinterpret_cast<A*>(buffer.get(static_cast<size_t>(arrays * piece * cols) * sizeof(A)));
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t last = std::min(rows, (k + 1) * per_chunk);
+      for (int64_t r0 = k * per_chunk; r0 < last; r0 += piece) {
+        const int64_t at = r0 * cols;
+        body(k, at, std::min(numel, std::min(last, r0 + piece) * cols) - at, work);
+      }
+    }
+  });
+}
+
+// The number of chunks for_row_pieces takes.
+inline int64_t row_chunks(int64_t numel, int64_t cols) {
+  const int64_t rows = (numel + cols - 1) / cols;
+  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);
+  const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
+  return (rows + per_chunk - 1) / per_chunk;
+}
+
+// Per-chunk sums of `outputs` terms per column ([output][chunk][column]), and their totals per group: per column,
+// the chunks in order; one group: every column's total then added in order.
+class ColumnSums {
+ public:
+  ColumnSums(int outputs, int64_t chunks, int64_t cols, bool one_group)
+      : chunks_(chunks), cols_(cols), one_group_(one_group), sums_(outputs * chunks * cols, 0.0) {}
+  void chunk(int64_t k, double** out, int outputs) {
+    for (int o = 0; o < outputs; ++o) out[o] = sums_.data() + (o * chunks_ + k) * cols_;
+  }
+  std::vector<double> totals(int o) const {
+    std::vector<double> total(static_cast<size_t>(cols_), 0.0);
+    for (int64_t k = 0; k < chunks_; ++k) {
+      const double* part = sums_.data() + (o * chunks_ + k) * cols_;
+      for (int64_t c = 0; c < cols_; ++c) total[c] += part[c];
+    }
+    if (one_group_) {
+      double all = 0;
+      for (int64_t c = 0; c < cols_; ++c) all += total[c];
+      std::fill(total.begin(), total.end(), all);
+    }
+    return total;
+  }
+
+ private:
+  int64_t chunks_, cols_;
+  bool one_group_;
+  std::vector<double> sums_;
+};
+
+// AdamW's step in Adam's metric with group lasso for a large tensor t (kColumnPassesElements or more) with float32 /
+// 16-bit params by columns, with more rows than kLargestColumnBlock / kMinColumnGroups (whose blocks would hold
+// fewer than kMinColumnGroups columns and read a short run of each row, waiting on memory for each), or as one
+// group (the elements taken as rows of kOneGroupLanes; a one-group block would be the whole tensor on one thread,
+// with arrays of its size, fresh pages at every step). Passes over the elements in order (for_row_pieces): the
+// group norms of the params (the floors |w_i|·weight/‖w_g‖, as group_floors); the step (states updated) with
+// ‖u_g‖² and Σ u_i²·a_i (metric_start); the vanishing test where a group is in doubt and each Newton step
+// (metric_newton_step), each replaying the step from the states it left (AdamWArgs::replay: the same u and a, the
+// grad not read); a last replay rounds u·t/(t + a) into the params. One more read of params and state per pass
+// than the blocks, whose arrays come from the caches. One thread, float32, builds alternating: 50257 × 768 by
+// columns 182 → 121 ms per step, 2048 × 2048 as one group 23 → 13 ms; 2048 × 2048 by columns stays in blocks of
+// 256 columns (10.4-10.8 ms, 16.7 in passes).
+void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group, const AdamWArgs& args,
+                   const AdamWArgs& again, const optim_cpu::GroupPasses& passes, DType elem) {
+  const at::Tensor& w = tb.ws[t];
+  const AdamWTensor& ts = tb.ts[t];
+  const int64_t numel = w.numel();
+  const int64_t chunks = row_chunks(numel, cols);
+  const size_t elem_size = w.element_size();
+  char* const params = static_cast<char*>(w.data_ptr());
+  const auto run = optim_cpu::loops().adamw;
+  ColumnSums norms(1, chunks, cols, one_group);
+  for_row_pieces<float>(numel, cols, 0, [&](int64_t k, int64_t at, int64_t n, float*) {
+    double* out[1];
+    norms.chunk(k, out, 1);
+    passes.column_squares(elem, params + at * elem_size, n, cols, out[0]);
+  });
+  std::vector<double> scale = norms.totals(0);
+  for (auto& s : scale) {
+    const double norm = std::sqrt(s);
+    s = ts.group_weight / (norm == 0 ? 1.0 : norm);
+  }
+  // The step (or its replay) over [at, at + n): the floors into a, then u and the thresholds into u and a.
+  const auto step = [&](const AdamWArgs& how, int64_t at, int64_t n, float* u, float* a) {
+    passes.column_floors(elem, params + at * elem_size, scale.data(), n, cols, a);
+    AdamWTensor seg = offset(ts, at, elem_size, sizeof(float));
+    seg.group = a;
+    seg.work = u;
+    run(how, seg, 0, n, nullptr);
+  };
+  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols) * cols;
+  // Each pass: the step (replayed after the first), then its sums (stage: metric_sums).
+  const auto sums_pass = [&](const AdamWArgs& how, int stage, int outputs, const double* at_t) {
+    ColumnSums sums(outputs, chunks, cols, one_group);
+    for_row_pieces<float>(numel, cols, 2, [&](int64_t k, int64_t at, int64_t n, float* work) {
+      step(how, at, n, work, work + piece);
+      double* out[3];
+      sums.chunk(k, out, outputs);
+      passes.metric_sums(stage, work, work + piece, at_t, n, cols, out);
+    });
+    return sums;
+  };
+  std::vector<double> tt(static_cast<size_t>(cols));
+  std::vector<char> active(static_cast<size_t>(cols)), vanishes(static_cast<size_t>(cols), 0);
+  bool doubt = false;
+  {
+    const ColumnSums first = sums_pass(args, 0, 2, nullptr);
+    const std::vector<double> squares = first.totals(0), weighted = first.totals(1);
+    for (int64_t c = 0; c < cols; ++c) {
+      const optim_cpu::MetricStart start = optim_cpu::metric_start(squares[c], weighted[c]);
+      tt[c] = start.t0;
+      active[c] = start.stays;
+      doubt = doubt || !start.stays;
+    }
+  }
+  if (doubt) {
+    const std::vector<double> test = sums_pass(again, 1, 1, nullptr).totals(0);
+    for (int64_t c = 0; c < cols; ++c) {
+      vanishes[c] = !active[c] && test[c] <= 1;
+      active[c] = !vanishes[c];
+    }
+  }
+  bool running = std::find(active.begin(), active.end(), 1) != active.end();
+  for (int s = 0; running && s < optim_cpu::kMetricNewtonSteps; ++s) {
+    const ColumnSums sums = sums_pass(again, 2, 3, tt.data());
+    const std::vector<double> s2 = sums.totals(0), s3 = sums.totals(1), s4 = sums.totals(2);
+    running = false;
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!active[c]) continue;
+      active[c] = optim_cpu::metric_newton_step<float>(tt[c], s2[c], s3[c], s4[c]);
+      running = running || active[c];
+    }
+  }
+  std::vector<float> root(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) root[c] = static_cast<float>(tt[c]);
+  for_row_pieces<float>(numel, cols, 2, [&](int64_t, int64_t at, int64_t n, float* work) {
+    step(again, at, n, work, work + piece);
+    passes.metric_apply(elem, work, work + piece, root.data(), vanishes.data(), n, cols, params + at * elem_size);
+  });
+}
+
 // AdamW with prox="preconditioned" and group lasso (reference: adamw_step_ with penalty_gradient_scales and
 // metric_prox_), one block of groups at a time, each in one visit to its params and state: the group terms of the
 // floors from the params before the step (into the block's own array), the one-pass step over the block's runs
 // (which floors Adam's denominator with them, applies the elementwise prox and leaves the new values and each
 // element's group threshold in the block's arrays), then the Newton steps of the group shrink on those arrays,
-// the results rounded into the params. Params and state are checked.
+// the results rounded into the params; large tensors by long columns or as one group go by metric_passes. Params
+// and state are checked.
 at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                               const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
@@ -373,17 +532,26 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
                                           l1, l2, false);
   AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
+  const auto& passes = group_passes();
+  const DType elem = dtype_of(dtype);
+  AdamWArgs again = args;  // the step once more from the moments as it left them (metric_passes)
+  again.replay = true;
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {
     const at::Tensor& w = tb.ws[i];
     if (w.numel() == 0) continue;
     const GroupShape shape = group_shape(w, grouping);
     tb.ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
-    add_group_blocks(shape, static_cast<int64_t>(i), blocks);
+    const bool large = acc == at::kFloat && w.numel() >= kColumnPassesElements;
+    if (large && shape.ngroups == 1) {
+      metric_passes(tb, static_cast<int64_t>(i), kOneGroupLanes, true, args, again, passes, elem);
+    } else if (large && shape.inner == 1 && shape.outer * kMinColumnGroups > kLargestColumnBlock) {
+      metric_passes(tb, static_cast<int64_t>(i), shape.ngroups, false, args, again, passes, elem);
+    } else {
+      add_group_blocks(shape, static_cast<int64_t>(i), blocks);
+    }
   }
-  const auto& passes = group_passes();
   const auto run = optim_cpu::loops().adamw;
-  const DType elem = dtype_of(dtype);
   const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     BlockArrays arrays;
@@ -439,37 +607,18 @@ void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t d
 // thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not for smaller ones, whose blocks of columns come
 // from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two passes), nor for a few long rows,
 // whose blocks read long runs.
-constexpr int64_t kColumnChunks = 64;
-constexpr int64_t kColumnPassesElements = 1 << 22;
-constexpr int64_t kOneGroupLanes = 64;
-
 template <typename Step>
 void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one_group, double shrink_step,
                           double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
   using A = float;
   const int64_t numel = w.numel();
   const int64_t rows = (numel + cols - 1) / cols;  // the last one short for one group
-  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);  // rows stepped at a time
-  const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
-  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  // Runs body(k, at, n, work) over chunk k's pieces: elements [at, at + n) in `work`, the chunks in parallel.
-  const auto for_pieces = [&](auto&& body) {
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      BlockArrays arrays;
-      A* const work = reinterpret_cast<A*>(arrays.get(static_cast<size_t>(piece * cols) * sizeof(A)));
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t last = std::min(rows, (k + 1) * per_chunk);
-        for (int64_t r0 = k * per_chunk; r0 < last; r0 += piece) {
-          const int64_t at = r0 * cols;
-          body(k, at, std::min(numel, std::min(last, r0 + piece) * cols) - at, work);
-        }
-      }
-    });
-  };
-  std::vector<double> sums(static_cast<size_t>(chunks * cols), 0.0);
-  for_pieces([&](int64_t k, int64_t at, int64_t n, A* work) {
+  ColumnSums sums(1, row_chunks(numel, cols), cols, one_group);
+  for_row_pieces<A>(numel, cols, 1, [&](int64_t k, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, false);
-    double* __restrict__ s = sums.data() + k * cols;
+    double* out[1];
+    sums.chunk(k, out, 1);
+    double* __restrict__ s = out[0];
     for (int64_t e = 0; e < n; e += cols) {
       const A* __restrict__ x = work + e;
       const int64_t m = std::min(cols, n - e);
@@ -477,21 +626,13 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
     }
   });
   // prox_'s group factors (as prox_pass) from the group norms.
-  std::vector<double> totals(static_cast<size_t>(cols), 0.0);
-  for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t k = 0; k < chunks; ++k) totals[c] += sums[k * cols + c];
-  }
-  if (one_group) {
-    double total = 0;
-    for (int64_t c = 0; c < cols; ++c) total += totals[c];
-    std::fill(totals.begin(), totals.end(), total);
-  }
+  const std::vector<double> totals = sums.totals(0);
   const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(one_group ? numel : rows));
   std::vector<A> factor(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) factor[c] = group_shrink_factor<A>(std::sqrt(totals[c]), coef);
   char* const params = static_cast<char*>(w.data_ptr());
   const size_t elem_size = w.element_size();
-  for_pieces([&](int64_t, int64_t at, int64_t n, A* work) {
+  for_row_pieces<A>(numel, cols, 1, [&](int64_t, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, true);
     const A* __restrict__ f = factor.data();
     for (int64_t e = 0; e < n; e += cols) {

@@ -8,7 +8,10 @@
 // (optim_cpu_fma.cpp, AVX2 + FMA on x86-64; elsewhere the same file as rounded_twice).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "kernel_types.h"
 
@@ -63,8 +66,9 @@ struct AdamWArgs {
   double l1;             // prox "preconditioned": per element s·l1 and 1/(1 + s·2l2)
   double two_l2;
   bool group;            // group lasso: AdamWTensor's work (and group, prox "preconditioned") below
-  // With group and prox "lr" or none (the CPU steps with group lasso in two passes): the moments as a step left
-  // them, read again and not written, the grad not read; the param's new value to work again.
+  // With group (the CPU steps with group lasso in several passes): the moments as a step left them, read again and
+  // not written, the grad not read; the param's new value to work again (and with the preconditioned prox, from the
+  // floors in group, the threshold to group again).
   bool replay = false;
 };
 
@@ -95,6 +99,57 @@ void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end
 void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64_t end, double* sums);
 }  // namespace rounded_twice
 
+// One group of Adam's metric group shrink u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (reference:
+// _metric_group_shrink_), from its sums in double (optim_cpu_groups.h's metric_shrink_typed; optim_cpu.cpp's passes
+// over large tensors). The group vanishes when ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t the root of
+// Σ_i u_i²/(t + a_i)² = 1 found by Newton's method, the factor t/(t + a_i) then formed from t rounded to A.
+//
+// The start: ā = Σ_i u_i²·a_i / ‖u_g‖² is the mean of a_g weighted by u_i², and by Jensen's inequality (1/x² is
+// convex) Σ_i u_i²/(t + a_i)² ≥ ‖u_g‖²/(t + ā)² for t ≥ 0. So where ‖u_g‖ exceeds ā by more than the sums' rounding
+// can account for, ‖u_g/a_g‖ > 1 and the group stays without the vanishing test (whose sum divides each element);
+// and t₀ = max(‖u_g‖ − ā, 0) lies at or below the root. The reference starts from max(‖u_g‖ − max a_g, 0), also below
+// the root but further from it where a_g spreads: both reach the same root.
+struct MetricStart {
+  double t0;
+  bool stays;  // surely ‖u_g/a_g‖ > 1; else the vanishing test decides
+};
+
+// From ‖u_g‖² and Σ_i u_i²·a_i. ‖u_g‖² beyond ā² by kMargin is beyond it whatever the sums' rounding (at most n·2⁻⁵³
+// relative for n < 2³⁶ terms); sums at least kNormal are normal doubles, whose terms lost at most 2⁻¹⁰⁷⁴ each to
+// underflow. A NaN leaves the group to the test, t₀ = 0.
+inline MetricStart metric_start(double squares, double weighted) {
+  constexpr double kMargin = 1 + 0x1p-16;
+  constexpr double kNormal = 0x1p-900;
+  const double mean = weighted / squares;
+  const double m2 = mean * mean;
+  const double t0 = std::sqrt(squares) - mean;
+  return {t0 > 0 ? t0 : 0.0, squares >= kNormal && weighted >= kNormal && m2 >= kNormal && squares > m2 * kMargin};
+}
+
+// Newton's steps solve f(t) = 1 for f = 1/‖u_g/(t + a_g)‖, which is increasing and concave (f'' ∝ S3² − S2·S4 ≤ 0 by
+// Cauchy-Schwarz, with Sk = Σ_i u_i²/(t + a_i)^k): the iterates rise monotonically to the root, and a step of length
+// δ from t leaves t short of it by about 1.5·(S2·S4 − S3²)/(S2·S3)·δ². One step from t with S2, S3, S4 at t (t moves
+// to the next iterate); whether the group steps on: not after a step that rises by less than kSettled relative to t
+// (its next would move t by about the square of that: t is the root to double rounding), nor after one that rises
+// by at most kSmallStep relative to t with that estimate at most kClose relative to t (below half an ulp of A by a
+// margin: the root's rounding to A, unless the root lies within kClose of a rounding boundary), nor after one that
+// does not rise; a NaN stops it as NaN. At most kMetricNewtonSteps steps (the reference's METRIC_NEWTON_STEPS).
+constexpr int kMetricNewtonSteps = 8;
+
+template <typename A>
+inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
+  constexpr double kSettled = 0x1p-30;
+  constexpr double kSmallStep = 0x1p-10;  // the estimate's own error is of the order of δ/t
+  constexpr double kClose = std::is_same_v<A, double> ? 0x1p-56 : 0x1p-36;
+  constexpr double tiny = std::numeric_limits<A>::min();
+  const double slope = s3 < tiny ? tiny : s3;
+  const double next = t + (std::sqrt(s2) - 1) * s2 / slope;
+  const double rise = next - t;
+  const double short_by = 1.5 * std::abs(s2 * s4 - s3 * s3) / (s2 * slope) * rise * rise;
+  t = next;
+  return rise > kSettled * next && !(rise <= kSmallStep * next && short_by <= kClose * next);
+}
+
 // The group passes of the preconditioned prox with group lasso (reference: penalty_gradient_scales and
 // _metric_group_shrink_) over one block of groups, each group's sums in double in an order fixed by its shape alone
 // (optim_cpu_groups.h): the same bits from the baseline build (optim_cpu_baseline.cpp) and the AVX2 one
@@ -103,10 +158,24 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
 // group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params.
 // metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
 // round_into: the block's array `work` rounded into its params, as the kernels round (F16C where the CPU has it).
+//
+// The passes over a large tensor with float32 / 16-bit params by columns, or as one group (optim_cpu.cpp's
+// metric_passes), each over n elements seen as rows of `cols` (the last row may be short) and adding its sums per
+// column into the sums given, in double (each call's sums in row order):
+// column_squares: Σ w² of the params. column_floors: out = |w_i|·scale_c (the floors, scale_c = weight/‖w_g‖).
+// metric_sums: stage 0 ‖u_g‖² and Σ u_i²·a_i into out[0], out[1]; stage 1 the vanishing test's Σ (u_i/a_i)² into
+// out[0]; stage 2 Newton's S2, S3, S4 at t_c into out[0 .. 2]. metric_apply: w = u·t/(t + a) as metric_shrink rounds
+// it (root: t rounded to float per column; vanishes per column).
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
+  void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, double* sums);
+  void (*column_floors)(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out);
+  void (*metric_sums)(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,
+                      double* const* out);
+  void (*metric_apply)(DType elem, const float* u, const float* a, const float* root, const char* vanishes,
+                       int64_t n, int64_t cols, void* w);
 };
 
 namespace rounded_twice {

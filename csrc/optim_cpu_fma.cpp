@@ -47,7 +47,8 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
   adamw_dispatch<true>(args, t, begin, end, sums);
 }
 
-const GroupPasses kGroupPasses = {&group_floors_run, &metric_shrink_run, &round_into_run};
+const GroupPasses kGroupPasses = {&group_floors_run,   &metric_shrink_run,  &round_into_run,   &column_squares_run,
+                                  &column_floors_run, &metric_sums_run, &metric_apply_run};
 
 }  // namespace fused
 }  // namespace optim_cpu

@@ -247,36 +247,52 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   }
 }
 
-// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (reference: _metric_group_shrink_) on the block's own arrays,
-// the results rounded into the params w: the group vanishes when ‖u_g/a_g‖₂ ≤ 1, else x_i = u_i·t/(t + a_i) with t
-// the root of Σ_i u_i²/(t + a_i)² = 1 found by Newton's method in double, at most the reference's
-// METRIC_NEWTON_STEPS steps. The factor t/(t + a_i) is then rounded as the reference rounds it, from t rounded to A.
-//
-// The first pass sums ‖u_g‖² and Σ_i u_i²·a_i (no division): their ratio ā is the mean of a_g weighted by u_i²,
-// and by Jensen's inequality (1/x² is convex) Σ_i u_i²/(t + a_i)² ≥ ‖u_g‖²/(t + ā)² for t ≥ 0. So where ‖u_g‖
-// exceeds ā by more than the sums' rounding can account for, ‖u_g/a_g‖ > 1 and the group stays without the test's
-// pass, which divides each element and runs only for a block with a group left in doubt (a NaN, ‖u_g‖ ≤ ā, sums
-// out of double's normal range); and t₀ = max(‖u_g‖ − ā, 0) lies at or below the root. The reference starts from
-// max(‖u_g‖ − max a_g, 0), also below the root but further from it where a_g spreads: both reach the same root.
-//
-// Newton's steps solve f(t) = 1 for f = 1/‖u_g/(t + a_g)‖, which is increasing and concave (f'' ∝ S3² − S2·S4 ≤ 0
-// by Cauchy-Schwarz, with Sk = Σ_i u_i²/(t + a_i)^k): the iterates rise monotonically to the root, and a step of
-// length δ from t leaves t short of it by about 1.5·(S2·S4 − S3²)/(S2·S3)·δ², which each step's pass sums at no
-// more divisions. A group stops after a step that rises by less than kSettled relative to t (its next would move
-// t by about the square of that: t is the root to double rounding), or by at most kSmallStep relative to t with
-// that estimate at most kClose relative to t (below half an ulp of A by a margin: the root's rounding to A, unless
-// the root lies within kClose of a rounding boundary), or not at all; a NaN stops it as NaN.
+// The sums of Adam's metric group shrink (optim_cpu.h's metric_start and metric_newton_step), per element of
+// u (the new values) and a (the thresholds): MetricFirst ‖u_g‖² and Σ u_i²·a_i (no division); MetricTest the
+// vanishing test's Σ (u_i/a_i)² (over u_i ≠ 0); MetricNewton<A> S2, S3, S4 at t = p, each element dividing once
+// (r is finite, d ≥ tiny: q = 0 where u = 0 unless d is NaN, where the reference's sums are NaN too).
+struct MetricFirst {
+  template <typename V>
+  void operator()(V x, V y, V, V* v) const {
+    v[0] = x * x;
+    v[1] = v[0] * y;
+  }
+};
+struct MetricTest {
+  template <typename V>
+  void operator()(V x, V y, V, V* v) const {
+    const V q = x / y;
+    v[0] = select(nonzero(x), q * q, x - x);
+  }
+};
+template <typename A>
+struct MetricNewton {
+  template <typename V>
+  void operator()(V x, V y, V t, V* v) const {
+    const V r = 1.0 / clamp_min(t + y, std::numeric_limits<A>::min());
+    const V q = x * r;
+    const V q2 = q * q;
+    v[0] = q2;
+    v[1] = q2 * r;
+    v[2] = v[1] * r;
+  }
+};
+
+// x = u·t/(t + a) rounded to T, t rounded to A (the reference's factor); 0 where the group vanishes.
+template <typename A, typename T>
+inline T metric_result(A u, A a, A root, bool vanishes) {
+  constexpr A tiny = std::numeric_limits<A>::min();
+  A d = root + a;
+  d = d < tiny ? tiny : d;
+  const A factor = vanishes ? A(0) : root / d;
+  return static_cast<T>(u * factor);
+}
+
+// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (optim_cpu.h's metric_start, metric_newton_step) on the block's
+// own arrays, the results rounded into the params w. The vanishing test's pass runs only for a block with a group
+// left in doubt; for float32 / 16-bit params the Newton step that stops is usually the first.
 template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
-  constexpr int kNewtonSteps = 8;
-  constexpr double kSettled = 0x1p-30;
-  constexpr double kSmallStep = 0x1p-10;  // the estimate's own error is of the order of δ/t
-  constexpr double kClose = std::is_same_v<A, double> ? 0x1p-56 : 0x1p-36;
-  // ‖u_g‖² beyond ā² by this much is beyond it whatever the sums' rounding (at most n·2⁻⁵³ relative for n < 2³⁶
-  // terms); sums at least kNormal are normal doubles, whose terms lost at most 2⁻¹⁰⁷⁴ each to underflow.
-  constexpr double kMargin = 1 + 0x1p-16;
-  constexpr double kNormal = 0x1p-900;
-  constexpr double tiny = std::numeric_limits<A>::min();
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
   std::vector<double> buf(5 * ng, 0.0);
@@ -288,54 +304,31 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   std::vector<char> vanishes(ng, 0), active(ng, 1);
   {
     double* const first[2] = {s1, s2};
-    group_reduce<2, 0u>(own, u, a, zeros, first, [](auto x, auto y, auto, auto* v) {
-      v[0] = x * x;
-      v[1] = v[0] * y;
-    });
+    group_reduce<2, 0u>(own, u, a, zeros, first, MetricFirst{});
   }
   bool doubt = false;
   for (int64_t j = 0; j < ng; ++j) {
-    const double mean = s2[j] / s1[j];
-    const double m2 = mean * mean;
-    const double t0 = std::sqrt(s1[j]) - mean;
-    t[j] = t0 > 0 ? t0 : 0.0;  // a NaN too: the test's pass decides
-    active[j] = s1[j] >= kNormal && s2[j] >= kNormal && m2 >= kNormal && s1[j] > m2 * kMargin;
-    doubt = doubt || !active[j];
+    const MetricStart start = metric_start(s1[j], s2[j]);
+    t[j] = start.t0;
+    active[j] = start.stays;
+    doubt = doubt || !start.stays;
   }
   if (doubt) {
     double* const test[1] = {s0};
-    group_reduce<1, 0u>(own, u, a, zeros, test, [](auto x, auto y, auto, auto* v) {
-      const auto q = x / y;
-      v[0] = select(nonzero(x), q * q, x - x);
-    });
+    group_reduce<1, 0u>(own, u, a, zeros, test, MetricTest{});
     for (int64_t j = 0; j < ng; ++j) {
       vanishes[j] = !active[j] && s0[j] <= 1;
       active[j] = !vanishes[j];
     }
   }
-  bool running = false;
-  for (int64_t j = 0; j < ng; ++j) running = running || active[j];
-  for (int step = 0; running && step < kNewtonSteps; ++step) {
+  bool running = std::find(active.begin(), active.end(), 1) != active.end();
+  for (int step = 0; running && step < kMetricNewtonSteps; ++step) {
     double* const sums[3] = {s0, s1, s2};
-    group_reduce<3, 0u>(own, u, a, t, sums, [](auto x, auto y, auto tj, auto* v) {
-      // r is finite (d ≥ tiny), so q = 0 where x = 0 unless d is NaN, where the reference's sums are NaN too.
-      const auto r = 1.0 / clamp_min(tj + y, tiny);
-      const auto q = x * r;
-      const auto q2 = q * q;
-      v[0] = q2;
-      v[1] = q2 * r;
-      v[2] = v[1] * r;
-    });
+    group_reduce<3, 0u>(own, u, a, t, sums, MetricNewton<A>{});
     running = false;
     for (int64_t j = 0; j < ng; ++j) {
       if (!active[j]) continue;
-      const double r2 = s0[j];
-      const double slope = s1[j] < tiny ? tiny : s1[j];
-      const double next = t[j] + (std::sqrt(r2) - 1) * r2 / slope;
-      const double rise = next - t[j];
-      const double short_by = 1.5 * std::abs(r2 * s2[j] - s1[j] * s1[j]) / (r2 * slope) * rise * rise;
-      active[j] = rise > kSettled * next && !(rise <= kSmallStep * next && short_by <= kClose * next);
-      t[j] = next;
+      active[j] = metric_newton_step<A>(t[j], s0[j], s1[j], s2[j]);
       running = running || active[j];
     }
   }
@@ -343,10 +336,7 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
   for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
-    A d = rt[j] + a[l];
-    d = d < A(tiny) ? A(tiny) : d;
-    const A factor = vanishes[j] ? A(0) : rt[j] / d;
-    w[i] = static_cast<T>(u[l] * factor);
+    w[i] = metric_result<A, T>(u[l], a[l], rt[j], vanishes[j]);
   });
 }
 
@@ -377,6 +367,75 @@ inline void round_into_run(DType elem, const void* work, void* w, const GroupBlo
         std::memcpy(dst, src, static_cast<size_t>(span) * sizeof(T));
       } else {
         narrow(src, dst, span);
+      }
+    }
+  });
+}
+
+// Over n elements seen as rows of `cols` (the last row may be short), out[k][c] += the sum of term k over column c's
+// elements (group_reduce over the rows, in row order; the call's sums then added in): the passes of Adam's metric
+// over a large tensor by columns or as one group (optim_cpu.cpp's metric_passes). p: one value per column.
+template <int N, typename X, typename Y, typename Term>
+void add_column_sums(const X* x, const Y* y, const double* p, int64_t n, int64_t cols, double* const* out,
+                     Term term) {
+  std::vector<double> buf((N + 1) * cols, 0.0);
+  double* part[N];
+  for (int k = 0; k < N; ++k) part[k] = buf.data() + (k + 1) * cols;
+  const double* param = p ? p : buf.data();
+  const int64_t rows = n / cols, rest = n % cols;
+  const auto add = [&](const GroupBlock& b, int64_t at) {
+    double* const (&sums)[N] = part;
+    group_reduce<N, 0u>(b, x + at, y + at, param, sums, term);
+    for (int k = 0; k < N; ++k) {
+      for (int64_t c = 0; c < b.ngroups; ++c) out[k][c] += part[k][c];
+    }
+  };
+  if (rows) add(GroupBlock{rows, cols, 1, 0, cols}, 0);
+  if (rest) add(GroupBlock{1, rest, 1, 0, rest}, rows * cols);
+}
+
+inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t cols, double* sums) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(w);
+    double* const out[1] = {sums};
+    add_column_sums<1>(x, x, nullptr, n, cols, out, [](auto v, auto, auto, auto* r) { r[0] = v * v; });
+  });
+}
+
+inline void column_floors_run(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const T* __restrict__ x = static_cast<const T*>(w);
+    A* __restrict__ o = static_cast<A*>(out);
+    for (int64_t e = 0; e < n; e += cols) {
+      const int64_t m = std::min(cols, n - e);
+      for (int64_t c = 0; c < m; ++c) o[e + c] = static_cast<A>(std::abs(static_cast<double>(x[e + c])) * scale[c]);
+    }
+  });
+}
+
+inline void metric_sums_run(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,
+                            double* const* out) {
+  if (stage == 0) {
+    add_column_sums<2>(u, a, nullptr, n, cols, out, MetricFirst{});
+  } else if (stage == 1) {
+    add_column_sums<1>(u, a, nullptr, n, cols, out, MetricTest{});
+  } else {
+    add_column_sums<3>(u, a, t, n, cols, out, MetricNewton<float>{});
+  }
+}
+
+inline void metric_apply_run(DType elem, const float* u, const float* a, const float* root, const char* vanishes,
+                             int64_t n, int64_t cols, void* w) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<acc_t<T>, float>) {
+      T* __restrict__ out = static_cast<T*>(w);
+      for (int64_t e = 0; e < n; e += cols) {
+        const int64_t m = std::min(cols, n - e);
+        for (int64_t c = 0; c < m; ++c) out[e + c] = metric_result<float, T>(u[e + c], a[e + c], root[c], vanishes[c]);
       }
     }
   });

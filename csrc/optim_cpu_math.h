@@ -391,6 +391,15 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
     const bool tensor = c.lr_is_tensor > A(0);
     if constexpr (kProx == ProxMode::kPreconditioned) {
       const bool l2 = c.has_l2 > A(0);
+      if (group && c.replay > A(0)) {
+        using Replay = std::integral_constant<int, kReplayGroup>;
+        if (l2) {
+          tensor ? run(Yes{}, Yes{}, Replay{}) : run(No{}, Yes{}, Replay{});
+        } else {
+          tensor ? run(Yes{}, No{}, Replay{}) : run(No{}, No{}, Replay{});
+        }
+        return;
+      }
       if (group) {
         if (l2) {
           tensor ? run(Yes{}, Yes{}, Yes{}) : run(No{}, Yes{}, Yes{});
