@@ -443,10 +443,10 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
   char* const params = static_cast<char*>(w.data_ptr());
   const auto run = optim_cpu::loops().adamw;
   ColumnSums norms(1, chunks, cols, one_group);
-  for_row_pieces<float>(numel, cols, 0, [&](int64_t k, int64_t at, int64_t n, float*) {
+  for_row_pieces<float>(numel, cols, 1, [&](int64_t k, int64_t at, int64_t n, float* work) {
     double* out[1];
     norms.chunk(k, out, 1);
-    passes.column_squares(elem, params + at * elem_size, n, cols, out[0]);
+    passes.column_squares(elem, params + at * elem_size, n, cols, work, out[0]);
   });
   std::vector<double> scale = norms.totals(0);
   for (auto& s : scale) {

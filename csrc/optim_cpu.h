@@ -162,20 +162,21 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
 // The passes over a large tensor with float32 / 16-bit params by columns, or as one group (optim_cpu.cpp's
 // metric_passes), each over n elements seen as rows of `cols` (the last row may be short) and adding its sums per
 // column into the sums given, in double (each call's sums in row order):
-// column_squares: Σ w² of the params. column_floors: out = |w_i|·scale_c (the floors, scale_c = weight/‖w_g‖).
+// column_squares: Σ w² of the params (16-bit ones widened into scratch first). column_floors: out = |w_i|·scale_c
+// (the floors, scale_c = weight/‖w_g‖).
 // metric_sums: stage 0 ‖u_g‖² and Σ u_i²·a_i into out[0], out[1]; stage 1 the vanishing test's Σ (u_i/a_i)² into
 // out[0]; stage 2 Newton's S2, S3, S4 at t_c into out[0 .. 2]. metric_apply: w = u·t/(t + a) as metric_shrink rounds
-// it (root: t rounded to float per column; vanishes per column).
+// it (root: t rounded to float per column; vanishes per column), through u.
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
-  void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, double* sums);
+  void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums);
   void (*column_floors)(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out);
   void (*metric_sums)(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,
                       double* const* out);
-  void (*metric_apply)(DType elem, const float* u, const float* a, const float* root, const char* vanishes,
-                       int64_t n, int64_t cols, void* w);
+  void (*metric_apply)(DType elem, float* u, const float* a, const float* root, const char* vanishes, int64_t n,
+                       int64_t cols, void* w);
 };
 
 namespace rounded_twice {

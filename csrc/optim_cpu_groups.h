@@ -225,14 +225,24 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
     double* const largest[1] = {scale};
     group_reduce<1, 1u>(b, w, w, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
     for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
-  } else {
+    double* const squares[1] = {norm};
+    group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto p, auto* v) {
+      const auto y = x / p;
+      v[0] = y * y;
+    });
+  } else if constexpr (std::is_same_v<T, A>) {
     for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
+    double* const squares[1] = {norm};
+    group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
+  } else {
+    // 16-bit params: the block's widened into `out` first (the variant's conversion, F16C for float16), in its
+    // own layout; the norms and floors from there.
+    const int64_t span = ng * b.inner;
+    for (int64_t o = 0; o < b.outer; ++o) widen(w + (o * b.ngroups + b.g0) * b.inner, out + o * span, span);
+    for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
+    double* const squares[1] = {norm};
+    group_reduce<1, 0u>(own_layout(b), out, out, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
   }
-  double* const squares[1] = {norm};
-  group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto p, auto* v) {
-    const auto y = kScaled ? x / p : x;
-    v[0] = y * y;
-  });
   for (int64_t j = 0; j < ng; ++j) {
     const double n = std::sqrt(norm[j]) * scale[j];
     norm[j] = n == 0 ? 1.0 : n;
@@ -242,7 +252,8 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   } else {
     for (int64_t j = 0; j < ng; ++j) scale[j] = weight / norm[j];
     for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
-      out[l] = static_cast<A>(std::abs(static_cast<double>(w[i])) * scale[j]);
+      const double x = std::is_same_v<T, A> ? static_cast<double>(w[i]) : static_cast<double>(out[l]);
+      out[l] = static_cast<A>(std::abs(x) * scale[j]);
     });
   }
 }
@@ -335,9 +346,18 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   std::vector<A> root(ng);
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
-  for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
-    w[i] = metric_result<A, T>(u[l], a[l], rt[j], vanishes[j]);
-  });
+  if constexpr (std::is_same_v<T, A>) {
+    for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
+      w[i] = metric_result<A, T>(u[l], a[l], rt[j], vanishes[j]);
+    });
+  } else {
+    // Into u, then rounded by the variant (F16C for float16): the same bits as the scalar conversion.
+    for_each_element(b, [&](int64_t, int64_t l, int64_t j) {
+      u[l] = metric_result<A, A>(u[l], a[l], rt[j], vanishes[j]);
+    });
+    const int64_t span = ng * b.inner;
+    for (int64_t o = 0; o < b.outer; ++o) narrow(u + o * span, w + (o * b.ngroups + b.g0) * b.inner, span);
+  }
 }
 
 inline void group_floors_run(DType elem, const void* w, void* out, const GroupBlock& b, double weight) {
@@ -394,12 +414,18 @@ void add_column_sums(const X* x, const Y* y, const double* p, int64_t n, int64_t
   if (rest) add(GroupBlock{1, rest, 1, 0, rest}, rows * cols);
 }
 
-inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t cols, double* sums) {
+inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(w);
     double* const out[1] = {sums};
-    add_column_sums<1>(x, x, nullptr, n, cols, out, [](auto v, auto, auto, auto* r) { r[0] = v * v; });
+    const auto square = [](auto v, auto, auto, auto* r) { r[0] = v * v; };
+    if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+      widen(x, scratch, n);  // the variant's conversion (F16C for float16)
+      add_column_sums<1>(scratch, scratch, nullptr, n, cols, out, square);
+    } else {
+      add_column_sums<1>(x, x, nullptr, n, cols, out, square);
+    }
   });
 }
 
@@ -409,9 +435,14 @@ inline void column_floors_run(DType elem, const void* w, const double* scale, in
     using A = acc_t<T>;
     const T* __restrict__ x = static_cast<const T*>(w);
     A* __restrict__ o = static_cast<A*>(out);
+    // 16-bit params widened into out first (the variant's conversion, F16C for float16).
+    if constexpr (!std::is_same_v<T, A>) widen(x, o, n);
     for (int64_t e = 0; e < n; e += cols) {
       const int64_t m = std::min(cols, n - e);
-      for (int64_t c = 0; c < m; ++c) o[e + c] = static_cast<A>(std::abs(static_cast<double>(x[e + c])) * scale[c]);
+      for (int64_t c = 0; c < m; ++c) {
+        const double v = std::is_same_v<T, A> ? static_cast<double>(x[e + c]) : static_cast<double>(o[e + c]);
+        o[e + c] = static_cast<A>(std::abs(v) * scale[c]);
+      }
     }
   });
 }
@@ -427,16 +458,21 @@ inline void metric_sums_run(int stage, const float* u, const float* a, const dou
   }
 }
 
-inline void metric_apply_run(DType elem, const float* u, const float* a, const float* root, const char* vanishes,
-                             int64_t n, int64_t cols, void* w) {
+inline void metric_apply_run(DType elem, float* u, const float* a, const float* root, const char* vanishes, int64_t n,
+                             int64_t cols, void* w) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<acc_t<T>, float>) {
-      T* __restrict__ out = static_cast<T*>(w);
+      // float32 into the params, 16-bit params through u and the variant's rounding (F16C for float16: the scalar
+      // conversion's bits).
+      float* const out = std::is_same_v<T, float> ? static_cast<float*>(w) : u;
       for (int64_t e = 0; e < n; e += cols) {
         const int64_t m = std::min(cols, n - e);
-        for (int64_t c = 0; c < m; ++c) out[e + c] = metric_result<float, T>(u[e + c], a[e + c], root[c], vanishes[c]);
+        for (int64_t c = 0; c < m; ++c) {
+          out[e + c] = metric_result<float, float>(u[e + c], a[e + c], root[c], vanishes[c]);
+        }
       }
+      if constexpr (!std::is_same_v<T, float>) narrow(u, static_cast<T*>(w), n);
     }
   });
 }
