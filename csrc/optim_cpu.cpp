@@ -430,9 +430,9 @@ class ColumnSums {
 // ‖u_g‖² and Σ u_i²·a_i (metric_start); the vanishing test where a group is in doubt and each Newton step
 // (metric_newton_step), each replaying the step from the states it left (AdamWArgs::replay: the same u and a, the
 // grad not read); a last replay rounds u·t/(t + a) into the params. One more read of params and state per pass
-// than the blocks, whose arrays come from the caches. One thread, float32, builds alternating: 50257 × 768 by
-// columns 182 → 121 ms per step, 2048 × 2048 as one group 23 → 13 ms; 2048 × 2048 by columns stays in blocks of
-// 256 columns (10.4-10.8 ms, 16.7 in passes).
+// than the blocks, whose arrays come from the caches. One thread, float32 (ms per step, in passes against by
+// blocks): 50257 × 768 by columns 121 against 182, 2048 × 2048 as one group 13 against 23; 2048 × 2048 by columns
+// stays in blocks of 256 columns (16.7 against 10.4-10.8).
 void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group, const AdamWArgs& args,
                    const AdamWArgs& again, const optim_cpu::GroupPasses& passes, DType elem) {
   const at::Tensor& w = tb.ws[t];

@@ -114,9 +114,9 @@ struct MetricStart {
   bool stays;  // surely ‖u_g/a_g‖ > 1; else the vanishing test decides
 };
 
-// From ‖u_g‖² and Σ_i u_i²·a_i. ‖u_g‖² beyond ā² by kMargin is beyond it whatever the sums' rounding (at most n·2⁻⁵³
-// relative for n < 2³⁶ terms); sums at least kNormal are normal doubles, whose terms lost at most 2⁻¹⁰⁷⁴ each to
-// underflow. A NaN leaves the group to the test, t₀ = 0.
+// From ‖u_g‖² and Σ_i u_i²·a_i. ‖u_g‖² beyond ā² by kMargin is beyond it whatever the rounding (of both sums, the
+// test's, their quotient and its square: at most about 5n·2⁻⁵³ relative for n ≤ 2³⁴ terms); sums at least kNormal
+// are normal doubles, whose terms lost at most 2⁻¹⁰⁷⁴ each to underflow. A NaN leaves the group to the test, t₀ = 0.
 inline MetricStart metric_start(double squares, double weighted) {
   constexpr double kMargin = 1 + 0x1p-16;
   constexpr double kNormal = 0x1p-900;
@@ -132,8 +132,9 @@ inline MetricStart metric_start(double squares, double weighted) {
 // to the next iterate); whether the group steps on: not after a step that rises by less than kSettled relative to t
 // (its next would move t by about the square of that: t is the root to double rounding), nor after one that rises
 // by at most kSmallStep relative to t with that estimate at most kClose relative to t (below half an ulp of A by a
-// margin: the root's rounding to A, unless the root lies within kClose of a rounding boundary), nor after one that
-// does not rise; a NaN stops it as NaN. At most kMetricNewtonSteps steps (the reference's METRIC_NEWTON_STEPS).
+// margin: the root's rounding to A, unless the root lies within kClose of a rounding boundary; not with the slope
+// S3 clamped), nor after one that does not rise; a NaN stops it as NaN. At most kMetricNewtonSteps steps (the
+// reference's METRIC_NEWTON_STEPS).
 constexpr int kMetricNewtonSteps = 8;
 
 template <typename A>
@@ -147,7 +148,8 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
   const double rise = next - t;
   const double short_by = 1.5 * std::abs(s2 * s4 - s3 * s3) / (s2 * slope) * rise * rise;
   t = next;
-  return rise > kSettled * next && !(rise <= kSmallStep * next && short_by <= kClose * next);
+  // A slope clamped to tiny shortens the step, and the estimate with it: no early stop then.
+  return rise > kSettled * next && !(s3 >= tiny && rise <= kSmallStep * next && short_by <= kClose * next);
 }
 
 // The group passes of the preconditioned prox with group lasso (reference: penalty_gradient_scales and
@@ -155,7 +157,8 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
 // (optim_cpu_groups.h): the same bits from the baseline build (optim_cpu_baseline.cpp) and the AVX2 one
 // (optim_cpu_fma.cpp, x86-64 only). The block's own arrays (`out`, `u`, `a`: accumulation dtype) hold its elements
 // contiguously, [outer, g1 − g0, inner]; the params `w` (element type `elem`) are the whole tensor.
-// group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params.
+// group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params (float32 / 16-bit
+// params: |w_i| · (weight / ‖w_g‖)).
 // metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
 // round_into: the block's array `work` rounded into its params, as the kernels round (F16C where the CPU has it).
 //

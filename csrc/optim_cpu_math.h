@@ -306,8 +306,11 @@ inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __
                           A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
                           int64_t i) {
   A x = static_cast<A>(w[i]);
-  A g = static_cast<A>(grad[i]);
-  g = pick(c.maximize, -g, g);
+  A g = A(0);  // a replay reads no grad
+  if constexpr (kGroup != kReplayGroup) {
+    g = static_cast<A>(grad[i]);
+    g = pick(c.maximize, -g, g);
+  }
   // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
   A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
   if constexpr (kGroup && kProx == ProxMode::kPreconditioned) floor = floor + ga[i];
