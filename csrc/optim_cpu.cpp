@@ -362,35 +362,38 @@ constexpr int64_t kColumnPassesElements = 1 << 22;
 constexpr int64_t kOneGroupLanes = 64;
 
 // Rows of a large tensor's passes (two_pass_group_steps, metric_passes) go in at most kColumnChunks chunks fixed by
-// its shape, each summed in row order, the chunks' sums then added in order: the same bits for any thread count.
-// Its piece function: body(k, at, n, work) for each piece of chunk k (elements [at, at + n), whole rows of `cols`
-// but for a short last one), the chunks in parallel; `work` holds `arrays` arrays of a piece's size per thread.
-template <typename A, typename Body>
-void for_row_pieces(int64_t numel, int64_t cols, int arrays, Body&& body) {
-  const int64_t rows = (numel + cols - 1) / cols;
-  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);  // rows at a time
-  const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
-  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    BlockArrays buffer;
-    A* const work = reinterpret_cast<A*>(buffer.get(static_cast<size_t>(arrays * piece * cols) * sizeof(A)));
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t last = std::min(rows, (k + 1) * per_chunk);
-      for (int64_t r0 = k * per_chunk; r0 < last; r0 += piece) {
-        const int64_t at = r0 * cols;
-        body(k, at, std::min(numel, std::min(last, r0 + piece) * cols) - at, work);
-      }
-    }
-  });
-}
+// its shape, each summed in row order, the chunks' sums then added in order: the same bits for any thread count; a
+// chunk goes a piece (about kGroupBlockElements elements, whole rows) at a time.
+struct RowPieces {
+  int64_t numel, cols, rows, piece_rows, per_chunk, chunks;
 
-// The number of chunks for_row_pieces takes.
-inline int64_t row_chunks(int64_t numel, int64_t cols) {
-  const int64_t rows = (numel + cols - 1) / cols;
-  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols);
-  const int64_t per_chunk = std::max((rows + kColumnChunks - 1) / kColumnChunks, piece);
-  return (rows + per_chunk - 1) / per_chunk;
-}
+  RowPieces(int64_t n, int64_t c)
+      : numel(n),
+        cols(c),
+        rows((n + c - 1) / c),
+        piece_rows(std::max<int64_t>(1, kGroupBlockElements / c)),
+        per_chunk(std::max((rows + kColumnChunks - 1) / kColumnChunks, piece_rows)),
+        chunks((rows + per_chunk - 1) / per_chunk) {}
+
+  int64_t piece() const { return piece_rows * cols; }  // a piece's elements at most
+
+  // body(k, at, n, work) for each piece of chunk k (elements [at, at + n), whole rows of `cols` but for a short last
+  // one), the chunks in parallel; `work` holds `arrays` arrays of piece() elements per thread.
+  template <typename A, typename Body>
+  void each(int arrays, Body&& body) const {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockArrays buffer;
+      A* const work = reinterpret_cast<A*>(buffer.get(static_cast<size_t>(arrays * piece()) * sizeof(A)));
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t last = std::min(rows, (k + 1) * per_chunk);
+        for (int64_t r0 = k * per_chunk; r0 < last; r0 += piece_rows) {
+          const int64_t at = r0 * cols;
+          body(k, at, std::min(numel, std::min(last, r0 + piece_rows) * cols) - at, work);
+        }
+      }
+    });
+  }
+};
 
 // Per-chunk sums of `outputs` terms per column ([output][chunk][column]), and their totals per group: per column,
 // the chunks in order; one group: every column's total then added in order.
@@ -425,7 +428,7 @@ class ColumnSums {
 // 16-bit params by columns, with more rows than kLargestColumnBlock / kMinColumnGroups (whose blocks would hold
 // fewer than kMinColumnGroups columns and read a short run of each row, waiting on memory for each), or as one
 // group (the elements taken as rows of kOneGroupLanes; a one-group block would be the whole tensor on one thread,
-// with arrays of its size, fresh pages at every step). Passes over the elements in order (for_row_pieces): the
+// with arrays of its size, fresh pages at every step). Passes over the elements in order (RowPieces): the
 // group norms of the params (the floors |w_i|·weight/‖w_g‖, as group_floors); the step (states updated) with
 // ‖u_g‖² and Σ u_i²·a_i (metric_start); the vanishing test where a group is in doubt and each Newton step
 // (metric_newton_step), each replaying the step from the states it left (AdamWArgs::replay: the same u and a, the
@@ -437,13 +440,12 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
                    const AdamWArgs& again, const optim_cpu::GroupPasses& passes, DType elem) {
   const at::Tensor& w = tb.ws[t];
   const AdamWTensor& ts = tb.ts[t];
-  const int64_t numel = w.numel();
-  const int64_t chunks = row_chunks(numel, cols);
+  const RowPieces pieces(w.numel(), cols);
   const size_t elem_size = w.element_size();
   char* const params = static_cast<char*>(w.data_ptr());
   const auto run = optim_cpu::loops().adamw;
-  ColumnSums norms(1, chunks, cols, one_group);
-  for_row_pieces<float>(numel, cols, 1, [&](int64_t k, int64_t at, int64_t n, float* work) {
+  ColumnSums norms(1, pieces.chunks, cols, one_group);
+  pieces.each<float>(1, [&](int64_t k, int64_t at, int64_t n, float* work) {
     double* out[1];
     norms.chunk(k, out, 1);
     passes.column_squares(elem, params + at * elem_size, n, cols, work, out[0]);
@@ -461,11 +463,11 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
     seg.work = u;
     run(how, seg, 0, n, nullptr);
   };
-  const int64_t piece = std::max<int64_t>(1, kGroupBlockElements / cols) * cols;
+  const int64_t piece = pieces.piece();
   // Each pass: the step (replayed after the first), then its sums (stage: metric_sums).
   const auto sums_pass = [&](const AdamWArgs& how, int stage, int outputs, const double* at_t) {
-    ColumnSums sums(outputs, chunks, cols, one_group);
-    for_row_pieces<float>(numel, cols, 2, [&](int64_t k, int64_t at, int64_t n, float* work) {
+    ColumnSums sums(outputs, pieces.chunks, cols, one_group);
+    pieces.each<float>(2, [&](int64_t k, int64_t at, int64_t n, float* work) {
       step(how, at, n, work, work + piece);
       double* out[3];
       sums.chunk(k, out, outputs);
@@ -506,7 +508,7 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
   }
   std::vector<float> root(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) root[c] = static_cast<float>(tt[c]);
-  for_row_pieces<float>(numel, cols, 2, [&](int64_t, int64_t at, int64_t n, float* work) {
+  pieces.each<float>(2, [&](int64_t, int64_t at, int64_t n, float* work) {
     step(again, at, n, work, work + piece);
     passes.metric_apply(elem, work, work + piece, root.data(), vanishes.data(), n, cols, params + at * elem_size);
   });
@@ -611,10 +613,9 @@ template <typename Step>
 void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one_group, double shrink_step,
                           double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
   using A = float;
-  const int64_t numel = w.numel();
-  const int64_t rows = (numel + cols - 1) / cols;  // the last one short for one group
-  ColumnSums sums(1, row_chunks(numel, cols), cols, one_group);
-  for_row_pieces<A>(numel, cols, 1, [&](int64_t k, int64_t at, int64_t n, A* work) {
+  const RowPieces pieces(w.numel(), cols);  // the last row short for one group
+  ColumnSums sums(1, pieces.chunks, cols, one_group);
+  pieces.each<A>(1, [&](int64_t k, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, false);
     double* out[1];
     sums.chunk(k, out, 1);
@@ -627,12 +628,13 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
   });
   // prox_'s group factors (as prox_pass) from the group norms.
   const std::vector<double> totals = sums.totals(0);
-  const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(one_group ? numel : rows));
+  const int64_t group_size = one_group ? pieces.numel : pieces.rows;
+  const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(group_size));
   std::vector<A> factor(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) factor[c] = group_shrink_factor<A>(std::sqrt(totals[c]), coef);
   char* const params = static_cast<char*>(w.data_ptr());
   const size_t elem_size = w.element_size();
-  for_row_pieces<A>(numel, cols, 1, [&](int64_t, int64_t at, int64_t n, A* work) {
+  pieces.each<A>(1, [&](int64_t, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, true);
     const A* __restrict__ f = factor.data();
     for (int64_t e = 0; e < n; e += cols) {
