@@ -343,6 +343,17 @@ def test_only_the_wide_variants_hold_avx_instructions():
     assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(scope) + r"narrow<c10::Half>", rounding)
     narrowing = next(block for name, block in blocks.items() if name.startswith(f"void {scope}narrow<c10::Half>("))
     assert re.search(r"\b(call|jmp)\s+\S+ <" + re.escape(scope) + r"narrow_f16c\(", narrowing)
+    # So do Adam's metric's group shrink and its passes' final rounding; the passes' group norms and column sums
+    # read 16-bit params through the variant's widening, float16 and bfloat16 alike.
+    for function, conversion in (("metric_shrink_run(", "narrow"), ("metric_apply_run(", "narrow"),
+                                 ("column_floors_run(", "widen"), ("column_squares_run(", "widen")):
+        code = "\n".join(block for name, block in blocks.items() if name.startswith(scope + function))  # clones too
+        assert code, function
+        for dtype in ("c10::Half", "c10::BFloat16"):
+            assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(f"{scope}{conversion}<{dtype}>"), code), \
+                (function, dtype)
+    widening = next(block for name, block in blocks.items() if name.startswith(f"void {scope}widen<c10::Half>("))
+    assert re.search(r"\b(call|jmp)\s+\S+ <" + re.escape(scope) + r"widen_f16c\(", widening)
 
 
 # An AVX-512 (EVEX-only) operand: a 512-bit register, a mask register, or one of the 16 registers only EVEX names.
