@@ -490,36 +490,15 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
     return sums;
   };
   std::vector<double> tt(static_cast<size_t>(cols));
-  std::vector<char> active(static_cast<size_t>(cols)), vanishes(static_cast<size_t>(cols), 0);
-  bool doubt = false;
-  {
-    const ColumnSums first = sums_pass(args, 0, 2, nullptr);
-    const std::vector<double> squares = first.totals(0), weighted = first.totals(1);
-    for (int64_t c = 0; c < cols; ++c) {
-      const optim_cpu::MetricStart start = optim_cpu::metric_start(squares[c], weighted[c]);
-      tt[c] = start.t0;
-      active[c] = start.stays;
-      doubt = doubt || !start.stays;
+  std::vector<char> vanishes(static_cast<size_t>(cols));
+  optim_cpu::metric_roots<float>(cols, [&](int stage, double* const (&s)[3], const double* at_t) {
+    const int outputs = stage == 0 ? 2 : stage == 1 ? 1 : 3;
+    const ColumnSums sums = sums_pass(stage == 0 ? args : again, stage, outputs, stage == 2 ? at_t : nullptr);
+    for (int o = 0; o < outputs; ++o) {
+      const std::vector<double> total = sums.totals(o);
+      std::copy(total.begin(), total.end(), s[o]);
     }
-  }
-  if (doubt) {
-    const std::vector<double> test = sums_pass(again, 1, 1, nullptr).totals(0);
-    for (int64_t c = 0; c < cols; ++c) {
-      vanishes[c] = !active[c] && test[c] <= 1;
-      active[c] = !vanishes[c];
-    }
-  }
-  bool running = std::find(active.begin(), active.end(), 1) != active.end();
-  for (int s = 0; running && s < optim_cpu::kMetricNewtonSteps; ++s) {
-    const ColumnSums sums = sums_pass(again, 2, 3, tt.data());
-    const std::vector<double> s2 = sums.totals(0), s3 = sums.totals(1), s4 = sums.totals(2);
-    running = false;
-    for (int64_t c = 0; c < cols; ++c) {
-      if (!active[c]) continue;
-      active[c] = optim_cpu::metric_newton_step<float>(tt[c], s2[c], s3[c], s4[c]);
-      running = running || active[c];
-    }
-  }
+  }, tt.data(), vanishes.data());
   std::vector<float> root(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) root[c] = static_cast<float>(tt[c]);
   pieces.each<float>(2, [&](int64_t, int64_t at, int64_t n, float* work) {

@@ -8,10 +8,12 @@
 // (optim_cpu_fma.cpp, AVX2 + FMA on x86-64; elsewhere the same file as rounded_twice).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "kernel_types.h"
 
@@ -150,6 +152,44 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
   t = next;
   // A slope clamped to tiny shortens the step, and the estimate with it: no early stop then.
   return rise > kSettled * next && !(s3 >= tiny && rise <= kSmallStep * next && short_by <= kClose * next);
+}
+
+// The roots t (ng of them) of ng groups' shrink and which groups vanish, from their sums: sums(stage, out, t) adds
+// stage 0's ‖u_g‖² and Σ u_i²·a_i into out[0], out[1], stage 1's vanishing test Σ (u_i/a_i)² into out[0] (asked
+// only where a group is in doubt), stage 2's S2, S3, S4 at t into out[0 .. 2] (once per Newton step), each out[k]
+// ng doubles. The blocks (optim_cpu_groups.h's metric_shrink_typed) sum over their arrays, the passes over large
+// tensors (optim_cpu.cpp's metric_passes) over the elements again.
+template <typename A, typename Sums>
+void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
+  std::vector<double> buf(static_cast<size_t>(3 * ng), 0.0);
+  double* const s[3] = {buf.data(), buf.data() + ng, buf.data() + 2 * ng};
+  std::vector<char> active(static_cast<size_t>(ng), 1);
+  sums(0, s, t);
+  bool doubt = false;
+  for (int64_t j = 0; j < ng; ++j) {
+    const MetricStart start = metric_start(s[0][j], s[1][j]);
+    t[j] = start.t0;
+    active[j] = start.stays;
+    vanishes[j] = 0;
+    doubt = doubt || !start.stays;
+  }
+  if (doubt) {
+    sums(1, s, t);
+    for (int64_t j = 0; j < ng; ++j) {
+      vanishes[j] = !active[j] && s[0][j] <= 1;
+      active[j] = !vanishes[j];
+    }
+  }
+  bool running = std::find(active.begin(), active.end(), 1) != active.end();
+  for (int step = 0; running && step < kMetricNewtonSteps; ++step) {
+    sums(2, s, t);
+    running = false;
+    for (int64_t j = 0; j < ng; ++j) {
+      if (!active[j]) continue;
+      active[j] = metric_newton_step<A>(t[j], s[0][j], s[1][j], s[2][j]);
+      running = running || active[j];
+    }
+  }
 }
 
 // The group passes of the preconditioned prox with group lasso (reference: penalty_gradient_scales and

@@ -258,10 +258,10 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   }
 }
 
-// The sums of Adam's metric group shrink (optim_cpu.h's metric_start and metric_newton_step), per element of
-// u (the new values) and a (the thresholds): MetricFirst ‖u_g‖² and Σ u_i²·a_i (no division); MetricTest the
-// vanishing test's Σ (u_i/a_i)² (over u_i ≠ 0); MetricNewton<A> S2, S3, S4 at t = p, each element dividing once
-// (r is finite, d ≥ tiny: q = 0 where u = 0 unless d is NaN, where the reference's sums are NaN too).
+// The sums of Adam's metric group shrink (optim_cpu.h's metric_roots), per element of u (the new values) and a
+// (the thresholds): MetricFirst ‖u_g‖² and Σ u_i²·a_i (no division); MetricTest the vanishing test's Σ (u_i/a_i)²
+// (over u_i ≠ 0); MetricNewton<A> S2, S3, S4 at t = p, each element dividing once (r is finite, d ≥ tiny: q = 0
+// where u = 0 unless d is NaN, where the reference's sums are NaN too).
 struct MetricFirst {
   template <typename V>
   void operator()(V x, V y, V, V* v) const {
@@ -299,50 +299,27 @@ inline T metric_result(A u, A a, A root, bool vanishes) {
   return static_cast<T>(u * factor);
 }
 
-// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ (optim_cpu.h's metric_start, metric_newton_step) on the block's
-// own arrays, the results rounded into the params w. The vanishing test's pass runs only for a block with a group
-// left in doubt; for float32 / 16-bit params the Newton step that stops is usually the first.
+// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ on the block's own arrays (the roots by optim_cpu.h's
+// metric_roots from the arrays' sums), the results rounded into the params w. The vanishing test's pass runs only
+// for a block with a group left in doubt; for float32 / 16-bit params the Newton step that stops is usually the
+// first.
 template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
-  std::vector<double> buf(5 * ng, 0.0);
-  double* __restrict__ s0 = buf.data();
-  double* __restrict__ s1 = s0 + ng;
-  double* __restrict__ s2 = s1 + ng;
-  double* __restrict__ t = s2 + ng;
-  double* __restrict__ zeros = t + ng;
-  std::vector<char> vanishes(ng, 0), active(ng, 1);
-  {
-    double* const first[2] = {s1, s2};
-    group_reduce<2, 0u>(own, u, a, zeros, first, MetricFirst{});
-  }
-  bool doubt = false;
-  for (int64_t j = 0; j < ng; ++j) {
-    const MetricStart start = metric_start(s1[j], s2[j]);
-    t[j] = start.t0;
-    active[j] = start.stays;
-    doubt = doubt || !start.stays;
-  }
-  if (doubt) {
-    double* const test[1] = {s0};
-    group_reduce<1, 0u>(own, u, a, zeros, test, MetricTest{});
-    for (int64_t j = 0; j < ng; ++j) {
-      vanishes[j] = !active[j] && s0[j] <= 1;
-      active[j] = !vanishes[j];
+  std::vector<double> t(ng), zeros(ng, 0.0);
+  std::vector<char> vanishes(ng);
+  metric_roots<A>(ng, [&](int stage, double* const (&s)[3], const double* at) {
+    if (stage == 0) {
+      double* const first[2] = {s[0], s[1]};
+      group_reduce<2, 0u>(own, u, a, zeros.data(), first, MetricFirst{});
+    } else if (stage == 1) {
+      double* const test[1] = {s[0]};
+      group_reduce<1, 0u>(own, u, a, zeros.data(), test, MetricTest{});
+    } else {
+      group_reduce<3, 0u>(own, u, a, at, s, MetricNewton<A>{});
     }
-  }
-  bool running = std::find(active.begin(), active.end(), 1) != active.end();
-  for (int step = 0; running && step < kMetricNewtonSteps; ++step) {
-    double* const sums[3] = {s0, s1, s2};
-    group_reduce<3, 0u>(own, u, a, t, sums, MetricNewton<A>{});
-    running = false;
-    for (int64_t j = 0; j < ng; ++j) {
-      if (!active[j]) continue;
-      active[j] = metric_newton_step<A>(t[j], s0[j], s1[j], s2[j]);
-      running = running || active[j];
-    }
-  }
+  }, t.data(), vanishes.data());
   std::vector<A> root(ng);
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
