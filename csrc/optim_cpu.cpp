@@ -294,14 +294,15 @@ at::Tensor adamw_fused(at::TensorList params, at::TensorList grads, at::TensorLi
 constexpr int64_t kGroupBlockElements = 1 << 15;
 constexpr int64_t kMinColumnGroups = 256;
 constexpr int64_t kLargestColumnBlock = 1 << 22;
-// The SGD and AdamW-lr steps (whole_width) take the column groups of a tensor of at most kWholeWidthColumns columns
-// and kWholeWidthElements elements in one block of them all, which reads the tensor in order where blocks of 256
-// columns read runs of 256 (GPT-2 small's 768-wide and 768-tall matrices, twelve of them and a 1024 × 768 one,
-// 22M elements, builds alternating, ms per step: float16 SGD 25.8-25.9 → 19.3-20.8 at one thread, 15.3-16.0 →
-// 12.5-12.9 at two; 3072 × 768 float16 SGD alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 → 0.9-1.0 on one; 3072 × 1024
-// float16 SGD 3.4-3.7 → 1.8-2.4). Not for larger tensors, whose block's arrays outgrow the caches (4096 × 1024
-// float16 in Adam's metric: 12.5 → 26.7 ms), nor for Adam's metric, whose block of a tensor alone is then computed by
-// one thread (3072 × 1024 float16, two threads: 4.7-5.0 → 6.8-7.3).
+// The SGD and AdamW-lr steps (whole_width) take the column groups of a 16-bit tensor of at most kWholeWidthColumns
+// columns and kWholeWidthElements elements in one block of them all, which reads the tensor in order where blocks of
+// 256 columns read runs of 256 (builds alternating, ms per step: 1024 × 768 and three each of 768 × 2304, 768 × 768,
+// 768 × 3072 and 3072 × 768, 22M elements, those of 768 columns now whole: float16 SGD 25.8-25.9 → 19.3-20.8 at
+// one thread, 15.3-16.0 → 12.5-12.9 at two; 3072 × 768 float16 SGD alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 →
+// 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). The element limit keeps a block's float array within
+// 12 MiB (larger blocks outgrew the caches: 4096 × 1024 float16 in Adam's metric in one block, 12.5 → 26.7 ms). Not
+// for Adam's metric, whose block of a tensor alone is then computed by one thread (3072 × 1024 float16, two threads:
+// 4.7-5.0 → 6.8-7.3).
 constexpr int64_t kWholeWidthColumns = 1024;
 constexpr int64_t kWholeWidthElements = 3 << 20;
 

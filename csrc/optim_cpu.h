@@ -154,7 +154,7 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
   return rise > kSettled * next && !(s3 >= tiny && rise <= kSmallStep * next && short_by <= kClose * next);
 }
 
-// The roots t (ng of them) of ng groups' shrink and which groups vanish, from their sums: sums(stage, out, t) adds
+// The roots t (ng of them) of ng groups' shrink and which groups vanish, from their sums: sums(stage, out, t) writes
 // stage 0's ‖u_g‖² and Σ u_i²·a_i into out[0], out[1], stage 1's vanishing test Σ (u_i/a_i)² into out[0] (asked
 // only where a group is in doubt), stage 2's S2, S3, S4 at t into out[0 .. 2] (once per Newton step), each out[k]
 // ng doubles. The blocks (optim_cpu_groups.h's metric_shrink_typed) sum over their arrays, the passes over large

@@ -343,8 +343,8 @@ def test_only_the_wide_variants_hold_avx_instructions():
     assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(scope) + r"narrow<c10::Half>", rounding)
     narrowing = next(block for name, block in blocks.items() if name.startswith(f"void {scope}narrow<c10::Half>("))
     assert re.search(r"\b(call|jmp)\s+\S+ <" + re.escape(scope) + r"narrow_f16c\(", narrowing)
-    # So do Adam's metric's group shrink and its passes' final rounding; the passes' group norms and column sums
-    # read 16-bit params through the variant's widening, float16 and bfloat16 alike.
+    # So do Adam's metric's group shrink and its passes' final rounding; the passes' group norms (column_squares)
+    # and floors (column_floors) read 16-bit params through the variant's widening, float16 and bfloat16 alike.
     for function, conversion in (("metric_shrink_run(", "narrow"), ("metric_apply_run(", "narrow"),
                                  ("column_floors_run(", "widen"), ("column_squares_run(", "widen")):
         code = "\n".join(block for name, block in blocks.items() if name.startswith(scope + function))  # clones too
@@ -417,14 +417,18 @@ def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 ELF")
 def test_the_newton_steps_of_the_metric_group_shrink_divide_packed_vectors():
     """The group shrink in Adam's metric (csrc/optim_cpu_groups.h) divides packed doubles, several lanes an
-    instruction, in every variant it is built for: AVX's vdivpd in the AVX2 one, SSE2's divpd in the baseline."""
-    shrinks = [(name, ops) for name, ops in _functions(Path(_ext._C.__file__))
-               if "metric_shrink_typed<" in name and ".cold" not in name]
+    instruction, in every variant it is built for: AVX's vdivpd in the AVX2 one, SSE2's divpd in the baseline. The
+    Newton steps' sums (group_reduce with MetricNewton) are their own function or inlined into the shrink: every
+    such function divides packed, and for float and double accumulation one of them or the shrink does."""
+    functions = [(name, set(ops)) for name, ops in _functions(Path(_ext._C.__file__)) if ".cold" not in name]
     for scope, packed in (("regfast::optim_cpu::avx2_fma::", "vdivpd"), ("regfast::optim_cpu::baseline::", "divpd")):
-        found = [(name, ops) for name, ops in shrinks if scope in name]
-        assert found, [name for name, _ in shrinks]
-        for name, ops in found:
-            assert packed in ops, (name, sorted(set(ops)))
+        newton = [(name, ops) for name, ops in functions if scope in name and "MetricNewton<" in name]
+        for name, ops in newton:
+            assert packed in ops, (name, sorted(ops))
+        for acc in ("float", "double"):
+            found = [ops for name, ops in functions if scope in name
+                     and (f"MetricNewton<{acc}>" in name or f"metric_shrink_typed<{acc}, " in name)]
+            assert any(packed in ops for ops in found), (scope, acc, len(found))
 
 
 GDB_PROGRAM = """
