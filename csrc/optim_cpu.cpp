@@ -295,25 +295,26 @@ constexpr int64_t kGroupBlockElements = 1 << 15;
 constexpr int64_t kMinColumnGroups = 256;
 constexpr int64_t kLargestColumnBlock = 1 << 22;
 // The SGD and AdamW-lr steps (whole_width) take the column groups of a 16-bit tensor of at most kWholeWidthColumns
-// columns and kWholeWidthElements elements in one block of them all, which reads the tensor in order where blocks of
-// 256 columns read runs of 256 (builds alternating, ms per step: 1024 × 768 and three each of 768 × 2304, 768 × 768,
-// 768 × 3072 and 3072 × 768, 22M elements, those of 768 columns now whole: float16 SGD 25.8-25.9 → 19.3-20.8 at
-// one thread, 15.3-16.0 → 12.5-12.9 at two; 3072 × 768 float16 SGD alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 →
-// 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). The element limit keeps a block's float array within
-// 12 MiB (larger blocks outgrew the caches: 4096 × 1024 float16 in Adam's metric in one block, 12.5 → 26.7 ms). Not
-// for Adam's metric, whose block of a tensor alone is then computed by one thread (3072 × 1024 float16, two threads:
-// 4.7-5.0 → 6.8-7.3).
+// columns in one block of them all, which reads the tensor in order where blocks of 256 columns read runs of 256,
+// as long as the block's array (accumulation dtype) stays within kWholeWidthBytes (builds alternating, ms per step:
+// 1024 × 768 and three each of 768 × 2304, 768 × 768, 768 × 3072 and 3072 × 768, 22M elements, those of 768 columns
+// now whole: float16 SGD 25.8-25.9 → 19.3-20.8 at one thread, 15.3-16.0 → 12.5-12.9 at two; 3072 × 768 float16 SGD
+// alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 → 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). Larger
+// blocks outgrew the caches (Adam's metric in one block: 4096 × 1024 float16, 16 MiB of floats, 12.5 → 26.7 ms;
+// 3072 × 768 float64, 18 MiB of doubles, 13.1 → 26.8). Adam's metric takes them on one thread only (see
+// adamw_metric_group).
 constexpr int64_t kWholeWidthColumns = 1024;
-constexpr int64_t kWholeWidthElements = 3 << 20;
+constexpr int64_t kWholeWidthBytes = 12 << 20;
 
 // The blocks of groups of tensor t, whole groups each, sized by the shape alone.
-void add_group_blocks(const GroupShape& shape, int64_t t, bool whole_width,
+void add_group_blocks(const GroupShape& shape, int64_t t, bool whole_width, size_t acc_size,
                       std::vector<std::pair<int64_t, GroupBlock>>& blocks) {
   const int64_t per_group = shape.group_size();
   int64_t span = std::max<int64_t>(1, kGroupBlockElements / per_group);
   if (shape.inner == 1 && shape.outer > 1) {
     span = std::max(span, std::min(kMinColumnGroups, std::max<int64_t>(1, kLargestColumnBlock / per_group)));
-    if (whole_width && shape.ngroups <= kWholeWidthColumns && shape.ngroups * per_group <= kWholeWidthElements) {
+    if (whole_width && shape.ngroups <= kWholeWidthColumns &&
+        shape.ngroups * per_group * static_cast<int64_t>(acc_size) <= kWholeWidthBytes) {
       span = shape.ngroups;
     }
   }
@@ -532,6 +533,13 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   const DType elem = dtype_of(dtype);
   AdamWArgs again = args;  // the step once more from the moments as it left them (metric_passes)
   again.replay = true;
+  // On one thread the column groups of a tensor within the whole-width limits go in one block of them all, as the
+  // SGD and AdamW-lr steps take them (GPT-2's matrices as in add_group_blocks' comment, one thread, builds
+  // alternating, ms per step: float16 49.8-51.1 → 43.2-45.2, float32 57.2-60.2 → 46.9-50.6, bfloat16 44.9-47.1 →
+  // 45.7; 3072 × 1024 float16 alone 8.0-8.4 → 6.1-6.6); on more, a tensor alone would be computed by one thread
+  // (3072 × 1024 float16, two threads: 4.7-5.0 → 6.8-7.3). The results do not depend on a block's width: each
+  // column's sums add its rows in order (group_reduce), and every other step is per element or per group.
+  const bool whole_width = at::get_num_threads() == 1;
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {
     const at::Tensor& w = tb.ws[i];
@@ -544,7 +552,7 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     } else if (large && shape.inner == 1 && shape.outer * kMinColumnGroups > kLargestColumnBlock) {
       metric_passes(tb, static_cast<int64_t>(i), shape.ngroups, false, args, again, passes, elem);
     } else {
-      add_group_blocks(shape, static_cast<int64_t>(i), false, blocks);
+      add_group_blocks(shape, static_cast<int64_t>(i), whole_width, c10::elementSize(acc), blocks);
     }
   }
   const auto run = optim_cpu::loops().adamw;
@@ -666,7 +674,7 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
       two_pass_group_steps(ws[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso, elem,
                            passes, step);
     } else {
-      add_group_blocks(shape, static_cast<int64_t>(i), true, blocks);
+      add_group_blocks(shape, static_cast<int64_t>(i), true, acc_size, blocks);
     }
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
