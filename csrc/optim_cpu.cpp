@@ -300,13 +300,14 @@ constexpr int64_t kLargestColumnBlock = 1 << 22;
 // 1024 × 768 and three each of 768 × 2304, 768 × 768, 768 × 3072 and 3072 × 768, 22M elements, those of 768 columns
 // now whole: float16 SGD 25.8-25.9 → 19.3-20.8 at one thread, 15.3-16.0 → 12.5-12.9 at two; 3072 × 768 float16 SGD
 // alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 → 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). Larger
-// blocks outgrew the caches (Adam's metric in one block: 4096 × 1024 float16, 16 MiB of floats, 12.5 → 26.7 ms;
-// 3072 × 768 float64, 18 MiB of doubles, 13.1 → 26.8). Adam's metric takes them on one thread only (see
-// adamw_metric_group).
+// blocks outgrew the caches (Adam's metric in one block, whose two arrays each take that many bytes: 4096 × 1024
+// float16, 16 MiB each, 12.5 → 26.7 ms; 3072 × 768 float64, 18 MiB each, 13.1 → 26.8). Adam's metric takes them on
+// one thread only (see adamw_metric_group).
 constexpr int64_t kWholeWidthColumns = 1024;
 constexpr int64_t kWholeWidthBytes = 12 << 20;
 
-// The blocks of groups of tensor t, whole groups each, sized by the shape alone.
+// The blocks of groups of tensor t, whole groups each, sized by the shape (and, with whole_width, the accumulation
+// dtype's size).
 void add_group_blocks(const GroupShape& shape, int64_t t, bool whole_width, size_t acc_size,
                       std::vector<std::pair<int64_t, GroupBlock>>& blocks) {
   const int64_t per_group = shape.group_size();
@@ -538,7 +539,9 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   // alternating, ms per step: float16 49.8-51.1 → 43.2-45.2, float32 57.2-60.2 → 46.9-50.6, bfloat16 44.9-47.1 →
   // 45.7; 3072 × 1024 float16 alone 8.0-8.4 → 6.1-6.6); on more, a tensor alone would be computed by one thread
   // (3072 × 1024 float16, two threads: 4.7-5.0 → 6.8-7.3). The results do not depend on a block's width: each
-  // column's sums add its rows in order (group_reduce), and every other step is per element or per group.
+  // column's sums add its rows in order (group_reduce), a column's lane rounds alike in a vector and in the scalar
+  // tail, every other step is per element or per group, and the block's flags (a group in doubt, one still
+  // stepping) only decide whether a pass runs, each group keeping its own state.
   const bool whole_width = at::get_num_threads() == 1;
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {

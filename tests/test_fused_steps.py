@@ -671,14 +671,15 @@ DETERMINISM_CASES = [("sgd", SGD_CASES[4][0]), ("adamw", dict(lr=DeviceLr(0.01),
                      ("adamw", dict(l1=0.01, l2=0.1, group_lasso=0.05, groups="col"))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_deterministic_across_thread_counts(backend, device, dtype):
     """The same params, state and penalties on every run; with 1 and 2 CPU threads for the CPU kernels (Adam's
-    metric by columns takes 300 × 257 in one block on one thread, in two on two)."""
+    metric by columns takes 300 × 257 and 100 × 337 in one block on one thread, in blocks of 256 + 1 and 327 + 10
+    columns on two: a column in a vector in one layout and in the scalar tail in the other)."""
     if dtype != torch.float32:
         skip_in_interpreter(backend, device, "float32 covers determinism there")
     s = setting(backend)
-    shapes = s.shapes if backend == "triton" else [(300, 257), (2**16 + 5,), (65, 3, 17), (0,), ()]
+    shapes = s.shapes if backend == "triton" else [(300, 257), (100, 337), (2**16 + 5,), (65, 3, 17), (0,), ()]
     threads = torch.get_num_threads()
     runs = []
     try:
