@@ -496,7 +496,7 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
   std::vector<char> vanishes(static_cast<size_t>(cols));
   optim_cpu::metric_roots<float>(cols, [&](int stage, double* const (&s)[3], const double* at_t) {
     const int outputs = stage == 0 ? 2 : stage == 1 ? 1 : 3;
-    const ColumnSums sums = sums_pass(stage == 0 ? args : again, stage, outputs, stage == 2 ? at_t : nullptr);
+    const ColumnSums sums = sums_pass(stage == 0 ? args : again, stage, outputs, at_t);
     for (int o = 0; o < outputs; ++o) {
       const std::vector<double> total = sums.totals(o);
       std::copy(total.begin(), total.end(), s[o]);
@@ -543,6 +543,7 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   // tail, every other step is per element or per group, and the block's flags (a group in doubt, one still
   // stepping) only decide whether a pass runs, each group keeping its own state.
   const bool whole_width = at::get_num_threads() == 1;
+  const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {
     const at::Tensor& w = tb.ws[i];
@@ -555,11 +556,10 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     } else if (large && shape.inner == 1 && shape.outer * kMinColumnGroups > kLargestColumnBlock) {
       metric_passes(tb, static_cast<int64_t>(i), shape.ngroups, false, args, again, passes, elem);
     } else {
-      add_group_blocks(shape, static_cast<int64_t>(i), whole_width, c10::elementSize(acc), blocks);
+      add_group_blocks(shape, static_cast<int64_t>(i), whole_width, acc_size, blocks);
     }
   }
   const auto run = optim_cpu::loops().adamw;
-  const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     BlockArrays arrays;
     for (int64_t k = begin; k < end; ++k) {

@@ -307,15 +307,16 @@ template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
-  std::vector<double> t(ng), zeros(ng, 0.0);
+  std::vector<double> t(ng);
   std::vector<char> vanishes(ng);
+  // (MetricFirst and MetricTest take no per-group parameter: they are given t, unread.)
   metric_roots<A>(ng, [&](int stage, double* const (&s)[3], const double* at) {
     if (stage == 0) {
       double* const first[2] = {s[0], s[1]};
-      group_reduce<2, 0u>(own, u, a, zeros.data(), first, MetricFirst{});
+      group_reduce<2, 0u>(own, u, a, at, first, MetricFirst{});
     } else if (stage == 1) {
       double* const test[1] = {s[0]};
-      group_reduce<1, 0u>(own, u, a, zeros.data(), test, MetricTest{});
+      group_reduce<1, 0u>(own, u, a, at, test, MetricTest{});
     } else {
       group_reduce<3, 0u>(own, u, a, at, s, MetricNewton<A>{});
     }
