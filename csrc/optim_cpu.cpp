@@ -583,23 +583,6 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   return at::zeros({}, params[0].options().dtype(acc));
 }
 
-// The group shrink of prox_ with step `step` and only the group term (u_g ← max(0, 1 − step·gl·√|g| / ‖u_g‖)·u_g,
-// the reference's group norms and rounding) on the block's own array, as a tensor whose groups are the block's.
-void shrink_block(void* work, const GroupBlock& b, at::ScalarType acc, int64_t dim, Grouping grouping, double step,
-                  double gl) {
-  const int64_t ng = b.g1 - b.g0;
-  std::vector<int64_t> shape;
-  if (grouping == Grouping::kTensor || dim < 2) {
-    shape = {b.outer * ng * b.inner};
-  } else if (grouping == Grouping::kRow) {
-    shape = {ng, b.inner};
-  } else {
-    shape = {b.outer, ng, b.inner};
-  }
-  const at::Tensor block = at::from_blob(work, shape, at::TensorOptions().dtype(acc));
-  cpu_ops::prox(block, std::nullopt, step, 0.0, 0.0, gl, grouping);
-}
-
 // The column groups of a large 16-bit tensor t ([outer, ngroups, 1] with at least kColumnChunks rows: groups a
 // row's length apart), or its one group (groups "tensor", a 1-D tensor), in two passes over its elements in order,
 // where blocks of columns would read a short run of each row (and wait on memory for each) and a one-group block
@@ -690,8 +673,7 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
       for (int64_t o = 0; o < b.outer; ++o) {
         step(t, (o * b.ngroups + b.g0) * b.inner, span, work + o * span * acc_size, false);
       }
-      shrink_block(work, b, acc, ws[t].dim(), grouping, shrink_step, group_lasso);
-      passes.round_into(elem, work, ws[t].data_ptr(), b);
+      passes.group_shrink(elem, work, ws[t].data_ptr(), b, shrink_step * group_lasso);
     }
   });
 }

@@ -201,6 +201,8 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // params: |w_i| · (weight / ‖w_g‖)).
 // metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
 // round_into: the block's array `work` rounded into its params, as the kernels round (F16C where the CPU has it).
+// group_shrink: prox_'s group shrink with only the group term, u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂), on the block's
+// array `work` (the steps with the scalar prox step: coef = step·gl), rounded into its params as round_into rounds.
 //
 // The passes over a large tensor with float32 / 16-bit params by columns, or as one group (optim_cpu.cpp's
 // metric_passes), each over n elements seen as rows of `cols` (the last row may be short) and adding its sums per
@@ -214,6 +216,7 @@ struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
+  void (*group_shrink)(DType elem, void* work, void* w, const GroupBlock& b, double coef);
   void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums);
   void (*column_floors)(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out);
   void (*metric_sums)(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "groups.h"
 #include "kernel_types.h"
 #include "optim_cpu.h"
 
@@ -367,6 +368,86 @@ inline void round_into_run(DType elem, const void* work, void* w, const GroupBlo
         narrow(src, dst, span);
       }
     }
+  });
+}
+
+// prox_'s group shrink with only the group term on the block's own array u (accumulation dtype), rounded into the
+// block's params w: u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂) (group_shrink_factor), the norm in double (float64 groups
+// scaled by their largest magnitude first, so that no square overflows or underflows). The scaled values go into the
+// params a piece of at most kShrinkPiece elements at a time, each scaled in u and rounded while in the L1 cache.
+constexpr int64_t kShrinkPiece = 4096;
+
+// x_k·f_k (kOne: x_k·f_0) for n elements: into the params y where they are of the accumulation dtype, else into x (to
+// be rounded).
+template <bool kOne, typename T, typename A>
+inline void scale_run(A* __restrict__ x, const A* __restrict__ f, T* __restrict__ y, int64_t n) {
+  A* __restrict__ out = nullptr;
+  if constexpr (std::is_same_v<T, A>) {
+    out = y;
+  } else {
+    out = x;
+  }
+  if constexpr (kOne) {
+    const A s = f[0];
+    for (int64_t k = 0; k < n; ++k) out[k] = x[k] * s;
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = x[k] * f[k];
+  }
+}
+
+template <typename T>
+void group_shrink_typed(acc_t<T>* __restrict__ u, T* __restrict__ w, const GroupBlock& b, double coef) {
+  using A = acc_t<T>;
+  const int64_t ng = b.g1 - b.g0;
+  const GroupBlock own = own_layout(b);
+  std::vector<double> buf(2 * ng, 1.0);
+  double* __restrict__ scale = buf.data();
+  double* __restrict__ norm = scale + ng;
+  double* const squares[1] = {norm};
+  if constexpr (std::is_same_v<A, double>) {
+    double* const largest[1] = {scale};
+    group_reduce<1, 1u>(own, u, u, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
+    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
+    group_reduce<1, 0u>(own, u, u, scale, squares, [](auto x, auto, auto p, auto* v) {
+      const auto y = x / p;
+      v[0] = y * y;
+    });
+  } else {
+    group_reduce<1, 0u>(own, u, u, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
+  }
+  const double c = coef * std::sqrt(static_cast<double>(b.outer * b.inner));
+  std::vector<A> factor(static_cast<size_t>(ng));
+  for (int64_t j = 0; j < ng; ++j) factor[j] = group_shrink_factor<A>(std::sqrt(norm[j]) * scale[j], c);
+  const A* __restrict__ f = factor.data();
+  const int64_t span = ng * b.inner;
+  for (int64_t o = 0; o < b.outer; ++o) {
+    A* const src = u + o * span;
+    T* const dst = w + (o * b.ngroups + b.g0) * b.inner;
+    for (int64_t e = 0; e < span;) {
+      const int64_t end = std::min(span, e + kShrinkPiece);
+      for (int64_t i = e; i < end;) {  // a run of one group's elements, or with inner = 1 of one element per group
+        const int64_t j = i / b.inner;
+        const int64_t stop = b.inner == 1 ? end : std::min(end, (j + 1) * b.inner);
+        A* __restrict__ x = src + i;
+        T* __restrict__ y = dst + i;
+        const int64_t n = stop - i;
+        if (b.inner == 1) {
+          scale_run<false>(x, f + i, y, n);
+        } else {
+          scale_run<true>(x, f + j, y, n);
+        }
+        i = stop;
+      }
+      if constexpr (!std::is_same_v<T, A>) narrow(src + e, dst + e, end - e);
+      e = end;
+    }
+  }
+}
+
+inline void group_shrink_run(DType elem, void* u, void* w, const GroupBlock& b, double coef) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    group_shrink_typed<T>(static_cast<acc_t<T>*>(u), static_cast<T*>(w), b, coef);
   });
 }
 

@@ -494,6 +494,48 @@ def test_large_16bit_params_by_columns_or_whole(backend, device, kind, config, d
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("groups", ["row", "col", "tensor"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_group_lasso_steps_propagate_nan_and_inf(backend, device, kind, groups, dtype):
+    """The steps with group lasso and the scalar prox step (SGD, AdamW ``prox="lr"``) on params holding a NaN and an
+    inf, in different groups (one tensor each, taken whole with ``groups="tensor"``), beside small groups that
+    vanish: the NaN's group becomes NaN, the inf's group keeps the inf and its other elements unshrunk (factor 1)
+    or, where float64 norms are scaled by the group's largest magnitude, becomes NaN: as the reference's step does;
+    the rest agrees to a few ulps."""
+    skip_in_interpreter(backend, device, "test_prox_sgd and test_prox_adamw check the group steps there")
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40, 24), (24, 40), (40, 24)]
+    values = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    values[0][3, 5] = float("nan")
+    values[1][10, 7] = float("inf")
+    values[2] *= 0.1  # groups that vanish
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    config = dict(lr=0.05, momentum=0.9, l1=0.01, group_lasso=3.0, groups=groups) if kind == "sgd" else \
+        dict(lr=0.01, prox="lr", l1=0.01, group_lasso=30.0, groups=groups)
+    results = {}
+    for name in (backend, "torch"):
+        params = [nn.Parameter(v.to(device, dtype)) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g.to(device, dtype)
+        opt = optimizer(kind, config, compute_penalty=False)(params)
+        with use_backend(name):
+            opt.step()
+        results[name] = [p.detach().double().cpu() for p in params]
+    ours, theirs = results[backend], results["torch"]
+    nan = {"row": (0, 3), "col": (0, (slice(None), 5)), "tensor": (0, ...)}[groups]
+    assert ours[nan[0]][nan[1]].isnan().all() and theirs[nan[0]][nan[1]].isnan().all()
+    if dtype == torch.float64 and groups != "col":  # the norm scaled by the group's largest magnitude: inf / inf
+        assert ours[1][10, 7].isnan() and theirs[1][10, 7].isnan()
+    else:
+        assert ours[1][10, 7] == theirs[1][10, 7] == float("inf")
+    assert (theirs[2] == 0).any()  # the group term did act
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * b.abs().nan_to_num(posinf=0).max().item(),
+                                   equal_nan=True)
+
+
 LARGE_METRIC_CASES = [
     dict(amsgrad=True, l1=0.01, l2=0.1, group_lasso=0.5, groups="col"),
     dict(lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col"),
