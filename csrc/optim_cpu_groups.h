@@ -407,7 +407,8 @@ void group_shrink_typed(acc_t<T>* __restrict__ u, T* __restrict__ w, const Group
   if constexpr (std::is_same_v<A, double>) {
     double* const largest[1] = {scale};
     group_reduce<1, 1u>(own, u, u, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
-    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
+    // A group holding an inf (or a NaN) is not scaled: its norm is inf (NaN), as the reference's.
+    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 && std::isfinite(scale[j]) ? scale[j] : 1.0;
     group_reduce<1, 0u>(own, u, u, scale, squares, [](auto x, auto, auto p, auto* v) {
       const auto y = x / p;
       v[0] = y * y;
