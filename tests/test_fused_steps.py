@@ -11,10 +11,10 @@ checks it against an independent oracle), and params, optimizer state and penalt
   AdamW's moments agree bitwise; its params agree to a few ulps because torch's CPU ``sqrt`` goes through MKL's
   vector math, which is not correctly rounded (about 0.7% of float32 and float64 results differ by one ulp from
   the correctly rounded square root the fused pass takes), so the denominator ``√v̂ + eps`` and with it the
-  update can differ by an ulp. With group lasso, float32 / float64 params get the fused pass's elementwise prox
-  and the backend's group passes (a few ulps), bfloat16 ones go to the reference (rounded once per step), bit
-  for bit; Adam's metric is the extension's own ATen composition of the reference's ops, with group norms
-  summed in another order: a few ulps.
+  update can differ by an ulp. With group lasso, params get the fused pass's elementwise prox and the backend's
+  group shrink, whose group norms are summed in another order than the reference's (a few ulps; 16-bit params
+  are stepped in float32 and rounded once per step, as the reference's); so does Adam's metric, whose group
+  shrink the CPU kernels take by Newton's steps in double: a few ulps.
 - ``triton``: both backends do the same float32 (float64) arithmetic op for op, so float32 / float64 params
   differ by rounding order at most; float16 / bfloat16 params are that float32 math rounded once per step, so
   at most one unit in the last place; the moments to float32 (float64) rounding. Adam's metric with group lasso
