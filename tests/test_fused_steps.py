@@ -13,8 +13,8 @@ checks it against an independent oracle), and params, optimizer state and penalt
   the correctly rounded square root the fused pass takes), so the denominator ``√v̂ + eps`` and with it the
   update can differ by an ulp. With group lasso, params get the fused pass's elementwise prox and the backend's
   group shrink, whose group norms are summed in another order than the reference's (a few ulps; 16-bit params
-  are stepped in float32 and rounded once per step, as the reference's); so does Adam's metric, whose group
-  shrink the CPU kernels take by Newton's steps in double: a few ulps.
+  are stepped in float32 and rounded once per step, as the reference's); Adam's metric (on the CPU the kernels'
+  Newton steps in double, on CUDA the extension's ATen composition of the reference's ops) likewise: a few ulps.
 - ``triton``: both backends do the same float32 (float64) arithmetic op for op, so float32 / float64 params
   differ by rounding order at most; float16 / bfloat16 params are that float32 math rounded once per step, so
   at most one unit in the last place; the moments to float32 (float64) rounding. Adam's metric with group lasso
