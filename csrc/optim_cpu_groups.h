@@ -225,7 +225,8 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   if constexpr (kScaled) {
     double* const largest[1] = {scale};
     group_reduce<1, 1u>(b, w, w, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
-    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 ? scale[j] : 1.0;
+    // A group holding an inf (or a NaN) is not scaled: its norm is inf (NaN), as the reference's.
+    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 && std::isfinite(scale[j]) ? scale[j] : 1.0;
     double* const squares[1] = {norm};
     group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto p, auto* v) {
       const auto y = x / p;
@@ -381,7 +382,7 @@ constexpr int64_t kShrinkPiece = 4096;
 // be rounded).
 template <bool kOne, typename T, typename A>
 inline void scale_run(A* __restrict__ x, const A* __restrict__ f, T* __restrict__ y, int64_t n) {
-  A* __restrict__ out = nullptr;
+  A* out = nullptr;  // based on y or x
   if constexpr (std::is_same_v<T, A>) {
     out = y;
   } else {
