@@ -208,12 +208,33 @@ inline void for_each_element(const GroupBlock& b, F&& f) {
 // The block's own arrays seen as a block: [outer, g1 − g0, inner], every group of it.
 inline GroupBlock own_layout(const GroupBlock& b) { return {b.outer, b.g1 - b.g0, b.inner, 0, b.g1 - b.g0}; }
 
-// out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm in double
-// (reference: group_norms). Squares of float32 / 16-bit values neither overflow nor underflow in double, so their
-// norms are taken as they are, and each element is multiplied by weight / ‖w_g‖ in double (a double ulp or two from
-// the quotient: the same value rounded to A but within that of a rounding boundary); float64 groups are scaled by
-// their largest magnitude first, as the reference does, and divide each element by the norm first, as the reference
-// does: weight / ‖w_g‖ overflows for a group of subnormal norm.
+// norm_j = ‖x_g‖₂ in double of every group j of a block of x laid out as `layout` (reference: group_norms). Squares of
+// float32 / 16-bit values neither overflow nor underflow in double, so their norms are taken as they are; float64
+// groups are scaled by their largest magnitude first, as the reference does (not a group holding an inf or NaN: its
+// norm is inf or NaN, as the reference's). `scratch`: ng doubles.
+template <typename X>
+void block_group_norms(const GroupBlock& layout, const X* x, double* __restrict__ norm, double* __restrict__ scratch) {
+  const int64_t ng = layout.g1 - layout.g0;
+  double* const squares[1] = {norm};
+  std::fill(scratch, scratch + ng, 1.0);
+  if constexpr (std::is_same_v<X, double>) {
+    double* const largest[1] = {scratch};
+    group_reduce<1, 1u>(layout, x, x, norm, largest, [](auto v, auto, auto, auto* r) { r[0] = magnitude(v); });
+    for (int64_t j = 0; j < ng; ++j) scratch[j] = scratch[j] > 0 && std::isfinite(scratch[j]) ? scratch[j] : 1.0;
+    group_reduce<1, 0u>(layout, x, x, scratch, squares, [](auto v, auto, auto p, auto* r) {
+      const auto y = v / p;
+      r[0] = y * y;
+    });
+  } else {
+    group_reduce<1, 0u>(layout, x, x, scratch, squares, [](auto v, auto, auto, auto* r) { r[0] = v * v; });
+  }
+  for (int64_t j = 0; j < ng; ++j) norm[j] = std::sqrt(norm[j]) * scratch[j];
+}
+
+// out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm by
+// block_group_norms. Float32 / 16-bit elements are multiplied by weight / ‖w_g‖ in double (a double ulp or two from
+// the quotient: the same value rounded to A but within that of a rounding boundary); float64 ones are divided by the
+// norm first, as the reference does: weight / ‖w_g‖ overflows for a group of subnormal norm.
 template <typename T>
 void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, const GroupBlock& b, double weight) {
   using A = acc_t<T>;
@@ -222,33 +243,16 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   std::vector<double> buf(2 * ng, 0.0);
   double* __restrict__ scale = buf.data();
   double* __restrict__ norm = scale + ng;
-  if constexpr (kScaled) {
-    double* const largest[1] = {scale};
-    group_reduce<1, 1u>(b, w, w, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
-    // A group holding an inf (or a NaN) is not scaled: its norm is inf (NaN), as the reference's.
-    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 && std::isfinite(scale[j]) ? scale[j] : 1.0;
-    double* const squares[1] = {norm};
-    group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto p, auto* v) {
-      const auto y = x / p;
-      v[0] = y * y;
-    });
-  } else if constexpr (std::is_same_v<T, A>) {
-    for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
-    double* const squares[1] = {norm};
-    group_reduce<1, 0u>(b, w, w, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
+  if constexpr (std::is_same_v<T, A>) {
+    block_group_norms(b, w, norm, scale);
   } else {
     // 16-bit params: the block's widened into `out` first (the variant's conversion, F16C for float16), in its
     // own layout; the norms and floors from there.
     const int64_t span = ng * b.inner;
     for (int64_t o = 0; o < b.outer; ++o) widen(w + (o * b.ngroups + b.g0) * b.inner, out + o * span, span);
-    for (int64_t j = 0; j < ng; ++j) scale[j] = 1.0;
-    double* const squares[1] = {norm};
-    group_reduce<1, 0u>(own_layout(b), out, out, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
+    block_group_norms(own_layout(b), out, norm, scale);
   }
-  for (int64_t j = 0; j < ng; ++j) {
-    const double n = std::sqrt(norm[j]) * scale[j];
-    norm[j] = n == 0 ? 1.0 : n;
-  }
+  for (int64_t j = 0; j < ng; ++j) norm[j] = norm[j] == 0 ? 1.0 : norm[j];
   if constexpr (kScaled) {
     for_each_element(b, [&](int64_t i, int64_t l, int64_t j) { out[l] = (std::abs(w[i]) / norm[j]) * weight; });
   } else {
@@ -373,9 +377,9 @@ inline void round_into_run(DType elem, const void* work, void* w, const GroupBlo
 }
 
 // prox_'s group shrink with only the group term on the block's own array u (accumulation dtype), rounded into the
-// block's params w: u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂) (group_shrink_factor), the norm in double (float64 groups
-// scaled by their largest magnitude first, so that no square overflows or underflows). The scaled values go into the
-// params a piece of at most kShrinkPiece elements at a time, each scaled in u and rounded while in the L1 cache.
+// block's params w: u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂) (group_shrink_factor), the norm by block_group_norms. The
+// scaled values go into the params a piece of at most kShrinkPiece elements at a time, each scaled in u and rounded
+// while in the L1 cache.
 constexpr int64_t kShrinkPiece = 4096;
 
 // x_k·f_k (kOne: x_k·f_0) for n elements: into the params y where they are of the accumulation dtype, else into x (to
@@ -400,26 +404,11 @@ template <typename T>
 void group_shrink_typed(acc_t<T>* __restrict__ u, T* __restrict__ w, const GroupBlock& b, double coef) {
   using A = acc_t<T>;
   const int64_t ng = b.g1 - b.g0;
-  const GroupBlock own = own_layout(b);
-  std::vector<double> buf(2 * ng, 1.0);
-  double* __restrict__ scale = buf.data();
-  double* __restrict__ norm = scale + ng;
-  double* const squares[1] = {norm};
-  if constexpr (std::is_same_v<A, double>) {
-    double* const largest[1] = {scale};
-    group_reduce<1, 1u>(own, u, u, norm, largest, [](auto x, auto, auto, auto* v) { v[0] = magnitude(x); });
-    // A group holding an inf (or a NaN) is not scaled: its norm is inf (NaN), as the reference's.
-    for (int64_t j = 0; j < ng; ++j) scale[j] = scale[j] > 0 && std::isfinite(scale[j]) ? scale[j] : 1.0;
-    group_reduce<1, 0u>(own, u, u, scale, squares, [](auto x, auto, auto p, auto* v) {
-      const auto y = x / p;
-      v[0] = y * y;
-    });
-  } else {
-    group_reduce<1, 0u>(own, u, u, scale, squares, [](auto x, auto, auto, auto* v) { v[0] = x * x; });
-  }
+  std::vector<double> buf(2 * ng);
+  block_group_norms(own_layout(b), u, buf.data(), buf.data() + ng);
   const double c = coef * std::sqrt(static_cast<double>(b.outer * b.inner));
   std::vector<A> factor(static_cast<size_t>(ng));
-  for (int64_t j = 0; j < ng; ++j) factor[j] = group_shrink_factor<A>(std::sqrt(norm[j]) * scale[j], c);
+  for (int64_t j = 0; j < ng; ++j) factor[j] = group_shrink_factor<A>(buf[j], c);
   const A* __restrict__ f = factor.data();
   const int64_t span = ng * b.inner;
   for (int64_t o = 0; o < b.outer; ++o) {
