@@ -15,6 +15,9 @@ host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
 - optimizer steps (momentum SGD, AdamW; l1 = 1e-4): torch's own (``foreach``, ``fused``) beside
   ``ProxSGD``, ``ProxAdamW`` (both prox modes; and on the Triton backend, launches stubbed) and ``Proximal``
   around torch's SGD;
+- ``Proximal``'s own cost: ``Proximal`` around an optimizer whose step does nothing, that step alone and a
+  ``prox_`` with the same arguments; its own cost is the difference of the first two (printed beside it, with
+  its ratio to the ``prox_``);
 - ``torch._foreach_add_(grads, params)``: the cheapest multi-tensor op torch has, as a yardstick.
 
 ``--scattered`` lists every call's tensors in a shuffled order: their Python objects, TensorImpls and
@@ -127,6 +130,37 @@ def _optimizer_cases() -> dict[str, list[tuple[str, object, str | None]]]:
     }
 
 
+class _NoStep(torch.optim.Optimizer):
+    """An optimizer whose step does nothing: what ``Proximal`` adds to a step, alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return None
+
+
+def _proximal_rows(n_tensors: int, repeats: int, scattered: bool) -> list[dict]:
+    """``prox_``, a step that does nothing, and ``Proximal`` around it, on the same tensors; the ``Proximal`` row
+    also holds its own cost (``own_us``: its median less the step's) and that over the ``prox_``'s
+    (``own_over_prox``)."""
+    from regfast.optim import Proximal
+
+    params = _params(n_tensors, scattered)
+    inner = _NoStep(params)
+    proximal = Proximal(inner, l1=1e-4)
+    rows = []
+    for name, fn in (("regfast prox_", lambda: regfast.prox_(params, 0.01, l1=1e-4)),
+                     ("a step that does nothing", inner.step),
+                     ("regfast Proximal(that step)", proximal.step)):
+        rows.append(_row("Proximal own cost", n_tensors, name, _timings(fn, repeats, warmup=3),
+                         rows[0]["median_us"] / 1e6 if rows else None))
+    own = rows[2]["median_us"] - rows[1]["median_us"]
+    rows[2].update(own_us=own, own_over_prox=own / rows[0]["median_us"])
+    return rows
+
+
 def _row(op: str, n_tensors: int, name: str, seconds: list[float], base: float | None) -> dict:
     qs = statistics.quantiles(seconds, n=10)
     median = statistics.median(seconds)
@@ -186,6 +220,7 @@ def run(n_tensors: int, repeats: int, scattered: bool = False) -> list[dict]:
                     setattr(module, attr, value)
             rows.append(_row(op, n_tensors, name, seconds, base))
             base = base or rows[-1]["median_us"] / 1e6
+    rows.extend(_proximal_rows(n_tensors, repeats, scattered))
     grads = [p.grad for p in params]
     rows.append(_row("yardstick", n_tensors, "torch._foreach_add_(grads, params)",
                      _timings(lambda: torch._foreach_add_(grads, params), repeats, warmup=3), None))
@@ -226,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{n} tensors        {'provider':<42} {'median us (p20-p80)':>26} {'speed-up':>9}")
         for r in rows:
             spread = f"{r['median_us']:.0f} ({r['p20_us']:.0f}-{r['p80_us']:.0f})"
-            print(f"{r['op']:<18} {r['provider']:<42} {spread:>26} {r['speedup']:>8.2f}x")
+            own = f"  own cost {r['own_us']:.0f} us, {r['own_over_prox']:.2f}x prox_" if "own_us" in r else ""
+            print(f"{r['op']:<18} {r['provider']:<42} {spread:>26} {r['speedup']:>8.2f}x{own}")
     if not args.json and len(args.tensors) > 1:
         print("\ncost ratio, largest over smallest size")
         print("\n".join(_ratios(all_rows)))

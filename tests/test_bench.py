@@ -181,8 +181,13 @@ def test_host_overhead_script_runs_every_provider(flags):
     assert {"naive loop", "torch._foreach_*", "regfast[torch]", "torch AdamW(fused)", "regfast ProxAdamW",
             "regfast Proximal(SGD(foreach))", "torch._foreach_add_(grads, params)"} <= providers
     assert {r["op"] for r in rows} == {"norms", "penalty", "add_penalty_grad_", "prox_", "SGD step", "AdamW step",
-                                       "yardstick"}
+                                       "Proximal own cost", "yardstick"}
     assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)
+    own = [r for r in rows if "own_us" in r]
+    assert [r["provider"] for r in own] == ["regfast Proximal(that step)"]
+    medians = {r["provider"]: r["median_us"] for r in rows}
+    step, prox = medians["a step that does nothing"], medians["regfast prox_"]
+    assert own[0]["own_us"] == own[0]["median_us"] - step and own[0]["own_over_prox"] == own[0]["own_us"] / prox
 
 
 @pytest.mark.skipif(_ext._C is None, reason="the cpp backend is not built")
