@@ -95,6 +95,36 @@ struct GroupBlock {
   int64_t outer, ngroups, inner, g0, g1;
 };
 
+// Memory to ask for while a block is shrunk: the next block's param, grad and state, a cache line at a time, spread
+// over the shrink's pieces (GroupPasses::group_shrink) so that it comes in while the shrink computes.
+struct LinesAhead {
+  static constexpr int kRanges = 4;
+  const char* at[kRanges] = {};
+  int64_t lines[kRanges] = {};
+  int ranges = 0;
+  int64_t total = 0;
+
+  void add(const void* p, int64_t bytes) {
+    if (p == nullptr || bytes <= 0 || ranges == kRanges) return;
+    at[ranges] = static_cast<const char*>(p);
+    lines[ranges] = (bytes + 63) / 64;
+    total += lines[ranges++];
+  }
+  // At most `cap` lines in all: the first lines of each range, the same share of each.
+  void limit(int64_t cap) {
+    if (total <= cap) return;
+    int64_t kept = 0;
+    for (int r = 0; r < ranges; ++r) kept += lines[r] = lines[r] * cap / total;
+    total = kept;
+  }
+  // The next `count` lines, range after range.
+  void ask(int64_t count) {
+    for (int r = 0; r < ranges && count > 0; ++r) {
+      for (; lines[r] > 0 && count > 0; --lines[r], --count, at[r] += 64) __builtin_prefetch(at[r], 0, 2);
+    }
+  }
+};
+
 // sums[0] = Σ|w|, sums[1] = Σw² of the run's new params (in A, stored exactly) when args.penalty.
 namespace rounded_twice {
 void sgd_run(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t end, double* sums);
@@ -216,7 +246,7 @@ struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
-  void (*group_shrink)(DType elem, void* work, void* w, const GroupBlock& b, double coef);
+  void (*group_shrink)(DType elem, void* work, void* w, const GroupBlock& b, double coef, LinesAhead* ahead);
   void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums);
   void (*column_floors)(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out);
   void (*metric_sums)(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,

@@ -494,6 +494,37 @@ def test_large_16bit_params_by_columns_or_whole(backend, device, kind, config, d
         assert torch.equal(a, b)
 
 
+LARGE_BLOCK_CASES = [
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l1=0.01, l2=0.1, group_lasso=0.5, groups="row")),
+    ("sgd", dict(lr=torch.tensor(0.05), l1=0.01, group_lasso=0.5, groups="row")),
+    ("sgd", dict(momentum=0.9, l1=0.01, group_lasso=0.5, groups="tensor"))]
+
+
+@pytest.mark.parametrize("kind, config", LARGE_BLOCK_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_16bit_blocks_ask_for_the_next_block(backend, device, kind, config, dtype):
+    """16-bit SGD steps by rows and whole tensors with more than 2**22 elements in blocks: each block's shrink asks
+    for the next block's memory on the CPU (the next block of the same tensor, of the next one, past tensors that go
+    in two passes; with and without momentum): within two units in the last place of the reference, and the same
+    bits on 1 and 2 threads."""
+    if backend != "cpp" or device != "cpu":
+        pytest.skip("the CPU kernels' steps with group lasso on large tensors")
+    shapes = [(2100, 1030), (3, 5), (4099, 257), (700, 1500), (33,), (2**22 + 37,)]
+    lockstep(backend, optimizer(kind, config, True), shapes, dtype, device,
+             Agreement(ulps(2), within(1e-4), within(2e-5, atol=1e-30)), 2)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            twins = run(backend, device, kind, config, dtype, shapes=shapes, noncontig=(), steps=2, reference=False)
+            runs.append([*twins.params, *(t for p in twins.params for t in twins.opt.state[p].values())])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("groups", ["row", "col", "tensor"])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
