@@ -453,6 +453,21 @@ def test_group_lasso_after_the_fused_step(backend, device, kind, config, dtype, 
         assert not all(torch.equal(p, q) for p, q in zip(twins.params, without.params))  # the group term did act
 
 
+def assert_same_bits_on_1_and_2_threads(backend, device, kind, config, dtype, shapes):
+    """Two steps on 1 and on 2 threads leave the same params and state, bit for bit."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            twins = run(backend, device, kind, config, dtype, shapes=shapes, noncontig=(), steps=2, reference=False)
+            runs.append([*twins.params, *(t for p in twins.params for t in twins.opt.state[p].values())])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 LARGE_COLUMN_CASES = [
     ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l1=0.01, l2=0.1, group_lasso=0.5, groups="col")),
     ("sgd", dict(lr=torch.tensor(0.05), momentum=0.8, dampening=0.3, maximize=True, group_lasso=0.5, groups="col")),
@@ -481,17 +496,7 @@ def test_large_16bit_params_by_columns_or_whole(backend, device, kind, config, d
     shapes = [(1031, 4099), (64, 600), (1500, 700), (200, 1300), (2**22 + 37,)]
     lockstep(backend, optimizer(kind, config, True), shapes, dtype, device,
              Agreement(ulps(2), within(1e-4), within(2e-5, atol=1e-30)), 3)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            twins = run(backend, device, kind, config, dtype, shapes=shapes, noncontig=(), steps=2, reference=False)
-            runs.append([*twins.params, *(t for p in twins.params for t in twins.opt.state[p].values())])
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    assert_same_bits_on_1_and_2_threads(backend, device, kind, config, dtype, shapes)
 
 
 LARGE_BLOCK_CASES = [
@@ -512,17 +517,7 @@ def test_large_16bit_blocks_ask_for_the_next_block(backend, device, kind, config
     shapes = [(2100, 1030), (3, 5), (4099, 257), (700, 1500), (33,), (2**22 + 37,)]
     lockstep(backend, optimizer(kind, config, True), shapes, dtype, device,
              Agreement(ulps(2), within(1e-4), within(2e-5, atol=1e-30)), 2)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            twins = run(backend, device, kind, config, dtype, shapes=shapes, noncontig=(), steps=2, reference=False)
-            runs.append([*twins.params, *(t for p in twins.params for t in twins.opt.state[p].values())])
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    assert_same_bits_on_1_and_2_threads(backend, device, kind, config, dtype, shapes)
 
 
 @pytest.mark.parametrize("groups", ["row", "col", "tensor"])
