@@ -648,10 +648,10 @@ constexpr int64_t kAheadFrom = 1 << 22;
 // step lr/(1 + 2·lr·l2) on the block's array (reference: prox_step_ after the step), rounded into the params. Column
 // groups and single groups of large 16-bit params go by two_pass_group_steps. For 16-bit params, ahead(t, at, n,
 // lines) adds the memory the step of those elements reads to `lines`, and the shrink of each block asks for the
-// next block's (at most kLinesAhead lines): the step and the shrink otherwise take turns on one core, the memory
-// idle during the shrink (50257 × 768 float16 SGD by rows, one thread, builds alternating: 38-44 → 28-30 ms per
-// step; float32 params, whose blocks take half as much again, and AdamW, which reads 12 bytes per element, measured
-// slower with it and add nothing).
+// next block's when that block is one run of elements (rows, a whole tensor; at most kLinesAhead lines): the step
+// and the shrink otherwise take turns on one core, the memory idle during the shrink (50257 × 768 float16 SGD by
+// rows, one thread, builds alternating: 36-42 → 27-33 ms per step). Float32 params, whose blocks take half as much
+// again, measured slower with it and do not ask; nor does AdamW (its `ahead` adds nothing), slower with it too.
 template <typename Step, typename Ahead>
 void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrink_step, double group_lasso,
                            Step&& step, Ahead&& ahead) {
@@ -690,12 +690,9 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
         step(t, (o * b.ngroups + b.g0) * b.inner, span, work + o * span * acc_size, false);
       }
       optim_cpu::LinesAhead lines;
-      if (ask_ahead && k + 1 < end) {
+      if (ask_ahead && k + 1 < end && blocks[k + 1].second.outer == 1) {
         const GroupBlock& next = blocks[k + 1].second;
-        const int64_t next_span = (next.g1 - next.g0) * next.inner;
-        for (int64_t o = 0; o < next.outer; ++o) {
-          ahead(blocks[k + 1].first, (o * next.ngroups + next.g0) * next.inner, next_span, lines);
-        }
+        ahead(blocks[k + 1].first, next.g0 * next.inner, (next.g1 - next.g0) * next.inner, lines);
         lines.limit(kLinesAhead);
       }
       passes.group_shrink(elem, work, ws[t].data_ptr(), b, shrink_step * group_lasso,
@@ -748,20 +745,21 @@ at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList
   if (again.momentum_mode != Momentum::kNone) again.momentum_mode = Momentum::kReplay;
   const auto run = optim_cpu::loops().sgd;
   const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
+  // Tensor t's param, grad and momentum from element `at`.
+  const auto segment = [&](int64_t t, int64_t at, void* work) {
+    return SgdTensor{static_cast<char*>(ws[t].data_ptr()) + at * elem,
+                     static_cast<const char*>(gs[t].const_data_ptr()) + at * elem,
+                     bs.empty() ? nullptr : static_cast<char*>(bs[t].data_ptr()) + at * acc_size, work};
+  };
   blockwise_group_steps(ws, grouping, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso,
                         [&](int64_t t, int64_t at, int64_t n, void* work, bool replay) {
-                          SgdTensor seg{static_cast<char*>(ws[t].data_ptr()) + at * elem,
-                                        static_cast<const char*>(gs[t].const_data_ptr()) + at * elem,
-                                        bs.empty() ? nullptr : static_cast<char*>(bs[t].data_ptr()) + at * acc_size,
-                                        work};
-                          run(replay ? again : args, seg, 0, n, nullptr);
+                          run(replay ? again : args, segment(t, at, work), 0, n, nullptr);
                         },
                         [&](int64_t t, int64_t at, int64_t n, optim_cpu::LinesAhead& lines) {
-                          lines.add(static_cast<const char*>(ws[t].const_data_ptr()) + at * elem, n * elem);
-                          lines.add(static_cast<const char*>(gs[t].const_data_ptr()) + at * elem, n * elem);
-                          if (!bs.empty()) {
-                            lines.add(static_cast<const char*>(bs[t].const_data_ptr()) + at * acc_size, n * acc_size);
-                          }
+                          const SgdTensor seg = segment(t, at, nullptr);
+                          lines.add(seg.param, n * elem);
+                          lines.add(seg.grad, n * elem);
+                          lines.add(seg.buffer, n * acc_size);  // null without momentum: nothing added
                         });
   write_back(params, ws);
   if (!bs.empty()) write_back(momentum_buffers, bs);
