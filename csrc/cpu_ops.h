@@ -28,5 +28,10 @@ at::Tensor add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>
 void prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
           double gl, Grouping grouping);
 
+// The same prox without group lasso, of the tensors of one dtype whose data pointers and numels the walk read:
+// numels[t] contiguous elements at data[t] (written in place).
+void prox_table(at::ScalarType dtype, void* const* data, const std::vector<int64_t>& numels,
+                const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2);
+
 }  // namespace cpu_ops
 }  // namespace regfast

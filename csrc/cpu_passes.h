@@ -41,6 +41,8 @@ struct Passes {
   // The prox of ws in place: the elastic-net step, then the group shrink (group coefficient from lr).
   void (*prox)(const std::vector<at::Tensor>& ws, double lr, ElasticStep<A> elastic, double l2, double gl,
                Grouping grouping);
+  // The prox without group lasso of the tensors at data[t], of numels[t] contiguous elements each, in place.
+  void (*prox_table)(void* const* data, const std::vector<int64_t>& numels, ElasticStep<A> elastic);
 };
 
 namespace baseline {

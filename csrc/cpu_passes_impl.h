@@ -278,90 +278,104 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   return value;
 }
 
+// The elastic-net step of w[b, e) in place, times the group factors `scale` with kGroup.
+template <typename T, bool kT, bool kShrink, bool kGroup, typename Scale>
+inline void prox_run(T* w, int64_t b, int64_t e, ElasticStep<acc_t<T>> elastic, Scale scale) {
+  using A = acc_t<T>;
+  int64_t i = b;
+  // On lanes but for double (the same operations as the element loop below): the compiler does not vectorize
+  // float16's conversions on its own, and its loop's threshold takes two compares and two blends where a
+  // threshold that is not NaN takes a max and a min (bfloat16 l1, GPT-2 small at half scale, 1 thread: 17.3
+  // -> 15.3 ms). No software prefetch here: in pieces around the compiler's loop it measured slower.
+  // The loop's scalars and pointer are copied into its own lambda: the vector stores may alias anything, and a
+  // loop over captures by reference loaded them again after every store (AVX-512 prox_ l1+l2 of 32M elements,
+  // one thread, alternating builds: bfloat16 3.9-4.0 -> 3.3-3.4 ms, float16 3.0-3.2 -> 2.6).
+  if constexpr (!std::is_same_v<T, double>) {
+    const A threshold = elastic.threshold, shrink = elastic.shrink;
+    T* const out = w;
+    const auto lanes = [=](auto number, int64_t k) {
+      for (; k + kLanes <= e; k += kLanes) {
+        Vec<A> x = load_lanes<A>(out + k);
+        if constexpr (kT) {
+          x = decltype(number)::value ? soft_threshold_number_lanes<A>(x, threshold)
+                                      : soft_threshold_lanes<A>(x, threshold);
+        }
+        if constexpr (kShrink) x = x * shrink;
+        if constexpr (kGroup) x = x * scale.lanes(k);
+        store_lanes<A>(out + k, x);
+      }
+      return k;
+    };
+    i = !kT || threshold == threshold ? lanes(std::true_type{}, i) : lanes(std::false_type{}, i);
+  }
+  for (; i < e; ++i) {
+    A x = static_cast<A>(w[i]);
+    x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
+    if constexpr (kGroup) x = x * scale(i);
+    w[i] = static_cast<T>(x);
+  }
+}
+
+// The prox without group lasso of the tensors whose data pointers are `data` (numels[t] contiguous elements of T
+// at data[t]): the elastic-net step of every element, spread over threads by for_each_range.
+template <typename T>
+void prox_table(void* const* data, const std::vector<int64_t>& numels, ElasticStep<acc_t<T>> elastic) {
+  using A = acc_t<T>;
+  auto run = [&](auto t_tag, auto shrink_tag) {
+    constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
+    for_each_range(numels, [&](size_t t, int64_t b, int64_t e) {
+      prox_run<T, kT, kShrink, false>(static_cast<T*>(data[t]), b, e, elastic, UnitScale<A>{A(1)});
+    });
+  };
+  if (elastic.has_l1 && elastic.has_l2) run(std::true_type{}, std::true_type{});
+  else if (elastic.has_l1) run(std::true_type{}, std::false_type{});
+  else if (elastic.has_l2) run(std::false_type{}, std::true_type{});
+}
+
 // The prox with the elastic-net step `elastic` and, with group lasso, the group coefficient
 // lr·gl·√|g|/(1 + 2·lr·l2) (in double from the step's value `lr`).
 template <typename T>
 void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T>> elastic, double l2, double gl,
                Grouping grouping) {
   using A = acc_t<T>;
+  const size_t nt = ws.size();
+  if (gl == 0) {
+    std::vector<void*> data(nt);
+    for (size_t i = 0; i < nt; ++i) data[i] = data_of<T>(ws[i]);
+    prox_table<T>(data.data(), numels_of(ws), elastic);
+    return;
+  }
   const bool has_t = elastic.has_l1, has_shrink = elastic.has_l2;
   const double shrink_d = has_shrink ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
-  const size_t nt = ws.size();
-  std::vector<GroupShape> shapes;
-  std::vector<A> scales;
-  std::vector<int64_t> scale_offsets;
-  if (gl != 0) {
-    shapes = shapes_of(ws, grouping);
-    std::vector<int64_t> offsets;
-    const auto norms = group_norms<T>(ws, shapes, ElasticLanes<A>{elastic}, offsets);
-    std::vector<A> factor(norms.size());
-    for (size_t i = 0; i < nt; ++i) {
-      if (ws[i].numel() == 0) continue;
-      const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
-      for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
-        factor[g] = group_shrink_factor<A>(norms[g], c);
-      }
+  const std::vector<GroupShape> shapes = shapes_of(ws, grouping);
+  std::vector<int64_t> offsets;
+  const auto norms = group_norms<T>(ws, shapes, ElasticLanes<A>{elastic}, offsets);
+  std::vector<A> factor(norms.size());
+  for (size_t i = 0; i < nt; ++i) {
+    if (ws[i].numel() == 0) continue;
+    const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
+    for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
+      factor[g] = group_shrink_factor<A>(norms[g], c);
     }
-    scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
-  } else {
-    shapes.assign(nt, GroupShape{1, 1, 1});
   }
+  std::vector<int64_t> scale_offsets;
+  const std::vector<A> scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
   const WorkList wl = make_work_list(ws);
-  auto run = [&](auto t_tag, auto shrink_tag, auto group_tag) {
+  auto run = [&](auto t_tag, auto shrink_tag) {
     constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
-    constexpr bool kGroup = decltype(group_tag)::value;
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
       T* w = data_of<T>(ws[ch.tensor]);
-      const A* sc = kGroup ? scales.data() + scale_offsets[ch.tensor] : nullptr;
+      const A* sc = scales.data() + scale_offsets[ch.tensor];
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
-        int64_t i = b;
-        // On lanes but for double (the same operations as the element loop below): the compiler does not vectorize
-        // float16's conversions on its own, and its loop's threshold takes two compares and two blends where a
-        // threshold that is not NaN takes a max and a min (bfloat16 l1, GPT-2 small at half scale, 1 thread: 17.3
-        // -> 15.3 ms). No software prefetch here: in pieces around the compiler's loop it measured slower.
-        // The loop's scalars and pointer are copied into its own lambda: the vector stores may alias anything, and a
-        // loop over captures by reference loaded them again after every store (AVX-512 prox_ l1+l2 of 32M elements,
-        // one thread, alternating builds: bfloat16 3.9-4.0 -> 3.3-3.4 ms, float16 3.0-3.2 -> 2.6).
-        if constexpr (!std::is_same_v<T, double>) {
-          const A threshold = elastic.threshold, shrink = elastic.shrink;
-          T* const out = w;
-          const auto lanes = [=](auto number, int64_t k) {
-            for (; k + kLanes <= e; k += kLanes) {
-              Vec<A> x = load_lanes<A>(out + k);
-              if constexpr (kT) {
-                x = decltype(number)::value ? soft_threshold_number_lanes<A>(x, threshold)
-                                            : soft_threshold_lanes<A>(x, threshold);
-              }
-              if constexpr (kShrink) x = x * shrink;
-              if constexpr (kGroup) x = x * scale.lanes(k);
-              store_lanes<A>(out + k, x);
-            }
-            return k;
-          };
-          i = !kT || threshold == threshold ? lanes(std::true_type{}, i) : lanes(std::false_type{}, i);
-        }
-        for (; i < e; ++i) {
-          A x = static_cast<A>(w[i]);
-          x = elastic_step(x, kT, elastic.threshold, kShrink, elastic.shrink);
-          if constexpr (kGroup) x = x * scale(i);
-          w[i] = static_cast<T>(x);
-        }
+        prox_run<T, kT, kShrink, true>(w, b, e, elastic, scale);
       });
     });
   };
-  using T_ = std::true_type;
-  using F_ = std::false_type;
-  if (gl != 0) {
-    if (has_t && has_shrink) run(T_{}, T_{}, T_{});
-    else if (has_t) run(T_{}, F_{}, T_{});
-    else if (has_shrink) run(F_{}, T_{}, T_{});
-    else run(F_{}, F_{}, T_{});
-  } else {
-    if (has_t && has_shrink) run(T_{}, T_{}, F_{});
-    else if (has_t) run(T_{}, F_{}, F_{});
-    else if (has_shrink) run(F_{}, T_{}, F_{});
-  }
+  if (has_t && has_shrink) run(std::true_type{}, std::true_type{});
+  else if (has_t) run(std::true_type{}, std::false_type{});
+  else if (has_shrink) run(std::false_type{}, std::true_type{});
+  else run(std::false_type{}, std::false_type{});
 }
 
 template <typename T>
@@ -372,7 +386,7 @@ std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const s
 
 template <typename T>
 Passes<T> passes() {
-  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>};
+  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>, &prox_table<T>};
 }
 
 // This variant's passes for every element type (this header is included once per variant's file).

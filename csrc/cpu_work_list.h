@@ -71,5 +71,30 @@ void for_each_chunk(const WorkList& wl, F&& f) {
   });
 }
 
+// f(t, begin, end) over every element of tensors of numels[t] elements each, spread over threads: a list whose
+// tensors all fit in one chunk goes in runs of whole tensors of about kChunk elements together (no work list: for
+// thousands of small tensors building it costs more than their elements), any other in the work list's chunks.
+// For elementwise work only: which thread takes which range depends on the thread count.
+template <typename F>
+void for_each_range(const std::vector<int64_t>& numels, F&& f) {
+  const int64_t n = static_cast<int64_t>(numels.size());
+  int64_t total = 0, largest = 0;
+  for (const int64_t e : numels) {
+    total += e;
+    largest = std::max(largest, e);
+  }
+  if (largest > kChunk) {
+    const WorkList wl = make_work_list(numels);
+    for_each_chunk(wl, [&](int64_t, const Chunk& ch) { f(static_cast<size_t>(ch.tensor), ch.begin, ch.end); });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, n * kChunk / std::max<int64_t>(total, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (numels[t] != 0) f(static_cast<size_t>(t), int64_t{0}, numels[t]);
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace regfast

@@ -92,6 +92,7 @@ struct Group {
 struct Needs {
   bool grads;         // read p.grad (and write it)
   bool write_params;  // params are written in place
+  bool table = false;  // CPU groups: read each param's data pointer and numel into the group's data and numels
 };
 
 // The tensor types a walk takes (torch.Tensor, nn.Parameter, nn.Buffer: subclasses take the Python
@@ -197,6 +198,10 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       groups.push_back(Group{device, t.scalar_type(), {}, {}, {}, {}});
       groups.back().params.reserve(static_cast<size_t>(n));
       if (needs.grads) groups.back().grads.reserve(static_cast<size_t>(n));
+      if (needs.table && device.is_cpu()) {
+        groups.back().data.reserve(static_cast<size_t>(n));
+        groups.back().numels.reserve(static_cast<size_t>(n));
+      }
       if (listed) {
         groups.back().listed.resize(needs.grads ? 2 : 1);
         for (auto& l : groups.back().listed) l.addresses.reserve(static_cast<size_t>(n));
@@ -207,6 +212,10 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     group->params.borrow(t);
     const int64_t numel = t.numel();
     group->elements += numel;
+    if (needs.table && device.is_cpu()) {
+      group->data.push_back(needs.write_params ? t.data_ptr() : const_cast<void*>(t.const_data_ptr()));
+      group->numels.push_back(numel);
+    }
     if (needs.grads) group->grads.borrow(grad_of(t));
     if (listed) {
       group->listed[0].add(t, needs.write_params);
@@ -690,7 +699,9 @@ PyObject* prox(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{false, true}, groups, count, first)) Py_RETURN_NONE;
+  // Without group lasso a CPU group's prox runs on the data pointers the walk read (cpu_ops::prox_table): for
+  // thousands of small tensors, reading each tensor again costs more than its elements.
+  if (!walk(list, allowed, Needs{false, true, gl == 0}, groups, count, first)) Py_RETURN_NONE;
   static const auto prox_op =
       op<void(at::TensorList, const std::optional<at::Tensor>&, double, double, double, double, c10::string_view)>(
           "regfast_C::prox_");
@@ -703,7 +714,9 @@ PyObject* prox(PyObject*, PyObject* args) {
       // lies, and a CUDA op moves it to the params' device itself (refusing a CPU lr inside a graph capture).
       std::optional<at::Tensor> step;
       if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      if (direct_on(g.device)) {
+      if (direct_on(g.device) && gl == 0) {
+        cpu_ops::prox_table(g.dtype, g.data.data(), g.numels, step, lr, l1, l2);
+      } else if (direct_on(g.device)) {
         cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);
       } else {
         prox_op.call(g.params, step, lr, l1, l2, gl, grouping);

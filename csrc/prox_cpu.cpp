@@ -19,6 +19,21 @@
 
 namespace regfast {
 
+namespace {
+
+// The elastic-net step of a prox with step lr_tensor or lr, in A: as the reference, the scalars in A from a tensor
+// lr, in double from a float one.
+template <typename A>
+ElasticStep<A> elastic_of(const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
+                          at::ScalarType acc) {
+  if (lr_tensor.has_value()) return ElasticStep<A>::from_acc(lr_tensor->to(at::kCPU, acc).item<A>(), l1, l2);
+  double threshold = 0, shrink = 1;
+  elastic_scalars(lr, l1, l2, threshold, shrink);
+  return ElasticStep<A>::from_double(threshold, shrink, l1 != 0, l2 != 0);
+}
+
+}  // namespace
+
 void cpu_ops::prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
                    double gl, Grouping grouping) {
   if (l1 == 0 && l2 == 0 && gl == 0) return;
@@ -26,19 +41,18 @@ void cpu_ops::prox(at::TensorList params, const std::optional<at::Tensor>& lr_te
   const auto acc = acc_type(params[0].scalar_type());
   const auto ws = contiguous_all(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_prox_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    // As the reference: the scalars in A from a tensor lr, in double from a float one.
-    ElasticStep<A> elastic{};
-    if (lr_tensor.has_value()) {
-      elastic = ElasticStep<A>::from_acc(lr_tensor->to(at::kCPU, acc).item<A>(), l1, l2);
-    } else {
-      double threshold = 0, shrink = 1;
-      elastic_scalars(lr, l1, l2, threshold, shrink);
-      elastic = ElasticStep<A>::from_double(threshold, shrink, l1 != 0, l2 != 0);
-    }
-    cpu::passes<scalar_t>().prox(ws, step, elastic, l2, gl, grouping);
+    cpu::passes<scalar_t>().prox(ws, step, elastic_of<acc_t<scalar_t>>(lr_tensor, lr, l1, l2, acc), l2, gl, grouping);
   });
   write_back(params, ws);
+}
+
+void cpu_ops::prox_table(at::ScalarType dtype, void* const* data, const std::vector<int64_t>& numels,
+                         const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2) {
+  if (l1 == 0 && l2 == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_prox_cpu", [&] {
+    cpu::passes<scalar_t>().prox_table(data, numels, elastic_of<acc_t<scalar_t>>(lr_tensor, lr, l1, l2,
+                                                                                   acc_type(dtype)));
+  });
 }
 
 namespace {

@@ -12,9 +12,10 @@ import subprocess
 import sys
 from array import array
 
+import oracle
 import pytest
 import torch
-from helpers import make_params, noncontiguous, use_backend
+from helpers import assert_close, make_params, noncontiguous, use_backend
 from torch import nn
 
 import regfast
@@ -84,6 +85,63 @@ def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, copies, backend,
     for (w, g, wv, gv), (w2, g2, wv2, gv2) in zip(_state(walked), _state(python)):
         assert torch.equal(w, w2) and torch.equal(g, g2)
         assert (wv, gv) == (wv2, gv2), "version counters bumped differently"
+
+
+def _sized_list(sizes, dtype):
+    """Params for the prox's data table: "small", 3,000 tensors of 0-89 elements (about 2¹⁷ in all, none over one
+    chunk of the CPU kernels, so several runs of whole tensors at 2 threads) with a 0-dim one; "chunked", tensors
+    past one chunk among small ones. A NaN and an inf among the elements."""
+    gen = torch.Generator().manual_seed(3)
+    if sizes == "small":
+        shapes = [(int(n),) for n in torch.randint(0, 90, (3000,), generator=gen)] + [(), (3, 5)]
+    else:
+        shapes = [(2**15 + 3,), (5,), (70001,), (0,), (3, 11), (2**15,)]
+    ps = [nn.Parameter(t) for t in make_params(shapes, dtype, seed=int(torch.randint(0, 2**31, ())))]
+    with torch.no_grad():
+        ps[-1].view(-1)[-1] = float("nan")
+        ps[0].view(-1)[0] = float("inf")
+    return ps
+
+
+@pytest.mark.parametrize("hyper, lr", [({"l1": 0.01, "l2": 0.1}, 0.5), ({"l1": 0.3}, "tensor"), ({"l2": 0.7}, 0.25)],
+                         ids=["elastic", "l1-tensor-lr", "l2"])
+@pytest.mark.parametrize("sizes", ["small", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyper, lr, monkeypatch):
+    """Without group lasso the walk reads each CPU param's data pointer and the prox runs on that table (runs of
+    whole small tensors, or chunks where a tensor is past one): the float64 oracle's values within the dtype's
+    rounding (NaN and inf kept), float32 and float64 the reference backend's bits, and the same bits on 1 and 2
+    threads, the walk taking the call each time."""
+    ps = _sized_list(sizes, dtype)
+    step = torch.tensor(0.5) if lr == "tensor" else lr
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            work = [p.detach().clone() for p in ps]
+            with use_backend("cpp"):
+                regfast.prox_(work, step, **hyper)
+            runs.append(work)
+    finally:
+        torch.set_num_threads(threads)
+    assert taken == [True, True], "the walk declined the list"
+    with use_backend("torch"):
+        reference = [p.detach().clone() for p in ps]
+        regfast.prox_(reference, step, **hyper)
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[dtype]
+    for w, one, two, ref in zip(ps, *runs, reference, strict=True):
+        assert torch.equal(one.view(bits), two.view(bits))
+        expected = oracle.prox(w.detach().double(), 0.5 if lr == "tensor" else lr, hyper.get("l1", 0.0),
+                               hyper.get("l2", 0.0))
+        assert_close(one, expected, dtype)
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(one.view(bits), ref.view(bits))
+    assert runs[0][-1].view(-1)[-1].isnan() and runs[0][0].view(-1)[0].isinf()
 
 
 @pytest.mark.parametrize("call, op", [("norms", "norms"), ("add_penalty_grad_ elastic", "add_penalty_grad_"),
