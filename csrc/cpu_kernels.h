@@ -765,28 +765,36 @@ __attribute__((noinline)) bool column_squares(const T* __restrict__ w, int64_t r
 
 // Per-tensor Σ|w| and Σw², from per-chunk partials summed in order.
 template <typename T>
-void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, std::vector<acc_t<T>>& l2sq) {
+void tensor_norms(const void* const* data, const std::vector<int64_t>& numels, std::vector<acc_t<T>>& l1,
+                  std::vector<acc_t<T>>& l2sq) {
   using A = acc_t<T>;
-  const WorkList wl = make_work_list(ts);
+  const WorkList wl = make_work_list(numels);
   std::vector<A> p1(wl.chunks.size()), p2(wl.chunks.size());
   for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
+    prefetch_chunk<T, 0>(wl, c, data);
+    const T* w = static_cast<const T*>(data[ch.tensor]);
     if (ch.end - ch.begin < kLanes) {
-      short_norms(data_of<const T>(ts[ch.tensor]) + ch.begin, static_cast<int>(ch.end - ch.begin), p1[c], p2[c]);
+      short_norms(w + ch.begin, static_cast<int>(ch.end - ch.begin), p1[c], p2[c]);
       return;
     }
     LaneSum<A> s1, s2;
-    norms_run(data_of<const T>(ts[ch.tensor]), ch.begin, ch.end, s1, s2);
+    norms_run(w, ch.begin, ch.end, s1, s2);
     p1[c] = s1.total();
     p2[c] = s2.total();
   });
-  l1.assign(ts.size(), A(0));
-  l2sq.assign(ts.size(), A(0));
-  for (size_t t = 0; t < ts.size(); ++t) {
+  l1.assign(numels.size(), A(0));
+  l2sq.assign(numels.size(), A(0));
+  for (size_t t = 0; t < numels.size(); ++t) {
     for (int64_t c = wl.first[t]; c < wl.first[t + 1]; ++c) {
       l1[t] += p1[c];
       l2sq[t] += p2[c];
     }
   }
+}
+
+template <typename T>
+void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, std::vector<acc_t<T>>& l2sq) {
+  tensor_norms<T>(const_data_of(ts).data(), numels_of(ts), l1, l2sq);
 }
 
 // ‖f(w_g)‖₂ of every group of every tensor, concatenated, in double: tensor t's groups start at offsets[t].

@@ -18,11 +18,19 @@ namespace cpu_ops {
 
 // Per-tensor Σ|w| and Σw², in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor> norms(at::TensorList params);
+// The same of the CPU tensors of one dtype whose data pointers and numels the walk read: numels[t] contiguous
+// elements at data[t].
+std::tuple<at::Tensor, at::Tensor> norms_table(at::ScalarType dtype, const void* const* data,
+                                               const std::vector<int64_t>& numels);
 
 // grads += the penalty's gradient at params (grads: contiguous, each of its param's shape and dtype); returns the
 // penalty's value, 0-dim, in the accumulation dtype.
 at::Tensor add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>& grads, double l1, double l2,
                             double gl, Grouping grouping);
+// The same without group lasso, of params at wd[t] and grads at od[t], numels[t] contiguous elements each, as the
+// walk read them.
+at::Tensor add_penalty_grad_table(at::ScalarType dtype, const void* const* wd, void* const* od,
+                                  const std::vector<int64_t>& numels, double l1, double l2);
 
 // The prox of params in place, with step lr_tensor (read on the host) or lr.
 void prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,

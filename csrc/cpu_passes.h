@@ -43,6 +43,12 @@ struct Passes {
                Grouping grouping);
   // The prox without group lasso of the tensors at data[t], of numels[t] contiguous elements each, in place.
   void (*prox_table)(void* const* data, const std::vector<int64_t>& numels, ElasticStep<A> elastic);
+  // tensor_norms and grad_pass without group lasso, of tensors at data[t] (wd[t] read, od[t] written) of numels[t]
+  // contiguous elements each.
+  void (*norms_table)(const void* const* data, const std::vector<int64_t>& numels, std::vector<A>& l1,
+                      std::vector<A>& l2sq);
+  A (*grad_table)(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
+                  double l1, double l2, double mult);
 };
 
 namespace baseline {

@@ -175,49 +175,33 @@ class L1Table {
   uint16_t pos_[4], neg_[4];  // by class: zero, subnormal, normal or infinite, NaN
 };
 
-// The gradient pass: out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), and with `accumulate` the value from
-// per-chunk Σ|w| and Σw² and the group norms (see Passes::grad_pass).
-template <typename T>
-acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
-                   double l1, double l2, double gl, Grouping grouping, double mult) {
-  TORCH_INTERNAL_ASSERT(!accumulate || mult == 1.0, "add_penalty_grad_ adds the gradient itself (mult 1)");
-  using A = acc_t<T>;
-  const size_t nt = ws.size();
+// The group lasso's part of a gradient pass: per tensor the shape of its groups and, laid out as for_scale_runs
+// reads them, each group's scale and pre-scale; and Σ_g √|g|·‖w_g‖₂ (`value`).
+template <typename A>
+struct GradGroups {
   std::vector<GroupShape> shapes;
   std::vector<A> scales, pres;
   std::vector<int64_t> scale_offsets;
-  double group_value = 0;
-  if (gl != 0) {
-    shapes = shapes_of(ws, grouping);
-    std::vector<int64_t> offsets;
-    const std::vector<double> norms = group_norms<T>(ws, shapes, Identity{}, offsets);
-    std::vector<A> per_group(norms.size()), pre(norms.size());
-    for (size_t t = 0; t < nt; ++t) {
-      if (ws[t].numel() == 0) continue;
-      const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
-      for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
-        const double norm = norms[g];
-        group_value += root * norm;
-        double p = 1, q = 0;
-        if (norm != 0) split_coefficient(gl * root, norm, p, q);
-        // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
-        per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
-        pre[g] = static_cast<A>(p);
-      }
-    }
-    scales = expand_scales(per_group, offsets, shapes, ws, scale_offsets);
-    pres = expand_scales(pre, offsets, shapes, ws, scale_offsets);
-  } else {
-    shapes.assign(nt, GroupShape{1, 1, 1});
-  }
-  const WorkList wl = make_work_list(ws);
+  double value = 0;
+};
+
+// The gradient pass over the tensors at wd[t] (read) and od[t] (written), of numels[t] contiguous elements each,
+// with the group lasso's scales `groups` (null without): out = [g +] mult·(l1·sign(w) + (2·l2 + gscale)·w), and
+// with `accumulate` the value from per-chunk Σ|w| and Σw² and the group norms (see Passes::grad_pass).
+template <typename T>
+acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
+                   double l1, double l2, double gl, const GradGroups<acc_t<T>>* groups, double mult) {
+  TORCH_INTERNAL_ASSERT(!accumulate || mult == 1.0, "add_penalty_grad_ adds the gradient itself (mult 1)");
+  TORCH_INTERNAL_ASSERT((gl != 0) == (groups != nullptr), "group scales come with group lasso");
+  using A = acc_t<T>;
+  const WorkList wl = make_work_list(numels);
   const A a_l1 = static_cast<A>(l1), a_lin = static_cast<A>(2 * l2), a_mult = static_cast<A>(mult);
   const bool has_l1 = l1 != 0, has_lin = l2 != 0 || gl != 0;
   if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
     if (!accumulate && has_l1 && !has_lin) {
       const L1Table<T> table(a_l1, a_mult);
       for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
-        table.run(data_of<const T>(ws[ch.tensor]) + ch.begin, data_of<T>(outs[ch.tensor]) + ch.begin,
+        table.run(static_cast<const T*>(wd[ch.tensor]) + ch.begin, static_cast<T*>(od[ch.tensor]) + ch.begin,
                   ch.end - ch.begin);
       });
       return A(0);
@@ -228,18 +212,21 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
     constexpr bool kL1 = decltype(l1_tag)::value, kLin = decltype(lin_tag)::value;
     constexpr bool kAccumulate = decltype(acc_tag)::value, kSignBits = decltype(bits_tag)::value;
     for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
-      const T* w = data_of<const T>(ws[ch.tensor]);
-      T* out = data_of<T>(outs[ch.tensor]);
-      if (gl == 0 && ch.end - ch.begin < kLanes) {
+      prefetch_chunk<T, 0>(wl, c, wd);
+      prefetch_chunk<T, 1>(wl, c, od);
+      const T* w = static_cast<const T*>(wd[ch.tensor]);
+      T* out = static_cast<T*>(od[ch.tensor]);
+      if (groups == nullptr && ch.end - ch.begin < kLanes) {
         short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin,
                                                                static_cast<int>(ch.end - ch.begin), a_l1, a_mult,
                                                                UnitScale<A>{a_lin}, &p1[c], &p2[c]);
         return;
       }
-      const A* sc = gl != 0 ? scales.data() + scale_offsets[ch.tensor] : nullptr;
-      const A* pr = gl != 0 ? pres.data() + scale_offsets[ch.tensor] : nullptr;
+      const A* sc = groups != nullptr ? groups->scales.data() + groups->scale_offsets[ch.tensor] : nullptr;
+      const A* pr = groups != nullptr ? groups->pres.data() + groups->scale_offsets[ch.tensor] : nullptr;
+      const GroupShape shape = groups != nullptr ? groups->shapes[ch.tensor] : GroupShape{1, 1, 1};
       LaneSum<A> s1, s2;
-      for_scale_runs(shapes[ch.tensor], sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
+      for_scale_runs(shape, sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
         grad_run<T, kL1, kLin, kAccumulate, kAccumulate, kSignBits>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
       });
       p1[c] = s1.total();
@@ -274,8 +261,51 @@ acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tens
   A value = 0;
   if (l1 != 0) value += static_cast<A>(l1) * abs_sum;
   if (l2 != 0) value += static_cast<A>(l2) * sq_sum;
-  if (gl != 0) value += static_cast<A>(gl * group_value);
+  if (gl != 0) value += static_cast<A>(gl * groups->value);
   return value;
+}
+
+// The gradient pass of a list of contiguous tensors (Passes::grad_pass).
+template <typename T>
+acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
+                   double l1, double l2, double gl, Grouping grouping, double mult) {
+  using A = acc_t<T>;
+  const size_t nt = ws.size();
+  GradGroups<A> groups;
+  if (gl != 0) {
+    auto& shapes = groups.shapes;
+    double& group_value = groups.value;
+    shapes = shapes_of(ws, grouping);
+    std::vector<int64_t> offsets;
+    const std::vector<double> norms = group_norms<T>(ws, shapes, Identity{}, offsets);
+    std::vector<A> per_group(norms.size()), pre(norms.size());
+    for (size_t t = 0; t < nt; ++t) {
+      if (ws[t].numel() == 0) continue;
+      const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
+      for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
+        const double norm = norms[g];
+        group_value += root * norm;
+        double p = 1, q = 0;
+        if (norm != 0) split_coefficient(gl * root, norm, p, q);
+        // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
+        per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
+        pre[g] = static_cast<A>(p);
+      }
+    }
+    groups.scales = expand_scales(per_group, offsets, shapes, ws, groups.scale_offsets);
+    groups.pres = expand_scales(pre, offsets, shapes, ws, groups.scale_offsets);
+  }
+  std::vector<void*> od(nt);
+  for (size_t t = 0; t < nt; ++t) od[t] = data_of<T>(outs[t]);
+  return grad_core<T>(const_data_of(ws).data(), od.data(), numels_of(ws), accumulate, l1, l2, gl,
+                      gl != 0 ? &groups : nullptr, mult);
+}
+
+// The gradient pass without group lasso of tensors whose data pointers a walk read (Passes::grad_table).
+template <typename T>
+acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
+                    double l1, double l2, double mult) {
+  return grad_core<T>(wd, od, numels, accumulate, l1, l2, 0.0, nullptr, mult);
 }
 
 // The elastic-net step of w[b, e) in place, times the group factors `scale` with kGroup.
@@ -323,7 +353,7 @@ void prox_table(void* const* data, const std::vector<int64_t>& numels, ElasticSt
   using A = acc_t<T>;
   auto run = [&](auto t_tag, auto shrink_tag) {
     constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
-    for_each_range(numels, [&](size_t t, int64_t b, int64_t e) {
+    for_each_range<T>(numels, data, [&](size_t t, int64_t b, int64_t e) {
       prox_run<T, kT, kShrink, false>(static_cast<T*>(data[t]), b, e, elastic, UnitScale<A>{A(1)});
     });
   };
@@ -386,7 +416,8 @@ std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const s
 
 template <typename T>
 Passes<T> passes() {
-  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>, &prox_table<T>};
+  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>, &prox_table<T>, &tensor_norms<T>,
+          &grad_table<T>};
 }
 
 // This variant's passes for every element type (this header is included once per variant's file).

@@ -64,6 +64,28 @@ inline T* data_of(const at::Tensor& t) {
   }
 }
 
+// How far ahead a pass over a table of data pointers loads the first line of a later chunk (prefetch_chunk): the
+// tensors of a long list of small ones lie anywhere on the heap, a miss each that nothing else overlaps (20,000
+// one-element float32 tensors in shuffled order, add_penalty_grad_ on one thread: 89% of its kernel's time on the
+// loads and stores of their elements).
+constexpr int64_t kChunksAhead = 8;
+
+// The first line of chunk c + kChunksAhead of the tensors of T at data[t], for writing with kWrite.
+template <typename T, int kWrite>
+inline void prefetch_chunk(const WorkList& wl, int64_t c, const void* const* data) {
+  if (c + kChunksAhead < static_cast<int64_t>(wl.chunks.size())) {
+    const Chunk& ahead = wl.chunks[c + kChunksAhead];
+    __builtin_prefetch(static_cast<const T*>(data[ahead.tensor]) + ahead.begin, kWrite);
+  }
+}
+
+// The data pointers of tensors read only (const_data_ptr: a copy-on-write storage stays shared).
+inline std::vector<const void*> const_data_of(const std::vector<at::Tensor>& ts) {
+  std::vector<const void*> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].const_data_ptr();
+  return out;
+}
+
 template <typename F>
 void for_each_chunk(const WorkList& wl, F&& f) {
   at::parallel_for(0, static_cast<int64_t>(wl.chunks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -71,12 +93,13 @@ void for_each_chunk(const WorkList& wl, F&& f) {
   });
 }
 
-// f(t, begin, end) over every element of tensors of numels[t] elements each, spread over threads: a list whose
+// f(t, begin, end) over every element of the tensors of T at data[t], of numels[t] elements each (written), spread
+// over threads: a list whose
 // tensors all fit in one chunk goes in runs of whole tensors of about kChunk elements together (no work list: for
 // thousands of small tensors building it costs more than their elements), any other in the work list's chunks.
 // For elementwise work only: which thread takes which range depends on the thread count.
-template <typename F>
-void for_each_range(const std::vector<int64_t>& numels, F&& f) {
+template <typename T, typename F>
+void for_each_range(const std::vector<int64_t>& numels, void* const* data, F&& f) {
   const int64_t n = static_cast<int64_t>(numels.size());
   int64_t total = 0, largest = 0;
   for (const int64_t e : numels) {
@@ -85,12 +108,16 @@ void for_each_range(const std::vector<int64_t>& numels, F&& f) {
   }
   if (largest > kChunk) {
     const WorkList wl = make_work_list(numels);
-    for_each_chunk(wl, [&](int64_t, const Chunk& ch) { f(static_cast<size_t>(ch.tensor), ch.begin, ch.end); });
+    for_each_chunk(wl, [&](int64_t c, const Chunk& ch) {
+      prefetch_chunk<T, 1>(wl, c, data);
+      f(static_cast<size_t>(ch.tensor), ch.begin, ch.end);
+    });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, n * kChunk / std::max<int64_t>(total, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (t + kChunksAhead < end) __builtin_prefetch(data[t + kChunksAhead], 1);  // as prefetch_chunk
       if (numels[t] != 0) f(static_cast<size_t>(t), int64_t{0}, numels[t]);
     }
   });

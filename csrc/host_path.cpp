@@ -63,6 +63,10 @@ struct Group {
   std::vector<int64_t> index;
   std::vector<TensorRefs> states;  // optimizer steps: one list per state of the plan
   int64_t elements = 0;            // Σ numel of params
+  // A public call's CPU group (Needs::table): each param's data pointer and numel, and its grad's data pointer when
+  // the call writes grads, read by the walk; `table` stays true while every param of the group is contiguous.
+  bool table = false;
+  std::vector<void*> grad_data;
   // Optimizer steps on the CPU: per param its numel and the data pointers of the param, its grad and each
   // state (`stride` pointers), read by the walk when every one of them can be used in place (`direct`).
   bool direct = false;
@@ -92,7 +96,7 @@ struct Group {
 struct Needs {
   bool grads;         // read p.grad (and write it)
   bool write_params;  // params are written in place
-  bool table = false;  // CPU groups: read each param's data pointer and numel into the group's data and numels
+  bool table = false;  // CPU groups: read the data pointers and numels into the group's table (Group::table)
 };
 
 // The tensor types a walk takes (torch.Tensor, nn.Parameter, nn.Buffer: subclasses take the Python
@@ -172,11 +176,11 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
   if (n == 0) return false;
   PyObject** items = PySequence_Fast_ITEMS(list);
   Seen seen(static_cast<size_t>(n));
-  std::optional<Lookahead> ahead;  // a walk without grads runs without (lookahead.h)
-  if (needs.grads) ahead.emplace(items, n, allowed.types, nullptr, listed);
+  // The grads' StorageImpls are loaded ahead too where the walk reads their data pointers.
+  Lookahead ahead(items, n, allowed.types, nullptr, listed || (needs.grads && needs.table), needs.grads);
   count = 0;
   for (Py_ssize_t k = 0; k < n; ++k) {
-    if (ahead) ahead->at(k);
+    ahead.at(k);
     PyObject* obj = items[k];
     if (!THPVariable_Check(obj) || !plain_type(obj, allowed.types)) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);
@@ -199,8 +203,10 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       groups.back().params.reserve(static_cast<size_t>(n));
       if (needs.grads) groups.back().grads.reserve(static_cast<size_t>(n));
       if (needs.table && device.is_cpu()) {
+        groups.back().table = true;
         groups.back().data.reserve(static_cast<size_t>(n));
         groups.back().numels.reserve(static_cast<size_t>(n));
+        if (needs.grads) groups.back().grad_data.reserve(static_cast<size_t>(n));
       }
       if (listed) {
         groups.back().listed.resize(needs.grads ? 2 : 1);
@@ -212,9 +218,11 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     group->params.borrow(t);
     const int64_t numel = t.numel();
     group->elements += numel;
-    if (needs.table && device.is_cpu()) {
+    if (group->table) {
+      group->table = t.is_contiguous();  // else the op's path, which works on a contiguous copy
       group->data.push_back(needs.write_params ? t.data_ptr() : const_cast<void*>(t.const_data_ptr()));
       group->numels.push_back(numel);
+      if (needs.grads) group->grad_data.push_back(grad_of(t).data_ptr());
     }
     if (needs.grads) group->grads.borrow(grad_of(t));
     if (listed) {
@@ -273,7 +281,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != n) return false;
   }
   const size_t nstates = states.tuples.size();
-  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, &states.tuples, listed);
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, &states.tuples, true);  // reads data pointers
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
@@ -362,7 +370,7 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
   }
   const int64_t* expected = numels.const_data_ptr<int64_t>();
   const size_t nstates = flats.size();
-  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, nullptr, listed);
+  Lookahead ahead(PySequence_Fast_ITEMS(list), n, allowed.types, nullptr, true);  // reads the grads' data pointers
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = PyList_GET_ITEM(list, k);
@@ -616,10 +624,11 @@ PyObject* norms(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{false, false}, groups, count, first)) Py_RETURN_NONE;
+  if (!walk(list, allowed, Needs{false, false, true}, groups, count, first)) Py_RETURN_NONE;
   static const auto norms_op = op<std::tuple<at::Tensor, at::Tensor>(at::TensorList)>("regfast_C::norms");
   auto norms_of = [&](const Group& g) {
-    return direct_on(g.device) ? cpu_ops::norms(g.params) : norms_op.call(g.params);
+    if (!direct_on(g.device)) return norms_op.call(g.params);
+    return g.table ? cpu_ops::norms_table(g.dtype, g.data.data(), g.numels) : cpu_ops::norms(g.params);
   };
   at::Tensor per_l1, per_l2sq;
   {
@@ -657,7 +666,7 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{true, false}, groups, count, first)) Py_RETURN_NONE;
+  if (!walk(list, allowed, Needs{true, false, gl == 0}, groups, count, first)) Py_RETURN_NONE;
   static const auto grad_op = op<at::Tensor(at::TensorList, at::TensorList, double, double, double, c10::string_view)>(
       "regfast_C::add_penalty_grad_");
   const std::string grouping(groups_arg);
@@ -668,9 +677,15 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
     const auto dtype = result_dtype(groups);
     for (const auto& g : groups) {
       // The walk's grads are contiguous and match their params, as cpu_ops::add_penalty_grad takes them.
-      const at::Tensor value = (direct_on(g.device) ? cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed)
-                                                    : grad_op.call(g.params, g.grads, l1, l2, gl, grouping))
-                                   .to(first.device(), dtype);
+      at::Tensor value;
+      if (!direct_on(g.device)) {
+        value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping);
+      } else if (g.table) {
+        value = cpu_ops::add_penalty_grad_table(g.dtype, g.data.data(), g.grad_data.data(), g.numels, l1, l2);
+      } else {
+        value = cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed);
+      }
+      value = value.to(first.device(), dtype);
       total = total.defined() ? total + value : value;
     }
     for (const auto& g : groups) bump(g.grads);
@@ -714,7 +729,7 @@ PyObject* prox(PyObject*, PyObject* args) {
       // lies, and a CUDA op moves it to the params' device itself (refusing a CPU lr inside a graph capture).
       std::optional<at::Tensor> step;
       if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
-      if (direct_on(g.device) && gl == 0) {
+      if (direct_on(g.device) && g.table) {
         cpu_ops::prox_table(g.dtype, g.data.data(), g.numels, step, lr, l1, l2);
       } else if (direct_on(g.device)) {
         cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);

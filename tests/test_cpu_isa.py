@@ -312,14 +312,16 @@ def test_only_the_wide_variants_hold_avx_instructions():
     assert not outside, outside
     for variant in ("regfast::cpu::avx2::", "regfast::cpu::avx512::"):
         wide = [(name, set(ops)) for name, ops in functions if variant in name]
-        # (the gradient's loops: grad_run, or where the compiler inlined it, the grad_pass lambdas running it)
+        # (the gradient's loops: grad_run, or where the compiler inlined it, the grad_core lambdas running it; the
+        # prox's: prox_run, or the prox_table and prox_pass lambdas)
         assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide
-                   if "grad_run<c10::Half" in name or "grad_pass<c10::Half>" in name)
-        assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide if "prox_pass<c10::Half>" in name)
+                   if "grad_run<c10::Half" in name or "grad_core<c10::Half>" in name)
+        assert any({"vcvtph2ps", "vcvtps2ph"} <= ops for name, ops in wide
+                   if any(f"{k}<c10::Half" in name for k in ("prox_run", "prox_table", "prox_pass")))
         assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
     # The streaming loops prefetch ahead of their reads and writes (cpu_kernels.h's prefetch_round), in every variant.
-    for kernels in (("tensor_norms<c10::BFloat16>",), ("grad_run<c10::BFloat16", "grad_pass<c10::BFloat16>"),
-                    ("grad_run<float", "grad_pass<float>"), ("sumsq_run<float, c10::Half",),
+    for kernels in (("tensor_norms<c10::BFloat16>",), ("grad_run<c10::BFloat16", "grad_core<c10::BFloat16>"),
+                    ("grad_run<float", "grad_core<float>"), ("sumsq_run<float, c10::Half",),
                     ("sumsq_run<float, c10::BFloat16",)):
         for variant in ("regfast::cpu::avx2::", "regfast::cpu::avx512::", "regfast::cpu::baseline::"):
             found = [ops for name, ops in functions if variant in name and any(k in name for k in kernels)]
@@ -328,7 +330,7 @@ def test_only_the_wide_variants_hold_avx_instructions():
     for variant, compares in (("regfast::cpu::avx2::", {"vpcmpgtw", "vpcmpeqw"}),
                               ("regfast::cpu::avx512::", {"vpcmplew", "vpcmpeqw"}),
                               ("regfast::cpu::baseline::", {"pcmpgtw", "pcmpeqw"})):
-        for kernel in ("grad_pass<c10::Half>", "grad_pass<c10::BFloat16>"):
+        for kernel in ("grad_core<c10::Half>", "grad_core<c10::BFloat16>"):
             assert any(compares <= set(ops) for name, ops in functions if variant in name and kernel in name), kernel
     fma = [set(ops) for name, ops in functions if "regfast::optim_cpu::avx2_fma::" in name]
     assert any("vfmadd231ps" in ops or "vfmadd132ps" in ops or "vfmadd213ps" in ops for ops in fma)
@@ -387,9 +389,9 @@ def test_only_the_avx512_variant_holds_avx512_instructions():
     def has(kernel: str, pattern: str) -> bool:
         return any(re.search(pattern, block) for name, block in inside if kernel in name)
 
-    assert has("prox_pass<c10::Half>", r"vcvtph2ps\s+\S+,%zmm")
-    assert has("prox_pass<c10::Half>", r"vcvtps2ph\s+\$0x0,%zmm")
-    assert has("grad_pass<c10::BFloat16>", r"vpmovdw\s+%zmm")
+    assert has("prox_table<c10::Half>", r"vcvtph2ps\s+\S+,%zmm")
+    assert has("prox_table<c10::Half>", r"vcvtps2ph\s+\$0x0,%zmm")
+    assert has("grad_core<c10::BFloat16>", r"vpmovdw\s+%zmm")
     assert has("tensor_norms<float>", r"vaddps\s+\S+,%zmm")
 
 

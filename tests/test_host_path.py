@@ -144,6 +144,67 @@ def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyp
     assert runs[0][-1].view(-1)[-1].isnan() and runs[0][0].view(-1)[0].isinf()
 
 
+def _finite_sized_list(sizes, dtype, strided):
+    """_sized_list without its NaN and inf (for sums checked against the oracle), each param with a grad; with
+    `strided`, one param a strided view (its group then takes the op's path, on a contiguous copy)."""
+    ps = _sized_list(sizes, dtype)
+    with torch.no_grad():
+        ps[-1].view(-1)[-1] = 0.5
+        ps[0].view(-1)[0] = -2.0
+    if strided:
+        ps[len(ps) // 2] = noncontiguous(make_params([(3, 40)], dtype)[0]).t()
+    for p in ps:
+        p.grad = make_params([p.shape], dtype)[0]
+    return ps
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "a-strided-param"])
+@pytest.mark.parametrize("sizes", ["small", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, strided, monkeypatch):
+    """norms and add_penalty_grad_ without group lasso run on the data pointers the walk read while every param of
+    the group is contiguous: per-tensor sums, the penalty's value and the grads as the float64 oracle within the
+    dtype's rounding, the same bits on 1 and 2 threads and as the Python path (the walk declined), the walk taking
+    each call."""
+    ps = _finite_sized_list(sizes, dtype, strided)
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[dtype]
+
+    def run():
+        work = [p.detach().clone() for p in ps]
+        for w, p in zip(work, ps):
+            w.grad = p.grad.clone()
+        norms = regfast.norms(work)
+        value = regfast.add_penalty_grad_(work, l1=0.01, l2=0.2)
+        return [norms.per_tensor_l1, norms.per_tensor_l2sq, value.reshape(1)] + [w.grad for w in work]
+
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with use_backend("cpp"):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(run())
+            assert len(taken) == 4 and all(r is not None for r in taken), "the walk declined the list"
+            monkeypatch.setattr(_ops, "walk", lambda *a: None)
+            runs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a.view(bits) if a.dtype == dtype else a, b.view(bits) if b.dtype == dtype else b)
+    l1, l2sq, value, *grads = runs[0]
+    w64 = [p.detach().double() for p in ps]
+    assert_close(l1, torch.stack([w.abs().sum() for w in w64]), dtype, scale=1.0)
+    assert_close(l2sq, torch.stack([(w * w).sum() for w in w64]), dtype, scale=1.0)
+    assert_close(value[0], oracle.penalty(w64, l1=0.01, l2=0.2), dtype)
+    for g, w, p in zip(grads, w64, ps, strict=True):
+        assert_close(g, p.grad.double() + oracle.grad(w, l1=0.01, l2=0.2), dtype, scale=1.0)
+
+
 @pytest.mark.parametrize("call, op", [("norms", "norms"), ("add_penalty_grad_ elastic", "add_penalty_grad_"),
                                       ("prox_ tensor lr", "prox_")])
 def test_a_profiler_sees_the_walks_cpu_ops(call, op):
