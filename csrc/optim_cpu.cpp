@@ -91,13 +91,18 @@ void prox_scalars(bool lr_is_tensor, double lr, double l1, double l2, at::Scalar
 }
 
 // Runs run(tensor, begin, end, sums) over every chunk of tensors of `numels` elements; returns
-// l1·Σ|w| + l2·Σw² (in `acc`) from the chunk sums.
-template <typename Run>
+// l1·Σ|w| + l2·Σw² (in `acc`) from the chunk sums. Calls ahead(tensor) kChunksAhead chunks before the first chunk
+// of each tensor, to load its first lines (cpu_work_list.h's prefetch_chunk: a list of small tensors).
+template <typename Run, typename Ahead>
 double chunked_pass(const std::vector<int64_t>& numels, at::ScalarType acc, bool penalty, double l1, double l2,
-                    Run&& run) {
+                    Run&& run, Ahead&& ahead) {
   const cpu::WorkList wl = cpu::make_work_list(numels);
   std::vector<double> sums(penalty ? 2 * wl.chunks.size() : 0);
+  const int64_t nchunks = static_cast<int64_t>(wl.chunks.size());
   cpu::for_each_chunk(wl, [&](int64_t c, const cpu::Chunk& ch) {
+    if (c + cpu::kChunksAhead < nchunks && wl.chunks[c + cpu::kChunksAhead].begin == 0) {
+      ahead(wl.chunks[c + cpu::kChunksAhead].tensor);
+    }
     run(ch.tensor, ch.begin, ch.end, penalty ? sums.data() + 2 * c : nullptr);
   });
   double value = 0;
@@ -191,17 +196,28 @@ Loops loops() {
 double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std::vector<int64_t>& numels,
                at::ScalarType acc, double l1, double l2) {
   const auto run = loops().sgd;
-  return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-    run(args, ts[t], begin, end, sums);
-  });
+  return chunked_pass(
+      numels, acc, args.penalty, l1, l2,
+      [&](int64_t t, int64_t begin, int64_t end, double* sums) { run(args, ts[t], begin, end, sums); },
+      [&](int64_t t) {
+        __builtin_prefetch(ts[t].param, 1);
+        __builtin_prefetch(ts[t].grad);
+        if (ts[t].buffer != nullptr) __builtin_prefetch(ts[t].buffer, 1);
+      });
 }
 
 double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
                  at::ScalarType acc, double l1, double l2) {
   const auto run = loops().adamw;
-  return chunked_pass(numels, acc, args.penalty, l1, l2, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-    run(args, ts[t], begin, end, sums);
-  });
+  return chunked_pass(
+      numels, acc, args.penalty, l1, l2,
+      [&](int64_t t, int64_t begin, int64_t end, double* sums) { run(args, ts[t], begin, end, sums); },
+      [&](int64_t t) {
+        __builtin_prefetch(ts[t].param, 1);
+        __builtin_prefetch(ts[t].grad);
+        __builtin_prefetch(ts[t].exp_avg, 1);
+        __builtin_prefetch(ts[t].exp_avg_sq, 1);
+      });
 }
 
 }  // namespace optim_cpu
