@@ -90,20 +90,35 @@ void prox_scalars(bool lr_is_tensor, double lr, double l1, double l2, at::Scalar
   });
 }
 
-// Runs run(tensor, begin, end, sums) over every chunk of tensors of `numels` elements; returns
-// l1·Σ|w| + l2·Σw² (in `acc`) from the chunk sums. Calls ahead(tensor) kChunksAhead chunks before the first chunk
-// of each tensor, to load its first lines (cpu_work_list.h's prefetch_chunk: a list of small tensors).
-template <typename Run, typename Ahead>
-double chunked_pass(const std::vector<int64_t>& numels, at::ScalarType acc, bool penalty, double l1, double l2,
-                    Run&& run, Ahead&& ahead) {
+// The first lines of a param's arrays.
+void prefetch_starts(const optim_cpu::SgdTensor& t) {
+  __builtin_prefetch(t.param, 1);
+  __builtin_prefetch(t.grad);
+  if (t.buffer != nullptr) __builtin_prefetch(t.buffer, 1);
+}
+
+void prefetch_starts(const optim_cpu::AdamWTensor& t) {
+  __builtin_prefetch(t.param, 1);
+  __builtin_prefetch(t.grad);
+  __builtin_prefetch(t.exp_avg, 1);
+  __builtin_prefetch(t.exp_avg_sq, 1);
+}
+
+// Runs the step loop run(args, ts[t], begin, end, sums) over every chunk of the params (ts[t] of numels[t]
+// elements); returns l1·Σ|w| + l2·Σw² (in `acc`) from the chunk sums. Loads the first lines of each param's arrays
+// kChunksAhead chunks before its first chunk (cpu_work_list.h's prefetch_chunk: a list of small tensors).
+template <typename Args, typename Tensor, typename Run>
+double chunked_pass(const Args& args, const std::vector<Tensor>& ts, const std::vector<int64_t>& numels,
+                    at::ScalarType acc, double l1, double l2, Run run) {
+  const bool penalty = args.penalty;
   const cpu::WorkList wl = cpu::make_work_list(numels);
   std::vector<double> sums(penalty ? 2 * wl.chunks.size() : 0);
   const int64_t nchunks = static_cast<int64_t>(wl.chunks.size());
   cpu::for_each_chunk(wl, [&](int64_t c, const cpu::Chunk& ch) {
     if (c + cpu::kChunksAhead < nchunks && wl.chunks[c + cpu::kChunksAhead].begin == 0) {
-      ahead(wl.chunks[c + cpu::kChunksAhead].tensor);
+      prefetch_starts(ts[wl.chunks[c + cpu::kChunksAhead].tensor]);
     }
-    run(ch.tensor, ch.begin, ch.end, penalty ? sums.data() + 2 * c : nullptr);
+    run(args, ts[ch.tensor], ch.begin, ch.end, penalty ? sums.data() + 2 * c : nullptr);
   });
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES(acc, "regfast_step_penalty", [&] {
@@ -195,29 +210,12 @@ Loops loops() {
 
 double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std::vector<int64_t>& numels,
                at::ScalarType acc, double l1, double l2) {
-  const auto run = loops().sgd;
-  return chunked_pass(
-      numels, acc, args.penalty, l1, l2,
-      [&](int64_t t, int64_t begin, int64_t end, double* sums) { run(args, ts[t], begin, end, sums); },
-      [&](int64_t t) {
-        __builtin_prefetch(ts[t].param, 1);
-        __builtin_prefetch(ts[t].grad);
-        if (ts[t].buffer != nullptr) __builtin_prefetch(ts[t].buffer, 1);
-      });
+  return chunked_pass(args, ts, numels, acc, l1, l2, loops().sgd);
 }
 
 double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
                  at::ScalarType acc, double l1, double l2) {
-  const auto run = loops().adamw;
-  return chunked_pass(
-      numels, acc, args.penalty, l1, l2,
-      [&](int64_t t, int64_t begin, int64_t end, double* sums) { run(args, ts[t], begin, end, sums); },
-      [&](int64_t t) {
-        __builtin_prefetch(ts[t].param, 1);
-        __builtin_prefetch(ts[t].grad);
-        __builtin_prefetch(ts[t].exp_avg, 1);
-        __builtin_prefetch(ts[t].exp_avg_sq, 1);
-      });
+  return chunked_pass(args, ts, numels, acc, l1, l2, loops().adamw);
 }
 
 }  // namespace optim_cpu
