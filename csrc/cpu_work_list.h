@@ -94,10 +94,9 @@ void for_each_chunk(const WorkList& wl, F&& f) {
 }
 
 // f(t, begin, end) over every element of the tensors of T at data[t], of numels[t] elements each (written), spread
-// over threads: a list whose
-// tensors all fit in one chunk goes in runs of whole tensors of about kChunk elements together (no work list: for
-// thousands of small tensors building it costs more than their elements), any other in the work list's chunks.
-// For elementwise work only: which thread takes which range depends on the thread count.
+// over threads: a list whose tensors all fit in one chunk goes in runs of whole tensors of about kChunk elements
+// together (no work list: for thousands of small tensors building it costs more than their elements), any other in
+// the work list's chunks. For elementwise work only: which thread takes which range depends on the thread count.
 template <typename T, typename F>
 void for_each_range(const std::vector<int64_t>& numels, void* const* data, F&& f) {
   const int64_t n = static_cast<int64_t>(numels.size());

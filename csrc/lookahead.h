@@ -8,9 +8,9 @@
 // `at(k)` before it reads tensor k: each stage follows one link of a later tensor, the one that the stage
 // before it fetched kDistance tensors earlier, so the links arrive before they are read and the misses
 // overlap. It goes down to the grad's TensorImpl (the processor overlaps a single last miss by itself), or for a
-// walk without grads to the StorageImpl: a list of 20,000 one-element tensors in shuffled order, prox_ on one
-// thread of this file's machine, took 3.4-5.0 ms without a lookahead (its three links left to the processor) and
-// 1.3-1.9 with it.
+// walk without grads to the StorageImpl: for a list of 20,000 one-element tensors in shuffled order, prox_ on one
+// thread took 2.6-5.0 ms without a lookahead (its three links left to the processor) and 1.4-2.6 ms with it
+// (medians, builds alternating, a 2-core AMD EPYC).
 //
 // Only addresses are computed from what a stage reads; a stage reads nothing of an object that it did
 // not first prove to be one of the walk's plain tensor types (a prefetch of a wrong address is harmless:
@@ -58,8 +58,9 @@ class Lookahead {
  public:
   // `items`: the n objects of the list; `types`: the tuple of tensor types the walk takes; `states`: tuples of n
   // state tensors whose objects the walk reads with each tensor (an optimizer step's plan), or null.
-  // `storages`: the walk also reads the data pointers of the grads and states (a walk that lists them for a
-  // launcher in Python), so their StorageImpls are loaded too, half a stage ahead. `grads`: the walk reads them.
+  // `storages`: the walk also reads the data pointers of the grads and states (for the CPU kernels' tables, or to
+  // list them for a launcher in Python), so their StorageImpls are loaded too, half a stage ahead. `grads`: the
+  // walk reads the grads.
   Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types, const std::vector<PyObject*>* states = nullptr,
             bool storages = false, bool grads = true)
       : items_(items), n_(n), types_(types), states_(states), storages_(storages), grads_(grads) {
