@@ -15,7 +15,7 @@ from array import array
 import oracle
 import pytest
 import torch
-from helpers import assert_close, make_params, noncontiguous, use_backend
+from helpers import assert_close, make_params, noncontiguous, same_layout_copy, use_backend
 from torch import nn
 
 import regfast
@@ -152,7 +152,7 @@ def _finite_sized_list(sizes, dtype, strided):
         ps[-1].view(-1)[-1] = 0.5
         ps[0].view(-1)[0] = -2.0
     if strided:
-        ps[len(ps) // 2] = noncontiguous(make_params([(3, 40)], dtype)[0]).t()
+        ps[len(ps) // 2] = noncontiguous(make_params([(3, 40)], dtype)[0])
     for p in ps:
         p.grad = make_params([p.shape], dtype)[0]
     return ps
@@ -173,8 +173,11 @@ def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, st
     bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
             torch.float16: torch.int16}[dtype]
 
+    assert strided == any(not p.is_contiguous() for p in ps)
+
     def run():
-        work = [p.detach().clone() for p in ps]
+        work = [same_layout_copy(p.detach()) for p in ps]
+        assert strided == any(not w.is_contiguous() for w in work)
         for w, p in zip(work, ps):
             w.grad = p.grad.clone()
         norms = regfast.norms(work)
