@@ -57,6 +57,19 @@ def _triton_on_cpu() -> bool:
     return _dispatch.unavailable_reason("triton", "cpu") is None
 
 
+def _recorded_walks(monkeypatch) -> list:
+    """The results of every _ops.walk from now on (None where the walk declined), in call order."""
+    taken = []
+    original = _ops.walk
+    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    return taken
+
+
+# The integer dtype whose view of a float tensor compares its bits.
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
 # "cpp": the whole call in C++; "triton": the C++ walk checks and groups, Triton launches each group.
 _TRITON_SKIP = pytest.mark.skipif(not _triton_on_cpu(), reason="Triton cannot run on the CPU here")
 WALKED_BACKENDS = ["cpp", pytest.param("triton", marks=_TRITON_SKIP)]
@@ -70,9 +83,7 @@ def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, copies, backend,
     if backend == "triton" and copies > 1:
         pytest.skip("the long list tests the walk, which is the same for every backend; interpreted Triton is slow")
     walked, python = _model(dtypes, copies), _model(dtypes, copies)
-    taken = []
-    original = _ops.walk
-    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    taken = _recorded_walks(monkeypatch)
     with use_backend(backend):
         out = CALLS[call](walked + walked[:2])  # repeats count once
         assert taken and taken[-1] is not None, "the walk declined a plain list"
@@ -114,9 +125,7 @@ def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyp
     threads, the walk taking the call each time."""
     ps = _sized_list(sizes, dtype)
     step = torch.tensor(0.5) if lr == "tensor" else lr
-    taken = []
-    original = _ops.walk
-    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
+    taken = _recorded_walks(monkeypatch)
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -132,8 +141,7 @@ def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyp
     with use_backend("torch"):
         reference = [p.detach().clone() for p in ps]
         regfast.prox_(reference, step, **hyper)
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}[dtype]
+    bits = _BITS[dtype]
     for w, one, two, ref in zip(ps, *runs, reference, strict=True):
         assert torch.equal(one.view(bits), two.view(bits))
         expected = oracle.prox(w.detach().double(), 0.5 if lr == "tensor" else lr, hyper.get("l1", 0.0),
@@ -167,11 +175,8 @@ def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, st
     dtype's rounding, the same bits on 1 and 2 threads and as the Python path (the walk declined), the walk taking
     each call."""
     ps = _finite_sized_list(sizes, dtype, strided)
-    taken = []
-    original = _ops.walk
-    monkeypatch.setattr(_ops, "walk", lambda *a: taken.append(r := original(*a)) or r)
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}[dtype]
+    taken = _recorded_walks(monkeypatch)
+    bits = _BITS[dtype]
 
     assert strided == any(not p.is_contiguous() for p in ps)
 
