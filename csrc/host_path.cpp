@@ -23,9 +23,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -80,9 +82,23 @@ struct Group {
   std::vector<int64_t> offsets, indices;
   int64_t total = 0, size = 0;  // Σ numel, and number, of the group's params, with a grad or not
   // A walk for a launcher in Python (`listed`): per list (params, grads if read, then each state) what wrap_walked
-  // hands it, read while the walk checks each tensor; and each param's numel.
+  // hands it, read while the walk checks each tensor; each param's numel, and its dims (list_param).
   std::vector<Listed> listed;
-  std::vector<int64_t> sizes;
+  std::vector<int64_t> sizes, dims;
+
+  // A param of a walk for a launcher in Python: its pointer, its numel, and per param the dims that the group tables
+  // of group lasso are keyed on (regfast.triton.launcher.DIMS): dim, numel, shape[0], shape[1] (0 where absent),
+  // prod(shape[1:]), prod(shape[2:]), read while the walk has the tensor at hand rather than in a second pass.
+  void list_param(const at::Tensor& t, int64_t numel, bool written) {
+    listed[0].add(t, written);
+    sizes.push_back(numel);
+    const auto shape = t.sizes();
+    const auto d = static_cast<int64_t>(shape.size());
+    int64_t rest = 1, rest2 = 1;
+    for (int64_t i = 1; i < d; ++i) rest *= shape[i];
+    for (int64_t i = 2; i < d; ++i) rest2 *= shape[i];
+    dims.insert(dims.end(), {d, numel, d > 0 ? shape[0] : 0, d > 1 ? shape[1] : 0, rest, rest2});
+  }
 
   // The data of state j of the i-th param of the table.
   void* state_data(size_t i, size_t j, size_t counts) const {
@@ -212,6 +228,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
         groups.back().listed.resize(needs.grads ? 2 : 1);
         for (auto& l : groups.back().listed) l.addresses.reserve(static_cast<size_t>(n));
         groups.back().sizes.reserve(static_cast<size_t>(n));
+        groups.back().dims.reserve(6 * static_cast<size_t>(n));
       }
       group = &groups.back();
     }
@@ -226,8 +243,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     }
     if (needs.grads) group->grads.borrow(grad_of(t));
     if (listed) {
-      group->listed[0].add(t, needs.write_params);
-      group->sizes.push_back(numel);
+      group->list_param(t, numel, needs.write_params);
       if (needs.grads) group->listed[1].add(grad_of(t), true);
     }
     group->index.push_back(count++);
@@ -250,6 +266,7 @@ Group& group_of(std::vector<Group>& groups, const at::Device& device, at::Scalar
     group.listed.resize(2 + nstates);
     for (auto& l : group.listed) l.addresses.reserve(n);
     group.sizes.reserve(n);
+    group.dims.reserve(6 * n);
   } else if (device.is_cpu()) {
     group.direct = true;
     group.stride = 2 + nstates;
@@ -304,9 +321,8 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     group.elements += t.numel();
     group.grads.borrow(g);
     if (listed) {
-      group.listed[0].add(t, true);
+      group.list_param(t, t.numel(), true);
       group.listed[1].add(g, false);
-      group.sizes.push_back(t.numel());
     }
     if (group.direct) {
       group.direct = writable(t) && g.is_contiguous();
@@ -404,9 +420,8 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     group->grads.borrow(g);
     group->elements += expected[k];
     if (listed) {
-      group->listed[0].add(t, true);
+      group->list_param(t, expected[k], true);
       group->listed[1].add(g, false);
-      group->sizes.push_back(expected[k]);
       group->index.push_back(k);
     } else {
       group->data.push_back(t.data_ptr());
@@ -471,10 +486,25 @@ PyObject* wrap_list(at::TensorList ts) {
   return out;
 }
 
-// Sets attribute `name` of `obj` to `value`, stealing the reference; false (an exception set) on failure.
-bool set_attr(PyObject* obj, const char* name, PyObject* value) {
+// The attributes of a Walked list (regfast._common.Walked), as interned strings made once: setting an attribute by
+// its C string makes and interns the string on every call.
+enum Attr { kAddresses, kDims, kSizes, kDense, kFlat, kShared, kAttrs };
+
+PyObject* attr_name(Attr a) {
+  static PyObject* const* names = [] {
+    static PyObject* made[kAttrs];
+    const char* const text[kAttrs] = {"addresses", "dims", "sizes", "dense", "flat", "shared"};
+    for (int i = 0; i < kAttrs; ++i) made[i] = PyUnicode_InternFromString(text[i]);
+    return made;
+  }();
+  return names[a];
+}
+
+// Sets attribute `a` of `obj` to `value`, stealing the reference; false (an exception set) on failure.
+bool set_attr(PyObject* obj, Attr a, PyObject* value) {
   if (value == nullptr) return false;
-  const int rc = PyObject_SetAttrString(obj, name, value);
+  PyObject* name = attr_name(a);
+  const int rc = name != nullptr ? PyObject_SetAttr(obj, name, value) : (PyErr_NoMemory(), -1);
   Py_DECREF(value);
   return rc == 0;
 }
@@ -500,45 +530,35 @@ PyObject* int64_bytes(const std::vector<int64_t>& values) {
 }
 
 // A list for a launcher that builds its device tables in Python (Triton): with a list subclass `type`
-// (regfast._common.Walked), one of them holding the tensors `ts`, with what the walk read of them (`listed`,
-// `sizes`: its params' numels, or null) as the attributes `addresses` and `sizes` (native int64 bytes), `dense`
-// and `flat` (a view over step counts, or null: see consecutive_counts), `shared` false; else a plain list.
-// `source`, when not null, is a list or tuple of the objects of `ts` in order (the caller's own, whole): they are
-// taken from it rather than found again from each tensor.
-PyObject* wrap_walked(at::TensorList ts, PyObject* type, const std::vector<Listed>& listed, size_t which,
-                      const std::vector<int64_t>* sizes, PyObject* flat = nullptr, PyObject* source = nullptr) {
-  if (type == Py_None || which >= listed.size()) return wrap_list(ts);
-  PyObject* out = nullptr;
-  if (source != nullptr) {
-    out = PyObject_CallOneArg(type, source);
-  } else {
-    PyObject* plain = wrap_list(ts);
-    if (plain == nullptr) return nullptr;
-    out = PyObject_CallOneArg(type, plain);
-    Py_DECREF(plain);
-  }
+// (regfast._common.Walked), one of them holding the tensors `ts` (list `which` of group `g`: 0 its params, 1 their
+// grads, then the states), with what the walk read of them as the attributes `addresses`, and for the params `sizes`
+// and `dims` (native int64 bytes), `dense` and `flat` (a view over step counts, or null: see consecutive_counts),
+// `shared` false; else a plain list. `source`, when not null, is a list or tuple of the objects of `ts` in order
+// (the caller's own, whole): they are taken from it rather than found again from each tensor.
+PyObject* wrap_walked(at::TensorList ts, PyObject* type, const Group& g, size_t which, PyObject* flat = nullptr,
+                      PyObject* source = nullptr) {
+  if (type == Py_None || which >= g.listed.size()) return wrap_list(ts);
+  PyObject* out = source != nullptr ? PyObject_CallOneArg(type, source) : PyObject_CallNoArgs(type);
   if (out == nullptr) return nullptr;
-  const Listed& l = listed[which];
-  // A group's params: per tensor dim, numel, shape[0], shape[1] (0 where absent), prod(shape[1:]), prod(shape[2:])
-  // (regfast.triton.launcher.DIMS), for the group tables of group lasso.
-  std::vector<int64_t> dims;
-  if (sizes != nullptr) {
-    dims.reserve(6 * ts.size());
+  if (source == nullptr) {  // each tensor's object appended straight, without a plain list to copy
     for (const auto& t : ts) {
-      const auto shape = t.sizes();
-      const auto d = static_cast<int64_t>(shape.size());
-      int64_t rest = 1, rest2 = 1;
-      for (int64_t i = 1; i < d; ++i) rest *= shape[i];
-      for (int64_t i = 2; i < d; ++i) rest2 *= shape[i];
-      dims.insert(dims.end(), {d, t.numel(), d > 0 ? shape[0] : 0, d > 1 ? shape[1] : 0, rest, rest2});
+      PyObject* item = THPVariable_Wrap(t);
+      const int rc = item != nullptr ? PyList_Append(out, item) : -1;
+      Py_XDECREF(item);
+      if (rc != 0) {
+        Py_DECREF(out);
+        return nullptr;
+      }
     }
   }
-  if (!set_attr(out, "addresses", int64_bytes(l.addresses)) ||
-      !set_attr(out, "dims", sizes != nullptr ? int64_bytes(dims) : Py_NewRef(Py_None)) ||
-      !set_attr(out, "sizes", sizes != nullptr ? int64_bytes(*sizes) : Py_NewRef(Py_None)) ||
-      !set_attr(out, "dense", PyBool_FromLong(l.dense)) ||
-      !set_attr(out, "flat", flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None)) ||
-      !set_attr(out, "shared", Py_NewRef(Py_False))) {
+  const Listed& l = g.listed[which];
+  const bool params = which == 0;
+  if (!set_attr(out, kAddresses, int64_bytes(l.addresses)) ||
+      !set_attr(out, kDims, params ? int64_bytes(g.dims) : Py_NewRef(Py_None)) ||
+      !set_attr(out, kSizes, params ? int64_bytes(g.sizes) : Py_NewRef(Py_None)) ||
+      !set_attr(out, kDense, PyBool_FromLong(l.dense)) ||
+      !set_attr(out, kFlat, flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None)) ||
+      !set_attr(out, kShared, Py_NewRef(Py_False))) {
     Py_DECREF(out);
     return nullptr;
   }
@@ -743,6 +763,75 @@ PyObject* prox(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* host_bias_table(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* counts_obj = nullptr;
+  double lr = 0, beta1 = 0, beta2 = 0;
+  int wide = 0;
+  if (!PyArg_ParseTuple(args, "Odddp", &counts_obj, &lr, &beta1, &beta2, &wide)) return nullptr;
+  if (!THPVariable_Check(counts_obj)) Py_RETURN_NONE;
+  const at::Tensor& counts = THPVariable_Unpack(counts_obj);
+  if (!counts.device().is_cpu() || counts.scalar_type() != at::kFloat || counts.layout() != at::kStrided ||
+      counts.dim() != 1 || !writable(counts) || counts.requires_grad()) {
+    Py_RETURN_NONE;
+  }
+  const int64_t n = counts.numel();
+  at::Tensor table = at::empty({2 * n}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
+  float* count = counts.data_ptr<float>();
+  double last_t = -1, step_size = 0, bc2_sqrt = 0;  // the counts of a model are mostly one value
+  auto fill = [&](auto* out) {
+    for (int64_t i = 0; i < n; ++i) {
+      count[i] = count[i] + 1.0f;  // t + 1 rounded to float32, as add_(1) on the counts rounds it
+      const double t = count[i];
+      if (t != last_t) {
+        last_t = t;
+        host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
+      }
+      using T = std::remove_pointer_t<decltype(out)>;
+      out[i] = static_cast<T>(step_size);
+      out[n + i] = static_cast<T>(bc2_sqrt);
+    }
+  };
+  if (wide) {
+    fill(table.data_ptr<double>());
+  } else {
+    fill(table.data_ptr<float>());
+  }
+  if (!counts.is_inference()) torch::autograd::impl::bump_version(counts);  // an inference tensor has none
+  return THPVariable_Wrap(std::move(table));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* digest(PyObject*, PyObject* arg) {
+  if (!PyBytes_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "digest takes bytes");
+    return nullptr;
+  }
+  const auto* data = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(arg));
+  const auto size = static_cast<size_t>(PyBytes_GET_SIZE(arg));
+  // Four independent lanes of multiply-adds over the 8-byte words (then the last bytes), mixed at the end.
+  constexpr uint64_t kOdd = 0x9E3779B97F4A7C15ULL;
+  uint64_t lane[4] = {1, 2, 3, 4};
+  size_t i = 0;
+  auto word = [data](size_t at) {
+    uint64_t w = 0;
+    std::memcpy(&w, data + at, sizeof w);
+    return w;
+  };
+  for (; i + 32 <= size; i += 32) {
+    for (size_t j = 0; j < 4; ++j) lane[j] = (lane[j] + word(i + 8 * j)) * kOdd;
+  }
+  for (; i + 8 <= size; i += 8) lane[0] = (lane[0] + word(i)) * kOdd;
+  if (i < size) {
+    uint64_t w = 0;
+    std::memcpy(&w, data + i, size - i);
+    lane[1] = (lane[1] + w) * kOdd;
+  }
+  uint64_t h = size;
+  for (const uint64_t l : lane) h = (h ^ (l >> 29) ^ l) * kOdd;
+  return PyLong_FromUnsignedLongLong(h ^ (h >> 32));
+}
+
 PyObject* bump_versions(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   // Each tensor's object, its TensorImpl's version-counter field and the counter itself are loaded 16, 8 and 4
@@ -832,9 +921,9 @@ PyObject* groups(PyObject*, PyObject* args) {
     }
     // One group of every tensor once: the caller's list is the group's params.
     PyObject* whole = groups.size() == 1 && count == PySequence_Fast_GET_SIZE(list) ? list : nullptr;
-    PyObject* params = wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole);
+    PyObject* params = wrap_walked(g.params, listed, g, 0, nullptr, whole);
     PyObject* grad_list =
-        params == nullptr ? nullptr : grads ? wrap_walked(g.grads, listed, g.listed, 1, nullptr) : Py_NewRef(Py_None);
+        params == nullptr ? nullptr : grads ? wrap_walked(g.grads, listed, g, 1) : Py_NewRef(Py_None);
     PyObject* item = triple(params, grad_list, index);
     if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
@@ -891,7 +980,7 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
           const at::Tensor view = consecutive_counts(state);
           if (view.defined()) flat = THPVariable_Wrap(view);
         }
-        l = wrap_walked(state, listed, g.listed, 2 + static_cast<size_t>(at), nullptr, flat,
+        l = wrap_walked(state, listed, g, 2 + static_cast<size_t>(at), flat,
                         groups.size() == 1 ? PyTuple_GET_ITEM(state_tuples, j) : nullptr);
         Py_XDECREF(flat);
       }
@@ -901,8 +990,8 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
     // A failed state list left an exception and a null slot, which the tuple's release skips.
     PyObject* whole = groups.size() == 1 ? list : nullptr;
     PyObject* params =
-        PyErr_Occurred() ? nullptr : wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole);
-    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g.listed, 1, nullptr);
+        PyErr_Occurred() ? nullptr : wrap_walked(g.params, listed, g, 0, nullptr, whole);
+    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g, 1);
     PyObject* item = triple(params, grads, lists);
     if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
@@ -950,10 +1039,9 @@ PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tu
   // Host counts only (as Walked says): counts on the device are read through their pointers.
   const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size &&
                      THPVariable_Unpack(buffer).device().is_cpu();
-  if (!set_attr(out, "addresses", int64_bytes(addresses)) || !set_attr(out, "sizes", Py_NewRef(Py_None)) ||
-      !set_attr(out, "dims", Py_NewRef(Py_None)) ||
-      !set_attr(out, "dense", Py_NewRef(Py_True)) || !set_attr(out, "flat", Py_NewRef(whole ? buffer : Py_None)) ||
-      !set_attr(out, "shared", Py_NewRef(Py_True))) {
+  if (!set_attr(out, kAddresses, int64_bytes(addresses)) || !set_attr(out, kSizes, Py_NewRef(Py_None)) ||
+      !set_attr(out, kDims, Py_NewRef(Py_None)) || !set_attr(out, kDense, Py_NewRef(Py_True)) ||
+      !set_attr(out, kFlat, Py_NewRef(whole ? buffer : Py_None)) || !set_attr(out, kShared, Py_NewRef(Py_True))) {
     Py_DECREF(out);
     return nullptr;
   }
@@ -1012,8 +1100,8 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
     // A failed state list left an exception and a null slot, which the tuple's release skips.
     PyObject* params =
         PyErr_Occurred() ? nullptr
-                         : wrap_walked(g.params, listed, g.listed, 0, &g.sizes, nullptr, whole ? list : nullptr);
-    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g.listed, 1, nullptr);
+                         : wrap_walked(g.params, listed, g, 0, nullptr, whole ? list : nullptr);
+    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g, 1);
     PyObject* item = triple(params, grads, lists);
     if (item == nullptr) break;
     const int rc = PyList_Append(out, item);

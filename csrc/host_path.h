@@ -20,6 +20,13 @@ PyObject* grads_ready(PyObject* self, PyObject* args);
 // torch._C._increment_version does (an inference tensor has no counter: left alone), loading the
 // objects and counters of later tensors ahead.
 PyObject* bump_versions(PyObject* self, PyObject* args);
+// host_bias_table(counts, lr, beta1, beta2, wide): adds 1 to each step count of `counts` (a one-dim contiguous
+// float32 CPU tensor that does not require grad: a flat plan's counts) and returns AdamW's [−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ of the new counts
+// (float64 if `wide`, else float32), computed as the reference computes them; None for any other `counts`.
+PyObject* host_bias_table(PyObject* self, PyObject* args);
+// digest(data): a 64-bit digest (an int) of the bytes `data`, several times faster than Python's hash of them:
+// the Triton launcher's table caches hash their keys (a list's data pointers or numels, as bytes) by it.
+PyObject* digest(PyObject* self, PyObject* arg);
 PyObject* adamw_step(PyObject* self, PyObject* args);
 // The optimizer steps of a CPU param group whose states are views of flat buffers (one per state and dtype).
 PyObject* sgd_flat(PyObject* self, PyObject* args);

@@ -72,6 +72,12 @@ static PyMethodDef regfast_methods[] = {
     {"bump_versions", regfast::host::bump_versions, METH_VARARGS,
      "bump_versions(*lists) -> None: bumps the version counter of every tensor of the lists, as "
      "torch._C._increment_version does"},
+    {"host_bias_table", regfast::host::host_bias_table, METH_VARARGS,
+     "host_bias_table(counts, lr, beta1, beta2, wide) -> AdamW's step sizes then square roots of the second bias "
+     "corrections of the counts, each count incremented first; None unless counts is a one-dim contiguous float32 "
+     "CPU tensor"},
+    {"digest", regfast::host::digest, METH_O,
+     "digest(data) -> a 64-bit digest (int) of the bytes data, for the Triton launcher's table caches"},
     {"plan_groups_flat_walk", regfast::host::plan_groups_flat, METH_VARARGS,
      "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed) -> [(params, "
      "grads, (state lists))] per (device, dtype) group with a param with a grad, of an optimizer step's flat plan "

@@ -133,6 +133,75 @@ def test_host_step_counts_are_counted_and_give_each_param_its_bias_corrections(c
     assert buffer.tolist() == new
 
 
+def _extension():
+    ext = pytest.importorskip("regfast._ext")
+    if ext._C is None:
+        pytest.skip("regfast._C is not built")
+    return ext
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["float32", "float64"])
+def test_the_extensions_bias_table_is_the_python_counts_bit_for_bit(monkeypatch, wide):
+    """The flat plan's host step counts, counted by the extension in one call: the same new counts (float32 adds,
+    which stop at 2**24) and the same bias corrections, bit for bit, as the torch ops that count them without it; one
+    version bump of the counts; None, with nothing written, for counts it does not take."""
+    ext = _extension()
+    from regfast.triton import optim as triton_optim
+
+    acc = torch.float64 if wide else torch.float32
+    counts = [0.0, 1.0, 1.0, 7.0, 2.0**24 - 1, 2.0**24, 1e6, 1e6, 3.0]
+    for lr, beta1, beta2 in ((1e-3, 0.9, 0.999), (0.37, 0.5, 0.25), (1e-8, 0.0, 0.0)):
+        ours, theirs = torch.tensor(counts), torch.tensor(counts)
+        version = ours._version
+        table = ext._C.host_bias_table(ours, lr, beta1, beta2, wide)
+        assert ours._version == version + 1
+        with monkeypatch.context() as m:
+            m.setattr(triton_optim._ext, "_C", None)
+            expected = triton_optim._count_host_steps([theirs[i] for i in range(len(counts))], lr, beta1, beta2,
+                                                      acc, torch.device("cpu"))
+        assert torch.equal(ours, theirs) and ours[5].item() == 2.0**24
+        assert table.dtype == acc and table.shape == (2 * len(counts),)
+        assert torch.equal(table.view(torch.int64 if wide else torch.int32),
+                           expected.view(torch.int64 if wide else torch.int32))
+    refusals = (torch.zeros(6)[::2], torch.zeros(3, dtype=torch.float64), torch.zeros(2, 3), torch.zeros(()),
+                torch.zeros(3, requires_grad=True))
+    for refused in refusals:
+        before = refused.detach().clone()
+        assert ext._C.host_bias_table(refused, 1e-3, 0.9, 0.999, wide) is None
+        assert torch.equal(refused, before)
+
+
+def test_a_table_is_taken_from_the_cache_only_for_its_own_bytes(monkeypatch):
+    """The table caches hash their keys by the extension's digest of the bytes; an entry whose bytes differ (two lists
+    with one digest) is never taken: the call gets its own tables, and one that a captured graph reads is kept."""
+    _extension()
+    a, b = make_params([(3,), (5,)], torch.float32, DEVICE), make_params([(3,), (5,)], torch.float32, DEVICE)
+    words = array("q", [t.data_ptr() for t in a]).tobytes()
+    assert launcher._digest(words) == launcher._digest(bytes(bytearray(words)))
+    assert launcher._digest(words) != launcher._digest(array("q", [t.data_ptr() for t in b]).tobytes())
+    monkeypatch.setattr(launcher, "_digest", lambda data: 7)  # every key collides
+    for first, second in ((a, b), (b, a)):
+        launcher._addresses.clear()
+        table_first, _ = launcher.pointer_table(first)
+        table_second, _ = launcher.pointer_table(second)
+        assert table_first.tolist() == [t.data_ptr() for t in first]
+        assert table_second.tolist() == [t.data_ptr() for t in second]
+        assert launcher.pointer_table(second)[0] is table_second
+    launcher._addresses.clear()
+    monkeypatch.setattr(launcher, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="once before capturing"):
+        launcher.pointer_table(a)
+    monkeypatch.setattr(launcher, "capturing", lambda device: False)
+    pinned, _ = launcher.pointer_table(a)
+    monkeypatch.setattr(launcher, "capturing", lambda device: True)
+    assert launcher.pointer_table(a)[0] is pinned  # now read by a graph
+    monkeypatch.setattr(launcher, "capturing", lambda device: False)
+    other, _ = launcher.pointer_table(b)
+    assert other.tolist() == [t.data_ptr() for t in b] and launcher.pointer_table(a)[0] is pinned
+    launcher.unpin_tables()
+    launcher._addresses.clear()
+
+
 def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     ts = make_params([(3, 4), (11,)], torch.float32, DEVICE)
     with launcher.chunked(16):
@@ -143,8 +212,8 @@ def test_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
         with pytest.raises(RuntimeError, match="once before capturing"):
             rt.prox_step_(fresh[:1], 0.1, 0.1, 0.0, 0.2, "row")
         monkeypatch.setattr(launcher, "capturing", lambda device: False)
-        key = (ts[0].device, 16, array("q", (12, 11)).tobytes())
-        table_key = (ts[0].device, array("q", [t.data_ptr() for t in ts]).tobytes())
+        key = (ts[0].device, 16, launcher._digest(array("q", (12, 11)).tobytes()))
+        table_key = (ts[0].device, launcher._digest(array("q", [t.data_ptr() for t in ts]).tobytes()))
         for t in fresh:
             rt.prox_step_([t], 0.1, 0.1, 0.0, 0.2, "row")
         assert key in launcher._layouts and table_key in launcher._addresses

@@ -17,7 +17,8 @@ consecutive groups into pieces of at most ``max(chunk, BLOCK) // group_block`` e
 
 Tables depend only on shapes and addresses, so they are built once and cached: :func:`layout`
 and :func:`group_layout` on (device, chunk size, shapes), :func:`pointer_table` on the data
-pointers (numels and pointers keyed as native int64 bytes). A list that regfast's C++ walk checked
+pointers (numels and pointers keyed as native int64 bytes, hashed by the extension's digest of them
+where it is loaded). A list that regfast's C++ walk checked
 (:class:`~regfast._common.Walked`) brings those bytes, and whether it is contiguous, read in C++:
 the launch then makes no Python call per tensor. A call whose tensors kept their storage and shapes
 therefore makes no host-to-device copy and no host sync, which is what lets the kernels be captured
@@ -46,6 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _ext
 from .._common import Walked
 
 DEFAULT_CHUNK = 65536
@@ -71,9 +73,9 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
              torch.float64: tl.float64}
 
 _chunk = DEFAULT_CHUNK
-_layouts: OrderedDict[tuple, Layout] = OrderedDict()
-_group_layouts: OrderedDict[tuple, GroupLayout] = OrderedDict()
-_addresses: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
+_layouts: OrderedDict[tuple, tuple[bytes, Layout]] = OrderedDict()
+_group_layouts: OrderedDict[tuple, tuple[bytes, GroupLayout]] = OrderedDict()
+_addresses: OrderedDict[tuple, tuple[bytes, tuple[Tensor, bool]]] = OrderedDict()
 _pinned: dict[int, set] = {}
 
 
@@ -145,16 +147,29 @@ def unpin_tables() -> None:
     _pinned.clear()
 
 
-def _cached(cache: OrderedDict, key: tuple, device: torch.device, build: Callable):
-    """``cache[key]``, built on a miss; pinned when a graph is being captured, evicted least recently used."""
+def _digest(data: bytes) -> int | bytes:
+    """What the table caches key the int64 bytes ``data`` (a list's data pointers, numels or dims) by: the
+    extension's 64-bit digest of them where it is loaded (several times faster than Python's hash of the bytes,
+    which every table of every call would pay; a hit still compares the bytes), else the bytes."""
+    return data if _ext._C is None else _ext._C.digest(data)
+
+
+def _cached(cache: OrderedDict, key: tuple, data: bytes, device: torch.device, build: Callable):
+    """The tables that ``build`` makes from ``data`` (the int64 bytes they depend on), kept in ``cache`` under
+    ``key`` and the :func:`_digest` of ``data`` (an entry is taken only when its bytes equal ``data``): built on a
+    miss, pinned when a graph is being captured, evicted least recently used."""
     graph = capturing(device)
-    value = cache.get(key)
-    if value is None:
+    key = (*key, _digest(data))
+    entry = cache.get(key)
+    if entry is None or entry[0] != data:
         if graph:
             raise RuntimeError("regfast: the device tables of this call are not cached, and building them copies from "
                                "the host, which a CUDA graph cannot capture: run the same call once before capturing")
-        value = build()
-        cache[key] = value
+        fresh = (data, build())
+        if entry is not None and key in _pinned.get(id(cache), ()):
+            return fresh[1]  # another list's tables with the same digest, read by a captured graph: kept
+        entry = fresh
+        cache[key] = entry
     cache.move_to_end(key)
     pinned = _pinned.setdefault(id(cache), set())
     if graph:
@@ -164,7 +179,7 @@ def _cached(cache: OrderedDict, key: tuple, device: torch.device, build: Callabl
             if old not in pinned:
                 del cache[old]
                 break
-    return value
+    return entry[1]
 
 
 def _pack(parts: list[list[int]], device: torch.device) -> list[Tensor]:
@@ -224,7 +239,7 @@ def layout(params: list[Tensor]) -> Layout:
     sizes = params.sizes if type(params) is Walked and params.sizes is not None else \
         _int64_bytes(map(Tensor.numel, params))
     device = params[0].device
-    return _cached(_layouts, (device, _chunk, sizes), device,
+    return _cached(_layouts, (device, _chunk), sizes, device,
                    lambda: Layout.build(array("q", sizes).tolist(), _chunk, device))
 
 
@@ -328,7 +343,7 @@ def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
         group_block = 1 if all(s[1] == 1 for s in shapes) else GROUP_BLOCK
         return GroupLayout.build(shapes, _chunk, group_block, device)
 
-    return _cached(_group_layouts, (device, _chunk, groups, dims), device, build)
+    return _cached(_group_layouts, (device, _chunk, groups), dims, device, build)
 
 
 def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
@@ -341,7 +356,7 @@ def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
         pointers = array("q", addresses).tolist()
         return _pack([pointers], device)[0], all(p % VECTOR_BYTES == 0 for p in pointers)
 
-    return _cached(_addresses, (device, addresses), device, build)
+    return _cached(_addresses, (device,), addresses, device, build)
 
 
 def pointer_tables(*tensor_lists: list[Tensor]) -> tuple[list[Tensor | None], bool]:

@@ -23,12 +23,14 @@ division and square root, so float32 results agree with ``torch.optim`` up to ro
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _ext, reference
 from .._common import Lr, Walked, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
@@ -269,8 +271,10 @@ def _to_device(values: Tensor, device: torch.device) -> Tensor:
     return values.to(device, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _float32(value: float) -> float:
-    """``value`` rounded to float32, as torch rounds a float scalar applied to float32 tensors."""
+    """``value`` rounded to float32, as torch rounds a float scalar applied to float32 tensors (a step's betas: the
+    same few values at every step, so they are kept)."""
     return float(torch.tensor(value, dtype=torch.float32))
 
 
@@ -294,8 +298,13 @@ def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float
                       device: torch.device) -> Tensor:
     """Increments the CPU step counts (with one add where they are consecutive elements of one tensor, as
     optimizers' plans keep them), then ``[−lr/(1 − β1ᵗ)]ₙ ++ [√(1 − β2ᵗ)]ₙ`` of the new counts in ``acc`` on
-    ``device``, computed in float64 exactly as the reference computes them (once per distinct count)."""
+    ``device``, computed in float64 exactly as the reference computes them (once per distinct count): by the
+    extension in one call where they are consecutive."""
     flat = _consecutive(steps)
+    if flat is not None and _ext._C is not None:
+        table = _ext._C.host_bias_table(flat, lr, beta1, beta2, acc == torch.float64)
+        if table is not None:
+            return _to_device(table, device)
     if flat is not None:
         flat.add_(1)
         low, high = torch.aminmax(flat)
