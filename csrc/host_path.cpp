@@ -1022,23 +1022,37 @@ PyObject* pick(PyObject* tuple, const std::vector<int64_t>& index) {
 // The state list j of a flat plan's group for a launcher in Python: the plan's state tensors of the group's params
 // with a grad (from `tuple`, one per param of the plan), as a `type` list whose addresses are those of their views
 // in the group's flat buffer; with `flat` the buffer itself when it holds exactly these counts, and `shared` (the
-// views share the buffer's version counter).
+// views share the buffer's version counter). With a type `by_address` (regfast._common.FlatStates), the launcher
+// reads the views only through their addresses: then they come as `by_address(first view, count, addresses, flat)`,
+// which holds no list of the views (for counts, only when `flat` is the buffer: other counts are added one by one).
 PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tuple, PyObject* buffer,
-                          PyObject* type) {
-  PyObject* objects = pick(tuple, g.index);
-  if (objects == nullptr) return nullptr;
-  PyObject* out = PyObject_CallOneArg(type, objects);
-  Py_DECREF(objects);
-  if (out == nullptr) return nullptr;
+                          PyObject* type, PyObject* by_address) {
+  // Host counts only (as Walked says): counts on the device are read through their pointers.
+  const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size &&
+                     THPVariable_Unpack(buffer).device().is_cpu();
+  const bool light = by_address != Py_None && (whole || !is_counts);
+  PyObject* out = nullptr;
+  if (!light) {
+    PyObject* objects = pick(tuple, g.index);
+    if (objects == nullptr) return nullptr;
+    out = PyObject_CallOneArg(type, objects);
+    Py_DECREF(objects);
+    if (out == nullptr) return nullptr;
+  }
   const int64_t itemsize = is_counts ? 4 : (g.dtype == at::kDouble ? 8 : 4);
   const auto base = static_cast<int64_t>(reinterpret_cast<intptr_t>(g.flat_data[j]));
   std::vector<int64_t> addresses(g.offsets.size());
   for (size_t i = 0; i < addresses.size(); ++i) {  // an empty view's data pointer is null, as data_ptr() says
     addresses[i] = !is_counts && g.sizes[i] == 0 ? 0 : base + itemsize * (is_counts ? g.indices[i] : g.offsets[i]);
   }
-  // Host counts only (as Walked says): counts on the device are read through their pointers.
-  const bool whole = is_counts && static_cast<int64_t>(g.index.size()) == g.size &&
-                     THPVariable_Unpack(buffer).device().is_cpu();
+  if (light) {
+    PyObject* bytes = int64_bytes(addresses);
+    if (bytes == nullptr) return nullptr;
+    out = PyObject_CallFunction(by_address, "OnOO", PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(g.index[0])),
+                                static_cast<Py_ssize_t>(g.index.size()), bytes, whole ? buffer : Py_None);
+    Py_DECREF(bytes);
+    return out;
+  }
   if (!set_attr(out, kAddresses, int64_bytes(addresses)) || !set_attr(out, kSizes, Py_NewRef(Py_None)) ||
       !set_attr(out, kDims, Py_NewRef(Py_None)) || !set_attr(out, kDense, Py_NewRef(Py_True)) ||
       !set_attr(out, kFlat, Py_NewRef(whole ? buffer : Py_None)) || !set_attr(out, kShared, Py_NewRef(Py_True))) {
@@ -1053,11 +1067,11 @@ PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tu
 PyObject* plan_groups_flat(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *numels = nullptr, *flats = nullptr,
-           *state_tuples = nullptr, *listed = nullptr;
+           *state_tuples = nullptr, *listed = nullptr, *by_address = Py_None;
   int cpu = 0, cuda = 0;
   Py_ssize_t counts = -1;
-  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
-                        &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed)) {
+  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
+                        &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed, &by_address)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -1093,7 +1107,7 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
       PyObject* l = at < 0 ? PyList_New(0)
                            : flat_state_list(g, static_cast<size_t>(at), j == counts, PyTuple_GET_ITEM(state_tuples, j),
                                              PyTuple_GET_ITEM(PyTuple_GET_ITEM(flats, j), static_cast<Py_ssize_t>(b)),
-                                             listed);
+                                             listed, by_address);
       if (l == nullptr) break;
       PyTuple_SET_ITEM(lists, j, l);
     }

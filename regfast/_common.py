@@ -38,6 +38,43 @@ class Walked(list):
     __slots__ = ("addresses", "sizes", "dense", "flat", "shared", "dims")
 
 
+class FlatStates:
+    """One state of a flat plan's group (views of one buffer, one per param with a grad, in order) as the host walk
+    hands it to a backend that launches from Python (Triton) where the launch reads the views only through their
+    addresses: ``addresses`` (native int64 bytes, each view's data pointer), ``flat`` (step counts on the host that
+    are the whole buffer: the buffer, which one add counts; else None), ``dense`` and ``shared`` (one bump of the first
+    view's version counter marks them all), ``len()`` the number of views, ``[0]`` and ``[:1]`` the first one. It holds
+    no list of the views, which would touch every view's object twice per step; a path that reads them one by one is
+    given a :class:`Walked` list instead, and a FlatStates refuses to be read any other way."""
+
+    __slots__ = ("first", "count", "addresses", "flat")
+    dense = True
+    shared = True
+
+    def __init__(self, first: Tensor, count: int, addresses: bytes, flat: Tensor | None) -> None:
+        self.first, self.count, self.addresses, self.flat = first, count, addresses, flat
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if type(index) is int and index == 0:
+            return self.first
+        if index == slice(None, 1):
+            return [self.first]
+        raise TypeError("regfast: a flat plan's states are read through their addresses, not one by one")
+
+    def __iter__(self):
+        raise TypeError("regfast: a flat plan's states are read through their addresses, not one by one")
+
+    def __repr__(self) -> str:
+        return f"FlatStates({self.count} views of a buffer)"
+
+
+READ_LISTS = (Walked, FlatStates)
+"""The types of what the host walk hands a launcher in Python, with the data pointers it read (``addresses``)."""
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of ``dtype``: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _ext
-from .._common import Walked
+from .._common import READ_LISTS, Walked
 
 DEFAULT_CHUNK = 65536
 """Elements per work item (a power of two)."""
@@ -349,7 +349,7 @@ def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
 def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
     """The cached int64 device table of the data pointers of ``tensors`` (in order), and whether all are
     16-byte aligned. A list the host walk made (:class:`~regfast._common.Walked`) brings its pointers read."""
-    addresses = tensors.addresses if type(tensors) is Walked else _int64_bytes(map(Tensor.data_ptr, tensors))
+    addresses = tensors.addresses if type(tensors) in READ_LISTS else _int64_bytes(map(Tensor.data_ptr, tensors))
     device = tensors[0].device
 
     def build() -> tuple[Tensor, bool]:
@@ -367,7 +367,7 @@ def pointer_tables(*tensor_lists: list[Tensor]) -> tuple[list[Tensor | None], bo
 
 def contiguous(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` with each non-contiguous one replaced by a contiguous copy (the kernels index flat memory)."""
-    if tensors.dense if type(tensors) is Walked else all(map(Tensor.is_contiguous, tensors)):
+    if tensors.dense if type(tensors) in READ_LISTS else all(map(Tensor.is_contiguous, tensors)):
         return tensors
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _ext, reference
-from .._common import Lr, Walked, acc_dtype, lr_step
+from .._common import READ_LISTS, Lr, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -280,7 +280,7 @@ def _float32(value: float) -> float:
 
 def _consecutive(steps: list[Tensor]) -> Tensor | None:
     """The one-dim float32 CPU tensor whose consecutive elements the 0-dim or one-element ``steps`` are, or None."""
-    if type(steps) is Walked:
+    if type(steps) in READ_LISTS:
         return steps.flat
     base = steps[0]._base
     if base is None or base.device.type != "cpu" or base.dtype != torch.float32 or base.dim() != 1 or \
