@@ -1022,9 +1022,9 @@ PyObject* pick(PyObject* tuple, const std::vector<int64_t>& index) {
 // The state list j of a flat plan's group for a launcher in Python: the plan's state tensors of the group's params
 // with a grad (from `tuple`, one per param of the plan), as a `type` list whose addresses are those of their views
 // in the group's flat buffer; with `flat` the buffer itself when it holds exactly these counts, and `shared` (the
-// views share the buffer's version counter). With a type `by_address` (regfast._common.FlatStates), the launcher
-// reads the views only through their addresses: then they come as `by_address(first view, count, addresses, flat)`,
-// which holds no list of the views (for counts, only when `flat` is the buffer: other counts are added one by one).
+// views share the buffer's version counter). With a type `by_address` (regfast._common.ByAddress), the launcher
+// reads the views only through their addresses: then they come as `by_address(first view, count, addresses, flat,
+// True)`, which holds no list of the views (for counts, only when `flat` is the buffer: others are added one by one).
 PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tuple, PyObject* buffer,
                           PyObject* type, PyObject* by_address) {
   // Host counts only (as Walked says): counts on the device are read through their pointers.
@@ -1048,8 +1048,8 @@ PyObject* flat_state_list(const Group& g, size_t j, bool is_counts, PyObject* tu
   if (light) {
     PyObject* bytes = int64_bytes(addresses);
     if (bytes == nullptr) return nullptr;
-    out = PyObject_CallFunction(by_address, "OnOO", PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(g.index[0])),
-                                static_cast<Py_ssize_t>(g.index.size()), bytes, whole ? buffer : Py_None);
+    out = PyObject_CallFunction(by_address, "OnOOO", PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(g.index[0])),
+                                static_cast<Py_ssize_t>(g.index.size()), bytes, whole ? buffer : Py_None, Py_True);
     Py_DECREF(bytes);
     return out;
   }
@@ -1068,10 +1068,11 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *numels = nullptr, *flats = nullptr,
            *state_tuples = nullptr, *listed = nullptr, *by_address = Py_None;
-  int cpu = 0, cuda = 0;
+  int cpu = 0, cuda = 0, grads_by_address = 0;
   Py_ssize_t counts = -1;
-  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
-                        &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed, &by_address)) {
+  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO|Op", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
+                        &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed, &by_address,
+                        &grads_by_address)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -1115,7 +1116,17 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
     PyObject* params =
         PyErr_Occurred() ? nullptr
                          : wrap_walked(g.params, listed, g, 0, nullptr, whole ? list : nullptr);
-    PyObject* grads = params == nullptr ? nullptr : wrap_walked(g.grads, listed, g, 1);
+    PyObject* grads = nullptr;
+    if (params != nullptr && grads_by_address && by_address != Py_None) {
+      // A launch that reads the grads' addresses alone: no list of them ("N" takes both new references).
+      PyObject* bytes = int64_bytes(g.listed[1].addresses);
+      grads = bytes == nullptr ? nullptr
+                               : PyObject_CallFunction(by_address, "NnNOO", THPVariable_Wrap(g.grads[0]),
+                                                       static_cast<Py_ssize_t>(g.grads.size()), bytes, Py_None,
+                                                       Py_False);
+    } else if (params != nullptr) {
+      grads = wrap_walked(g.grads, listed, g, 1);
+    }
     PyObject* item = triple(params, grads, lists);
     if (item == nullptr) break;
     const int rc = PyList_Append(out, item);

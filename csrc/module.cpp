@@ -80,11 +80,11 @@ static PyMethodDef regfast_methods[] = {
      "digest(data) -> a 64-bit digest (int) of the bytes data, for the Triton launcher's table caches"},
     {"plan_groups_flat_walk", regfast::host::plan_groups_flat, METH_VARARGS,
      "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed, "
-     "by_address=None) -> [(params, grads, (state lists))] per (device, dtype) group with a param with a grad, of an "
-     "optimizer step's flat plan (flats: per state the tuple of its buffers per group, () if unused; states: per "
-     "state the plan's tensors), each list of the list subclass `listed` (as groups_walk's), or None; with a type "
-     "`by_address` (regfast._common.FlatStates), the states as by_address(first view, count, addresses, flat) where "
-     "the launcher reads them through their addresses (host_path.cpp, flat_state_list)"},
+     "by_address=None, grads_by_address=False) -> [(params, grads, (state lists))] per (device, dtype) group with a "
+     "param with a grad, of an optimizer step's flat plan (flats: per state the tuple of its buffers per group, () if "
+     "unused; states: per state the plan's tensors), each list of the list subclass `listed` (as groups_walk's), or "
+     "None; with a type `by_address` (regfast._common.ByAddress), the states (and with grads_by_address the grads) "
+     "as by_address(first, count, addresses, flat, shared), for a launcher that reads them through their addresses"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

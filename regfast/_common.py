@@ -38,21 +38,20 @@ class Walked(list):
     __slots__ = ("addresses", "sizes", "dense", "flat", "shared", "dims")
 
 
-class FlatStates:
-    """One state of a flat plan's group (views of one buffer, one per param with a grad, in order) as the host walk
-    hands it to a backend that launches from Python (Triton) where the launch reads the views only through their
-    addresses: ``addresses`` (native int64 bytes, each view's data pointer), ``flat`` (step counts on the host that
-    are the whole buffer: the buffer, which one add counts; else None), ``dense`` and ``shared`` (one bump of the first
-    view's version counter marks them all), ``len()`` the number of views, ``[0]`` and ``[:1]`` the first one. It holds
-    no list of the views, which would touch every view's object twice per step; a path that reads them one by one is
-    given a :class:`Walked` list instead, and a FlatStates refuses to be read any other way."""
+class ByAddress:
+    """Tensors that the host walk hands to a backend that launches from Python (Triton) where the launch reads them
+    only through their data pointers (a flat plan's states, views of one buffer, or its grads): ``addresses``
+    (native int64 bytes, each tensor's data pointer), ``dense``, ``shared`` (views of one buffer: one bump of the first
+    one's version counter marks them all), ``flat`` (step counts on the host that are the whole buffer: the buffer,
+    which one add counts; else None), ``len()`` the number of tensors, ``[0]`` and ``[:1]`` the first one. It holds no
+    list of the tensors, which would touch every tensor's object twice per step; a path that reads them one by one is
+    given a :class:`Walked` list instead, and a ByAddress refuses to be read any other way."""
 
-    __slots__ = ("first", "count", "addresses", "flat")
+    __slots__ = ("first", "count", "addresses", "flat", "shared")
     dense = True
-    shared = True
 
-    def __init__(self, first: Tensor, count: int, addresses: bytes, flat: Tensor | None) -> None:
-        self.first, self.count, self.addresses, self.flat = first, count, addresses, flat
+    def __init__(self, first: Tensor, count: int, addresses: bytes, flat: Tensor | None, shared: bool) -> None:
+        self.first, self.count, self.addresses, self.flat, self.shared = first, count, addresses, flat, shared
 
     def __len__(self) -> int:
         return self.count
@@ -62,16 +61,16 @@ class FlatStates:
             return self.first
         if index == slice(None, 1):
             return [self.first]
-        raise TypeError("regfast: a flat plan's states are read through their addresses, not one by one")
+        raise TypeError("regfast: these tensors are read through their addresses, not one by one")
 
     def __iter__(self):
-        raise TypeError("regfast: a flat plan's states are read through their addresses, not one by one")
+        raise TypeError("regfast: these tensors are read through their addresses, not one by one")
 
     def __repr__(self) -> str:
-        return f"FlatStates({self.count} views of a buffer)"
+        return f"ByAddress({self.count} tensors)"
 
 
-READ_LISTS = (Walked, FlatStates)
+READ_LISTS = (Walked, ByAddress)
 """The types of what the host walk hands a launcher in Python, with the data pointers it read (``addresses``)."""
 
 

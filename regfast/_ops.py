@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _ext
-from ._common import PLAIN_TYPES, READ_LISTS, FlatStates, Walked, acc_dtype
+from ._common import PLAIN_TYPES, READ_LISTS, ByAddress, Walked, acc_dtype
 from ._schema import SCHEMAS, mutated
 from .reference import penalty_differentiable, penalty_hvp
 
@@ -45,17 +45,18 @@ def walk(name: str, params, *args):
     nothing was written; the caller's Python path runs. Where a device's backend launches from Python
     (Triton), the walk checks and groups the list (and an optimizer step's states), and each group's kernels
     are launched here (:func:`_run_groups`, :func:`_run_steps`) on :class:`~regfast._common.Walked` lists (a flat
-    plan's states as :class:`~regfast._common.FlatStates` where the launch reads only their addresses): the data
-    pointers, numels and contiguity the walk read, so that the launcher makes no Python call per tensor."""
+    plan's states and grads as :class:`~regfast._common.ByAddress` where the launch reads only their addresses):
+    the data pointers, numels and contiguity the walk read, so that the launcher makes no Python call per tensor."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.cpu_cuda_names()
     if name in _FLAT_LAUNCHES:
         step, counts = _FLAT_LAUNCHES[name]
         planned, numels, flats, tuples, *hyper = args
+        states, grads = _by_address(step, hyper)
         groups = _ext._C.plan_groups_flat_walk(params, _PLAIN_TUPLE, on_cpu == "triton", on_cuda == "triton", planned,
-                                               numels, flats, tuples, counts, Walked,
-                                               FlatStates if _by_address(step, hyper) else None)
+                                               numels, flats, tuples, counts, Walked, ByAddress if states else None,
+                                               grads)
         return None if groups is None else _run_steps(step, groups, *hyper)
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     launched = "triton" in (on_cpu, on_cuda) and (name in _WALK_NEEDS or name in _STEP_STATES)
@@ -80,14 +81,16 @@ def walk(name: str, params, *args):
 # counts among them or -1).
 _STEP_STATES = {"sgd_step": (1, -1), "adamw_step": (4, 3)}
 
-def _by_address(step: str, hyper: list) -> bool:
-    """Whether the Triton step ``step`` with ``hyper`` reads a flat plan's states only through their addresses (and
-    the counts' buffer), so that the walk may hand them as :class:`~regfast._common.FlatStates`: always for SGD; for
-    AdamW unless an lr tensor or group lasso in Adam's metric makes it read them one by one."""
+def _by_address(step: str, hyper: list) -> tuple[bool, bool]:
+    """Whether the Triton step ``step`` with ``hyper`` reads a flat plan's states, and its grads, only through their
+    addresses (and the counts' buffer), so that the walk may hand them as :class:`~regfast._common.ByAddress`. The
+    states: always for SGD; for AdamW unless an lr tensor or group lasso in Adam's metric makes it read them one by
+    one. The grads: where the states are, without group lasso (whose step reads 16-bit grads one by one into copies)."""
     if step == "sgd_step":
-        return True
+        return True, not hyper[9]
     lr_tensor, group_lasso, prox = hyper[0], hyper[10], hyper[12]
-    return lr_tensor is None and not (group_lasso and prox == "preconditioned")
+    states = lr_tensor is None and not (group_lasso and prox == "preconditioned")
+    return states, states and not group_lasso
 
 
 # Per optimizer step walked from a flat plan for a backend that launches from Python: (the step, the index of the

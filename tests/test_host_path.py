@@ -20,7 +20,7 @@ from torch import nn
 
 import regfast
 from regfast import _dispatch, _ext, _ops
-from regfast._common import FlatStates, Walked
+from regfast._common import ByAddress, Walked
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"regfast._C is not built: {_ext.unavailable_reason('cpu')}")
 
@@ -733,26 +733,33 @@ def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(s
     short = tuple((b[0][:-1], b[1]) if b else () for b in buffers)
     assert _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, short, tuples, 3,
                                          Walked) is None
-    # Where the launcher reads the states only through their addresses: each is a FlatStates (no list of the views),
-    # the counts too when they are the whole buffer on the host (else a Walked list, which the counts' adds need).
-    groups = _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, tuple(buffers),
-                                           tuples, 3, Walked, FlatStates)
-    for b, (params, _, (avg, sq, maxs, steps)) in enumerate(groups):
-        mine = [i for i, p in enumerate(ps) if p.dtype == params[0].dtype and i not in skip]
-        _assert_read(params, [ps[i] for i in mine], sizes=True)
-        assert maxs == []
-        for state, key in ((avg, "exp_avg"), (sq, "exp_avg_sq"), (steps, "step")):
-            views = [states[i][key] for i in mine]
-            assert type(state) is (Walked if key == "step" and skip else FlatStates)
-            assert state.addresses == _int64(v.data_ptr() for v in views) and state.dense and state.shared
-            assert len(state) == len(views) and state[0] is views[0] and state[:1] == [views[0]]
-            if type(state) is FlatStates:
-                for index in (1, slice(None), -1, slice(1, 2)):
+    # Where the launcher reads the states (and grads) only through their addresses: each is a ByAddress (no list of
+    # the tensors), the counts too when they are the whole buffer on the host (else a Walked list, which the counts'
+    # adds need).
+    for grads_too in (False, True):
+        groups = _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, tuple(buffers),
+                                               tuples, 3, Walked, ByAddress, grads_too)
+        for b, (params, grads, (avg, sq, maxs, steps)) in enumerate(groups):
+            mine = [i for i, p in enumerate(ps) if p.dtype == params[0].dtype and i not in skip]
+            _assert_read(params, [ps[i] for i in mine], sizes=True)
+            assert maxs == []
+            if not grads_too:
+                _assert_read(grads, [ps[i].grad for i in mine], sizes=False)
+            for state, tensors, shared in ((avg, [states[i]["exp_avg"] for i in mine], True),
+                                           (sq, [states[i]["exp_avg_sq"] for i in mine], True),
+                                           (steps, [states[i]["step"] for i in mine], True),
+                                           *([(grads, [ps[i].grad for i in mine], False)] if grads_too else [])):
+                assert type(state) is (Walked if state is steps and skip else ByAddress)
+                assert state.addresses == _int64(v.data_ptr() for v in tensors) and state.dense
+                assert state.shared is shared and len(state) == len(tensors)
+                assert state[0] is tensors[0] and state[:1] == [tensors[0]]
+                if type(state) is ByAddress:
+                    for index in (1, slice(None), -1, slice(1, 2)):
+                        with pytest.raises(TypeError, match="through their addresses"):
+                            state[index]
                     with pytest.raises(TypeError, match="through their addresses"):
-                        state[index]
-                with pytest.raises(TypeError, match="through their addresses"):
-                    list(state)
-        assert (steps.flat is buffers[3][b]) == (not skip)
+                        list(state)
+            assert (steps.flat is buffers[3][b]) == (not skip)
 
 
 @pytest.mark.parametrize("backend", WALKED_BACKENDS)
