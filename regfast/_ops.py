@@ -81,6 +81,7 @@ def walk(name: str, params, *args):
 # counts among them or -1).
 _STEP_STATES = {"sgd_step": (1, -1), "adamw_step": (4, 3)}
 
+
 def _by_address(step: str, hyper: list) -> tuple[bool, bool]:
     """Whether the Triton step ``step`` with ``hyper`` reads a flat plan's states, and its grads, only through their
     addresses (and the counts' buffer), so that the walk may hand them as :class:`~regfast._common.ByAddress`. The

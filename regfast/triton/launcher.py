@@ -18,13 +18,14 @@ consecutive groups into pieces of at most ``max(chunk, BLOCK) // group_block`` e
 Tables depend only on shapes and addresses, so they are built once and cached: :func:`layout`
 and :func:`group_layout` on (device, chunk size, shapes), :func:`pointer_table` on the data
 pointers (numels and pointers keyed as native int64 bytes, hashed by the extension's digest of them
-where it is loaded). A list that regfast's C++ walk checked
-(:class:`~regfast._common.Walked`) brings those bytes, and whether it is contiguous, read in C++:
-the launch then makes no Python call per tensor. A call whose tensors kept their storage and shapes
-therefore makes no host-to-device copy and no host sync, which is what lets the kernels be captured
-in a CUDA graph: a table used while a graph is being captured is pinned (never evicted, as the graph
-reads it on every replay; :func:`unpin_tables` releases them once those graphs are gone), and a
-table missing during a capture is an error that says to run the call once before capturing.
+where it is loaded). A list that regfast's C++ walk checked (:class:`~regfast._common.Walked`, or
+:class:`~regfast._common.ByAddress` for tensors the launch reads only through their addresses)
+brings those bytes, and whether it is contiguous, read in C++: the launch then makes no Python call
+per tensor. A call whose tensors kept their storage and shapes therefore makes no host-to-device
+copy and no host sync, which is what lets the kernels be captured in a CUDA graph: a table used
+while a graph is being captured is pinned (never evicted, as the graph reads it on every replay;
+:func:`unpin_tables` releases them once those graphs are gone), and a table missing during a
+capture is an error that says to run the call once before capturing.
 
 Every part of a table starts 16-byte aligned, and :func:`pointer_table` says whether every data
 pointer is: the kernels then tell the compiler so (``ALIGNED``) and load 128 bits at a time. They
@@ -348,7 +349,8 @@ def group_layout(params: list[Tensor], groups: str) -> GroupLayout:
 
 def pointer_table(tensors: list[Tensor]) -> tuple[Tensor, bool]:
     """The cached int64 device table of the data pointers of ``tensors`` (in order), and whether all are
-    16-byte aligned. A list the host walk made (:class:`~regfast._common.Walked`) brings its pointers read."""
+    16-byte aligned. What the host walk made (:class:`~regfast._common.Walked`, :class:`~regfast._common.ByAddress`)
+    brings its pointers read."""
     addresses = tensors.addresses if type(tensors) in READ_LISTS else _int64_bytes(map(Tensor.data_ptr, tensors))
     device = tensors[0].device
 
