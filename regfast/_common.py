@@ -74,6 +74,23 @@ READ_LISTS = (Walked, ByAddress)
 """The types of what the host walk hands a launcher in Python, with the data pointers it read (``addresses``)."""
 
 
+class _Host:
+    """The compiled extension's host helpers for a backend that launches from Python (Triton), which imports no other
+    backend: the op layer (:mod:`regfast._ops`) sets them when the extension is loaded; None otherwise.
+
+    ``digest(data: bytes) -> int``: a 64-bit digest of int64 bytes, the hash of the launcher's table keys.
+    ``bias_table(counts, lr, beta1, beta2, wide) -> Tensor | None``: AdamW's host step counts (one contiguous float32
+    CPU tensor) incremented, and their bias corrections (regfast._C.host_bias_table)."""
+
+    __slots__ = ("digest", "bias_table")
+
+    def __init__(self) -> None:
+        self.digest = self.bias_table = None
+
+
+HOST = _Host()
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of ``dtype``: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

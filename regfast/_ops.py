@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _ext
-from ._common import PLAIN_TYPES, READ_LISTS, ByAddress, Walked, acc_dtype
+from ._common import HOST, PLAIN_TYPES, READ_LISTS, ByAddress, Walked, acc_dtype
 from ._schema import SCHEMAS, mutated
 from .reference import penalty_differentiable, penalty_hvp
 
@@ -162,6 +162,9 @@ def grads_ready(params) -> bool:
 
 
 _PLAIN_TUPLE = tuple(PLAIN_TYPES)
+
+if _ext._C is not None:  # for the backends that launch from Python, which import no other backend
+    HOST.digest, HOST.bias_table = _ext._C.digest, _ext._C.host_bias_table
 
 
 def _backend(params: list[Tensor]):

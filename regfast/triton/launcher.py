@@ -48,8 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _ext
-from .._common import READ_LISTS, Walked
+from .._common import HOST, READ_LISTS, Walked
 
 DEFAULT_CHUNK = 65536
 """Elements per work item (a power of two)."""
@@ -152,7 +151,7 @@ def _digest(data: bytes) -> int | bytes:
     """What the table caches key the int64 bytes ``data`` (a list's data pointers, numels or dims) by: the
     extension's 64-bit digest of them where it is loaded (several times faster than Python's hash of the bytes,
     which every table of every call would pay; a hit still compares the bytes), else the bytes."""
-    return data if _ext._C is None else _ext._C.digest(data)
+    return data if HOST.digest is None else HOST.digest(data)
 
 
 def _cached(cache: OrderedDict, key: tuple, data: bytes, device: torch.device, build: Callable):

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _ext, reference
-from .._common import READ_LISTS, Lr, acc_dtype, lr_step
+from .. import reference
+from .._common import HOST, READ_LISTS, Lr, acc_dtype, lr_step
 from .functors import div_rn, elastic_net, load, prox_step, round_to, scalar, sqrt_rn, store
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -301,8 +301,8 @@ def _count_host_steps(steps: list[Tensor], lr: float, beta1: float, beta2: float
     ``device``, computed in float64 exactly as the reference computes them (once per distinct count): by the
     extension in one call where they are consecutive."""
     flat = _consecutive(steps)
-    if flat is not None and _ext._C is not None:
-        table = _ext._C.host_bias_table(flat, lr, beta1, beta2, acc == torch.float64)
+    if flat is not None and HOST.bias_table is not None:
+        table = HOST.bias_table(flat, lr, beta1, beta2, acc == torch.float64)
         if table is not None:
             return _to_device(table, device)
     if flat is not None:
