@@ -778,18 +778,13 @@ PyObject* host_bias_table(PyObject*, PyObject* args) {
   const int64_t n = counts.numel();
   at::Tensor table = at::empty({2 * n}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
   float* count = counts.data_ptr<float>();
-  double last_t = -1, step_size = 0, bc2_sqrt = 0;  // the counts of a model are mostly one value
+  HostCounts host{lr, beta1, beta2};
   auto fill = [&](auto* out) {
     for (int64_t i = 0; i < n; ++i) {
-      count[i] = count[i] + 1.0f;  // t + 1 rounded to float32, as add_(1) on the counts rounds it
-      const double t = count[i];
-      if (t != last_t) {
-        last_t = t;
-        host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
-      }
+      host.next(count[i]);
       using T = std::remove_pointer_t<decltype(out)>;
-      out[i] = static_cast<T>(step_size);
-      out[n + i] = static_cast<T>(bc2_sqrt);
+      out[i] = static_cast<T>(host.step_size);
+      out[n + i] = static_cast<T>(host.bc2_sqrt);
     }
   };
   if (wide) {
@@ -1265,18 +1260,12 @@ PyObject* adamw_step_impl(PyObject* args, bool flat) {
         const auto args = optim_cpu::adamw_args(g.dtype, lr, false, beta1, beta2, eps, weight_decay, amsgrad != 0,
                                                 maximize != 0, l1, l2, prox_mode == "lr", compute_penalty != 0);
         std::vector<optim_cpu::AdamWTensor> ts(g.numels.size());
-        double last_t = -1, step_size = 0, bc2_sqrt = 0;
+        HostCounts host{lr, beta1, beta2};
         for (size_t i = 0; i < ts.size(); ++i) {
-          float* count = static_cast<float*>(g.state_data(i, kCounts, kCounts));
-          *count = *count + 1.0f;
-          const double t = *count;
-          if (t != last_t) {
-            last_t = t;
-            host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
-          }
+          host.next(*static_cast<float*>(g.state_data(i, kCounts, kCounts)));
           void* const* d = g.data.data() + i * g.stride;
           ts[i] = {d[0],      d[1], g.state_data(i, 0, kCounts), g.state_data(i, 1, kCounts),
-                   amsgrad ? g.state_data(i, 3, kCounts) : nullptr, step_size, bc2_sqrt};
+                   amsgrad ? g.state_data(i, 3, kCounts) : nullptr, host.step_size, host.bc2_sqrt};
         }
         const auto acc = acc_type(g.dtype);
         const double v = optim_cpu::run_adamw(args, ts, g.numels, acc, l1, l2);

@@ -174,26 +174,18 @@ BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::T
   if (host_counts && !lr_tensor.has_value()) {
     out.step_size.reserve(steps.size());
     out.bc2_sqrt.reserve(steps.size());
-    double last_t = -1, last_step_size = 0, last_bc2_sqrt = 0;  // the counts of a model are mostly one value
+    HostCounts host{lr, beta1, beta2};
     for (const auto& s : steps) {
-      // A float32 count is incremented in place as _foreach_add_(steps, 1) would (t + 1 rounded to float32),
-      // without a dispatch per tensor.
-      double t = 0;
+      // A float32 count is incremented in place as _foreach_add_(steps, 1) would, without a dispatch per tensor.
       if (s.scalar_type() == at::kFloat && s.numel() == 1 && s.is_non_overlapping_and_dense()) {
-        float* count = s.data_ptr<float>();
-        *count = *count + 1.0f;
+        host.next(*s.data_ptr<float>());
         torch::autograd::impl::bump_version(s);
-        t = *count;
       } else {
         s.add_(1);
-        t = s.item<double>();
+        host.at(s.item<double>());
       }
-      if (t != last_t) {
-        last_t = t;
-        host_bias_corrections(t, lr, beta1, beta2, last_step_size, last_bc2_sqrt);
-      }
-      out.step_size.push_back(last_step_size);
-      out.bc2_sqrt.push_back(last_bc2_sqrt);
+      out.step_size.push_back(host.step_size);
+      out.bc2_sqrt.push_back(host.bc2_sqrt);
     }
     return out;
   }

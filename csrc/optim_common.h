@@ -34,6 +34,26 @@ inline void host_bias_corrections(double t, double lr, double beta1, double beta
   bc2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
 }
 
+// The host counts of a step, one at a time: `at(t)` sets `step_size` and `bc2_sqrt` to the corrections of the count
+// t, computed only when it differs from the last one (the counts of a model are mostly one value); `next(count)`
+// first adds 1 to a float32 count in place (t + 1 rounded to float32, as add_(1) rounds it).
+struct HostCounts {
+  double lr, beta1, beta2;
+  double last_t = -1, step_size = 0, bc2_sqrt = 0;
+
+  void at(double t) {
+    if (t != last_t) {
+      last_t = t;
+      host_bias_corrections(t, lr, beta1, beta2, step_size, bc2_sqrt);
+    }
+  }
+
+  void next(float& count) {
+    count = count + 1.0f;
+    at(count);
+  }
+};
+
 BiasCorrections bias_corrections(at::TensorList steps, const std::optional<at::Tensor>& lr_tensor, double lr,
                                  double beta1, double beta2, const at::Device& device);
 
