@@ -82,16 +82,20 @@ struct Group {
   std::vector<int64_t> offsets, indices;
   int64_t total = 0, size = 0;  // Σ numel, and number, of the group's params, with a grad or not
   // A walk for a launcher in Python (`listed`): per list (params, grads if read, then each state) what wrap_walked
-  // hands it, read while the walk checks each tensor; each param's numel, and its dims (list_param).
+  // hands it, read while the walk checks each tensor; each param's numel, and with `list_dims` its dims (list_param).
   std::vector<Listed> listed;
   std::vector<int64_t> sizes, dims;
+  bool list_dims = false;
 
-  // A param of a walk for a launcher in Python: its pointer, its numel, and per param the dims that the group tables
-  // of group lasso are keyed on (regfast.triton.launcher.DIMS): dim, numel, shape[0], shape[1] (0 where absent),
-  // prod(shape[1:]), prod(shape[2:]), read while the walk has the tensor at hand rather than in a second pass.
+  // A param of a walk for a launcher in Python: its pointer, its numel, and for a call with group lasso (`list_dims`)
+  // per param the dims that the group tables are keyed on (regfast.triton.launcher.DIMS): dim, numel, shape[0],
+  // shape[1] (0 where absent), prod(shape[1:]), prod(shape[2:]), read while the walk has the tensor at hand rather
+  // than in a second pass. Only group lasso reads them: for a call without it they would be 48 bytes per param made
+  // and freed on every call (a megabyte at 20,000 params, which the allocator gave back to the system each time).
   void list_param(const at::Tensor& t, int64_t numel, bool written) {
     listed[0].add(t, written);
     sizes.push_back(numel);
+    if (!list_dims) return;
     const auto shape = t.sizes();
     const auto d = static_cast<int64_t>(shape.size());
     int64_t rest = 1, rest2 = 1;
@@ -122,6 +126,21 @@ struct Allowed {
   bool cpu;
   bool cuda;
 };
+
+// t's device, made in a register. The walks kept TensorImpl::device()'s copy on the stack, byte by byte, and read it
+// back as one 16-bit word, which waits for both byte stores: a fifth of the walk's time in its profile.
+at::Device tensor_device(const at::Tensor& t) {
+  const at::Device d = t.unsafeGetTensorImpl()->device();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  static_assert(sizeof(at::Device) == 2, "Device is its type and index bytes");
+  const auto bits = static_cast<uint16_t>(static_cast<uint8_t>(d.type()) | static_cast<uint8_t>(d.index()) << 8);
+  at::Device out(at::kCPU);
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#else
+  return d;
+#endif
+}
 
 bool floating(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -186,14 +205,15 @@ class Seen {
 // one it takes; `first` is then meaningless.
 __attribute__((flatten))
 bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group>& groups, int64_t& count,
-          at::Tensor& first, bool listed = false) {
+          at::Tensor& first, bool listed = false, bool dims = false) {
   if (!PyList_Check(list) && !PyTuple_Check(list)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
   if (n == 0) return false;
   PyObject** items = PySequence_Fast_ITEMS(list);
   Seen seen(static_cast<size_t>(n));
   // The grads' StorageImpls are loaded ahead too where the walk reads their data pointers.
-  Lookahead ahead(items, n, allowed.types, nullptr, listed || (needs.grads && needs.table), needs.grads);
+  Lookahead ahead(items, n, allowed.types, nullptr, listed || (needs.grads && needs.table), needs.grads,
+                  listed || needs.table);
   count = 0;
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
@@ -201,7 +221,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
     if (!THPVariable_Check(obj) || !plain_type(obj, allowed.types)) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);
     if (t.layout() != at::kStrided || !floating(t.scalar_type())) return false;
-    const at::Device device = t.device();
+    const at::Device device = tensor_device(t);
     if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
     if (needs.write_params && !writable(t)) return false;
     if (needs.grads && !grad_fits(t)) return false;
@@ -228,7 +248,8 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
         groups.back().listed.resize(needs.grads ? 2 : 1);
         for (auto& l : groups.back().listed) l.addresses.reserve(static_cast<size_t>(n));
         groups.back().sizes.reserve(static_cast<size_t>(n));
-        groups.back().dims.reserve(6 * static_cast<size_t>(n));
+        groups.back().list_dims = dims;
+        if (dims) groups.back().dims.reserve(6 * static_cast<size_t>(n));
       }
       group = &groups.back();
     }
@@ -252,7 +273,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
 }
 
 Group& group_of(std::vector<Group>& groups, const at::Device& device, at::ScalarType dtype, size_t nstates,
-                size_t n, bool listed) {
+                size_t n, bool listed, bool dims) {
   for (auto& candidate : groups) {
     if (candidate.device == device && candidate.dtype == dtype) return candidate;
   }
@@ -266,7 +287,8 @@ Group& group_of(std::vector<Group>& groups, const at::Device& device, at::Scalar
     group.listed.resize(2 + nstates);
     for (auto& l : group.listed) l.addresses.reserve(n);
     group.sizes.reserve(n);
-    group.dims.reserve(6 * n);
+    group.list_dims = dims;
+    if (dims) group.dims.reserve(6 * n);
   } else if (device.is_cpu()) {
     group.direct = true;
     group.stride = 2 + nstates;
@@ -290,7 +312,7 @@ struct PlanStates {
 // groups whose tensors can all be used in place get their data tables in the same pass.
 __attribute__((flatten))
 bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, const Allowed& allowed,
-               std::vector<Group>& groups, bool listed = false) {
+               std::vector<Group>& groups, bool listed = false, bool dims = false) {
   if (!PyList_Check(list) || !PyTuple_Check(planned)) return false;
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (n == 0 || n != PyTuple_GET_SIZE(planned)) return false;
@@ -308,7 +330,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
     const at::Tensor& t = THPVariable_Unpack(obj);
     const auto dtype = t.scalar_type();
     if (t.layout() != at::kStrided || !floating(dtype)) return false;
-    const at::Device device = t.device();
+    const at::Device device = tensor_device(t);
     if (!(device.is_cpu() ? allowed.cpu : device.is_cuda() && allowed.cuda)) return false;
     const at::Tensor& g = grad_of(t);
     const auto sizes = t.sizes();
@@ -316,7 +338,7 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
         !same_sizes(g.sizes(), sizes)) {
       return false;
     }
-    Group& group = group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed);
+    Group& group = group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed, dims);
     group.params.borrow(t);
     group.elements += t.numel();
     group.grads.borrow(g);
@@ -372,7 +394,8 @@ bool walk_plan(PyObject* list, PyObject* planned, const PlanStates& states, cons
 // each group lists its params' and grads' pointers and the positions of its params with a grad in `index`.
 __attribute__((flatten))
 bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const std::vector<PyObject*>& flats,
-               size_t counts, const Allowed& allowed, std::vector<Group>& groups, bool listed = false) {
+               size_t counts, const Allowed& allowed, std::vector<Group>& groups, bool listed = false,
+               bool dims = false) {
   if (!(allowed.cpu || (listed && allowed.cuda)) || !PyList_Check(list) || !PyTuple_Check(planned) ||
       !THPVariable_Check(numels_obj)) {
     return false;
@@ -395,12 +418,12 @@ bool walk_flat(PyObject* list, PyObject* planned, PyObject* numels_obj, const st
     }
     const at::Tensor& t = THPVariable_Unpack(obj);
     const auto dtype = t.scalar_type();
-    const at::Device device = t.device();
+    const at::Device device = tensor_device(t);
     if (t.layout() != at::kStrided || !floating(dtype) || !writable(t) || t.numel() != expected[k] ||
         !(device.is_cpu() ? allowed.cpu : listed && device.is_cuda() && allowed.cuda)) {
       return false;
     }
-    Group* group = &group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed);
+    Group* group = &group_of(groups, device, dtype, nstates, static_cast<size_t>(n), listed, dims);
     if (!group->flat) {  // new: param and grad per param in its table, the states in flat_data
       group->flat = true;
       group->stride = 2;
@@ -554,7 +577,7 @@ PyObject* wrap_walked(at::TensorList ts, PyObject* type, const Group& g, size_t 
   const Listed& l = g.listed[which];
   const bool params = which == 0;
   if (!set_attr(out, kAddresses, int64_bytes(l.addresses)) ||
-      !set_attr(out, kDims, params ? int64_bytes(g.dims) : Py_NewRef(Py_None)) ||
+      !set_attr(out, kDims, params && g.list_dims ? int64_bytes(g.dims) : Py_NewRef(Py_None)) ||
       !set_attr(out, kSizes, params ? int64_bytes(g.sizes) : Py_NewRef(Py_None)) ||
       !set_attr(out, kDense, PyBool_FromLong(l.dense)) ||
       !set_attr(out, kFlat, flat != nullptr ? Py_NewRef(flat) : Py_NewRef(Py_None)) ||
@@ -871,7 +894,7 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
   if (!PyList_Check(list) && !PyTuple_Check(list)) Py_RETURN_NONE;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
   PyObject** items = PySequence_Fast_ITEMS(list);
-  Lookahead ahead(items, n, types);
+  Lookahead ahead(items, n, types, nullptr, false, true, false);  // reads no data pointer
   for (Py_ssize_t k = 0; k < n; ++k) {
     ahead.at(k);
     PyObject* obj = items[k];
@@ -887,9 +910,9 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
 PyObject* groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *listed = Py_None;
-  int cpu = 0, cuda = 0, grads = 0, write_params = 0;
-  if (!PyArg_ParseTuple(args, "OO!pppp|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params,
-                        &listed)) {
+  int cpu = 0, cuda = 0, grads = 0, write_params = 0, dims = 1;
+  if (!PyArg_ParseTuple(args, "OO!pppp|Op", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params,
+                        &listed, &dims)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -897,7 +920,7 @@ PyObject* groups(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first, listed != Py_None)) {
+  if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first, listed != Py_None, dims != 0)) {
     Py_RETURN_NONE;
   }
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
@@ -934,10 +957,10 @@ PyObject* groups(PyObject*, PyObject* args) {
 PyObject* plan_groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *state_tuples = nullptr, *listed = Py_None;
-  int cpu = 0, cuda = 0;
+  int cpu = 0, cuda = 0, dims = 1;
   Py_ssize_t counts = -1;
-  if (!PyArg_ParseTuple(args, "OO!ppOO!n|O", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &PyTuple_Type,
-                        &state_tuples, &counts, &listed)) {
+  if (!PyArg_ParseTuple(args, "OO!ppOO!n|Op", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &PyTuple_Type,
+                        &state_tuples, &counts, &listed, &dims)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -955,7 +978,7 @@ PyObject* plan_groups(PyObject*, PyObject* args) {
     states.tuples.push_back(s);
   }
   std::vector<Group> groups;
-  if (!walk_plan(list, planned, states, allowed, groups, listed != Py_None)) Py_RETURN_NONE;
+  if (!walk_plan(list, planned, states, allowed, groups, listed != Py_None, dims != 0)) Py_RETURN_NONE;
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < groups.size(); ++i) {
@@ -1063,11 +1086,11 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *list = nullptr, *types = nullptr, *planned = nullptr, *numels = nullptr, *flats = nullptr,
            *state_tuples = nullptr, *listed = nullptr, *by_address = Py_None;
-  int cpu = 0, cuda = 0, grads_by_address = 0;
+  int cpu = 0, cuda = 0, grads_by_address = 0, dims = 1;
   Py_ssize_t counts = -1;
-  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO|Op", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
+  if (!PyArg_ParseTuple(args, "OO!ppOOO!O!nO|Opp", &list, &PyTuple_Type, &types, &cpu, &cuda, &planned, &numels,
                         &PyTuple_Type, &flats, &PyTuple_Type, &state_tuples, &counts, &listed, &by_address,
-                        &grads_by_address)) {
+                        &grads_by_address, &dims)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -1089,7 +1112,7 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
     buffers.push_back(b);
   }
   std::vector<Group> groups;
-  if (!walk_flat(list, planned, numels, buffers, in_use_counts, allowed, groups, true)) Py_RETURN_NONE;
+  if (!walk_flat(list, planned, numels, buffers, in_use_counts, allowed, groups, true, dims != 0)) Py_RETURN_NONE;
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   for (size_t b = 0; b < groups.size(); ++b) {

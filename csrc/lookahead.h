@@ -60,10 +60,10 @@ class Lookahead {
   // state tensors whose objects the walk reads with each tensor (an optimizer step's plan), or null.
   // `storages`: the walk also reads the data pointers of the grads and states (for the CPU kernels' tables, or to
   // list them for a launcher in Python), so their StorageImpls are loaded too, half a stage ahead. `grads`: the
-  // walk reads the grads.
+  // walk reads the grads. `data`: the walk reads the params' data pointers (their StorageImpls are loaded too).
   Lookahead(PyObject* const* items, ptrdiff_t n, PyObject* types, const std::vector<PyObject*>* states = nullptr,
-            bool storages = false, bool grads = true)
-      : items_(items), n_(n), types_(types), states_(states), storages_(storages), grads_(grads) {
+            bool storages = false, bool grads = true, bool data = true)
+      : items_(items), n_(n), types_(types), states_(states), storages_(storages), grads_(grads), data_(data) {
     for (ptrdiff_t k = -kStages * kDistance; k < 0; ++k) at(k);
   }
 
@@ -83,7 +83,7 @@ class Lookahead {
     if (const ptrdiff_t j = k + 2 * kDistance; 0 <= j && j < n_) {
       Links& l = ring_[j & kMask];
       if (l.impl != nullptr) {
-        prefetch_object(l.impl->unsafe_storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
+        if (data_) prefetch_object(l.impl->unsafe_storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
         if (grads_) l.meta = static_cast<const torch::autograd::AutogradMeta*>(l.impl->autograd_meta());
         if (l.meta != nullptr) __builtin_prefetch(&l.meta->grad_);
       }
@@ -145,6 +145,7 @@ class Lookahead {
   const std::vector<PyObject*>* states_;
   bool storages_;
   bool grads_;
+  bool data_;
   Links ring_[kRing];
 };
 

@@ -62,13 +62,15 @@ static PyMethodDef regfast_methods[] = {
     {"prox_walk", regfast::host::prox, METH_VARARGS,
      "prox_walk(params, types, cpu, cuda, lr_tensor, lr, l1, l2, group_lasso, groups) -> True or None"},
     {"groups_walk", regfast::host::groups, METH_VARARGS,
-     "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None) -> [(params, grads or None, index or "
-     "None)] per (device, dtype) group in order of first appearance, or None; with a list subclass `listed`, each "
-     "list is one, with the attributes addresses, sizes, dense, flat and shared (host_path.cpp, wrap_walked)"},
+     "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None, dims=True) -> [(params, grads or None, "
+     "index or None)] per (device, dtype) group in order of first appearance, or None; with a list subclass `listed`, "
+     "each list is one, with the attributes addresses, sizes, dense, flat and shared, and the params' dims unless "
+     "dims is false (host_path.cpp, wrap_walked)"},
     {"plan_groups_walk", regfast::host::plan_groups, METH_VARARGS,
-     "plan_groups_walk(params, types, cpu, cuda, planned, states, counts, listed=None) -> [(params, grads, (state "
-     "lists))] per (device, dtype) group of an optimizer step's plan (states: one tuple per state, () if unused; "
-     "counts: the index of the step counts among them, -1 if none), or None; `listed` as for groups_walk"},
+     "plan_groups_walk(params, types, cpu, cuda, planned, states, counts, listed=None, dims=True) -> [(params, grads, "
+     "(state lists))] per (device, dtype) group of an optimizer step's plan (states: one tuple per state, () if "
+     "unused; counts: the index of the step counts among them, -1 if none), or None; `listed` and `dims` as for "
+     "groups_walk"},
     {"bump_versions", regfast::host::bump_versions, METH_VARARGS,
      "bump_versions(*lists) -> None: bumps the version counter of every tensor of the lists, as "
      "torch._C._increment_version does"},
@@ -80,7 +82,7 @@ static PyMethodDef regfast_methods[] = {
      "digest(data) -> a 64-bit digest (int) of the bytes data, for the Triton launcher's table caches"},
     {"plan_groups_flat_walk", regfast::host::plan_groups_flat, METH_VARARGS,
      "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed, "
-     "by_address=None, grads_by_address=False) -> [(params, grads, (state lists))] per (device, dtype) group with a "
+     "by_address=None, grads_by_address=False, dims=True) -> [(params, grads, (state lists))] per (device, dtype) group with a "
      "param with a grad, of an optimizer step's flat plan (flats: per state the tuple of its buffers per group, () if "
      "unused; states: per state the plan's tensors), each list of the list subclass `listed` (as groups_walk's), or "
      "None; with a type `by_address` (regfast._common.ByAddress), the states (and with grads_by_address the grads) "

@@ -56,7 +56,7 @@ def walk(name: str, params, *args):
         states, grads = _by_address(step, hyper)
         groups = _ext._C.plan_groups_flat_walk(params, _PLAIN_TUPLE, on_cpu == "triton", on_cuda == "triton", planned,
                                                numels, flats, tuples, counts, Walked, ByAddress if states else None,
-                                               grads)
+                                               grads, _group_lasso(step, hyper))
         return None if groups is None else _run_steps(step, groups, *hyper)
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     launched = "triton" in (on_cpu, on_cuda) and (name in _WALK_NEEDS or name in _STEP_STATES)
@@ -70,11 +70,24 @@ def walk(name: str, params, *args):
         planned, *rest = args
         count, counts = _STEP_STATES[name]
         groups = _ext._C.plan_groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", planned,
-                                          tuple(rest[:count]), counts, Walked)
+                                          tuple(rest[:count]), counts, Walked, _group_lasso(name, rest[count:]))
         return None if groups is None else _run_steps(name, groups, *rest[count:])
     grads, write = _WALK_NEEDS[name]
-    groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write, Walked)
+    groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write, Walked,
+                                 _group_lasso(name, args))
     return None if groups is None else _run_groups(name, groups, *args)
+
+
+def _group_lasso(name: str, args) -> bool:
+    """Whether public call or optimizer step ``name`` with ``args`` (an optimizer step's hyperparameters after its
+    states) has group lasso: only then does a launcher read the params' dims (``Walked.dims``), which the walk then
+    lists."""
+    index = _GROUP_LASSO_ARG.get(name)
+    return index is not None and bool(args[index])
+
+
+# Where each call's and step's group-lasso coefficient lies among its arguments (norms has none).
+_GROUP_LASSO_ARG = {"add_penalty_grad": 2, "prox": 4, "sgd_step": 9, "adamw_step": 10}
 
 
 # Per optimizer step walked from a plan: (how many state tuples follow the planned params, the index of the step

@@ -613,14 +613,15 @@ def _int64(values) -> bytes:
     return array("q", values).tobytes()
 
 
-def _assert_read(listed, tensors, sizes: bool):
-    """``listed`` is a Walked list of ``tensors`` (in order) with what a Python pass over them reads."""
+def _assert_read(listed, tensors, sizes: bool, dims: bool | None = None):
+    """``listed`` is a Walked list of ``tensors`` (in order) with what a Python pass over them reads (the params'
+    sizes, and their dims where asked: by default with the sizes)."""
     assert type(listed) is Walked and len(listed) == len(tensors) and all(a is b for a, b in zip(listed, tensors))
     assert listed.addresses == _int64(t.data_ptr() for t in tensors)
     assert listed.sizes == (_int64(t.numel() for t in tensors) if sizes else None)
-    dims = [(t.dim(), t.numel(), t.shape[0] if t.dim() else 0, t.shape[1] if t.dim() > 1 else 0,
+    read = [(t.dim(), t.numel(), t.shape[0] if t.dim() else 0, t.shape[1] if t.dim() > 1 else 0,
              math.prod(t.shape[1:]), math.prod(t.shape[2:])) for t in tensors]
-    assert listed.dims == (_int64(v for d in dims for v in d) if sizes else None)
+    assert listed.dims == (_int64(v for d in read for v in d) if (sizes if dims is None else dims) else None)
     assert listed.dense == all(t.is_contiguous() for t in tensors)
     assert listed.shared is False
 
@@ -646,6 +647,10 @@ def test_the_walk_lists_its_groups_with_what_it_read_for_a_python_launcher():
     assert index is None
     [(params, grads, _)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, True, True)
     assert type(params) is list and type(grads) is list
+    # Without the dims (a call without group lasso), the rest the same.
+    [(params, grads, index)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, True, True, Walked, False)
+    _assert_read(params, ps, sizes=True, dims=False)
+    _assert_read(grads, [p.grad for p in ps], sizes=False)
 
 
 @pytest.mark.parametrize("consecutive", [True, False])
@@ -669,6 +674,10 @@ def test_the_plan_walk_lists_states_and_a_view_over_consecutive_step_counts(cons
         # Consecutive counts only in a group of consecutive params (a view over the group's counts).
         runs = mine == list(range(mine[0], mine[0] + len(mine)))
         assert (steps.flat is not None) == (consecutive and runs)
+    groups = _ext._C.plan_groups_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), (avgs, sqs, (), counts), 3,
+                                      Walked, False)
+    for params, _, _ in groups:
+        _assert_read(params, [p for p in ps if p.dtype == params[0].dtype], sizes=True, dims=False)
     one = [p for p in ps if p.dtype == torch.float32]
     [(_, _, (_, _, _, steps))] = _ext._C.plan_groups_walk(one, _ops._PLAIN_TUPLE, True, False, tuple(one),
                                                           ((), (), (), counts[:len(one)]), 3, Walked)
@@ -738,10 +747,10 @@ def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(s
     # adds need).
     for grads_too in (False, True):
         groups = _ext._C.plan_groups_flat_walk(ps, _ops._PLAIN_TUPLE, True, False, tuple(ps), numels, tuple(buffers),
-                                               tuples, 3, Walked, ByAddress, grads_too)
+                                               tuples, 3, Walked, ByAddress, grads_too, grads_too)
         for b, (params, grads, (avg, sq, maxs, steps)) in enumerate(groups):
             mine = [i for i, p in enumerate(ps) if p.dtype == params[0].dtype and i not in skip]
-            _assert_read(params, [ps[i] for i in mine], sizes=True)
+            _assert_read(params, [ps[i] for i in mine], sizes=True, dims=grads_too)
             assert maxs == []
             if not grads_too:
                 _assert_read(grads, [ps[i].grad for i in mine], sizes=False)
@@ -760,6 +769,40 @@ def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(s
                     with pytest.raises(TypeError, match="through their addresses"):
                         list(state)
             assert (steps.flat is buffers[3][b]) == (not skip)
+
+
+@_TRITON_SKIP
+@pytest.mark.parametrize("group_lasso", [0.0, 0.05])
+def test_a_launcher_in_python_is_handed_the_params_dims_only_for_group_lasso(group_lasso, monkeypatch):
+    """The walk lists the params' dims (the key of the group-lasso tables) for a Triton call or step with group lasso,
+    and only then: listed for every call they were 96 bytes per param made and freed per call, which at 20,000 params
+    the allocator handed back to the system and took again, page by page, on every step."""
+    walked = []
+
+    def spying(walk):
+        def spy(*args):
+            groups = walk(*args)
+            walked.extend(params.dims is not None for params, _, _ in groups or ())
+            return groups
+        return spy
+
+    for name in ("groups_walk", "plan_groups_walk", "plan_groups_flat_walk"):
+        monkeypatch.setattr(_ext._C, name, spying(getattr(_ext._C, name)))
+    ps = _model((torch.float32, torch.bfloat16))
+    hyper = {"l1": 0.01, "group_lasso": group_lasso}
+    calls = {"prox_": lambda: regfast.prox_(ps, 0.1, **hyper), "norms": lambda: regfast.norms(ps),
+             "add_penalty_grad_": lambda: regfast.add_penalty_grad_(ps, **hyper)}
+    for make in (lambda: regfast.optim.ProxSGD(ps, lr=0.01, momentum=0.9, **hyper),
+                 lambda: regfast.optim.ProxAdamW(ps, lr=0.01, **hyper)):
+        opt = make()
+        calls[type(opt).__name__] = opt.step
+    with use_backend("triton"):
+        for name, call in calls.items():
+            for _ in range(2):  # an optimizer's first step makes its states
+                del walked[:]
+                call()
+            assert walked, name  # the call was walked, one group per dtype
+            assert all(listed == (bool(group_lasso) and name != "norms") for listed in walked), name
 
 
 @pytest.mark.parametrize("backend", WALKED_BACKENDS)
