@@ -588,6 +588,16 @@ PyObject* wrap_walked(at::TensorList ts, PyObject* type, const Group& g, size_t 
   return out;
 }
 
+// Tensors `ts` (not views of one buffer) that a launcher in Python reads only through their addresses, as
+// `by_address(first, count, addresses, None, False)` (regfast._common.ByAddress): no list of their objects.
+PyObject* by_address_of(const TensorRefs& ts, const Listed& listed, PyObject* by_address) {
+  PyObject* bytes = int64_bytes(listed.addresses);
+  if (bytes == nullptr) return nullptr;
+  // "N" takes both new references.
+  return PyObject_CallFunction(by_address, "NnNOO", THPVariable_Wrap(ts[0]), static_cast<Py_ssize_t>(ts.size()), bytes,
+                               Py_None, Py_False);
+}
+
 // Step counts that are consecutive elements of one float32 CPU storage (as an optimizer's plan keeps them): a view
 // over all of them, which counts them with one add; else an undefined tensor.
 at::Tensor consecutive_counts(at::TensorList counts) {
@@ -909,10 +919,10 @@ PyObject* grads_ready(PyObject*, PyObject* args) {
 
 PyObject* groups(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *types = nullptr, *listed = Py_None;
+  PyObject *list = nullptr, *types = nullptr, *listed = Py_None, *by_address = Py_None;
   int cpu = 0, cuda = 0, grads = 0, write_params = 0, dims = 1;
-  if (!PyArg_ParseTuple(args, "OO!pppp|Op", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params,
-                        &listed, &dims)) {
+  if (!PyArg_ParseTuple(args, "OO!pppp|OpO", &list, &PyTuple_Type, &types, &cpu, &cuda, &grads, &write_params,
+                        &listed, &dims, &by_address)) {
     return nullptr;
   }
   Allowed allowed{};
@@ -922,6 +932,14 @@ PyObject* groups(PyObject*, PyObject* args) {
   at::Tensor first;
   if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first, listed != Py_None, dims != 0)) {
     Py_RETURN_NONE;
+  }
+  // Grads that the launch reads only through their addresses (a type `by_address`, regfast._common.ByAddress) are
+  // bumped here, from the walk's own references, rather than after the launch through a list of their objects: the
+  // list would take each grad's Python object, which nothing else of the call reads (a line from memory per grad in a
+  // trained model's order), and once more to free it.
+  const bool grads_by_address = grads && listed != Py_None && by_address != Py_None;
+  if (grads_by_address) {
+    for (const auto& g : groups) bump(g.grads);
   }
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (out == nullptr) return nullptr;
@@ -940,8 +958,12 @@ PyObject* groups(PyObject*, PyObject* args) {
     // One group of every tensor once: the caller's list is the group's params.
     PyObject* whole = groups.size() == 1 && count == PySequence_Fast_GET_SIZE(list) ? list : nullptr;
     PyObject* params = wrap_walked(g.params, listed, g, 0, nullptr, whole);
-    PyObject* grad_list =
-        params == nullptr ? nullptr : grads ? wrap_walked(g.grads, listed, g, 1) : Py_NewRef(Py_None);
+    PyObject* grad_list = nullptr;
+    if (params != nullptr && grads_by_address) {
+      grad_list = by_address_of(g.grads, g.listed[1], by_address);
+    } else if (params != nullptr) {
+      grad_list = grads ? wrap_walked(g.grads, listed, g, 1) : Py_NewRef(Py_None);
+    }
     PyObject* item = triple(params, grad_list, index);
     if (item == nullptr) break;
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
@@ -1136,12 +1158,7 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
                          : wrap_walked(g.params, listed, g, 0, nullptr, whole ? list : nullptr);
     PyObject* grads = nullptr;
     if (params != nullptr && grads_by_address && by_address != Py_None) {
-      // A launch that reads the grads' addresses alone: no list of them ("N" takes both new references).
-      PyObject* bytes = int64_bytes(g.listed[1].addresses);
-      grads = bytes == nullptr ? nullptr
-                               : PyObject_CallFunction(by_address, "NnNOO", THPVariable_Wrap(g.grads[0]),
-                                                       static_cast<Py_ssize_t>(g.grads.size()), bytes, Py_None,
-                                                       Py_False);
+      grads = by_address_of(g.grads, g.listed[1], by_address);  // a launch that reads the grads' addresses alone
     } else if (params != nullptr) {
       grads = wrap_walked(g.grads, listed, g, 1);
     }

@@ -73,8 +73,11 @@ def walk(name: str, params, *args):
                                           tuple(rest[:count]), counts, Walked, _group_lasso(name, rest[count:]))
         return None if groups is None else _run_steps(name, groups, *rest[count:])
     grads, write = _WALK_NEEDS[name]
+    # Every group the walk may take launches from Python (no group goes to the extension, which takes tensor lists):
+    # add_penalty_grad_'s launch reads the grads through their addresses alone, which the walk bumps itself.
+    by_address = ByAddress if grads and {on_cpu, on_cuda} <= {"triton", "torch"} else None
     groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write, Walked,
-                                 _group_lasso(name, args))
+                                 _group_lasso(name, args), by_address)
     return None if groups is None else _run_groups(name, groups, *args)
 
 
@@ -159,7 +162,7 @@ def _run_groups(name: str, groups: list[tuple], *args):
             for params, grads, _ in groups:
                 value = _backend(params).add_penalty_grad_(params, grads, *args).to(first.device, dtype)
                 total = value if total is None else total + value
-            bump_versions(*(grads for _, grads, _ in groups))
+            bump_versions(*(grads for _, grads, _ in groups if type(grads) is not ByAddress))  # else bumped by the walk
             return total
         lr_tensor, *rest = args
         for params, _, _ in groups:

@@ -651,6 +651,30 @@ def test_the_walk_lists_its_groups_with_what_it_read_for_a_python_launcher():
     [(params, grads, index)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, True, True, Walked, False)
     _assert_read(params, ps, sizes=True, dims=False)
     _assert_read(grads, [p.grad for p in ps], sizes=False)
+    # The grads by their addresses (add_penalty_grad_'s launch reads nothing else), bumped by the walk itself: once
+    # each, and only when the whole list was taken.
+    versions = [p.grad._version for p in ps]
+    ps32 = _model((torch.float32, torch.float64))
+    versions32 = [p.grad._version for p in ps32]
+    assert _ext._C.groups_walk(ps32 + [ps32[0].detach()], _ops._PLAIN_TUPLE, True, False, True, False, Walked, False,
+                               ByAddress) is None  # declined (a param without a grad): nothing bumped
+    assert [p.grad._version for p in ps32] == versions32
+    for dims in (False, True):
+        groups = _ext._C.groups_walk(ps32, _ops._PLAIN_TUPLE, True, False, True, False, Walked, dims, ByAddress)
+        assert len(groups) == 2
+        for params, grads, _ in groups:
+            mine = [p for p in ps32 if p.dtype == params[0].dtype]
+            _assert_read(params, mine, sizes=True, dims=dims)
+            assert type(grads) is ByAddress and len(grads) == len(mine) and grads[0] is mine[0].grad
+            assert grads.addresses == _int64(p.grad.data_ptr() for p in mine) and grads.dense
+            assert grads.shared is False and grads.flat is None
+    assert [p.grad._version for p in ps32] == [v + 2 for v in versions32]
+    # Not for a call without grads, nor without a Walked type (plain lists).
+    [(params, grads, _)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, False, True, Walked, False,
+                                               ByAddress)
+    assert grads is None and type(params) is Walked
+    [(params, grads, _)] = _ext._C.groups_walk(ps, _ops._PLAIN_TUPLE, True, False, True, True, None, False, ByAddress)
+    assert type(grads) is list and [p.grad._version for p in ps] == versions
 
 
 @pytest.mark.parametrize("consecutive", [True, False])
@@ -776,13 +800,15 @@ def test_the_flat_plan_walk_lists_each_state_view_at_its_address_in_its_buffer(s
 def test_a_launcher_in_python_is_handed_the_params_dims_only_for_group_lasso(group_lasso, monkeypatch):
     """The walk lists the params' dims (the key of the group-lasso tables) for a Triton call or step with group lasso,
     and only then: listed for every call they were 96 bytes per param made and freed per call, which at 20,000 params
-    the allocator handed back to the system and took again, page by page, on every step."""
-    walked = []
+    the allocator handed back to the system and took again, page by page, on every step. add_penalty_grad_'s grads
+    come by their addresses (test_walk_matches_the_python_path_bit_for_bit checks its bits and version bumps)."""
+    walked, grads_by_address = [], []
 
     def spying(walk):
         def spy(*args):
             groups = walk(*args)
             walked.extend(params.dims is not None for params, _, _ in groups or ())
+            grads_by_address.extend(type(grads) is ByAddress for _, grads, _ in groups or ())
             return groups
         return spy
 
@@ -799,10 +825,12 @@ def test_a_launcher_in_python_is_handed_the_params_dims_only_for_group_lasso(gro
     with use_backend("triton"):
         for name, call in calls.items():
             for _ in range(2):  # an optimizer's first step makes its states
-                del walked[:]
+                del walked[:], grads_by_address[:]
                 call()
             assert walked, name  # the call was walked, one group per dtype
             assert all(listed == (bool(group_lasso) and name != "norms") for listed in walked), name
+            if name == "add_penalty_grad_":  # its launch reads the grads through their addresses alone
+                assert all(grads_by_address), name
 
 
 @pytest.mark.parametrize("backend", WALKED_BACKENDS)
