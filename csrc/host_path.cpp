@@ -933,13 +933,16 @@ PyObject* groups(PyObject*, PyObject* args) {
   if (!walk(list, allowed, Needs{grads != 0, write_params != 0}, groups, count, first, listed != Py_None, dims != 0)) {
     Py_RETURN_NONE;
   }
-  // Grads that the launch reads only through their addresses (a type `by_address`, regfast._common.ByAddress) are
-  // bumped here, from the walk's own references, rather than after the launch through a list of their objects: the
-  // list would take each grad's Python object, which nothing else of the call reads (a line from memory per grad in a
-  // trained model's order), and once more to free it.
-  const bool grads_by_address = grads && listed != Py_None && by_address != Py_None;
-  if (grads_by_address) {
-    for (const auto& g : groups) bump(g.grads);
+  // With a type `by_address` (regfast._common.ByAddress) every group launches from Python, and the walk bumps the
+  // version counters of what the call writes (the grads, or the params) itself, from its own references, rather than
+  // the launcher after the launch through the lists' objects; the grads come by their addresses (the launch reads
+  // nothing else of them): a list of them would take each grad's Python object, which nothing else of the call reads
+  // (a line from memory per grad in a trained model's order), and once more to free it.
+  const bool bumps = listed != Py_None && by_address != Py_None;
+  const bool grads_by_address = grads && bumps;
+  for (const auto& g : groups) {
+    if (grads_by_address) bump(g.grads);
+    if (bumps && write_params) bump(g.params);
   }
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (out == nullptr) return nullptr;
@@ -1135,6 +1138,15 @@ PyObject* plan_groups_flat(PyObject*, PyObject* args) {
   }
   std::vector<Group> groups;
   if (!walk_flat(list, planned, numels, buffers, in_use_counts, allowed, groups, true, dims != 0)) Py_RETURN_NONE;
+  // States by their addresses: the walk bumps the params it steps and each state's buffer (whose version counter its
+  // views share) itself, from its own references, rather than the launcher after the launch through the lists.
+  if (by_address != Py_None) {
+    for (const auto& g : groups) {
+      if (g.params.empty()) continue;
+      bump(g.params);
+      for (const auto& buffer : g.states) bump(buffer);
+    }
+  }
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
   for (size_t b = 0; b < groups.size(); ++b) {

@@ -57,7 +57,8 @@ def walk(name: str, params, *args):
         groups = _ext._C.plan_groups_flat_walk(params, _PLAIN_TUPLE, on_cpu == "triton", on_cuda == "triton", planned,
                                                numels, flats, tuples, counts, Walked, ByAddress if states else None,
                                                grads, _group_lasso(step, hyper))
-        return None if groups is None else _run_steps(step, groups, *hyper)
+        # With the states by their addresses the walk bumped the params and the states' buffers itself.
+        return None if groups is None else _run_steps(step, groups, *hyper, bumped=states)
     cpu, cuda = on_cpu == "cpp", on_cuda == "cuda"
     launched = "triton" in (on_cpu, on_cuda) and (name in _WALK_NEEDS or name in _STEP_STATES)
     if cpu or cuda:
@@ -74,11 +75,11 @@ def walk(name: str, params, *args):
         return None if groups is None else _run_steps(name, groups, *rest[count:])
     grads, write = _WALK_NEEDS[name]
     # Every group the walk may take launches from Python (no group goes to the extension, which takes tensor lists):
-    # add_penalty_grad_'s launch reads the grads through their addresses alone, which the walk bumps itself.
-    by_address = ByAddress if grads and {on_cpu, on_cuda} <= {"triton", "torch"} else None
+    # the walk bumps what the call writes itself, and hands add_penalty_grad_'s grads by their addresses alone.
+    bumped = (grads or write) and {on_cpu, on_cuda} <= {"triton", "torch"}
     groups = _ext._C.groups_walk(params, _PLAIN_TUPLE, on_cpu != "torch", on_cuda != "torch", grads, write, Walked,
-                                 _group_lasso(name, args), by_address)
-    return None if groups is None else _run_groups(name, groups, *args)
+                                 _group_lasso(name, args), ByAddress if bumped else None)
+    return None if groups is None else _run_groups(name, groups, *args, bumped=bumped)
 
 
 def _group_lasso(name: str, args) -> bool:
@@ -116,9 +117,10 @@ def _by_address(step: str, hyper: list) -> tuple[bool, bool]:
 _FLAT_LAUNCHES = {"sgd_launch": ("sgd_step", -1), "adamw_launch": ("adamw_step", 3)}
 
 
-def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
+def _run_steps(name: str, groups: list[tuple], *hyper, bumped: bool = False) -> list[Tensor]:
     """Optimizer step ``name`` on the (params, grads, state lists) groups of :func:`walk`, each group on its backend
-    as the Python path calls it (a plan's momentum buffers all exist), with the same version-counter bumps."""
+    as the Python path calls it (a plan's momentum buffers all exist), with the same version-counter bumps (made by
+    the walk already where ``bumped``)."""
     values = []
     with torch.no_grad():
         for params, grads, states in groups:
@@ -130,7 +132,8 @@ def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
             else:
                 values.append(backend.adamw_step_(params, grads, *states, *hyper))
             # A flat plan's states share their buffer's version counter: one bump marks them all.
-            bump_versions(params, *(s[:1] if type(s) in READ_LISTS and s.shared else s for s in states if s))
+            if not bumped:
+                bump_versions(params, *(s[:1] if type(s) in READ_LISTS and s.shared else s for s in states if s))
     return values
 
 
@@ -138,9 +141,10 @@ def _run_steps(name: str, groups: list[tuple], *hyper) -> list[Tensor]:
 _WALK_NEEDS = {"norms": (False, False), "add_penalty_grad": (True, False), "prox": (False, True)}
 
 
-def _run_groups(name: str, groups: list[tuple], *args):
+def _run_groups(name: str, groups: list[tuple], *args, bumped: bool = False):
     """Public call ``name`` on the (params, grads, index) groups of :func:`walk`, each group on its backend, with
-    the results combined as the C++ walk combines them."""
+    the results combined as the C++ walk combines them, and the version counters of what it wrote bumped (by the
+    walk already where ``bumped``)."""
     first = groups[0][0][0]
     wide = any(group[0][0].dtype == torch.float64 for group in groups)
     dtype = torch.float64 if wide else torch.float32
@@ -162,12 +166,14 @@ def _run_groups(name: str, groups: list[tuple], *args):
             for params, grads, _ in groups:
                 value = _backend(params).add_penalty_grad_(params, grads, *args).to(first.device, dtype)
                 total = value if total is None else total + value
-            bump_versions(*(grads for _, grads, _ in groups if type(grads) is not ByAddress))  # else bumped by the walk
+            if not bumped:
+                bump_versions(*(grads for _, grads, _ in groups))
             return total
         lr_tensor, *rest = args
         for params, _, _ in groups:
             _backend(params).prox_(params, lr_tensor, *rest)
-        bump_versions(*(params for params, _, _ in groups))
+        if not bumped:
+            bump_versions(*(params for params, _, _ in groups))
         return True
 
 

@@ -523,6 +523,35 @@ def _grads(params, k, skip=()):
         p.grad = None if i in skip else make_params([p.shape], p.dtype, seed=1000 * k + i)[0]
 
 
+@_TRITON_SKIP
+@pytest.mark.parametrize("make", FLAT, ids=str)
+def test_a_flat_plan_walk_bumps_the_version_counters_as_the_launcher_did(make, monkeypatch):
+    """Where the walk hands a flat plan's states by their addresses (Triton), it bumps the stepped params and the
+    states' buffers itself, before the launch; handed as lists, the launcher bumps them after it. The same values and
+    the same version counters either way, params without a grad included."""
+    skips = [(), (0, 4, 9), (), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13), ()]
+
+    def run(by_address):
+        if not by_address:  # the lists' path: the launcher bumps
+            monkeypatch.setattr(_ops, "_by_address", lambda step, hyper: (False, False))
+        ps = _model((torch.float32, torch.bfloat16, torch.float64))
+        with use_backend("triton"):
+            opt = FLAT[make](ps)
+            for k, skip in enumerate(skips):
+                _grads(ps, k, skip)
+                opt.step()
+        monkeypatch.undo()
+        return ps, opt
+
+    walked, opt = run(True)
+    listed, ref = run(False)
+    for p, q in zip(walked, listed):
+        assert torch.equal(p, q) and p._version == q._version
+        assert opt.state[p].keys() == ref.state[q].keys()
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value) and opt.state[p][key]._version == value._version, key
+
+
 @pytest.mark.parametrize("backend", WALKED_BACKENDS)
 @pytest.mark.parametrize("make", FLAT, ids=str)
 def test_states_move_into_flat_buffers_and_params_without_grads_are_skipped(make, backend, monkeypatch):
