@@ -62,10 +62,12 @@ static PyMethodDef regfast_methods[] = {
     {"prox_walk", regfast::host::prox, METH_VARARGS,
      "prox_walk(params, types, cpu, cuda, lr_tensor, lr, l1, l2, group_lasso, groups) -> True or None"},
     {"groups_walk", regfast::host::groups, METH_VARARGS,
-     "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None, dims=True) -> [(params, grads or None, "
-     "index or None)] per (device, dtype) group in order of first appearance, or None; with a list subclass `listed`, "
-     "each list is one, with the attributes addresses, sizes, dense, flat and shared, and the params' dims unless "
-     "dims is false (host_path.cpp, wrap_walked)"},
+     "groups_walk(params, types, cpu, cuda, grads, write_params, listed=None, dims=True, by_address=None) -> "
+     "[(params, grads or None, index or None)] per (device, dtype) group in order of first appearance, or None; with "
+     "a list subclass `listed`, each list is one, with the attributes addresses, sizes, dense, flat and shared, and "
+     "the params' dims unless dims is false (host_path.cpp, wrap_walked); with a type `by_address` too "
+     "(regfast._common.ByAddress), the walk bumps the version counters of what the call writes itself, and the "
+     "grads come as by_address(first, count, addresses, None, False)"},
     {"plan_groups_walk", regfast::host::plan_groups, METH_VARARGS,
      "plan_groups_walk(params, types, cpu, cuda, planned, states, counts, listed=None, dims=True) -> [(params, grads, "
      "(state lists))] per (device, dtype) group of an optimizer step's plan (states: one tuple per state, () if "
@@ -82,11 +84,13 @@ static PyMethodDef regfast_methods[] = {
      "digest(data) -> a 64-bit digest (int) of the bytes data, for the Triton launcher's table caches"},
     {"plan_groups_flat_walk", regfast::host::plan_groups_flat, METH_VARARGS,
      "plan_groups_flat_walk(params, types, cpu, cuda, planned, numels, flats, states, counts, listed, "
-     "by_address=None, grads_by_address=False, dims=True) -> [(params, grads, (state lists))] per (device, dtype) group with a "
-     "param with a grad, of an optimizer step's flat plan (flats: per state the tuple of its buffers per group, () if "
-     "unused; states: per state the plan's tensors), each list of the list subclass `listed` (as groups_walk's), or "
-     "None; with a type `by_address` (regfast._common.ByAddress), the states (and with grads_by_address the grads) "
-     "as by_address(first, count, addresses, flat, shared), for a launcher that reads them through their addresses"},
+     "by_address=None, grads_by_address=False, dims=True) -> [(params, grads, (state lists))] per (device, dtype) "
+     "group with a param with a grad, of an optimizer step's flat plan (flats: per state the tuple of its buffers per "
+     "group, () if unused; states: per state the plan's tensors), each list of the list subclass `listed` (as "
+     "groups_walk's), or None; with a type `by_address` (regfast._common.ByAddress), the walk bumps the version "
+     "counters of the stepped params and of the states' buffers itself, and the states (and with grads_by_address the "
+     "grads) as by_address(first, count, addresses, flat, shared), for a launcher that reads them through their "
+     "addresses"},
     {"grads_ready", regfast::host::grads_ready, METH_VARARGS,
      "grads_ready(params, types) -> True when every param is dense, floating, with a grad matching it; else None"},
     {"sgd_step_walk", regfast::host::sgd_step, METH_VARARGS,

@@ -29,10 +29,10 @@ class Walked(list):
     pointer); ``sizes``: each numel likewise, for a group's params (else None); ``dense``: whether every tensor is
     contiguous; ``flat``: for step counts that are consecutive elements of one float32 CPU tensor, a view over them
     (else None); ``shared``: whether the tensors are views of one buffer (a flat plan's states), whose one version
-    counter a single bump marks; ``dims``: for a group's params, per tensor its dim, numel, first two sizes (0 where
-    absent) and the products of its sizes from the second and from the third on, as native int64 bytes (the key of
-    the group tables of regfast.triton.launcher), else None. Only the walk makes these, and only for the call at
-    hand: the tensors are not to change between.
+    counter a single bump marks; ``dims``: for a group's params of a call with group lasso, per tensor its dim, numel,
+    first two sizes (0 where absent) and the products of its sizes from the second and from the third on, as native
+    int64 bytes (the key of the group tables of regfast.triton.launcher), else None. Only the walk makes these, and
+    only for the call at hand: the tensors are not to change between.
     """
 
     __slots__ = ("addresses", "sizes", "dense", "flat", "shared", "dims")
@@ -45,7 +45,8 @@ class ByAddress:
     one's version counter marks them all), ``flat`` (step counts on the host that are the whole buffer: the buffer,
     which one add counts; else None), ``len()`` the number of tensors, ``[0]`` and ``[:1]`` the first one. It holds no
     list of the tensors, which would touch every tensor's object twice per step; a path that reads them one by one is
-    given a :class:`Walked` list instead, and a ByAddress refuses to be read any other way."""
+    given a :class:`Walked` list instead, and a ByAddress refuses to be read any other way. The walk that hands them
+    bumps the version counters of what the call writes itself (there is no list to bump them through)."""
 
     __slots__ = ("first", "count", "addresses", "flat", "shared")
     dense = True
