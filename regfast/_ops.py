@@ -104,9 +104,10 @@ def _by_address(step: str, hyper: list) -> tuple[bool, bool]:
     addresses (and the counts' buffer), so that the walk may hand them as :class:`~regfast._common.ByAddress`. The
     states: always for SGD; for AdamW unless an lr tensor or group lasso in Adam's metric makes it read them one by
     one. The grads: where the states are, without group lasso (whose step reads 16-bit grads one by one into copies)."""
+    group_lasso = _group_lasso(step, hyper)
     if step == "sgd_step":
-        return True, not hyper[9]
-    lr_tensor, group_lasso, prox = hyper[0], hyper[10], hyper[12]
+        return True, not group_lasso
+    lr_tensor, prox = hyper[0], hyper[12]
     states = lr_tensor is None and not (group_lasso and prox == "preconditioned")
     return states, states and not group_lasso
 
