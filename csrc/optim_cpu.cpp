@@ -548,6 +548,22 @@ class ColumnSums {
   void chunk(int64_t k, double** out, int outputs) {
     for (int o = 0; o < outputs; ++o) out[o] = sums_.data() + (o * chunks_ + k) * cols_;
   }
+  // Output o's largest per column over the chunks (NaN as soon as one is); one group: the largest of all columns.
+  std::vector<double> largest(int o) const {
+    const auto max_nan = [](double m, double x) { return (m < x || x != x) ? x : m; };
+    std::vector<double> top(static_cast<size_t>(cols_), 0.0);
+    for (int64_t k = 0; k < chunks_; ++k) {
+      const double* part = sums_.data() + (o * chunks_ + k) * cols_;
+      for (int64_t c = 0; c < cols_; ++c) top[c] = max_nan(top[c], part[c]);
+    }
+    if (one_group_) {
+      double all = 0;
+      for (int64_t c = 0; c < cols_; ++c) all = max_nan(all, top[c]);
+      std::fill(top.begin(), top.end(), all);
+    }
+    return top;
+  }
+
   std::vector<double> totals(int o) const {
     std::vector<double> total(static_cast<size_t>(cols_), 0.0);
     for (int64_t k = 0; k < chunks_; ++k) {
@@ -568,18 +584,20 @@ class ColumnSums {
   std::vector<double> sums_;
 };
 
-// AdamW's step in Adam's metric with group lasso for a large tensor t (kColumnPassesElements or more) with float32 /
-// 16-bit params by columns, with more rows than kLargestColumnBlock / kMinColumnGroups (whose blocks would hold
-// fewer than kMinColumnGroups columns and read a short run of each row, waiting on memory for each), or as one
+// AdamW's step in Adam's metric with group lasso for a large tensor t (kColumnPassesElements or more) by columns,
+// with more rows than kLargestColumnBlock / kMinColumnGroups (whose blocks would hold fewer than kMinColumnGroups
+// columns and read a short run of each row, waiting on memory for each), or with float32 / 16-bit params as one
 // group (the elements taken as rows of kOneGroupLanes; a one-group block would be the whole tensor on one thread,
-// with arrays of its size, fresh pages at every step). Passes over the elements in order (RowPieces): the
-// group norms of the params (the floors |w_i|·weight/‖w_g‖, as group_floors); the step (states updated) with
+// with arrays of its size). A is the accumulation dtype: float, or double for float64 params, whose group norms are
+// scaled by each column's largest magnitude first (block_group_norms). Passes over the elements in order
+// (RowPieces): the group norms of the params (the floors as group_floors forms them); the step (states updated) with
 // ‖u_g‖² and Σ u_i²·a_i (metric_start); the vanishing test where a group is in doubt and each Newton step
 // (metric_newton_step), each replaying the step from the states it left (AdamWArgs::replay: the same u and a, the
 // grad not read); a last replay rounds u·t/(t + a) into the params. One more read of params and state per pass
 // than the blocks, whose arrays come from the caches. One thread, float32 (ms per step, in passes against by
 // blocks): 50257 × 768 by columns 121 against 182, 2048 × 2048 as one group 13 against 23; 2048 × 2048 by columns
 // stays in blocks of 256 columns (16.7 against 10.4-10.8).
+template <typename A>
 void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group, const AdamWArgs& args,
                    const AdamWArgs& again, const optim_cpu::GroupPasses& passes, DType elem) {
   const at::Tensor& w = tb.ws[t];
@@ -588,21 +606,35 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
   const size_t elem_size = w.element_size();
   char* const params = static_cast<char*>(w.data_ptr());
   const auto run = optim_cpu::loops().adamw;
-  ColumnSums norms(1, pieces.chunks, cols, one_group);
+  // The group norms as block_group_norms takes them: float64 groups scaled by their largest magnitude first.
+  std::vector<double> largest;
+  if constexpr (std::is_same_v<A, double>) {
+    ColumnSums tops(1, pieces.chunks, cols, one_group);
+    pieces.each<A>(0, [&](int64_t k, int64_t at, int64_t n, A*) {
+      double* out[1];
+      tops.chunk(k, out, 1);
+      passes.column_largest(reinterpret_cast<const double*>(params) + at, n, cols, out[0]);
+    });
+    largest = tops.largest(0);
+    for (auto& p : largest) p = p > 0 && std::isfinite(p) ? p : 1.0;
+  }
+  ColumnSums squares(1, pieces.chunks, cols, one_group);
   pieces.each<float>(1, [&](int64_t k, int64_t at, int64_t n, float* work) {
     double* out[1];
-    norms.chunk(k, out, 1);
-    passes.column_squares(elem, params + at * elem_size, n, cols, work, out[0]);
+    squares.chunk(k, out, 1);
+    passes.column_squares(elem, params + at * elem_size, n, cols, work, largest.empty() ? nullptr : largest.data(),
+                          out[0]);
   });
-  std::vector<double> scale = norms.totals(0);
-  for (auto& s : scale) {
-    const double norm = std::sqrt(s);
-    s = ts.group_weight / (norm == 0 ? 1.0 : norm);
+  std::vector<double> norm = squares.totals(0), scale(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) {
+    norm[c] = std::sqrt(norm[c]) * (largest.empty() ? 1.0 : largest[c]);
+    if (norm[c] == 0) norm[c] = 1.0;
+    scale[c] = ts.group_weight / norm[c];
   }
   // The step (or its replay) over [at, at + n): the floors into a, then u and the thresholds into u and a.
-  const auto step = [&](const AdamWArgs& how, int64_t at, int64_t n, float* u, float* a) {
-    passes.column_floors(elem, params + at * elem_size, scale.data(), n, cols, a);
-    AdamWTensor seg = offset(ts, at, elem_size, sizeof(float));
+  const auto step = [&](const AdamWArgs& how, int64_t at, int64_t n, A* u, A* a) {
+    passes.column_floors(elem, params + at * elem_size, scale.data(), norm.data(), ts.group_weight, n, cols, a);
+    AdamWTensor seg = offset(ts, at, elem_size, sizeof(A));
     seg.group = a;
     seg.work = u;
     run(how, seg, 0, n, nullptr);
@@ -611,17 +643,17 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
   // Each pass: the step (replayed after the first), then its sums (stage: metric_sums).
   const auto sums_pass = [&](const AdamWArgs& how, int stage, int outputs, const double* at_t) {
     ColumnSums sums(outputs, pieces.chunks, cols, one_group);
-    pieces.each<float>(2, [&](int64_t k, int64_t at, int64_t n, float* work) {
+    pieces.each<A>(2, [&](int64_t k, int64_t at, int64_t n, A* work) {
       step(how, at, n, work, work + piece);
       double* out[3];
       sums.chunk(k, out, outputs);
-      passes.metric_sums(stage, work, work + piece, at_t, n, cols, out);
+      passes.metric_sums(elem, stage, work, work + piece, at_t, n, cols, out);
     });
     return sums;
   };
   std::vector<double> tt(static_cast<size_t>(cols));
   std::vector<char> vanishes(static_cast<size_t>(cols));
-  optim_cpu::metric_roots<float>(cols, [&](int stage, double* const (&s)[3], const double* at_t) {
+  optim_cpu::metric_roots<A>(cols, [&](int stage, double* const (&s)[3], const double* at_t) {
     const int outputs = stage == 0 ? 2 : stage == 1 ? 1 : 3;
     const ColumnSums sums = sums_pass(stage == 0 ? args : again, stage, outputs, at_t);
     for (int o = 0; o < outputs; ++o) {
@@ -629,9 +661,9 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
       std::copy(total.begin(), total.end(), s[o]);
     }
   }, tt.data(), vanishes.data());
-  std::vector<float> root(static_cast<size_t>(cols));
-  for (int64_t c = 0; c < cols; ++c) root[c] = static_cast<float>(tt[c]);
-  pieces.each<float>(2, [&](int64_t, int64_t at, int64_t n, float* work) {
+  std::vector<A> root(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) root[c] = static_cast<A>(tt[c]);
+  pieces.each<A>(2, [&](int64_t, int64_t at, int64_t n, A* work) {
     step(again, at, n, work, work + piece);
     passes.metric_apply(elem, work, work + piece, root.data(), vanishes.data(), n, cols, params + at * elem_size);
   });
@@ -677,11 +709,22 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     if (w.numel() == 0) continue;
     const GroupShape shape = group_shape(w, grouping);
     tb.ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
-    const bool large = acc == at::kFloat && w.numel() >= kColumnPassesElements;
-    if (large && shape.ngroups == 1) {
-      metric_passes(tb, static_cast<int64_t>(i), kOneGroupLanes, true, args, again, passes, elem);
+    const bool large = w.numel() >= kColumnPassesElements;
+    const auto passes_of = [&](int64_t cols, bool one_group) {
+      if (acc == at::kDouble) {
+        metric_passes<double>(tb, static_cast<int64_t>(i), cols, one_group, args, again, passes, elem);
+      } else {
+        metric_passes<float>(tb, static_cast<int64_t>(i), cols, one_group, args, again, passes, elem);
+      }
+    };
+    // A float64 tensor as one group stays in one block: in passes, each replaying the step from three float64
+    // arrays, it measured slower at one thread and about the same at two (GPT-2 small's float64 params as whole
+    // tensors, builds alternating, ms per step: one thread 630-734 in a block, 837-927 in passes; two threads 630-665
+    // and 592-598); by columns the passes are faster (one thread 1390-1578 → 1077-1104, two 973-1181 → 560-575).
+    if (large && shape.ngroups == 1 && acc != at::kDouble) {
+      passes_of(kOneGroupLanes, true);
     } else if (large && shape.inner == 1 && shape.outer * kMinColumnGroups > kLargestColumnBlock) {
-      metric_passes(tb, static_cast<int64_t>(i), shape.ngroups, false, args, again, passes, elem);
+      passes_of(shape.ngroups, false);
     } else {
       add_group_blocks(shape, static_cast<int64_t>(i), whole_width, acc_size, blocks);
     }

@@ -234,24 +234,30 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // group_shrink: prox_'s group shrink with only the group term, u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂), on the block's
 // array `work` (the steps with the scalar prox step: coef = step·gl), rounded into its params as round_into rounds.
 //
-// The passes over a large tensor with float32 / 16-bit params by columns, or as one group (optim_cpu.cpp's
-// metric_passes), each over n elements seen as rows of `cols` (the last row may be short) and adding its sums per
-// column into the sums given, in double (each call's sums in row order):
-// column_squares: Σ w² of the params (16-bit ones widened into scratch first). column_floors: out = |w_i|·scale_c
-// (the floors, scale_c = weight/‖w_g‖).
+// The passes over a large tensor by columns, or as one group (optim_cpu.cpp's metric_passes), each over n elements
+// seen as rows of `cols` (the last row may be short) and adding its sums per column into the sums given, in double
+// (each call's sums in row order); u and a are arrays of the accumulation dtype (float, or double for float64 params):
+// column_largest (float64 params): each column's largest magnitude, kept in largest[c] if larger (NaN as soon as
+// one is). column_squares: Σ w² of the params (16-bit ones widened into scratch first; float64 ones divided by
+// scale_c first, their column's largest magnitude, as block_group_norms scales them; null for the others).
+// column_floors: the floors as group_floors forms them, (|w_i| / norm_c)·weight for float64 params, else
+// |w_i|·scale_c (scale_c = weight / norm_c).
 // metric_sums: stage 0 ‖u_g‖² and Σ u_i²·a_i into out[0], out[1]; stage 1 the vanishing test's Σ (u_i/a_i)² into
 // out[0]; stage 2 Newton's S2, S3, S4 at t_c into out[0 .. 2]. metric_apply: w = u·t/(t + a) as metric_shrink rounds
-// it (root: t rounded to float per column; vanishes per column), through u.
+// it (root: t rounded to the accumulation dtype per column; vanishes per column), through u.
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
   void (*group_shrink)(DType elem, void* work, void* w, const GroupBlock& b, double coef, LinesAhead* ahead);
-  void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums);
-  void (*column_floors)(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out);
-  void (*metric_sums)(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,
+  void (*column_largest)(const double* w, int64_t n, int64_t cols, double* largest);
+  void (*column_squares)(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, const double* scale,
+                         double* sums);
+  void (*column_floors)(DType elem, const void* w, const double* scale, const double* norm, double weight, int64_t n,
+                        int64_t cols, void* out);
+  void (*metric_sums)(DType elem, int stage, const void* u, const void* a, const double* t, int64_t n, int64_t cols,
                       double* const* out);
-  void (*metric_apply)(DType elem, float* u, const float* a, const float* root, const char* vanishes, int64_t n,
+  void (*metric_apply)(DType elem, void* u, const void* a, const void* root, const char* vanishes, int64_t n,
                        int64_t cols, void* w);
 };
 

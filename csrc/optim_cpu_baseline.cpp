@@ -17,8 +17,9 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
   adamw_dispatch<false>(args, t, begin, end, sums);
 }
 
-const GroupPasses kGroupPasses = {&group_floors_run,  &metric_shrink_run, &round_into_run,   &group_shrink_run,
-                                  &column_squares_run, &column_floors_run, &metric_sums_run, &metric_apply_run};
+const GroupPasses kGroupPasses = {&group_floors_run,   &metric_shrink_run, &round_into_run,  &group_shrink_run,
+                                  &column_largest_run, &column_squares_run, &column_floors_run, &metric_sums_run,
+                                  &metric_apply_run};
 }  // namespace rounded_twice
 
 #if !defined(__x86_64__)

@@ -48,8 +48,9 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
   adamw_dispatch<true>(args, t, begin, end, sums);
 }
 
-const GroupPasses kGroupPasses = {&group_floors_run,  &metric_shrink_run, &round_into_run,   &group_shrink_run,
-                                  &column_squares_run, &column_floors_run, &metric_sums_run, &metric_apply_run};
+const GroupPasses kGroupPasses = {&group_floors_run,   &metric_shrink_run, &round_into_run,  &group_shrink_run,
+                                  &column_largest_run, &column_squares_run, &column_floors_run, &metric_sums_run,
+                                  &metric_apply_run};
 
 }  // namespace fused
 }  // namespace optim_cpu

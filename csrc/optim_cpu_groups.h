@@ -447,10 +447,11 @@ inline void group_shrink_run(DType elem, void* u, void* w, const GroupBlock& b, 
   });
 }
 
-// Over n elements seen as rows of `cols` (the last row may be short), out[k][c] += the sum of term k over column c's
-// elements (group_reduce over the rows, in row order; the call's sums then added in): the passes of Adam's metric
-// over a large tensor by columns or as one group (optim_cpu.cpp's metric_passes). p: one value per column.
-template <int N, typename X, typename Y, typename Term>
+// Over n elements seen as rows of `cols` (the last row may be short), out[k][c] combined with term k over column c's
+// elements (group_reduce over the rows, in row order, then combined into out: added, or the largest where bit k of
+// kMax is set): the passes of Adam's metric over a large tensor by columns or as one group (optim_cpu.cpp's
+// metric_passes). p: one value per column.
+template <int N, unsigned kMax = 0u, typename X, typename Y, typename Term>
 void add_column_sums(const X* x, const Y* y, const double* p, int64_t n, int64_t cols, double* const* out,
                      Term term) {
   std::vector<double> buf((N + 1) * cols, 0.0);
@@ -460,16 +461,24 @@ void add_column_sums(const X* x, const Y* y, const double* p, int64_t n, int64_t
   const int64_t rows = n / cols, rest = n % cols;
   const auto add = [&](const GroupBlock& b, int64_t at) {
     double* const (&sums)[N] = part;
-    group_reduce<N, 0u>(b, x + at, y + at, param, sums, term);
-    for (int k = 0; k < N; ++k) {
-      for (int64_t c = 0; c < b.ngroups; ++c) out[k][c] += part[k][c];
-    }
+    group_reduce<N, kMax>(b, x + at, y + at, param, sums, term);
+    each_output<N>([&](auto k) {
+      constexpr int kk = decltype(k)::value;
+      for (int64_t c = 0; c < b.ngroups; ++c) out[kk][c] = combine<kMax, kk>(out[kk][c], part[kk][c]);
+    });
   };
   if (rows) add(GroupBlock{rows, cols, 1, 0, cols}, 0);
   if (rest) add(GroupBlock{1, rest, 1, 0, rest}, rows * cols);
 }
 
-inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, double* sums) {
+// float64 params: each column's largest magnitude, combined into largest[c] (max_nan).
+inline void column_largest_run(const double* w, int64_t n, int64_t cols, double* largest) {
+  double* const out[1] = {largest};
+  add_column_sums<1, 1u>(w, w, nullptr, n, cols, out, [](auto v, auto, auto, auto* r) { r[0] = magnitude(v); });
+}
+
+inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t cols, float* scratch, const double* scale,
+                               double* sums) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(w);
@@ -478,13 +487,22 @@ inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t col
     if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
       widen(x, scratch, n);  // the variant's conversion (F16C for float16)
       add_column_sums<1>(scratch, scratch, nullptr, n, cols, out, square);
+    } else if constexpr (std::is_same_v<T, double>) {
+      // Scaled by the column's largest magnitude, as block_group_norms scales float64 groups.
+      add_column_sums<1>(x, x, scale, n, cols, out, [](auto v, auto, auto p, auto* r) {
+        const auto y = v / p;
+        r[0] = y * y;
+      });
     } else {
       add_column_sums<1>(x, x, nullptr, n, cols, out, square);
     }
   });
 }
 
-inline void column_floors_run(DType elem, const void* w, const double* scale, int64_t n, int64_t cols, void* out) {
+// The floors as group_floors_typed forms them: float64 elements divided by the norm, then times weight; float32 /
+// 16-bit ones times scale = weight / norm.
+inline void column_floors_run(DType elem, const void* w, const double* scale, const double* norm, double weight,
+                              int64_t n, int64_t cols, void* out) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
@@ -495,40 +513,52 @@ inline void column_floors_run(DType elem, const void* w, const double* scale, in
     for (int64_t e = 0; e < n; e += cols) {
       const int64_t m = std::min(cols, n - e);
       for (int64_t c = 0; c < m; ++c) {
-        const double v = std::is_same_v<T, A> ? static_cast<double>(x[e + c]) : static_cast<double>(o[e + c]);
-        o[e + c] = static_cast<A>(std::abs(v) * scale[c]);
+        if constexpr (std::is_same_v<T, double>) {
+          o[e + c] = (std::abs(x[e + c]) / norm[c]) * weight;
+        } else {
+          const double v = std::is_same_v<T, A> ? static_cast<double>(x[e + c]) : static_cast<double>(o[e + c]);
+          o[e + c] = static_cast<A>(std::abs(v) * scale[c]);
+        }
       }
     }
   });
 }
 
-inline void metric_sums_run(int stage, const float* u, const float* a, const double* t, int64_t n, int64_t cols,
-                            double* const* out) {
-  if (stage == 0) {
-    add_column_sums<2>(u, a, nullptr, n, cols, out, MetricFirst{});
-  } else if (stage == 1) {
-    add_column_sums<1>(u, a, nullptr, n, cols, out, MetricTest{});
+inline void metric_sums_run(DType elem, int stage, const void* u, const void* a, const double* t, int64_t n,
+                            int64_t cols, double* const* out) {
+  const auto sums = [&](auto* x, auto* y) {
+    using A = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    if (stage == 0) {
+      add_column_sums<2>(x, y, nullptr, n, cols, out, MetricFirst{});
+    } else if (stage == 1) {
+      add_column_sums<1>(x, y, nullptr, n, cols, out, MetricTest{});
+    } else {
+      add_column_sums<3>(x, y, t, n, cols, out, MetricNewton<A>{});
+    }
+  };
+  if (elem == DType::kDouble) {
+    sums(static_cast<const double*>(u), static_cast<const double*>(a));
   } else {
-    add_column_sums<3>(u, a, t, n, cols, out, MetricNewton<float>{});
+    sums(static_cast<const float*>(u), static_cast<const float*>(a));
   }
 }
 
-inline void metric_apply_run(DType elem, float* u, const float* a, const float* root, const char* vanishes, int64_t n,
+inline void metric_apply_run(DType elem, void* u_, const void* a_, const void* root_, const char* vanishes, int64_t n,
                              int64_t cols, void* w) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (std::is_same_v<acc_t<T>, float>) {
-      // float32 into the params, 16-bit params through u and the variant's rounding (F16C for float16: the scalar
-      // conversion's bits).
-      float* const out = std::is_same_v<T, float> ? static_cast<float*>(w) : u;
-      for (int64_t e = 0; e < n; e += cols) {
-        const int64_t m = std::min(cols, n - e);
-        for (int64_t c = 0; c < m; ++c) {
-          out[e + c] = metric_result<float, float>(u[e + c], a[e + c], root[c], vanishes[c]);
-        }
-      }
-      if constexpr (!std::is_same_v<T, float>) narrow(u, static_cast<T*>(w), n);
+    using A = acc_t<T>;
+    A* const u = static_cast<A*>(u_);
+    const A* const a = static_cast<const A*>(a_);
+    const A* const root = static_cast<const A*>(root_);
+    // float32 / float64 into the params, 16-bit params through u and the variant's rounding (F16C for float16: the
+    // scalar conversion's bits).
+    A* const out = std::is_same_v<T, A> ? reinterpret_cast<A*>(w) : u;
+    for (int64_t e = 0; e < n; e += cols) {
+      const int64_t m = std::min(cols, n - e);
+      for (int64_t c = 0; c < m; ++c) out[e + c] = metric_result<A, A>(u[e + c], a[e + c], root[c], vanishes[c]);
     }
+    if constexpr (!std::is_same_v<T, A>) narrow(u, static_cast<T*>(w), n);
   });
 }
 
