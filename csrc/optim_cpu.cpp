@@ -548,18 +548,15 @@ class ColumnSums {
   void chunk(int64_t k, double** out, int outputs) {
     for (int o = 0; o < outputs; ++o) out[o] = sums_.data() + (o * chunks_ + k) * cols_;
   }
-  // Output o's largest per column over the chunks (NaN as soon as one is); one group: the largest of all columns.
+  // Output o's largest per column over the chunks (NaN as soon as one is): float64 columns only (a float64 tensor as
+  // one group stays in a block).
   std::vector<double> largest(int o) const {
+    TORCH_INTERNAL_ASSERT(!one_group_, "the largest magnitudes are taken per column");
     const auto max_nan = [](double m, double x) { return (m < x || x != x) ? x : m; };
     std::vector<double> top(static_cast<size_t>(cols_), 0.0);
     for (int64_t k = 0; k < chunks_; ++k) {
       const double* part = sums_.data() + (o * chunks_ + k) * cols_;
       for (int64_t c = 0; c < cols_; ++c) top[c] = max_nan(top[c], part[c]);
-    }
-    if (one_group_) {
-      double all = 0;
-      for (int64_t c = 0; c < cols_; ++c) all = max_nan(all, top[c]);
-      std::fill(top.begin(), top.end(), all);
     }
     return top;
   }
