@@ -6,7 +6,8 @@ With one element per tensor the arithmetic is negligible, so the time per call i
 host spends: argument checks, grouping, dispatch and the kernel calls. Rows:
 
 - ``naive loop``: the loops people write (one or more torch ops per tensor); ``penalty`` rows
-  include ``backward()``;
+  include ``backward()``, ``penalty value`` rows are the value alone under ``torch.no_grad()`` (for logging, or
+  ``Proximal(compute_penalty=True)``);
 - ``torch._foreach_*``: torch's own multi-tensor ops, where one exists;
 - ``regfast[cpp]`` / ``regfast[torch]``: the whole public call on that backend;
 - ``regfast[triton], launch stubbed``: the whole public call on the Triton backend with each
@@ -87,7 +88,14 @@ def _naive_cases(params: list[torch.Tensor]) -> dict[str, object]:
     def norms():
         return [(w.abs().sum(), w.square().sum()) for w in params]
 
-    return {"norms": norms, "penalty": penalty, "add_penalty_grad_": add_grad, "prox_": prox}
+    @torch.no_grad()
+    def value():
+        loss = torch.zeros(())
+        for w in params:
+            loss = loss + 1e-4 * w.abs().sum() + 1e-3 * w.square().sum()
+        return loss
+
+    return {"norms": norms, "penalty": penalty, "penalty value": value, "add_penalty_grad_": add_grad, "prox_": prox}
 
 
 def _foreach_cases(params: list[torch.Tensor]) -> dict[str, object]:
@@ -102,6 +110,7 @@ def _regfast_cases(params: list[torch.Tensor]) -> dict[str, object]:
     return {
         "norms": lambda: regfast.norms(params),
         "penalty": lambda: regfast.penalty(params, l1=1e-4, l2=1e-3).backward(),
+        "penalty value": torch.no_grad()(lambda: regfast.penalty(params, l1=1e-4, l2=1e-3)),
         "add_penalty_grad_": lambda: regfast.add_penalty_grad_(params, l1=1e-4, l2=1e-3),
         "prox_": lambda: regfast.prox_(params, 0.1, l1=1e-4, l2=1e-3),
     }
@@ -190,7 +199,7 @@ def run(n_tensors: int, repeats: int, scattered: bool = False) -> list[dict]:
     if _dispatch.unavailable_reason("triton", "cpu") is None:
         providers.append(("regfast[triton], launch stubbed", _regfast_cases(params), "triton"))
     rows = []
-    for op in ("norms", "penalty", "add_penalty_grad_", "prox_"):
+    for op in ("norms", "penalty", "penalty value", "add_penalty_grad_", "prox_"):
         base = None
         for name, cases, backend in providers:
             if op not in cases:

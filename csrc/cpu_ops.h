@@ -1,6 +1,6 @@
-// The CPU ops' work once their arguments are checked: what regfast_C::norms, add_penalty_grad_ and prox_ run on
-// the CPU after their checks (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp), and what the host path runs
-// straight from its walk (host_path.cpp), which has checked the same.
+// The CPU ops' work once their arguments are checked: what regfast_C::norms, penalty, penalty_backward,
+// add_penalty_grad_ and prox_ run on the CPU after their checks (norms_cpu.cpp, penalty_cpu.cpp, prox_cpu.cpp), and
+// what the host path runs straight from its walk (host_path.cpp), which has checked the same.
 //
 // Each takes one group: a non-empty list of CPU tensors of one floating dtype.
 #pragma once
@@ -22,6 +22,12 @@ std::tuple<at::Tensor, at::Tensor> norms(at::TensorList params);
 // elements at data[t].
 std::tuple<at::Tensor, at::Tensor> norms_table(at::ScalarType dtype, const void* const* data,
                                                const std::vector<int64_t>& numels);
+
+// The penalty l1·Σ|w| + l2·Σw² + gl·Σ_g √|g|·‖w_g‖₂, 0-dim, in the accumulation dtype.
+at::Tensor penalty(at::TensorList params, double l1, double l2, double gl, Grouping grouping);
+// Its gradient times the 0-dim `grad`: a fresh tensor per param, of its shape, dtype and layout.
+std::vector<at::Tensor> penalty_backward(const at::Tensor& grad, at::TensorList params, double l1, double l2,
+                                         double gl, Grouping grouping);
 
 // grads += the penalty's gradient at params (grads: contiguous, each of its param's shape and dtype); returns the
 // penalty's value, 0-dim, in the accumulation dtype.

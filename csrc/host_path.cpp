@@ -18,12 +18,16 @@
 #include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -666,7 +670,156 @@ at::Tensor index_on(const std::vector<int64_t>& index, const at::Device& device)
   return at::tensor(index, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
+// A call of penalty_walk or add_penalty_grad_walk: its arguments (params, types, cpu, cuda, l1, l2, group_lasso,
+// groups) and what the walk found.
+struct PenaltyCall {
+  double l1 = 0, l2 = 0, gl = 0;
+  std::string groups;
+  std::vector<Group> walked;
+  int64_t count = 0;
+  at::Tensor first;
+
+  // 1 when the walk takes the call (with the grads where `grads`), 0 when it declines, −1 with a Python error set
+  // where `args` are not those arguments.
+  int walk_args(PyObject* args, bool grads) {
+    PyObject *list = nullptr, *types = nullptr;
+    int cpu = 0, cuda = 0;
+    const char* grouping = nullptr;
+    Allowed allowed{};
+    if (!PyArg_ParseTuple(args, "OO!ppddds", &list, &PyTuple_Type, &types, &cpu, &cuda, &l1, &l2, &gl, &grouping) ||
+        !parse_allowed(types, cpu, cuda, allowed)) {
+      return -1;
+    }
+    groups = grouping;
+    return walk(list, allowed, Needs{grads, false, grads && gl == 0}, walked, count, first) ? 1 : 0;
+  }
+};
+
+// The gradient of penalty_walk's value: one autograd node for the whole list (what a torch.autograd.Function would
+// record, without its Python step per tensor). It saves the distinct tensors (SavedVariable: the version check,
+// the saved-tensor hooks, the release after a backward without retain_graph, with torch's messages) and returns
+// each its gradient, group by group: the value's grad in the group's accumulation dtype on its device (what the
+// Python path's .to() of each group's value passes back), then the group's penalty_backward: the differentiable
+// op regfast::penalty_backward where the backward builds a graph (create_graph), else the kernel.
+using NodePtr = decltype(torch::autograd::Edge::function);  // std::shared_ptr or c10::intrusive_ptr by torch
+
+class PenaltyBackward final : public torch::autograd::Node {
+ public:
+  struct Part {
+    at::Device device;
+    at::ScalarType dtype;
+    std::vector<size_t> index;  // the group's tensors among the saved ones
+  };
+
+  PenaltyBackward(double l1, double l2, double gl, std::string groups)
+      : l1_(l1), l2_(l2), gl_(gl), groups_(std::move(groups)) {}
+
+  std::string name() const override { return "PenaltyBackward"; }
+  void release_variables() override {
+    for (auto& s : saved_) s.reset_data();
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    torch::autograd::variable_list out(saved_.size());
+    if (grads.empty() || !grads[0].defined()) return out;
+    const bool graph = at::GradMode::is_enabled();
+    static const auto kernel = op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, double, double, double,
+                                                          c10::string_view)>("regfast_C::penalty_backward");
+    for (const Part& part : parts_) {
+      bool wanted = false;
+      for (const size_t i : part.index) wanted = wanted || should_compute_output(i);
+      if (!wanted) continue;
+      std::vector<at::Tensor> params;
+      params.reserve(part.index.size());
+      for (const size_t i : part.index) params.push_back(saved_[i].unpack());
+      const at::Tensor grad = grads[0].to(part.device, part.dtype == at::kDouble ? at::kDouble : at::kFloat);
+      std::vector<at::Tensor> result;
+      if (graph) {
+        static const auto differentiable = op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, double,
+                                                                      double, double, c10::string_view)>(
+            "regfast::penalty_backward");
+        result = differentiable.call(grad, params, l1_, l2_, gl_, groups_);
+      } else if (direct_on(part.device)) {
+        result = cpu_ops::penalty_backward(grad, params, l1_, l2_, gl_, parse_grouping(groups_));
+      } else {
+        result = kernel.call(grad, params, l1_, l2_, gl_, groups_);
+      }
+      for (size_t j = 0; j < part.index.size(); ++j) out[part.index[j]] = std::move(result[j]);
+    }
+    return out;
+  }
+
+  std::vector<torch::autograd::SavedVariable> saved_;
+  std::vector<Part> parts_;
+
+ private:
+  double l1_, l2_, gl_;
+  std::string groups_;
+};
+
+// A node held as this torch holds them (a template: only the branch of this torch's pointer is compiled).
+template <typename P = NodePtr>
+P make_penalty_node(double l1, double l2, double gl, const std::string& groups) {
+  if constexpr (std::is_same_v<P, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<PenaltyBackward>(l1, l2, gl, groups);
+  } else {
+    return c10::make_intrusive<PenaltyBackward>(l1, l2, gl, groups);
+  }
+}
+
 }  // namespace
+
+PyObject* penalty(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PenaltyCall c;
+  if (const int walked = c.walk_args(args, false); walked <= 0) {
+    if (walked < 0) return nullptr;
+    Py_RETURN_NONE;
+  }
+  bool graph = false;
+  if (at::GradMode::is_enabled()) {
+    for (const auto& g : c.walked) {
+      for (const auto& t : g.params) graph = graph || t.requires_grad();
+    }
+  }
+  static const auto penalty_op =
+      op<at::Tensor(at::TensorList, double, double, double, c10::string_view)>("regfast_C::penalty");
+  const std::string& grouping = c.groups;
+  const Grouping parsed = parse_grouping(grouping);
+  at::Tensor total;
+  {
+    KernelScope scope(c.walked);
+    const auto dtype = result_dtype(c.walked);
+    for (const auto& g : c.walked) {  // each group's value added in order, as regfast.api's _total adds them
+      at::Tensor value = direct_on(g.device) ? cpu_ops::penalty(g.params, c.l1, c.l2, c.gl, parsed)
+                                             : penalty_op.call(g.params, c.l1, c.l2, c.gl, grouping);
+      value = value.to(c.first.device(), dtype);
+      total = total.defined() ? total + value : value;
+    }
+  }
+  if (graph) {
+    NodePtr node = make_penalty_node(c.l1, c.l2, c.gl, grouping);
+    auto* self = static_cast<PenaltyBackward*>(node.get());
+    self->saved_.resize(static_cast<size_t>(c.count));
+    torch::autograd::edge_list edges(static_cast<size_t>(c.count));
+    for (const auto& g : c.walked) {
+      PenaltyBackward::Part part{g.device, g.dtype, {}};
+      part.index.reserve(g.params.size());
+      for (size_t j = 0; j < g.params.size(); ++j) {
+        const auto i = static_cast<size_t>(g.index[j]);
+        const at::Tensor& t = g.params[j];
+        self->saved_[i] = torch::autograd::SavedVariable(t, false);
+        edges[i] = torch::autograd::impl::gradient_edge(t);
+        part.index.push_back(i);
+      }
+      self->parts_.push_back(std::move(part));
+    }
+    node->set_next_edges(std::move(edges));
+    torch::autograd::set_history(total, node);
+  }
+  return THPVariable_Wrap(total);
+  END_HANDLE_TH_ERRORS
+}
 
 PyObject* norms(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -708,41 +861,33 @@ PyObject* norms(PyObject*, PyObject* args) {
 
 PyObject* add_penalty_grad(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *list = nullptr, *types = nullptr;
-  int cpu = 0, cuda = 0;
-  double l1 = 0, l2 = 0, gl = 0;
-  const char* groups_arg = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!ppddds", &list, &PyTuple_Type, &types, &cpu, &cuda, &l1, &l2, &gl, &groups_arg)) {
-    return nullptr;
+  PenaltyCall c;
+  if (const int walked = c.walk_args(args, true); walked <= 0) {
+    if (walked < 0) return nullptr;
+    Py_RETURN_NONE;
   }
-  Allowed allowed{};
-  if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
-  std::vector<Group> groups;
-  int64_t count = 0;
-  at::Tensor first;
-  if (!walk(list, allowed, Needs{true, false, gl == 0}, groups, count, first)) Py_RETURN_NONE;
   static const auto grad_op = op<at::Tensor(at::TensorList, at::TensorList, double, double, double, c10::string_view)>(
       "regfast_C::add_penalty_grad_");
-  const std::string grouping(groups_arg);
+  const std::string& grouping = c.groups;
   const Grouping parsed = parse_grouping(grouping);
   at::Tensor total;
   {
-    KernelScope scope(groups);
-    const auto dtype = result_dtype(groups);
-    for (const auto& g : groups) {
+    KernelScope scope(c.walked);
+    const auto dtype = result_dtype(c.walked);
+    for (const auto& g : c.walked) {
       // The walk's grads are contiguous and match their params, as cpu_ops::add_penalty_grad takes them.
       at::Tensor value;
       if (!direct_on(g.device)) {
-        value = grad_op.call(g.params, g.grads, l1, l2, gl, grouping);
+        value = grad_op.call(g.params, g.grads, c.l1, c.l2, c.gl, grouping);
       } else if (g.table) {
-        value = cpu_ops::add_penalty_grad_table(g.dtype, g.data.data(), g.grad_data.data(), g.numels, l1, l2);
+        value = cpu_ops::add_penalty_grad_table(g.dtype, g.data.data(), g.grad_data.data(), g.numels, c.l1, c.l2);
       } else {
-        value = cpu_ops::add_penalty_grad(g.params, g.grads, l1, l2, gl, parsed);
+        value = cpu_ops::add_penalty_grad(g.params, g.grads, c.l1, c.l2, c.gl, parsed);
       }
-      value = value.to(first.device(), dtype);
+      value = value.to(c.first.device(), dtype);
       total = total.defined() ? total + value : value;
     }
-    for (const auto& g : groups) bump(g.grads);
+    for (const auto& g : c.walked) bump(g.grads);
   }
   return THPVariable_Wrap(total);
   END_HANDLE_TH_ERRORS

@@ -11,6 +11,9 @@ namespace host {
 // to create, a device another backend serves): the Python path then runs, and raises where the
 // input is wrong. See host_path.cpp.
 PyObject* norms(PyObject* self, PyObject* args);
+// penalty_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups): the penalty's value, with one autograd node
+// for the whole list (PenaltyBackward) where grad mode is on and a tensor requires grad; or None.
+PyObject* penalty(PyObject* self, PyObject* args);
 PyObject* add_penalty_grad(PyObject* self, PyObject* args);
 PyObject* prox(PyObject* self, PyObject* args);
 PyObject* sgd_step(PyObject* self, PyObject* args);

@@ -57,6 +57,8 @@ static PyObject* cuda_table_cache(PyObject*, PyObject*) {
 static PyMethodDef regfast_methods[] = {
     {"norms_walk", regfast::host::norms, METH_VARARGS,
      "norms_walk(params, types, cpu, cuda) -> (per_l1, per_l2sq) or None"},
+    {"penalty_walk", regfast::host::penalty, METH_VARARGS,
+     "penalty_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups) -> value (with its gradient) or None"},
     {"add_penalty_grad_walk", regfast::host::add_penalty_grad, METH_VARARGS,
      "add_penalty_grad_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups) -> value or None"},
     {"prox_walk", regfast::host::prox, METH_VARARGS,

@@ -35,7 +35,18 @@ void check_params(at::TensorList params) { check_group(params, "params", c10::kC
 
 at::Tensor penalty_cpu(at::TensorList params, double l1, double l2, double gl, c10::string_view groups) {
   check_params(params);
-  const Grouping grouping = parse_grouping(groups);
+  return cpu_ops::penalty(params, l1, l2, gl, parse_grouping(groups));
+}
+
+std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad, at::TensorList params, double l1, double l2,
+                                             double gl, c10::string_view groups) {
+  check_params(params);
+  return cpu_ops::penalty_backward(grad, params, l1, l2, gl, parse_grouping(groups));
+}
+
+}  // namespace
+
+at::Tensor cpu_ops::penalty(at::TensorList params, double l1, double l2, double gl, Grouping grouping) {
   const auto ws = contiguous_all(params);
   const auto acc = acc_type(params[0].scalar_type());
   double value = 0;
@@ -69,6 +80,8 @@ at::Tensor penalty_cpu(at::TensorList params, double l1, double l2, double gl, c
   });
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
+
+namespace {
 
 // The gradients penalty_backward returns: one fresh tensor per param, every call. A block above glibc's mmap
 // threshold is mapped anew on every call, and one below it often sits in heap memory that glibc gave back to the
@@ -185,27 +198,6 @@ std::vector<at::Tensor> fresh_outputs(const std::vector<at::Tensor>& ws) {
   return outs;
 }
 
-std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad, at::TensorList params, double l1, double l2,
-                                             double gl, c10::string_view groups) {
-  check_params(params);
-  const Grouping grouping = parse_grouping(groups);
-  const auto ws = contiguous_all(params);
-  std::vector<at::Tensor> outs = fresh_outputs(ws);
-  const double mult = grad.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_penalty_backward_cpu",
-                                  [&] {
-                                    if (l1 == 0 && l2 == 0 && gl == 0) {
-                                      for (auto& o : outs) o.zero_();
-                                    } else {
-                                      cpu::passes<scalar_t>().grad_pass(ws, outs, false, l1, l2, gl, grouping, mult);
-                                    }
-                                  });
-  // Results take the layout of their param, like the fake kernel's empty_like.
-  for (size_t i = 0; i < outs.size(); ++i) {
-    if (!params[i].is_contiguous()) outs[i] = at::empty_like(params[i]).copy_(outs[i]);
-  }
-  return outs;
-}
 
 at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2, double gl,
                                 c10::string_view groups) {
@@ -224,6 +216,26 @@ at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, dou
 }
 
 }  // namespace
+
+std::vector<at::Tensor> cpu_ops::penalty_backward(const at::Tensor& grad, at::TensorList params, double l1,
+                                                 double l2, double gl, Grouping grouping) {
+  const auto ws = contiguous_all(params);
+  std::vector<at::Tensor> outs = fresh_outputs(ws);
+  const double mult = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "regfast_penalty_backward_cpu",
+                                  [&] {
+                                    if (l1 == 0 && l2 == 0 && gl == 0) {
+                                      for (auto& o : outs) o.zero_();
+                                    } else {
+                                      cpu::passes<scalar_t>().grad_pass(ws, outs, false, l1, l2, gl, grouping, mult);
+                                    }
+                                  });
+  // Results take the layout of their param, like the fake kernel's empty_like.
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (!params[i].is_contiguous()) outs[i] = at::empty_like(params[i]).copy_(outs[i]);
+  }
+  return outs;
+}
 
 at::Tensor cpu_ops::add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>& grads, double l1,
                                      double l2, double gl, Grouping grouping) {

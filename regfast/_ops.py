@@ -38,15 +38,16 @@ _ACTIVE_MODE_CHECKS = tuple(getattr(torch._C, name, _missing) for name in (
 
 
 def walk(name: str, params, *args):
-    """Public call ``name`` (``"norms"``, ``"add_penalty_grad"``, ``"prox"``; ``"sgd_step"``, ``"adamw_step"`` from an
-    optimizer's plan) on the list ``params`` in one C++ walk (:mod:`regfast._C`'s host path: checks, repeats, grouping,
-    kernels, version counters), or None when the walk does not take it: no extension, tracing, a mode or
-    transform active, a device the ``torch`` backend serves, or any tensor it cannot prove valid. On None
-    nothing was written; the caller's Python path runs. Where a device's backend launches from Python
-    (Triton), the walk checks and groups the list (and an optimizer step's states), and each group's kernels
-    are launched here (:func:`_run_groups`, :func:`_run_steps`) on :class:`~regfast._common.Walked` lists (a flat
-    plan's states and grads as :class:`~regfast._common.ByAddress` where the launch reads only their addresses):
-    the data pointers, numels and contiguity the walk read, so that the launcher makes no Python call per tensor."""
+    """Public call ``name`` (``"norms"``, ``"penalty"``, ``"add_penalty_grad"``, ``"prox"``; ``"sgd_step"``,
+    ``"adamw_step"`` from an optimizer's plan) on the list ``params`` in one C++ walk (:mod:`regfast._C`'s host
+    path: checks, repeats, grouping, kernels, version counters; ``penalty``'s autograd node), or None when the walk
+    does not take it: no extension, tracing, a mode or transform active, a device the ``torch`` backend serves, or
+    any tensor it cannot prove valid. On None nothing was written; the caller's Python path runs. Where a device's
+    backend launches from Python (Triton), the walk checks and groups the list (and an optimizer step's states), and
+    each group's kernels are launched here (:func:`_run_groups`, :func:`_run_steps`) on
+    :class:`~regfast._common.Walked` lists (a flat plan's states and grads as :class:`~regfast._common.ByAddress`
+    where the launch reads only their addresses): the data pointers, numels and contiguity the walk read, so that
+    the launcher makes no Python call per tensor."""
     if _ext._C is None or torch.compiler.is_compiling() or any(check() for check in _ACTIVE_MODE_CHECKS):
         return None
     on_cpu, on_cuda = _dispatch.cpu_cuda_names()
@@ -352,7 +353,7 @@ class _DirectPenalty(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _transform_active() -> bool:
+def transform_active() -> bool:
     """A functorch transform or forward-mode AD is running: what a custom op cannot follow."""
     functorch = torch._C._are_functorch_transforms_active() if hasattr(torch._C, "_are_functorch_transforms_active") \
         else False
@@ -366,7 +367,7 @@ def run_penalty(params: list[Tensor], l1: float, l2: float, group_lasso: float, 
     AD, which a custom op cannot follow, it is :func:`~regfast.reference.penalty_differentiable`:
     plain torch ops that every transform knows.
     """
-    if not torch.compiler.is_compiling() and _transform_active():
+    if not torch.compiler.is_compiling() and transform_active():
         return penalty_differentiable(params, l1, l2, group_lasso, groups)
     backend = direct_backend(params)
     if backend is None:

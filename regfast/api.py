@@ -195,8 +195,12 @@ def penalty(params: Params, l1: float = 0.0, l2: float = 0.0, group_lasso: float
     is float64) on the first param's device; the gradient is ``l1·sign(w) + 2·l2·w +
     group_lasso·√|g|·w_g/‖w_g‖₂``, 0 at w = 0. Terms whose coefficient is 0 are not computed.
     """
-    tensors, names = _named(params)
     l1, l2, group_lasso = _check_hyper(l1, l2, group_lasso, groups)
+    if not _ops.transform_active():  # forward-mode AD and functorch take plain torch ops (run_penalty)
+        walked = _ops.walk("penalty", _listed(params), l1, l2, group_lasso, groups)
+        if walked is not None:
+            return walked
+    tensors, names = _named(params)
     if not tensors:
         return torch.zeros(())
     plain, distributed = _partition(tensors)

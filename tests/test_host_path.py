@@ -98,6 +98,92 @@ def test_walk_matches_the_python_path_bit_for_bit(call, dtypes, copies, backend,
         assert (wv, gv) == (wv2, gv2), "version counters bumped differently"
 
 
+PENALTIES = {
+    "group lasso": {"l1": 0.01, "l2": 0.1, "group_lasso": 0.05, "groups": "col"},
+    "l1": {"l1": 0.3},
+}
+
+
+def _penalty_and_grads(params, hyper, grad):
+    """penalty(params + a repeat), its backward with ``grad``, and the grads it left."""
+    value = regfast.penalty(params + params[:2], **hyper)
+    value.backward(torch.tensor(grad, dtype=value.dtype))
+    return value.detach(), [None if not p.is_leaf or p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("hyper", PENALTIES.values(), ids=PENALTIES.keys())
+@pytest.mark.parametrize("dtypes, copies", [((torch.float32,), 1), ((torch.float16, torch.float64, torch.bfloat16), 1),
+                                            ((torch.float32, torch.bfloat16), 9)], ids=str)
+def test_penalty_walks_with_one_autograd_node_bit_for_bit(dtypes, copies, hyper, monkeypatch):
+    walked, python = _model(dtypes, copies), _model(dtypes, copies)
+    sources = []
+    for ps in (walked, python):  # a param without a grad yet, one that does not require grad, a non-leaf
+        ps[0].grad = ps[1].grad = None
+        ps[1].requires_grad_(False)
+        sources.append(ps[2])
+        ps[2] = ps[2] * 1.5
+    taken = _recorded_walks(monkeypatch)
+    with use_backend("cpp"):
+        value, grads = _penalty_and_grads(walked, hyper, 1.7)
+        assert taken and taken[-1] is not None, "the walk declined a plain list"
+        node = regfast.penalty(walked, **hyper).grad_fn
+        assert node.name() == "PenaltyBackward"
+        assert len(node.next_functions) == len(walked)
+        with torch.no_grad():
+            plain = regfast.penalty(walked, **hyper)
+        assert plain.grad_fn is None and not plain.requires_grad
+        monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        expected, expected_grads = _penalty_and_grads(python, hyper, 1.7)
+    assert value.dtype == expected.dtype and torch.equal(value, expected) and torch.equal(plain, expected)
+    assert torch.equal(sources[0].grad, sources[1].grad)  # through the non-leaf to its leaf
+    for a, b in zip(grads, expected_grads):
+        assert (a is None) == (b is None)
+        assert a is None or (a.dtype == b.dtype and torch.equal(a, b))
+    assert grads[1] is None and grads[0] is not None
+
+
+def test_penalty_walks_second_derivatives_as_the_python_path(monkeypatch):
+    def hessian_vector(params):
+        value = regfast.penalty(params, l1=0.2, l2=0.3, group_lasso=0.1, groups="row")
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), params)
+
+    walked, python = _model(), _model()
+    taken = _recorded_walks(monkeypatch)
+    with use_backend("cpp"):
+        out = hessian_vector(walked)
+        assert taken[-1] is not None
+        monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        expected = hessian_vector(python)
+    for a, b in zip(out, expected):
+        assert torch.equal(a, b)
+
+
+def test_penalty_walks_node_keeps_torchs_checks_and_hooks():
+    w = torch.randn(6, 5, requires_grad=True)
+    with use_backend("cpp"):
+        value = regfast.penalty([w], l1=0.1, l2=0.2)
+        assert value.grad_fn.name() == "PenaltyBackward"
+        value.backward(retain_graph=True)
+        value.backward()  # retained once
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            value.backward()
+        value = regfast.penalty([w], l1=0.1)
+        with torch.no_grad():
+            w.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation.*is at version"):
+            value.backward()
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append("pack") or t,
+                                                       lambda t: seen.append("unpack") or t):
+            value = regfast.penalty([w], l2=0.5)
+        value.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(len(grad_inputs)))
+        w.grad = None
+        value.backward()
+        assert seen == ["pack", "unpack", 1]
+        assert torch.equal(w.grad, (2 * 0.5) * w.detach())
+
+
 def _sized_list(sizes, dtype):
     """Params for the prox's data table: "small", 3,000 tensors of 0-89 elements (about 2¹⁷ in all, none over one
     chunk of the CPU kernels, so several runs of whole tensors at 2 threads) with a 0-dim one; "chunked", tensors
