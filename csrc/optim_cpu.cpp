@@ -13,12 +13,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <utility>
@@ -474,6 +476,33 @@ class BlockArrays {
   size_t size_ = 0;
 };
 
+// body(arrays, blocks[k]) for every block, on the intra-op threads, each with its own BlockArrays. On more than one
+// thread the blocks go largest first, each thread taking the next from a shared count: a block is whole groups, so
+// one group of a large tensor is one block (GPT-2 small's float64 50257 × 768 embedding as one group, a third of
+// Adam's metric step), and at::parallel_for's contiguous halves of the list left that block and half the rest to
+// one thread. Which thread runs a block does not change its bits; on one thread the blocks go in order.
+template <typename Body>
+void blocks_largest_first(const std::vector<std::pair<int64_t, GroupBlock>>& blocks, Body&& body) {
+  const auto n = static_cast<int64_t>(blocks.size());
+  const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (threads > 1) {
+    const auto size = [&](int64_t k) {
+      const GroupBlock& b = blocks[k].second;
+      return b.outer * (b.g1 - b.g0) * b.inner;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return size(a) > size(b); });
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    BlockArrays arrays;
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(arrays, blocks[order[i]]);
+    }
+  });
+}
+
 // t's pointers moved to element `at` (elements of `elem` bytes, states of `acc` bytes).
 AdamWTensor offset(const AdamWTensor& t, int64_t at, size_t elem, size_t acc) {
   const auto move = [&](auto* p, size_t size) { return p == nullptr ? p : static_cast<char*>(p) + at * size; };
@@ -727,23 +756,20 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     }
   }
   const auto run = optim_cpu::loops().adamw;
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    BlockArrays arrays;
-    for (int64_t k = begin; k < end; ++k) {
-      const AdamWTensor& t = tb.ts[blocks[k].first];
-      const GroupBlock& b = blocks[k].second;
-      const int64_t span = (b.g1 - b.g0) * b.inner;
-      char* const group = arrays.get(2 * b.outer * span * acc_size);
-      char* const work = group + b.outer * span * acc_size;
-      passes.group_floors(elem, t.param, group, b, t.group_weight);
-      for (int64_t o = 0; o < b.outer; ++o) {
-        AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner, elem_size, acc_size);
-        run_t.group = group + o * span * acc_size;
-        run_t.work = work + o * span * acc_size;
-        run(args, run_t, 0, span, nullptr);
-      }
-      passes.metric_shrink(elem, work, group, t.param, b);
+  blocks_largest_first(blocks, [&](BlockArrays& arrays, const std::pair<int64_t, GroupBlock>& block) {
+    const AdamWTensor& t = tb.ts[block.first];
+    const GroupBlock& b = block.second;
+    const int64_t span = (b.g1 - b.g0) * b.inner;
+    char* const group = arrays.get(2 * b.outer * span * acc_size);
+    char* const work = group + b.outer * span * acc_size;
+    passes.group_floors(elem, t.param, group, b, t.group_weight);
+    for (int64_t o = 0; o < b.outer; ++o) {
+      AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner, elem_size, acc_size);
+      run_t.group = group + o * span * acc_size;
+      run_t.work = work + o * span * acc_size;
+      run(args, run_t, 0, span, nullptr);
     }
+    passes.metric_shrink(elem, work, group, t.param, b);
   });
   write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
