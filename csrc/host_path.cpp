@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -715,11 +716,15 @@ class PenaltyBackward final : public torch::autograd::Node {
       : l1_(l1), l2_(l2), gl_(gl), groups_(std::move(groups)) {}
 
   std::string name() const override { return "PenaltyBackward"; }
+  // Both under the node's mutex, as torch's own nodes take it: backward passes on other threads may share a graph
+  // kept with retain_graph.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     for (auto& s : saved_) s.reset_data();
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     torch::autograd::variable_list out(saved_.size());
     if (grads.empty() || !grads[0].defined()) return out;
     const bool graph = at::GradMode::is_enabled();

@@ -198,7 +198,6 @@ std::vector<at::Tensor> fresh_outputs(const std::vector<at::Tensor>& ws) {
   return outs;
 }
 
-
 at::Tensor add_penalty_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2, double gl,
                                 c10::string_view groups) {
   check_params(params);
