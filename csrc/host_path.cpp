@@ -18,17 +18,13 @@
 #include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -696,83 +692,77 @@ struct PenaltyCall {
   }
 };
 
-// The gradient of penalty_walk's value: one autograd node for the whole list (what a torch.autograd.Function would
-// record, without its Python step per tensor). It saves the distinct tensors (SavedVariable: the version check,
-// the saved-tensor hooks, the release after a backward without retain_graph, with torch's messages) and returns
-// each its gradient, group by group: the value's grad in the group's accumulation dtype on its device (what the
-// Python path's .to() of each group's value passes back), then the group's penalty_backward: the differentiable
-// op regfast::penalty_backward where the backward builds a graph (create_graph), else the kernel.
-using NodePtr = decltype(torch::autograd::Edge::function);  // std::shared_ptr or c10::intrusive_ptr by torch
+}  // namespace
 
-class PenaltyBackward final : public torch::autograd::Node {
- public:
-  struct Part {
-    at::Device device;
-    at::ScalarType dtype;
-    std::vector<size_t> index;  // the group's tensors among the saved ones
-  };
-
-  PenaltyBackward(double l1, double l2, double gl, std::string groups)
-      : l1_(l1), l2_(l2), gl_(gl), groups_(std::move(groups)) {}
-
-  std::string name() const override { return "PenaltyBackward"; }
-  // Both under the node's mutex, as torch's own nodes take it: backward passes on other threads may share a graph
-  // kept with retain_graph.
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& s : saved_) s.reset_data();
+// The gradient of penalty_walk's value: one autograd node for the whole list, made by torch's C++ custom function
+// (torch::autograd::Function: what a Python torch.autograd.Function records, without its Python step per tensor;
+// its node saves the tensors as torch saves them, with the version check, the saved-tensor hooks, the release after
+// a backward without retain_graph and their messages, and compiled autograd calls it). Its backward, per (device,
+// dtype) group of the saved tensors in order of first appearance (the walk's groups): the value's grad in the
+// group's accumulation dtype on its device (what the Python path's .to() of each group's value passes back), then
+// the group's penalty_backward: the differentiable op regfast::penalty_backward where the backward builds a graph
+// (create_graph), else the kernel.
+struct PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
+  // `value`: the walk's value of the distinct tensors `params`, returned as the function's output.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList params, const at::Tensor* value,
+                            double l1, double l2, double gl, const std::string& groups) {
+    ctx->save_for_backward(params.vec());
+    ctx->saved_data["l1"] = l1;
+    ctx->saved_data["l2"] = l2;
+    ctx->saved_data["gl"] = gl;
+    ctx->saved_data["groups"] = groups;
+    return *value;
   }
 
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    torch::autograd::variable_list out(saved_.size());
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list params = ctx->get_saved_variables();
+    const size_t n = params.size();
+    torch::autograd::variable_list out(n + 5);  // one per forward argument: the tensors, then the others
     if (grads.empty() || !grads[0].defined()) return out;
-    const bool graph = at::GradMode::is_enabled();
+    const double l1 = ctx->saved_data["l1"].toDouble(), l2 = ctx->saved_data["l2"].toDouble();
+    const double gl = ctx->saved_data["gl"].toDouble();
+    const std::string groups = ctx->saved_data["groups"].toStringRef();
+    std::vector<size_t> part(n);  // each tensor's (device, dtype) group, numbered in order of first appearance
+    std::vector<std::pair<at::Device, at::ScalarType>> kinds;
+    for (size_t i = 0; i < n; ++i) {
+      const std::pair<at::Device, at::ScalarType> kind{params[i].device(), params[i].scalar_type()};
+      const auto found = std::find(kinds.begin(), kinds.end(), kind);
+      part[i] = static_cast<size_t>(found - kinds.begin());
+      if (found == kinds.end()) kinds.push_back(kind);
+    }
     static const auto kernel = op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, double, double, double,
                                                           c10::string_view)>("regfast_C::penalty_backward");
-    for (const Part& part : parts_) {
-      bool wanted = false;
-      for (const size_t i : part.index) wanted = wanted || should_compute_output(i);
-      if (!wanted) continue;
-      std::vector<at::Tensor> params;
-      params.reserve(part.index.size());
-      for (const size_t i : part.index) params.push_back(saved_[i].unpack());
-      const at::Tensor grad = grads[0].to(part.device, part.dtype == at::kDouble ? at::kDouble : at::kFloat);
+    for (size_t k = 0; k < kinds.size(); ++k) {
+      std::vector<size_t> index;
+      for (size_t i = 0; i < n; ++i) {
+        if (part[i] == k && ctx->needs_input_grad(i)) index.push_back(i);
+      }
+      if (index.empty()) continue;
+      std::vector<at::Tensor> ws;
+      for (size_t i = 0; i < n; ++i) {
+        if (part[i] == k) ws.push_back(params[i]);
+      }
+      const auto [device, dtype] = kinds[k];
+      const at::Tensor grad = grads[0].to(device, dtype == at::kDouble ? at::kDouble : at::kFloat);
       std::vector<at::Tensor> result;
-      if (graph) {
+      if (at::GradMode::is_enabled()) {
         static const auto differentiable = op<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, double,
                                                                       double, double, c10::string_view)>(
             "regfast::penalty_backward");
-        result = differentiable.call(grad, params, l1_, l2_, gl_, groups_);
-      } else if (direct_on(part.device)) {
-        result = cpu_ops::penalty_backward(grad, params, l1_, l2_, gl_, parse_grouping(groups_));
+        result = differentiable.call(grad, ws, l1, l2, gl, groups);
+      } else if (direct_on(device)) {
+        result = cpu_ops::penalty_backward(grad, ws, l1, l2, gl, parse_grouping(groups));
       } else {
-        result = kernel.call(grad, params, l1_, l2_, gl_, groups_);
+        result = kernel.call(grad, ws, l1, l2, gl, groups);
       }
-      for (size_t j = 0; j < part.index.size(); ++j) out[part.index[j]] = std::move(result[j]);
+      for (size_t i = 0, j = 0; i < n; ++i) {
+        if (part[i] == k) out[i] = std::move(result[j++]);
+      }
     }
     return out;
   }
-
-  std::vector<torch::autograd::SavedVariable> saved_;
-  std::vector<Part> parts_;
-
- private:
-  double l1_, l2_, gl_;
-  std::string groups_;
 };
-
-// A node held as this torch holds them (a template: only the branch of this torch's pointer is compiled).
-template <typename P = NodePtr>
-P make_penalty_node(double l1, double l2, double gl, const std::string& groups) {
-  if constexpr (std::is_same_v<P, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<PenaltyBackward>(l1, l2, gl, groups);
-  } else {
-    return c10::make_intrusive<PenaltyBackward>(l1, l2, gl, groups);
-  }
-}
-
-}  // namespace
 
 PyObject* penalty(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -802,25 +792,12 @@ PyObject* penalty(PyObject*, PyObject* args) {
       total = total.defined() ? total + value : value;
     }
   }
-  if (graph) {
-    NodePtr node = make_penalty_node(c.l1, c.l2, c.gl, grouping);
-    auto* self = static_cast<PenaltyBackward*>(node.get());
-    self->saved_.resize(static_cast<size_t>(c.count));
-    torch::autograd::edge_list edges(static_cast<size_t>(c.count));
+  if (graph) {  // the tensors in the order of the walk's count, each group's in order
+    std::vector<at::Tensor> distinct(static_cast<size_t>(c.count));
     for (const auto& g : c.walked) {
-      PenaltyBackward::Part part{g.device, g.dtype, {}};
-      part.index.reserve(g.params.size());
-      for (size_t j = 0; j < g.params.size(); ++j) {
-        const auto i = static_cast<size_t>(g.index[j]);
-        const at::Tensor& t = g.params[j];
-        self->saved_[i] = torch::autograd::SavedVariable(t, false);
-        edges[i] = torch::autograd::impl::gradient_edge(t);
-        part.index.push_back(i);
-      }
-      self->parts_.push_back(std::move(part));
+      for (size_t j = 0; j < g.params.size(); ++j) distinct[static_cast<size_t>(g.index[j])] = g.params[j];
     }
-    node->set_next_edges(std::move(edges));
-    torch::autograd::set_history(total, node);
+    total = PenaltyFunction::apply(at::TensorList(distinct), &total, c.l1, c.l2, c.gl, grouping);
   }
   return THPVariable_Wrap(total);
   END_HANDLE_TH_ERRORS

@@ -12,7 +12,8 @@ namespace host {
 // input is wrong. See host_path.cpp.
 PyObject* norms(PyObject* self, PyObject* args);
 // penalty_walk(params, types, cpu, cuda, l1, l2, group_lasso, groups): the penalty's value, with one autograd node
-// for the whole list (PenaltyBackward) where grad mode is on and a tensor requires grad; or None.
+// for the whole list (PenaltyFunction, a torch::autograd::Function) where grad mode is on and a tensor requires
+// grad; or None.
 PyObject* penalty(PyObject* self, PyObject* args);
 PyObject* add_penalty_grad(PyObject* self, PyObject* args);
 PyObject* prox(PyObject* self, PyObject* args);

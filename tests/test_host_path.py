@@ -127,7 +127,7 @@ def test_penalty_walks_with_one_autograd_node_bit_for_bit(dtypes, copies, hyper,
         value, grads = _penalty_and_grads(walked, hyper, 1.7)
         assert taken and taken[-1] is not None, "the walk declined a plain list"
         node = regfast.penalty(walked, **hyper).grad_fn
-        assert node.name() == "PenaltyBackward"
+        assert node.name().endswith("PenaltyFunction>")  # torch's C++ custom function's node
         assert len(node.next_functions) == len(walked)
         with torch.no_grad():
             plain = regfast.penalty(walked, **hyper)
@@ -163,7 +163,7 @@ def test_penalty_walks_node_keeps_torchs_checks_and_hooks():
     w = torch.randn(6, 5, requires_grad=True)
     with use_backend("cpp"):
         value = regfast.penalty([w], l1=0.1, l2=0.2)
-        assert value.grad_fn.name() == "PenaltyBackward"
+        assert value.grad_fn.name().endswith("PenaltyFunction>")
         value.backward(retain_graph=True)
         value.backward()  # retained once
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):

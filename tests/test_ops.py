@@ -49,6 +49,28 @@ def test_compile_training_step_with_penalty():
         torch.testing.assert_close(p.grad, g)
 
 
+def test_eager_penalty_under_compiled_autograd():
+    """An eager penalty (on the extension, one autograd node for the list) in a loss whose backward runs under
+    compiled autograd: the eager grads."""
+    from torch._dynamo import compiled_autograd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def loss_fn():
+        return nn.functional.mse_loss(model(x), y) + regfast.penalty(model, l1=1e-3, l2=1e-2, group_lasso=1e-3)
+
+    loss_fn().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = loss_fn()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_compile_add_penalty_grad_and_prox_without_recompiles():
     torch._dynamo.reset()
     ps = [nn.Parameter(t) for t in _tensors()]
