@@ -21,8 +21,9 @@ template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // SGD's momentum buffer: none, set to the gradient (a param's first step), or updated; kReplay (the CPU steps with
-// group lasso in two passes): the buffer as a step left it, read again.
-enum class Momentum : int { kNone = 0, kInit = 1, kUpdate = 2, kReplay = 3 };
+// group lasso in two passes): the buffer as a step left it, read again, with the grad for Nesterov's step;
+// kReplayBuffer: the same without Nesterov, whose step is the buffer alone: the grad is not read.
+enum class Momentum : int { kNone = 0, kInit = 1, kUpdate = 2, kReplay = 3, kReplayBuffer = 4 };
 
 // AdamW's proximal step: none (no l1, l2), with the scalar step lr, or in Adam's metric.
 enum class ProxMode : int { kNone = 0, kLr = 1, kPreconditioned = 2 };

@@ -783,13 +783,14 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
 // sums the squares of the unrounded new values per column (one group: per lane of kOneGroupLanes, the elements
 // taken as rows of that many); the second steps again from the updated states (step(..., replay = true) computes
 // the same values, writing no state), shrinks each group by prox_'s factor max(0, 1 − step·gl·√|g| / ‖u_g‖) and
-// rounds into the params. Rows go in chunks fixed by the shape (at most kColumnChunks, each summed in row order,
-// the chunks' sums then added in order; one group's lanes then added in order): the same bits for any thread
-// count. Costs one more read of the param and state (and SGD's grad) than one pass: taken for tensors of at least
-// kColumnPassesElements elements, which outgrow the caches (GPT-2 small's shapes in float16, SGD by columns, one
-// thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not for smaller ones, whose blocks of columns come
-// from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two passes), nor for a few long rows,
-// whose blocks read long runs.
+// rounds into the params. Rows go in chunks fixed by the shape (at most kColumnChunks, each summed piece by piece
+// (RowPieces), a piece's rows in order by the group passes' column_squares (the variant's vectors), the pieces' sums
+// added in order, then the chunks' sums in order; one group's lanes then added in order): the same bits for any
+// thread count. Costs one more read of the param and state (and SGD's grad, with Nesterov's momentum or none) than one
+// pass: taken for tensors of at least kColumnPassesElements elements, which outgrow the caches (GPT-2 small's shapes
+// in float16, SGD by columns, one thread: 160-170 → 45-47 ms per step; bfloat16 54-66 → 41-42), not for smaller
+// ones, whose blocks of columns come from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two
+// passes), nor for a few long rows, whose blocks read long runs.
 template <typename Step>
 void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one_group, double shrink_step,
                           double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
@@ -800,12 +801,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
     step(t, at, n, work, false);
     double* out[1];
     sums.chunk(k, out, 1);
-    double* __restrict__ s = out[0];
-    for (int64_t e = 0; e < n; e += cols) {
-      const A* __restrict__ x = work + e;
-      const int64_t m = std::min(cols, n - e);
-      for (int64_t c = 0; c < m; ++c) s[c] += static_cast<double>(x[c]) * static_cast<double>(x[c]);
-    }
+    passes.column_squares(DType::kFloat, work, n, cols, nullptr, nullptr, out[0]);  // the variant's vectors
   });
   // prox_'s group factors (as prox_pass) from the group norms.
   const std::vector<double> totals = sums.totals(0);
@@ -935,7 +931,9 @@ at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList
   const auto gs = contiguous_all(grads);
   const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
   SgdArgs again = args;  // the step once more from the buffers as it left them (two_pass_group_steps)
-  if (again.momentum_mode != Momentum::kNone) again.momentum_mode = Momentum::kReplay;
+  if (again.momentum_mode != Momentum::kNone) {
+    again.momentum_mode = nesterov ? Momentum::kReplay : Momentum::kReplayBuffer;  // without Nesterov, no grad read
+  }
   const auto run = optim_cpu::loops().sgd;
   const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   // Tensor t's param, grad and momentum from element `at`.

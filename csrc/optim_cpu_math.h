@@ -201,16 +201,21 @@ template <typename T, bool kFused, Momentum kMode, bool kWork, typename A>
 inline void sgd_element(const SgdConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ buf,
                         A* __restrict__ work, int64_t i) {
   A x = static_cast<A>(w[i]);
-  A g = static_cast<A>(grad[i]);
-  g = pick(c.maximize, -g, g);
-  g = pick(c.has_weight_decay, fmadd<kFused>(x, c.weight_decay, g), g);
-  if constexpr (kMode == Momentum::kReplay) {
-    g = pick(c.nesterov, fmadd<kFused>(buf[i], c.momentum, g), buf[i]);
-  } else if constexpr (kMode != Momentum::kNone) {
-    A b = g;
-    if constexpr (kMode == Momentum::kUpdate) b = fmadd<kFused>(g, c.keep, buf[i] * c.momentum);
-    buf[i] = b;
-    g = pick(c.nesterov, fmadd<kFused>(b, c.momentum, g), b);
+  A g;
+  if constexpr (kMode == Momentum::kReplayBuffer) {
+    g = buf[i];  // the grad is not read
+  } else {
+    g = static_cast<A>(grad[i]);
+    g = pick(c.maximize, -g, g);
+    g = pick(c.has_weight_decay, fmadd<kFused>(x, c.weight_decay, g), g);
+    if constexpr (kMode == Momentum::kReplay) {
+      g = pick(c.nesterov, fmadd<kFused>(buf[i], c.momentum, g), buf[i]);
+    } else if constexpr (kMode != Momentum::kNone) {
+      A b = g;
+      if constexpr (kMode == Momentum::kUpdate) b = fmadd<kFused>(g, c.keep, buf[i] * c.momentum);
+      buf[i] = b;
+      g = pick(c.nesterov, fmadd<kFused>(b, c.momentum, g), b);
+    }
   }
   // torch's SGD adds g with alpha = −lr, a tensor lr read as a number: the same rounding for both.
   x = fmadd<kFused>(g, c.neg_lr, x);
@@ -231,7 +236,7 @@ __attribute__((noinline)) void sgd_block(const SgdConst<A>& c, T* __restrict__ w
     float wf[kBlock], gf[kBlock];
     const int64_t n = end - begin;
     widen(w + begin, wf, n);
-    widen(grad + begin, gf, n);
+    if constexpr (kMode != Momentum::kReplayBuffer) widen(grad + begin, gf, n);
     sgd_block<float, kFused, kMode, kWork>(c, wf, gf, kMode == Momentum::kNone ? buf : buf + begin,
                                            kWork ? work + begin : work, 0, n);
     if constexpr (!kWork) narrow(wf, w + begin, n);
@@ -489,6 +494,9 @@ void sgd_typed(const SgdArgs& args, const SgdTensor& t, int64_t begin, int64_t e
       break;
     case Momentum::kReplay:
       sgd_for_mode<T, kFused, Momentum::kReplay>(args, t, begin, end, sums);
+      break;
+    case Momentum::kReplayBuffer:
+      sgd_for_mode<T, kFused, Momentum::kReplayBuffer>(args, t, begin, end, sums);
       break;
   }
 }
