@@ -320,11 +320,16 @@ constexpr int64_t kLargestColumnBlock = 1 << 22;
 // as long as the block's array (accumulation dtype) stays within kWholeWidthBytes (builds alternating, ms per step:
 // 1024 × 768 and three each of 768 × 2304, 768 × 768, 768 × 3072 and 3072 × 768, 22M elements, those of 768 columns
 // now whole: float16 SGD 25.8-25.9 → 19.3-20.8 at one thread, 15.3-16.0 → 12.5-12.9 at two; 3072 × 768 float16 SGD
-// alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 → 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). Larger
-// blocks outgrew the caches (Adam's metric in one block, whose two arrays each take that many bytes: 4096 × 1024
-// float16, 16 MiB each, 12.5 → 26.7 ms; 3072 × 768 float64, 18 MiB each, 13.1 → 26.8). Adam's metric takes them on
-// one thread only (see adamw_metric_group).
-constexpr int64_t kWholeWidthColumns = 1024;
+// alone 2.2-2.4 → 1.2, at two threads 1.5-2.0 → 0.9-1.0 on one; 3072 × 1024 float16 SGD 3.4-3.7 → 1.8-2.4). Up to
+// 1024 columns at first; up to 4096 since, which takes GPT-2's 768 × 2304 and 768 × 3072 whole too: in a model's
+// step every tensor comes from memory, not from the caches as a tensor stepped alone does (GPT-2 small's matrices
+// but its embedding by columns, 85.8M elements, builds alternating, ms per step: float16 SGD 157-172 → 127-130 at one
+// thread, 89-92 → 68-72 at two; bfloat16 SGD 152-157 → 117 at one; float16 AdamW-lr 245-265 → 152-155 at one;
+// 768 × 3072 float16 SGD alone 2.76-2.79 → 2.44-2.48). Larger blocks outgrew the caches (Adam's metric in one block,
+// whose two arrays each take that many bytes: 4096 × 1024 float16, 16 MiB each, 12.5 → 26.7 ms; 3072 × 768 float64,
+// 18 MiB each, 13.1 → 26.8). Adam's metric takes them on more than one thread only for a tensor of at most its
+// share of the call's elements (see adamw_metric_group).
+constexpr int64_t kWholeWidthColumns = 4096;
 constexpr int64_t kWholeWidthBytes = 12 << 20;
 
 // The blocks of groups of tensor t, whole groups each, sized by the shape (and, with whole_width, the accumulation
@@ -722,12 +727,17 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   // On one thread the column groups of a tensor within the whole-width limits go in one block of them all, as the
   // SGD and AdamW-lr steps take them (GPT-2's matrices as in add_group_blocks' comment, one thread, builds
   // alternating, ms per step: float16 49.8-51.1 → 43.2-45.2, float32 57.2-60.2 → 46.9-50.6, bfloat16 44.9-47.1 →
-  // 45.7; 3072 × 1024 float16 alone 8.0-8.4 → 6.1-6.6); on more, a tensor alone would be computed by one thread
-  // (3072 × 1024 float16, two threads: 4.7-5.0 → 6.8-7.3). The results do not depend on a block's width: each
+  // 45.7; 3072 × 1024 float16 alone 8.0-8.4 → 6.1-6.6). On more threads a tensor in one block is computed by one
+  // thread: a tensor alone is then slower (3072 × 1024 float16, two threads: 4.7-5.0 → 6.8-7.3; 768 × 3072 5.1-5.4 →
+  // 8.0-8.3), a model's many tensors faster (GPT-2 small's matrices but its embedding by columns, two threads, builds
+  // alternating, ms per step: float16 224-232 → 165-168, float32 240-249 → 174-176), so there only a tensor of at
+  // most 1 / threads of the call's elements goes whole. The results do not depend on a block's width: each
   // column's sums add its rows in order (group_reduce), a column's lane rounds alike in a vector and in the scalar
   // tail, every other step is per element or per group, and the block's flags (a group in doubt, one still
   // stepping) only decide whether a pass runs, each group keeping its own state.
-  const bool whole_width = at::get_num_threads() == 1;
+  const int64_t threads = at::get_num_threads();
+  int64_t call_elements = 0;
+  for (const auto& w : tb.ws) call_elements += w.numel();
   const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
   for (size_t i = 0; i < tb.ws.size(); ++i) {
@@ -752,6 +762,7 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     } else if (large && shape.inner == 1 && shape.outer * kMinColumnGroups > kLargestColumnBlock) {
       passes_of(shape.ngroups, false);
     } else {
+      const bool whole_width = threads == 1 || w.numel() * threads <= call_elements;
       add_group_blocks(shape, static_cast<int64_t>(i), whole_width, acc_size, blocks);
     }
   }
@@ -813,13 +824,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
   const size_t elem_size = w.element_size();
   pieces.each<A>(1, [&](int64_t, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, true);
-    const A* __restrict__ f = factor.data();
-    for (int64_t e = 0; e < n; e += cols) {
-      A* __restrict__ x = work + e;
-      const int64_t m = std::min(cols, n - e);
-      for (int64_t c = 0; c < m; ++c) x[c] = x[c] * f[c];
-    }
-    passes.round_into(elem, work, params + at * elem_size, GroupBlock{1, n, 1, 0, n});
+    passes.column_scale_round(elem, work, factor.data(), n, cols, params + at * elem_size);
   });
 }
 

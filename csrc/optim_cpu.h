@@ -244,7 +244,8 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // |w_i|·scale_c (scale_c = weight / norm_c).
 // metric_sums: stage 0 ‖u_g‖² and Σ u_i²·a_i into out[0], out[1]; stage 1 the vanishing test's Σ (u_i/a_i)² into
 // out[0]; stage 2 Newton's S2, S3, S4 at t_c into out[0 .. 2]. metric_apply: w = u·t/(t + a) as metric_shrink rounds
-// it (root: t rounded to the accumulation dtype per column; vanishes per column), through u.
+// it (root: t rounded to the accumulation dtype per column; vanishes per column), through u. column_scale_round
+// (the two-pass steps of 16-bit params): a float array times each column's factor, rounded into the params.
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
@@ -259,6 +260,7 @@ struct GroupPasses {
                       double* const* out);
   void (*metric_apply)(DType elem, void* u, const void* a, const void* root, const char* vanishes, int64_t n,
                        int64_t cols, void* w);
+  void (*column_scale_round)(DType elem, float* work, const float* factor, int64_t n, int64_t cols, void* w);
 };
 
 namespace rounded_twice {

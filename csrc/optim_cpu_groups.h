@@ -499,6 +499,27 @@ inline void column_squares_run(DType elem, const void* w, int64_t n, int64_t col
   });
 }
 
+// Over n elements of a float array seen as rows of `cols` (the last row may be short): each element times its
+// column's factor, then rounded into the params w (element type `elem`, float32 or 16-bit) as round_into rounds.
+inline void column_scale_round_run(DType elem, float* work, const float* factor, int64_t n, int64_t cols, void* w) {
+  for (int64_t e = 0; e < n; e += cols) {
+    float* __restrict__ x = work + e;
+    const float* __restrict__ f = factor;
+    const int64_t m = std::min(cols, n - e);
+    for (int64_t c = 0; c < m; ++c) x[c] = x[c] * f[c];
+  }
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<acc_t<T>, float>) {
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(w, work, static_cast<size_t>(n) * sizeof(float));
+      } else {
+        narrow(static_cast<const float*>(work), static_cast<T*>(w), n);
+      }
+    }
+  });
+}
+
 // The floors as group_floors_typed forms them: float64 elements divided by the norm, then times weight; float32 /
 // 16-bit ones times scale = weight / norm.
 inline void column_floors_run(DType elem, const void* w, const double* scale, const double* norm, double weight,

@@ -181,8 +181,10 @@ def _run_groups(name: str, groups: list[tuple], *args, bumped: bool = False):
 
 def grads_ready(params) -> bool:
     """Whether every tensor of the list ``params`` is a plain dense floating tensor with a ``grad`` of its shape,
-    dtype and device, in one C++ walk; False also when that walk is not available (then check in Python)."""
-    return _ext._C is not None and _ext._C.grads_ready(params, _PLAIN_TUPLE) is True
+    dtype and device, in one C++ walk; False also when that walk is not available or a graph is being traced,
+    which the walk would break (then check in Python)."""
+    return _ext._C is not None and not torch.compiler.is_compiling() and \
+        _ext._C.grads_ready(params, _PLAIN_TUPLE) is True
 
 
 _PLAIN_TUPLE = tuple(PLAIN_TYPES)

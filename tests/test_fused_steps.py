@@ -779,12 +779,14 @@ DETERMINISM_CASES = [("sgd", SGD_CASES[4][0]), ("adamw", dict(lr=DeviceLr(0.01),
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_deterministic_across_thread_counts(backend, device, dtype):
     """The same params, state and penalties on every run; with 1 and 2 CPU threads for the CPU kernels (Adam's
-    metric by columns takes 300 × 257 and 100 × 337 in one block on one thread, in blocks of 256 + 1 and 327 + 10
-    columns on two: a column in a vector in one layout and in the scalar tail in the other)."""
+    metric by columns takes 100 × 2000 in one block on one thread, and on two, where it is more than its share of the
+    call's elements, in blocks of 327 columns and one of 38: a column in a vector in one layout and in the scalar tail
+    in the other; 300 × 257 and 100 × 337 in one block on both)."""
     if dtype != torch.float32:
         skip_in_interpreter(backend, device, "float32 covers determinism there")
     s = setting(backend)
-    shapes = s.shapes if backend == "triton" else [(300, 257), (100, 337), (2**16 + 5,), (65, 3, 17), (0,), ()]
+    shapes = s.shapes if backend == "triton" else [(300, 257), (100, 337), (100, 2000), (2**16 + 5,), (65, 3, 17), (0,),
+                                                   ()]
     threads = torch.get_num_threads()
     runs = []
     try:
