@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -170,6 +171,35 @@ def _proximal_rows(n_tensors: int, repeats: int, scattered: bool) -> list[dict]:
     return rows
 
 
+def _group_lasso_rows(n_tensors: int, repeats: int, scattered: bool) -> list[dict]:
+    """The calls and steps with group lasso (each tensor one group, with l1; providers ending in "gl"), beside the
+    naive loop that adds the group term's gradient ``group_lasso·√|g|·w_g/‖w_g‖`` to each grad; the speed-ups are
+    over that loop."""
+    from regfast.optim import ProxAdamW, ProxSGD
+
+    hyper = dict(l1=1e-4, group_lasso=1e-3, groups="tensor")
+    params = _params(n_tensors, scattered)
+
+    def loop():
+        with torch.no_grad():
+            for p in params:
+                p.grad.add_(p * (hyper["group_lasso"] * math.sqrt(p.numel()) / p.norm()))
+
+    cases = [("naive loop (gradient)", lambda: loop),
+             ("regfast add_penalty_grad_ gl", lambda: lambda: regfast.add_penalty_grad_(params, **hyper)),
+             ("regfast prox_ gl", lambda: lambda: regfast.prox_(params, 0.01, **hyper)),
+             ("regfast ProxSGD gl",
+              lambda: ProxSGD(_params(n_tensors, scattered), lr=0.01, momentum=0.9, **hyper).step),
+             ("regfast ProxAdamW gl", lambda: ProxAdamW(_params(n_tensors, scattered), lr=1e-3, **hyper).step),
+             ("regfast ProxAdamW(prox=lr) gl",
+              lambda: ProxAdamW(_params(n_tensors, scattered), lr=1e-3, prox="lr", **hyper).step)]
+    rows = []
+    for name, make in cases:
+        rows.append(_row("group lasso", n_tensors, name, _timings(make(), repeats, warmup=3),
+                         rows[0]["median_us"] / 1e6 if rows else None))
+    return rows
+
+
 def _row(op: str, n_tensors: int, name: str, seconds: list[float], base: float | None) -> dict:
     qs = statistics.quantiles(seconds, n=10)
     median = statistics.median(seconds)
@@ -229,6 +259,7 @@ def run(n_tensors: int, repeats: int, scattered: bool = False) -> list[dict]:
                     setattr(module, attr, value)
             rows.append(_row(op, n_tensors, name, seconds, base))
             base = base or rows[-1]["median_us"] / 1e6
+    rows.extend(_group_lasso_rows(n_tensors, repeats, scattered))
     rows.extend(_proximal_rows(n_tensors, repeats, scattered))
     grads = [p.grad for p in params]
     rows.append(_row("yardstick", n_tensors, "torch._foreach_add_(grads, params)",

@@ -1352,7 +1352,7 @@ PyObject* sgd_step_impl(PyObject* args, bool flat) {
   if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
   bool lr_ok = false;
   const std::optional<at::Tensor> lr_tensor = lr_of(lr_obj, lr_ok);
-  if (!lr_ok || (flat && (gl != 0 || lr_tensor.has_value()))) Py_RETURN_NONE;
+  if (!lr_ok || (flat && lr_tensor.has_value())) Py_RETURN_NONE;
   std::vector<Group> groups;
   const bool has_buffers = momentum != 0;
   std::vector<PyObject*> states;
@@ -1370,18 +1370,24 @@ PyObject* sgd_step_impl(PyObject* args, bool flat) {
     KernelScope scope(groups);
     for (const auto& g : groups) {
       at::Tensor value;
-      if (g.direct && gl == 0 && !lr_tensor.has_value()) {
-        // The op's step from the walk's table: the walk checked what the op checks.
+      if (g.direct && !lr_tensor.has_value()) {
+        // The op's step from the walk's table: the walk checked what the op checks (with group lasso, the op's
+        // group steps, which compute the penalty afterwards as the op does).
         const auto args = optim_cpu::sgd_args(g.dtype, lr, false, momentum, dampening, nesterov != 0, weight_decay,
-                                              maximize != 0, false, l1, l2, compute_penalty != 0);
+                                              maximize != 0, false, l1, l2, compute_penalty != 0 && gl == 0);
         std::vector<optim_cpu::SgdTensor> ts(g.numels.size());
         for (size_t i = 0; i < ts.size(); ++i) {
           void* const* d = g.data.data() + i * g.stride;
           ts[i] = {d[0], d[1], has_buffers ? g.state_data(i, 0, SIZE_MAX) : nullptr};
         }
         const auto acc = acc_type(g.dtype);
-        const double v = optim_cpu::run_sgd(args, ts, g.numels, acc, l1, l2);
-        if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+        if (gl != 0) {
+          value = optim_cpu::sgd_group_step(args, g.params, g.grads, ts, lr, l1, l2, gl, grouping,
+                                            compute_penalty != 0);
+        } else {
+          const double v = optim_cpu::run_sgd(args, ts, g.numels, acc, l1, l2);
+          if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+        }
       } else {
         const at::TensorList bufs = has_buffers ? at::TensorList(g.states[0]) : at::TensorList();
         value = sgd_op.call(g.params, g.grads, bufs, lr_tensor, lr, momentum, dampening, nesterov != 0, weight_decay,
@@ -1414,7 +1420,7 @@ PyObject* adamw_step_impl(PyObject* args, bool flat) {
   if (!parse_allowed(types, cpu, cuda, allowed)) return nullptr;
   bool lr_ok = false;
   const std::optional<at::Tensor> lr_tensor = lr_of(lr_obj, lr_ok);
-  if (!lr_ok || (flat && (gl != 0 || lr_tensor.has_value()))) Py_RETURN_NONE;
+  if (!lr_ok || (flat && lr_tensor.has_value())) Py_RETURN_NONE;
   const std::string grouping(groups_arg), prox_mode(prox_arg);
   if (prox_mode != "lr" && prox_mode != "preconditioned") Py_RETURN_NONE;
   std::vector<PyObject*> states = {exp_avgs, exp_avg_sqs, steps};
@@ -1433,12 +1439,13 @@ PyObject* adamw_step_impl(PyObject* args, bool flat) {
     KernelScope scope(groups);
     for (const auto& g : groups) {
       at::Tensor value;
-      if (g.direct && gl == 0 && !lr_tensor.has_value()) {
+      if (g.direct && !lr_tensor.has_value()) {
         // The op's step from the walk's table: the walk checked what the op checks. The float32 counts
         // are incremented as _foreach_add_(steps, 1) would, and the bias corrections computed from them
-        // as the op computes them.
+        // as the op computes them. With group lasso, the op's group steps (the penalty afterwards, as the op).
         const auto args = optim_cpu::adamw_args(g.dtype, lr, false, beta1, beta2, eps, weight_decay, amsgrad != 0,
-                                                maximize != 0, l1, l2, prox_mode == "lr", compute_penalty != 0);
+                                                maximize != 0, l1, l2, prox_mode == "lr",
+                                                compute_penalty != 0 && gl == 0);
         std::vector<optim_cpu::AdamWTensor> ts(g.numels.size());
         HostCounts host{lr, beta1, beta2};
         for (size_t i = 0; i < ts.size(); ++i) {
@@ -1448,8 +1455,13 @@ PyObject* adamw_step_impl(PyObject* args, bool flat) {
                    amsgrad ? g.state_data(i, 3, kCounts) : nullptr, host.step_size, host.bc2_sqrt};
         }
         const auto acc = acc_type(g.dtype);
-        const double v = optim_cpu::run_adamw(args, ts, g.numels, acc, l1, l2);
-        if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+        if (gl != 0) {
+          value = optim_cpu::adamw_group_step(args, g.params, g.grads, ts, prox_mode == "lr", lr, l1, l2, gl,
+                                              grouping, compute_penalty != 0);
+        } else {
+          const double v = optim_cpu::run_adamw(args, ts, g.numels, acc, l1, l2);
+          if (compute_penalty) value = at::scalar_tensor(v, at::TensorOptions().dtype(acc));
+        }
       } else {
         const at::TensorList maxima = amsgrad ? at::TensorList(g.states[3]) : at::TensorList();
         value = adamw_op.call(g.params, g.grads, g.states[0], g.states[1], maxima, g.states[2], lr_tensor, lr, beta1,

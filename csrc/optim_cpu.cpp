@@ -229,6 +229,21 @@ double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, cons
 
 namespace {
 
+// The contiguous tensors of an SGD step (the momentum buffers, or none) and their pointers.
+struct SgdTable {
+  TensorRefs ws, gs, bs;
+  std::vector<SgdTensor> ts;
+};
+
+SgdTable sgd_table(at::TensorList params, at::TensorList grads, at::TensorList buffers) {
+  SgdTable tb{contiguous_all(params), contiguous_all(grads), contiguous_all(buffers), {}};
+  tb.ts.resize(tb.ws.size());
+  for (size_t i = 0; i < tb.ws.size(); ++i) {
+    tb.ts[i] = {tb.ws[i].data_ptr(), tb.gs[i].const_data_ptr(), tb.bs.empty() ? nullptr : tb.bs[i].data_ptr()};
+  }
+  return tb;
+}
+
 // The one-pass step with the elementwise prox (no group lasso); params and state are checked.
 at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                      const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
@@ -238,16 +253,10 @@ at::Tensor sgd_fused(at::TensorList params, at::TensorList grads, at::TensorList
   const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
   const SgdArgs args = optim_cpu::sgd_args(params[0].scalar_type(), step, lr_tensor.has_value(), momentum, dampening,
                                            nesterov, weight_decay, maximize, init_buffers, l1, l2, compute_penalty);
-  const auto ws = contiguous_all(params);
-  const auto gs = contiguous_all(grads);
-  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
-  std::vector<SgdTensor> ts(ws.size());
-  for (size_t i = 0; i < ws.size(); ++i) {
-    ts[i] = {ws[i].data_ptr(), gs[i].const_data_ptr(), bs.empty() ? nullptr : bs[i].data_ptr()};
-  }
-  const double value = optim_cpu::run_sgd(args, ts, cpu::numels_of(ws), acc, l1, l2);
-  write_back(params, ws);
-  if (!bs.empty()) write_back(momentum_buffers, bs);
+  const SgdTable tb = sgd_table(params, grads, momentum != 0 ? momentum_buffers : at::TensorList());
+  const double value = optim_cpu::run_sgd(args, tb.ts, cpu::numels_of(tb.ws), acc, l1, l2);
+  write_back(params, tb.ws);
+  if (!tb.bs.empty()) write_back(momentum_buffers, tb.bs);
   return at::scalar_tensor(value, params[0].options().dtype(acc));
 }
 
@@ -328,7 +337,7 @@ constexpr int64_t kLargestColumnBlock = 1 << 22;
 // 768 × 3072 float16 SGD alone 2.76-2.79 → 2.44-2.48). Larger blocks outgrew the caches (Adam's metric in one block,
 // whose two arrays each take that many bytes: 4096 × 1024 float16, 16 MiB each, 12.5 → 26.7 ms; 3072 × 768 float64,
 // 18 MiB each, 13.1 → 26.8). Adam's metric takes them on more than one thread only for a tensor of at most its
-// share of the call's elements (see adamw_metric_group).
+// share of the call's elements (see adamw_metric_blocks).
 constexpr int64_t kWholeWidthColumns = 4096;
 constexpr int64_t kWholeWidthBytes = 12 << 20;
 
@@ -629,13 +638,11 @@ class ColumnSums {
 // blocks): 50257 × 768 by columns 121 against 182, 2048 × 2048 as one group 13 against 23; 2048 × 2048 by columns
 // stays in blocks of 256 columns (16.7 against 10.4-10.8).
 template <typename A>
-void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group, const AdamWArgs& args,
+void metric_passes(const at::Tensor& w, const AdamWTensor& ts, int64_t cols, bool one_group, const AdamWArgs& args,
                    const AdamWArgs& again, const optim_cpu::GroupPasses& passes, DType elem) {
-  const at::Tensor& w = tb.ws[t];
-  const AdamWTensor& ts = tb.ts[t];
   const RowPieces pieces(w.numel(), cols);
   const size_t elem_size = w.element_size();
-  char* const params = static_cast<char*>(w.data_ptr());
+  char* const params = static_cast<char*>(ts.param);
   const auto run = optim_cpu::loops().adamw;
   // The group norms as block_group_norms takes them: float64 groups scaled by their largest magnitude first.
   std::vector<double> largest;
@@ -705,21 +712,13 @@ void metric_passes(const AdamWTable& tb, int64_t t, int64_t cols, bool one_group
 // floors from the params before the step (into the block's own array), the one-pass step over the block's runs
 // (which floors Adam's denominator with them, applies the elementwise prox and leaves the new values and each
 // element's group threshold in the block's arrays), then the Newton steps of the group shrink on those arrays,
-// the results rounded into the params; large tensors by long columns or as one group go by metric_passes. Params
-// and state are checked.
-at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                              const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
-                              double group_lasso, c10::string_view groups, bool compute_penalty) {
-  const Grouping grouping = parse_grouping(groups);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const auto dtype = params[0].scalar_type();
+// the results rounded into the params; large tensors by long columns or as one group go by metric_passes. Over the
+// contiguous tensors ws, from their pointers ts (whose group_weight it sets), with the step's scalars args
+// (adamw_group_args).
+void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vector<AdamWTensor>& ts,
+                         double group_lasso, Grouping grouping) {
+  const auto dtype = ws[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const AdamWArgs args = adamw_group_args(dtype, lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                          l1, l2, false);
-  AdamWTable tb =
-      adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
   const auto& passes = group_passes();
   const DType elem = dtype_of(dtype);
   AdamWArgs again = args;  // the step once more from the moments as it left them (metric_passes)
@@ -737,20 +736,20 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   // stepping) only decide whether a pass runs, each group keeping its own state.
   const int64_t threads = at::get_num_threads();
   int64_t call_elements = 0;
-  for (const auto& w : tb.ws) call_elements += w.numel();
+  for (const auto& w : ws) call_elements += w.numel();
   const size_t elem_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
   std::vector<std::pair<int64_t, GroupBlock>> blocks;
-  for (size_t i = 0; i < tb.ws.size(); ++i) {
-    const at::Tensor& w = tb.ws[i];
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor& w = ws[i];
     if (w.numel() == 0) continue;
     const GroupShape shape = group_shape(w, grouping);
-    tb.ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
+    ts[i].group_weight = group_lasso * std::sqrt(static_cast<double>(shape.group_size()));
     const bool large = w.numel() >= kColumnPassesElements;
     const auto passes_of = [&](int64_t cols, bool one_group) {
       if (acc == at::kDouble) {
-        metric_passes<double>(tb, static_cast<int64_t>(i), cols, one_group, args, again, passes, elem);
+        metric_passes<double>(w, ts[i], cols, one_group, args, again, passes, elem);
       } else {
-        metric_passes<float>(tb, static_cast<int64_t>(i), cols, one_group, args, again, passes, elem);
+        metric_passes<float>(w, ts[i], cols, one_group, args, again, passes, elem);
       }
     };
     // A float64 tensor as one group stays in one block: in passes, each replaying the step from three float64
@@ -768,7 +767,7 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
   }
   const auto run = optim_cpu::loops().adamw;
   blocks_largest_first(blocks, [&](BlockArrays& arrays, const std::pair<int64_t, GroupBlock>& block) {
-    const AdamWTensor& t = tb.ts[block.first];
+    const AdamWTensor& t = ts[block.first];
     const GroupBlock& b = block.second;
     const int64_t span = (b.g1 - b.g0) * b.inner;
     char* const group = arrays.get(2 * b.outer * span * acc_size);
@@ -782,10 +781,8 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
     }
     passes.metric_shrink(elem, work, group, t.param, b);
   });
-  write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
-  return at::zeros({}, params[0].options().dtype(acc));
 }
+
 
 // The column groups of a large 16-bit tensor t ([outer, ngroups, 1] with at least kColumnChunks rows: groups a
 // row's length apart), or its one group (groups "tensor", a 1-D tensor), in two passes over its elements in order,
@@ -803,8 +800,9 @@ at::Tensor adamw_metric_group(at::TensorList params, at::TensorList grads, at::T
 // ones, whose blocks of columns come from the caches (768 × 3072 float16: 1.6-2.1 ms by blocks, 2.3-2.6 in two
 // passes), nor for a few long rows, whose blocks read long runs.
 template <typename Step>
-void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one_group, double shrink_step,
-                          double group_lasso, DType elem, const optim_cpu::GroupPasses& passes, Step& step) {
+void two_pass_group_steps(const at::Tensor& w, void* data, int64_t t, int64_t cols, bool one_group,
+                          double shrink_step, double group_lasso, DType elem, const optim_cpu::GroupPasses& passes,
+                          Step& step) {
   using A = float;
   const RowPieces pieces(w.numel(), cols);  // the last row short for one group
   ColumnSums sums(1, pieces.chunks, cols, one_group);
@@ -820,7 +818,7 @@ void two_pass_group_steps(const at::Tensor& w, int64_t t, int64_t cols, bool one
   const double coef = shrink_step * group_lasso * std::sqrt(static_cast<double>(group_size));
   std::vector<A> factor(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) factor[c] = group_shrink_factor<A>(std::sqrt(totals[c]), coef);
-  char* const params = static_cast<char*>(w.data_ptr());
+  char* const params = static_cast<char*>(data);
   const size_t elem_size = w.element_size();
   pieces.each<A>(1, [&](int64_t, int64_t at, int64_t n, A* work) {
     step(t, at, n, work, true);
@@ -847,8 +845,8 @@ constexpr int64_t kAheadFrom = 1 << 22;
 // rows, one thread, builds alternating: 36-42 → 27-33 ms per step). Float32 params, whose blocks take half as much
 // again, measured slower with it and do not ask; nor does AdamW (its `ahead` adds nothing), slower with it too.
 template <typename Step, typename Ahead>
-void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrink_step, double group_lasso,
-                           Step&& step, Ahead&& ahead) {
+void blockwise_group_steps(const TensorRefs& ws, const std::vector<void*>& data, Grouping grouping,
+                           double shrink_step, double group_lasso, Step&& step, Ahead&& ahead) {
   const auto dtype = ws[0].scalar_type();
   const auto acc = acc_type(dtype);
   const size_t acc_size = c10::elementSize(acc);
@@ -861,11 +859,11 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
     const GroupShape shape = group_shape(ws[i], grouping);
     const bool large = narrow && ws[i].numel() >= kColumnPassesElements;
     if (large && shape.ngroups == 1) {
-      two_pass_group_steps(ws[i], static_cast<int64_t>(i), kOneGroupLanes, true, shrink_step, group_lasso, elem,
-                           passes, step);
+      two_pass_group_steps(ws[i], data[i], static_cast<int64_t>(i), kOneGroupLanes, true, shrink_step, group_lasso,
+                           elem, passes, step);
     } else if (large && shape.inner == 1 && shape.outer >= kColumnChunks) {
-      two_pass_group_steps(ws[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso, elem,
-                           passes, step);
+      two_pass_group_steps(ws[i], data[i], static_cast<int64_t>(i), shape.ngroups, false, shrink_step, group_lasso,
+                           elem, passes, step);
     } else {
       add_group_blocks(shape, static_cast<int64_t>(i), true, acc_size, blocks);
     }
@@ -889,7 +887,7 @@ void blockwise_group_steps(const TensorRefs& ws, Grouping grouping, double shrin
         ahead(blocks[k + 1].first, next.g0 * next.inner, (next.g1 - next.g0) * next.inner, lines);
         lines.limit(kLinesAhead);
       }
-      passes.group_shrink(elem, work, ws[t].data_ptr(), b, shrink_step * group_lasso,
+      passes.group_shrink(elem, work, data[t], b, shrink_step * group_lasso,
                           lines.total > 0 ? &lines : nullptr);
     }
   });
@@ -920,6 +918,41 @@ bool blockwise(at::TensorList params, Grouping grouping) {
   });
 }
 
+// The data pointers of ts's params.
+template <typename Tensor>
+std::vector<void*> param_data(const std::vector<Tensor>& ts) {
+  std::vector<void*> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) out[i] = ts[i].param;
+  return out;
+}
+
+// SGD with group lasso over the contiguous tensors ws from their pointers ts (blockwise_group_steps).
+void sgd_group_blocks(const SgdArgs& args, const TensorRefs& ws, const std::vector<SgdTensor>& ts,
+                      double shrink_step, double group_lasso, Grouping grouping) {
+  SgdArgs again = args;  // the step once more from the buffers as it left them (two_pass_group_steps)
+  if (again.momentum_mode != Momentum::kNone) {
+    again.momentum_mode = args.nesterov ? Momentum::kReplay : Momentum::kReplayBuffer;  // without Nesterov, no grad
+  }
+  const auto run = optim_cpu::loops().sgd;
+  const auto dtype = ws[0].scalar_type();
+  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc_type(dtype));
+  // Tensor t's param, grad and momentum from element `at`.
+  const auto segment = [&](int64_t t, int64_t at, void* work) {
+    return SgdTensor{static_cast<char*>(ts[t].param) + at * elem, static_cast<const char*>(ts[t].grad) + at * elem,
+                     ts[t].buffer == nullptr ? nullptr : static_cast<char*>(ts[t].buffer) + at * acc_size, work};
+  };
+  blockwise_group_steps(ws, param_data(ts), grouping, shrink_step, group_lasso,
+                        [&](int64_t t, int64_t at, int64_t n, void* work, bool replay) {
+                          run(replay ? again : args, segment(t, at, work), 0, n, nullptr);
+                        },
+                        [&](int64_t t, int64_t at, int64_t n, optim_cpu::LinesAhead& lines) {
+                          const SgdTensor seg = segment(t, at, nullptr);
+                          lines.add(seg.param, n * elem);
+                          lines.add(seg.grad, n * elem);
+                          lines.add(seg.buffer, n * acc_size);  // null without momentum: nothing added
+                        });
+}
+
 // SGD with group lasso: see blockwise_group_steps. Params and state are checked.
 at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                      const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
@@ -932,62 +965,52 @@ at::Tensor sgd_group(at::TensorList params, at::TensorList grads, at::TensorList
   const double step = lr_tensor.has_value() ? lr_value(*lr_tensor, acc) : lr;
   const SgdArgs args = optim_cpu::sgd_args(dtype, step, lr_tensor.has_value(), momentum, dampening, nesterov,
                                            weight_decay, maximize, init_buffers, l1, l2, false);
-  const auto ws = contiguous_all(params);
-  const auto gs = contiguous_all(grads);
-  const auto bs = contiguous_all(momentum != 0 ? momentum_buffers : at::TensorList());
-  SgdArgs again = args;  // the step once more from the buffers as it left them (two_pass_group_steps)
-  if (again.momentum_mode != Momentum::kNone) {
-    again.momentum_mode = nesterov ? Momentum::kReplay : Momentum::kReplayBuffer;  // without Nesterov, no grad read
-  }
-  const auto run = optim_cpu::loops().sgd;
-  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
-  // Tensor t's param, grad and momentum from element `at`.
-  const auto segment = [&](int64_t t, int64_t at, void* work) {
-    return SgdTensor{static_cast<char*>(ws[t].data_ptr()) + at * elem,
-                     static_cast<const char*>(gs[t].const_data_ptr()) + at * elem,
-                     bs.empty() ? nullptr : static_cast<char*>(bs[t].data_ptr()) + at * acc_size, work};
-  };
-  blockwise_group_steps(ws, grouping, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso,
-                        [&](int64_t t, int64_t at, int64_t n, void* work, bool replay) {
-                          run(replay ? again : args, segment(t, at, work), 0, n, nullptr);
-                        },
-                        [&](int64_t t, int64_t at, int64_t n, optim_cpu::LinesAhead& lines) {
-                          const SgdTensor seg = segment(t, at, nullptr);
-                          lines.add(seg.param, n * elem);
-                          lines.add(seg.grad, n * elem);
-                          lines.add(seg.buffer, n * acc_size);  // null without momentum: nothing added
-                        });
-  write_back(params, ws);
-  if (!bs.empty()) write_back(momentum_buffers, bs);
+  const SgdTable tb = sgd_table(params, grads, momentum != 0 ? momentum_buffers : at::TensorList());
+  sgd_group_blocks(args, tb.ws, tb.ts, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso, grouping);
+  write_back(params, tb.ws);
+  if (!tb.bs.empty()) write_back(momentum_buffers, tb.bs);
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
   return at::zeros({}, params[0].options().dtype(acc));
 }
 
-// AdamW with prox="lr" and group lasso: see blockwise_group_steps. Params and state are checked.
-at::Tensor adamw_lr_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                          const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                          double eps, double weight_decay, bool amsgrad, bool maximize, double l1, double l2,
-                          double group_lasso, c10::string_view groups, bool compute_penalty) {
+// AdamW with prox="lr" and group lasso over the contiguous tensors ws from their pointers ts
+// (blockwise_group_steps).
+void adamw_lr_blocks(const AdamWArgs& args, const TensorRefs& ws, const std::vector<AdamWTensor>& ts,
+                     double shrink_step, double group_lasso, Grouping grouping) {
+  AdamWArgs again = args;  // the step once more from the moments as it left them (two_pass_group_steps)
+  again.replay = true;
+  const auto run = optim_cpu::loops().adamw;
+  const auto dtype = ws[0].scalar_type();
+  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc_type(dtype));
+  blockwise_group_steps(ws, param_data(ts), grouping, shrink_step, group_lasso,
+                        [&](int64_t t, int64_t at, int64_t n, void* work, bool replay) {
+                          AdamWTensor seg = offset(ts[t], at, elem, acc_size);
+                          seg.work = work;
+                          run(replay ? again : args, seg, 0, n, nullptr);
+                        },
+                        [](int64_t, int64_t, int64_t, optim_cpu::LinesAhead&) {});
+}
+
+// AdamW with group lasso after the op's table: in Adam's metric (adamw_metric_blocks) or with the scalar prox step
+// (adamw_lr_blocks, where blockwise). Params and state are checked.
+at::Tensor adamw_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool amsgrad, bool maximize, double l1, double l2, double group_lasso,
+                       c10::string_view groups, bool prox_lr, bool compute_penalty) {
   const Grouping grouping = parse_grouping(groups);
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type(dtype);
   const AdamWArgs args = adamw_group_args(dtype, lr_tensor, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                          l1, l2, true);
-  const AdamWTable tb =
+                                          l1, l2, prox_lr);
+  AdamWTable tb =
       adamw_table(args, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2);
-  AdamWArgs again = args;  // the step once more from the moments as it left them (two_pass_group_steps)
-  again.replay = true;
-  const auto run = optim_cpu::loops().adamw;
-  const size_t elem = c10::elementSize(dtype), acc_size = c10::elementSize(acc);
-  blockwise_group_steps(tb.ws, grouping, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso,
-                        [&](int64_t t, int64_t at, int64_t n, void* work, bool replay) {
-                          AdamWTensor seg = offset(tb.ts[t], at, elem, acc_size);
-                          seg.work = work;
-                          run(replay ? again : args, seg, 0, n, nullptr);
-                        },
-                        [](int64_t, int64_t, int64_t, optim_cpu::LinesAhead&) {});
+  if (prox_lr) {
+    adamw_lr_blocks(args, tb.ws, tb.ts, group_shrink_step(lr_tensor, lr, l2, acc), group_lasso, grouping);
+  } else {
+    adamw_metric_blocks(args, tb.ws, tb.ts, group_lasso, grouping);
+  }
   write_back_adamw(tb, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
   return at::zeros({}, params[0].options().dtype(acc));
@@ -1033,13 +1056,12 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                        weight_decay, amsgrad, maximize, l1, l2, prox, compute_penalty);
   }
   if (prox == "preconditioned") {
-    return adamw_metric_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1,
-                              beta2, eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups,
-                              compute_penalty);
+    return adamw_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                       weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, false, compute_penalty);
   }
   if (blockwise(params, parse_grouping(groups))) {
-    return adamw_lr_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2,
-                          eps, weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, compute_penalty);
+    return adamw_group(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr, beta1, beta2, eps,
+                       weight_decay, amsgrad, maximize, l1, l2, group_lasso, groups, true, compute_penalty);
   }
   return step_then_group_shrink(
       params, grads,
@@ -1051,6 +1073,61 @@ at::Tensor adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 }  // namespace
+
+namespace optim_cpu {
+
+at::Tensor sgd_group_step(const SgdArgs& args, const TensorRefs& params, const TensorRefs& grads,
+                          const std::vector<SgdTensor>& ts, double lr, double l1, double l2, double group_lasso,
+                          c10::string_view groups, bool compute_penalty) {
+  const Grouping grouping = parse_grouping(groups);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto acc = acc_type(params[0].scalar_type());
+  if (!blockwise(params, grouping)) {
+    return step_then_group_shrink(
+        params, grads,
+        [&](at::TensorList ps, at::TensorList gs) {  // the params themselves (contiguous float32 / float64)
+          std::vector<SgdTensor> at(ts.size());
+          for (size_t i = 0; i < ts.size(); ++i) at[i] = {ps[i].data_ptr(), gs[i].const_data_ptr(), ts[i].buffer};
+          run_sgd(args, at, cpu::numels_of(ps), acc, l1, l2);
+        },
+        std::nullopt, lr, l1, l2, group_lasso, groups, compute_penalty);
+  }
+  sgd_group_blocks(args, params, ts, group_shrink_step(std::nullopt, lr, l2, acc), group_lasso, grouping);
+  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
+  return at::zeros({}, params[0].options().dtype(acc));
+}
+
+at::Tensor adamw_group_step(const AdamWArgs& args, const TensorRefs& params, const TensorRefs& grads,
+                            std::vector<AdamWTensor>& ts, bool prox_lr, double lr, double l1, double l2,
+                            double group_lasso, c10::string_view groups, bool compute_penalty) {
+  const Grouping grouping = parse_grouping(groups);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto acc = acc_type(params[0].scalar_type());
+  AdamWArgs grouped = args;  // as adamw_group_args makes them
+  grouped.group = true;
+  if (!prox_lr) {
+    grouped.prox = ProxMode::kPreconditioned;
+    adamw_metric_blocks(grouped, params, ts, group_lasso, grouping);
+  } else if (blockwise(params, grouping)) {
+    adamw_lr_blocks(grouped, params, ts, group_shrink_step(std::nullopt, lr, l2, acc), group_lasso, grouping);
+  } else {
+    return step_then_group_shrink(
+        params, grads,
+        [&](at::TensorList ps, at::TensorList gs) {  // the params themselves (contiguous float32 / float64)
+          std::vector<AdamWTensor> at = ts;
+          for (size_t i = 0; i < ts.size(); ++i) {
+            at[i].param = ps[i].data_ptr();
+            at[i].grad = gs[i].const_data_ptr();
+          }
+          run_adamw(args, at, cpu::numels_of(ps), acc, l1, l2);
+        },
+        std::nullopt, lr, l1, l2, group_lasso, groups, compute_penalty);
+  }
+  if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
+  return at::zeros({}, params[0].options().dtype(acc));
+}
+
+}  // namespace optim_cpu
 
 TORCH_LIBRARY_IMPL(regfast_C, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);

@@ -15,10 +15,17 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/util/SmallVector.h>
+
 #include "kernel_types.h"
 
 namespace regfast {
 namespace optim_cpu {
+
+// Per-group arrays of a block (norms, factors, roots): on the stack for up to 16 groups (a 1-D tensor's block, one
+// group; a block of a few rows or columns), on the heap beyond.
+template <typename T>
+using GroupArray = c10::SmallVector<T, 16>;
 
 // Every double is converted to the accumulation dtype A (float, double for double params) with
 // static_cast, as ATen converts a Scalar; values the reference computes in A are already exact in A.
@@ -191,9 +198,9 @@ inline bool metric_newton_step(double& t, double s2, double s3, double s4) {
 // tensors (optim_cpu.cpp's metric_passes) over the elements again.
 template <typename A, typename Sums>
 void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
-  std::vector<double> buf(static_cast<size_t>(3 * ng), 0.0);
+  GroupArray<double> buf(static_cast<size_t>(3 * ng), 0.0);
   double* const s[3] = {buf.data(), buf.data() + ng, buf.data() + 2 * ng};
-  std::vector<char> active(static_cast<size_t>(ng), 1);
+  GroupArray<char> active(static_cast<size_t>(ng), 1);
   sums(0, s, t);
   bool doubt = false;
   for (int64_t j = 0; j < ng; ++j) {

@@ -240,7 +240,7 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
   using A = acc_t<T>;
   constexpr bool kScaled = std::is_same_v<T, double>;
   const int64_t ng = b.g1 - b.g0;
-  std::vector<double> buf(2 * ng, 0.0);
+  GroupArray<double> buf(2 * ng, 0.0);
   double* __restrict__ scale = buf.data();
   double* __restrict__ norm = scale + ng;
   if constexpr (std::is_same_v<T, A>) {
@@ -313,8 +313,8 @@ template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
-  std::vector<double> t(ng);
-  std::vector<char> vanishes(ng);
+  GroupArray<double> t(ng);
+  GroupArray<char> vanishes(ng);
   // (MetricFirst and MetricTest take no per-group parameter: they are given t, unread.)
   metric_roots<A>(ng, [&](int stage, double* const (&s)[3], const double* at) {
     if (stage == 0) {
@@ -327,7 +327,7 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
       group_reduce<3, 0u>(own, u, a, at, s, MetricNewton<A>{});
     }
   }, t.data(), vanishes.data());
-  std::vector<A> root(ng);
+  GroupArray<A> root(ng);
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
   if constexpr (std::is_same_v<T, A>) {
@@ -408,10 +408,10 @@ void group_shrink_typed(acc_t<T>* __restrict__ u, T* __restrict__ w, const Group
                         LinesAhead* ahead) {
   using A = acc_t<T>;
   const int64_t ng = b.g1 - b.g0;
-  std::vector<double> buf(2 * ng);
+  GroupArray<double> buf(2 * ng);
   block_group_norms(own_layout(b), u, buf.data(), buf.data() + ng);
   const double c = coef * std::sqrt(static_cast<double>(b.outer * b.inner));
-  std::vector<A> factor(static_cast<size_t>(ng));
+  GroupArray<A> factor(static_cast<size_t>(ng));
   for (int64_t j = 0; j < ng; ++j) factor[j] = group_shrink_factor<A>(buf[j], c);
   const A* __restrict__ f = factor.data();
   const int64_t span = ng * b.inner;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "optim_cpu.h"
+#include "tensor_list.h"
 
 namespace regfast {
 namespace optim_cpu {
@@ -27,6 +28,17 @@ double run_sgd(const SgdArgs& args, const std::vector<SgdTensor>& ts, const std:
                at::ScalarType acc, double l1, double l2);
 double run_adamw(const AdamWArgs& args, const std::vector<AdamWTensor>& ts, const std::vector<int64_t>& numels,
                  at::ScalarType acc, double l1, double l2);
+
+// The steps with group lasso over one (dtype) group of contiguous CPU tensors `params` with their grads, from their
+// pointers ts (with their states' and, for AdamW, each param's bias corrections): the op's steps after its checks,
+// with a float lr. `args`: sgd_args / adamw_args for the step with the elementwise prox and no penalty. Returns the
+// penalty of the new params where compute_penalty, else a zero.
+at::Tensor sgd_group_step(const SgdArgs& args, const TensorRefs& params, const TensorRefs& grads,
+                          const std::vector<SgdTensor>& ts, double lr, double l1, double l2, double group_lasso,
+                          c10::string_view groups, bool compute_penalty);
+at::Tensor adamw_group_step(const AdamWArgs& args, const TensorRefs& params, const TensorRefs& grads,
+                            std::vector<AdamWTensor>& ts, bool prox_lr, double lr, double l1, double l2,
+                            double group_lasso, c10::string_view groups, bool compute_penalty);
 
 }  // namespace optim_cpu
 }  // namespace regfast

@@ -181,7 +181,7 @@ def test_host_overhead_script_runs_every_provider(flags):
     assert {"naive loop", "torch._foreach_*", "regfast[torch]", "torch AdamW(fused)", "regfast ProxAdamW",
             "regfast Proximal(SGD(foreach))", "torch._foreach_add_(grads, params)"} <= providers
     assert {r["op"] for r in rows} == {"norms", "penalty", "penalty value", "add_penalty_grad_", "prox_", "SGD step",
-                                       "AdamW step", "Proximal own cost", "yardstick"}
+                                       "AdamW step", "group lasso", "Proximal own cost", "yardstick"}
     assert all(r["median_us"] > 0 and r["p20_us"] <= r["p80_us"] for r in rows)
     own = [r for r in rows if "own_us" in r]
     assert [r["provider"] for r in own] == ["regfast Proximal(that step)"]

@@ -349,7 +349,9 @@ def test_only_the_wide_variants_hold_avx_instructions():
     # and floors (column_floors) read 16-bit params through the variant's widening, float16 and bfloat16 alike.
     for function, conversion in (("metric_shrink_run(", "narrow"), ("metric_apply_run(", "narrow"),
                                  ("column_floors_run(", "widen"), ("column_squares_run(", "widen")):
-        code = "\n".join(block for name, block in blocks.items() if name.startswith(scope + function))  # clones too
+        # The function, its clones, and the typed function it calls where not inlined (metric_shrink_typed<A, T>).
+        typed = f"void {scope}{function.replace('_run(', '_typed<')}"
+        code = "\n".join(block for name, block in blocks.items() if name.startswith((scope + function, typed)))
         assert code, function
         for dtype in ("c10::Half", "c10::BFloat16"):
             assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(f"{scope}{conversion}<{dtype}>"), code), \

@@ -536,6 +536,14 @@ OPTIMIZERS = {
     "adamw": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, amsgrad=True, compute_penalty=True),
     "adamw lr": lambda ps: regfast.optim.ProxAdamW(ps, lr=torch.tensor(0.01), l2=0.1, prox="lr"),
     "adamw group lasso": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, group_lasso=0.05),
+    "sgd nesterov group lasso": lambda ps: regfast.optim.ProxSGD(ps, lr=0.05, momentum=0.9, nesterov=True,
+                                                                 weight_decay=0.01, l1=0.01, group_lasso=0.05,
+                                                                 compute_penalty=True),
+    "adamw lr group lasso": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l1=0.01, l2=0.1, prox="lr", amsgrad=True,
+                                                               group_lasso=0.05, groups="col", compute_penalty=True),
+    "adamw group lasso by columns": lambda ps: regfast.optim.ProxAdamW(ps, lr=0.01, l2=0.1, group_lasso=0.05,
+                                                                       groups="col", maximize=True,
+                                                                       compute_penalty=True),
 }
 
 
@@ -988,9 +996,9 @@ def test_no_state_moves_while_a_cuda_graph_is_being_captured(monkeypatch):
     keys = ("exp_avg", None, None, "step")
     monkeypatch.setattr(_base, "capturing", lambda: True)
     assert _base._flat_states(params, states, keys, {"cpu"}) is None
-    assert not opt._fresh_states_flat(opt.param_groups[0], params, True)
+    assert not opt._fresh_states_flat(opt.param_groups[0], params, True, True)
     assert all(s["exp_avg"]._base is None for s in states)
     monkeypatch.setattr(_base, "capturing", lambda: False)
     assert _base._flat_states(params, states, keys, {"cpu"}) is not None
-    assert opt._fresh_states_flat(opt.param_groups[0], params, True)
+    assert opt._fresh_states_flat(opt.param_groups[0], params, True, True)
     assert all(s["exp_avg"]._base is not None for s in states)

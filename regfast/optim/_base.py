@@ -270,23 +270,23 @@ class FusedProximalOptimizer(Optimizer):
         return _ops.walk(plan[2], group["params"], *plan[3], *hyper)
 
     def _keep_plan(self, group: dict[str, Any], updated: list[Tensor], name: str, keys: tuple[str | None, ...],
-                   flat: bool) -> None:
+                   flat: bool, launched: bool) -> None:
         """After a step that updated every param of ``group`` (``updated``), remember the group's params and state
         tensors (``keys``: the state keys in the order of the walk ``name``; None for an unused state) for the
         next steps' walks. A plan lives until :meth:`add_param_group` or :meth:`load_state_dict`, or until
         ``state`` changes size; state tensors assigned by hand into ``state`` need :meth:`load_state_dict`.
 
-        When ``flat`` (the group's hyperparameters allow it) and every param is a plain contiguous tensor on the CPU
-        served by the extension, or on devices served by a backend that launches from Python (Triton), the states of
-        each (device, dtype) are moved into one flat buffer per state, ``state[p][key]`` becoming views of it with
-        the same values: the walk then reads the buffers, not each state tensor (the Triton backend gets the
-        views' addresses from the walk)."""
+        When every param is a plain contiguous tensor on the CPU served by the extension and ``flat``, or on devices
+        served by a backend that launches from Python (Triton) and ``launched`` (the group's hyperparameters allow
+        it), the states of each (device, dtype) are moved into one flat buffer per state, ``state[p][key]`` becoming
+        views of it with the same values: the walk then reads the buffers, not each state tensor (the Triton backend
+        gets the views' addresses from the walk)."""
         if len(updated) != len(group["params"]):
             self._plans.pop(id(group), None)
             return
         states = [self.state[p] for p in updated]
-        for devices, suffix in zip(_flat_devices(), ("_flat", "_launch")):
-            buffers = _flat_states(updated, states, keys, devices) if flat and devices else None
+        for devices, suffix, allowed in zip(_flat_devices(), ("_flat", "_launch"), (flat, launched)):
+            buffers = _flat_states(updated, states, keys, devices) if allowed and devices else None
             if buffers is not None:
                 numels = torch.tensor([p.numel() for p in updated], dtype=torch.int64)
                 if suffix == "_flat":
@@ -301,14 +301,15 @@ class FusedProximalOptimizer(Optimizer):
         args = (tuple(updated), *(tuple(s[key] for s in states) if key else () for key in keys))
         self._plans[id(group)] = (self.state, len(self.state), name, args)
 
-    def _fresh_states_flat(self, group: dict[str, Any], params: list[Tensor], flat: bool) -> bool:
+    def _fresh_states_flat(self, group: dict[str, Any], params: list[Tensor], flat: bool, launched: bool) -> bool:
         """Whether this step makes the states of every param of ``group`` (each with a grad, none with a state yet)
         and its plan will keep them in flat buffers: they are then made as views of them (views_of_one_buffer), so
         that the first step already runs on the memory every later step runs on (which a CUDA graph captured after
         it replays)."""
-        if not flat or len(params) != len(group["params"]) or any(map(self.state.get, params)):
+        if not (flat or launched) or len(params) != len(group["params"]) or any(map(self.state.get, params)):
             return False
-        return any(devices and _flat_params(params, devices) for devices in _flat_devices())
+        return any(allowed and devices and _flat_params(params, devices)
+                   for devices, allowed in zip(_flat_devices(), (flat, launched)))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "compute_penalty": self.compute_penalty, "last_penalty": self.last_penalty}

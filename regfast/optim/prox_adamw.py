@@ -151,8 +151,11 @@ class ProxAdamW(FusedProximalOptimizer):
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
-        flat = lr_tensor is None and group["group_lasso"] == 0
-        if self._fresh_states_flat(group, params, flat):
+        # Flat states for the extension's walk (which steps group lasso too) and, without group lasso, for a backend
+        # that launches from Python.
+        flat = lr_tensor is None
+        launched = flat and group["group_lasso"] == 0
+        if self._fresh_states_flat(group, params, flat, launched):
             for idx in buckets:
                 self._init_flat_states([params[i] for i in idx], group)
         values = []
@@ -164,5 +167,5 @@ class ProxAdamW(FusedProximalOptimizer):
                 [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                 [s["step"] for s in states], *hyper))
         self._keep_plan(group, params, "adamw_step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None,
-                                                     "step"), flat)
+                                                     "step"), flat, launched)
         return values

@@ -83,8 +83,11 @@ class ProxSGD(FusedProximalOptimizer):
         if walked is not None:
             return walked
         params, buckets = with_grads(group)
-        flat = lr_tensor is None and group["group_lasso"] == 0
-        fresh_flat = momentum != 0 and self._fresh_states_flat(group, params, flat)
+        # Flat states for the extension's walk (which steps group lasso too) and, without group lasso, for a backend
+        # that launches from Python.
+        flat = lr_tensor is None
+        launched = flat and group["group_lasso"] == 0
+        fresh_flat = momentum != 0 and self._fresh_states_flat(group, params, flat, launched)
         values = []
         for idx in buckets:
             bucket = [params[i] for i in idx]
@@ -115,5 +118,5 @@ class ProxSGD(FusedProximalOptimizer):
                     "sgd_step_", ps, [p.grad for p in ps], buffers, lr_tensor, lr, momentum, group["dampening"],
                     group["nesterov"], group["weight_decay"], group["maximize"], init,
                     group["l1"], group["l2"], group["group_lasso"], group["groups"], self.compute_penalty))
-        self._keep_plan(group, params, "sgd_step", ("momentum_buffer" if momentum != 0 else None,), flat)
+        self._keep_plan(group, params, "sgd_step", ("momentum_buffer" if momentum != 0 else None,), flat, launched)
         return values
