@@ -712,7 +712,7 @@ def test_flat_states_survive_a_state_dict_round_trip_and_a_change_of_hyperparame
         for k in range(3, 5):
             _grads(params, k)
             opt.step()
-        opt.param_groups[0]["group_lasso"] = 0.05  # the flat plan declines; the states stay views
+        opt.param_groups[0]["group_lasso"] = 0.05  # still stepped from the flat plan: the states stay views
         for k in range(5, 7):
             _grads(params, k)
             opt.step()
