@@ -783,7 +783,6 @@ void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vecto
   });
 }
 
-
 // The column groups of a large 16-bit tensor t ([outer, ngroups, 1] with at least kColumnChunks rows: groups a
 // row's length apart), or its one group (groups "tensor", a 1-D tensor), in two passes over its elements in order,
 // where blocks of columns would read a short run of each row (and wait on memory for each) and a one-group block
