@@ -102,6 +102,14 @@ struct GroupBlock {
   int64_t outer, ngroups, inner, g0, g1;
 };
 
+// Whole tensors of one group each, stepped together (a pack): group j's elements at [offsets[j], offsets[j + 1])
+// of the pack's own arrays, its params at params[j].
+struct GroupPack {
+  int64_t ng;
+  const int64_t* offsets;  // ng + 1
+  void* const* params;     // ng
+};
+
 // Memory to ask for while a block is shrunk: the next block's param, grad and state, a cache line at a time, spread
 // over the shrink's pieces (GroupPasses::group_shrink) so that it comes in while the shrink computes.
 struct LinesAhead {
@@ -253,6 +261,10 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // out[0]; stage 2 Newton's S2, S3, S4 at t_c into out[0 .. 2]. metric_apply: w = u·t/(t + a) as metric_shrink rounds
 // it (root: t rounded to the accumulation dtype per column; vanishes per column), through u. column_scale_round
 // (the two-pass steps of 16-bit params): a float array times each column's factor, rounded into the params.
+//
+// The passes over a pack (GroupPack), whose own arrays hold its tensors one after another, each a group: pack_floors
+// (weight per group), pack_metric_shrink and pack_group_shrink (coef·√|g| per group) as group_floors, metric_shrink
+// and group_shrink give a block of each tensor alone, rounded into each tensor's params.
 struct GroupPasses {
   void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
@@ -268,6 +280,9 @@ struct GroupPasses {
   void (*metric_apply)(DType elem, void* u, const void* a, const void* root, const char* vanishes, int64_t n,
                        int64_t cols, void* w);
   void (*column_scale_round)(DType elem, float* work, const float* factor, int64_t n, int64_t cols, void* w);
+  void (*pack_floors)(DType elem, const GroupPack& p, const double* weight, void* out);
+  void (*pack_metric_shrink)(DType elem, void* u, const void* a, const GroupPack& p);
+  void (*pack_group_shrink)(DType elem, void* u, const GroupPack& p, double coef);
 };
 
 namespace rounded_twice {

@@ -19,7 +19,8 @@ void adamw_run(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int64
 
 const GroupPasses kGroupPasses = {&group_floors_run,   &metric_shrink_run, &round_into_run,  &group_shrink_run,
                                   &column_largest_run, &column_squares_run, &column_floors_run, &metric_sums_run,
-                                  &metric_apply_run,   &column_scale_round_run};
+                                  &metric_apply_run,   &column_scale_round_run, &pack_floors_run,
+                                  &pack_metric_shrink_run, &pack_group_shrink_run};
 }  // namespace rounded_twice
 
 #if !defined(__x86_64__)

@@ -98,6 +98,60 @@ inline void each_output(F&& f) {
   each_output(f, std::make_integer_sequence<int, N>{});
 }
 
+// r[k][j] for one group whose elements come in `runs` runs of `len` elements, run o at xs + o·stride (ys alike):
+// element e of a run into lane e mod kSumLanes of each output, the lanes combined in a fixed tree at the end
+// (group_reduce's groups with inner > 1, pack_reduce's).
+template <int N, unsigned kMax, typename X, typename Y, typename Term>
+inline void reduce_runs(const X* __restrict__ xs, const Y* __restrict__ ys, int64_t runs, int64_t stride, int64_t len,
+                        double param, int64_t j, double* const (&r)[N], Term term) {
+  const Vd p = splat(param);
+  Vd lo[N], hi[N];  // lanes 0-3 and 4-7 of each output
+  for (int k = 0; k < N; ++k) lo[k] = hi[k] = splat(0.0);
+  double s[N][kSumLanes];
+  for (int64_t o = 0; o < runs; ++o) {
+    const X* __restrict__ x = xs + o * stride;
+    const Y* __restrict__ y = ys + o * stride;
+    int64_t e = 0;
+    for (; e + kSumLanes <= len; e += kSumLanes) {
+      Vd v[N], w[N];
+      term(load_vd(x + e), load_vd(y + e), p, v);
+      term(load_vd(x + e + kVd), load_vd(y + e + kVd), p, w);
+      each_output<N>([&](auto k) {
+        constexpr int kk = decltype(k)::value;
+        lo[kk] = combine<kMax, kk>(lo[kk], v[kk]);
+        hi[kk] = combine<kMax, kk>(hi[kk], w[kk]);
+      });
+    }
+    if (e < len) {
+      for (int k = 0; k < N; ++k) {
+        store_vd(s[k], lo[k]);
+        store_vd(s[k] + kVd, hi[k]);
+      }
+      for (int l = 0; e < len; ++e, ++l) {
+        double v[N];
+        term(static_cast<double>(x[e]), static_cast<double>(y[e]), param, v);
+        each_output<N>([&](auto k) {
+          constexpr int kk = decltype(k)::value;
+          s[kk][l] = combine<kMax, kk>(s[kk][l], v[kk]);
+        });
+      }
+      for (int k = 0; k < N; ++k) {
+        lo[k] = load_vd(s[k]);
+        hi[k] = load_vd(s[k] + kVd);
+      }
+    }
+  }
+  each_output<N>([&](auto k) {
+    constexpr int kk = decltype(k)::value;
+    store_vd(s[kk], lo[kk]);
+    store_vd(s[kk] + kVd, hi[kk]);
+    for (int width = kSumLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) s[kk][l] = combine<kMax, kk>(s[kk][l], s[kk][l + width]);
+    }
+    r[kk][j] = s[kk][0];
+  });
+}
+
 // Per group j of the block and output k < N, r[k][j] = the combination (combine<kMax, k>), from 0, of the terms
 // term(x, y, p, v) gives for each element in v[0 .. N − 1] (x from xs, y from ys at the same index, p = param[j];
 // on doubles or on four lanes of Vd), in a fixed order: column groups of 2-D tensors (inner = 1) a row of the block
@@ -136,55 +190,40 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
     return;
   }
   for (int64_t j = 0; j < ng; ++j) {
-    const Vd p = splat(param[j]);
-    Vd lo[N], hi[N];  // lanes 0-3 and 4-7 of each output
-    for (int k = 0; k < N; ++k) lo[k] = hi[k] = splat(0.0);
-    double s[N][kSumLanes];
-    for (int64_t o = 0; o < b.outer; ++o) {
-      const int64_t start = (o * b.ngroups + b.g0 + j) * b.inner;
-      const X* __restrict__ x = xs + start;
-      const Y* __restrict__ y = ys + start;
-      int64_t e = 0;
-      for (; e + kSumLanes <= b.inner; e += kSumLanes) {
-        Vd v[N], w[N];
-        term(load_vd(x + e), load_vd(y + e), p, v);
-        term(load_vd(x + e + kVd), load_vd(y + e + kVd), p, w);
-        each_output<N>([&](auto k) {
-          constexpr int kk = decltype(k)::value;
-          lo[kk] = combine<kMax, kk>(lo[kk], v[kk]);
-          hi[kk] = combine<kMax, kk>(hi[kk], w[kk]);
-        });
-      }
-      if (e < b.inner) {
-        for (int k = 0; k < N; ++k) {
-          store_vd(s[k], lo[k]);
-          store_vd(s[k] + kVd, hi[k]);
-        }
-        for (int l = 0; e < b.inner; ++e, ++l) {
-          double v[N];
-          term(static_cast<double>(x[e]), static_cast<double>(y[e]), param[j], v);
-          each_output<N>([&](auto k) {
-            constexpr int kk = decltype(k)::value;
-            s[kk][l] = combine<kMax, kk>(s[kk][l], v[kk]);
-          });
-        }
-        for (int k = 0; k < N; ++k) {
-          lo[k] = load_vd(s[k]);
-          hi[k] = load_vd(s[k] + kVd);
-        }
-      }
-    }
-    each_output<N>([&](auto k) {
-      constexpr int kk = decltype(k)::value;
-      store_vd(s[kk], lo[kk]);
-      store_vd(s[kk] + kVd, hi[kk]);
-      for (int width = kSumLanes / 2; width > 0; width /= 2) {
-        for (int l = 0; l < width; ++l) s[kk][l] = combine<kMax, kk>(s[kk][l], s[kk][l + width]);
-      }
-      r[kk][j] = s[kk][0];
-    });
+    reduce_runs<N, kMax>(xs + (b.g0 + j) * b.inner, ys + (b.g0 + j) * b.inner, b.outer, b.ngroups * b.inner,
+                         b.inner, param[j], j, r, term);
   }
 }
+
+// group_reduce over a pack's groups, each one run of its elements in the pack's own arrays: the sums of a block of
+// one group, whose elements are that run (inner its size; one element alone gives the same bits as inner = 1's
+// path: 0 + v, then + 0 in the tree).
+template <int N, unsigned kMax, typename X, typename Y, typename Term>
+inline void pack_reduce(const GroupPack& p, const X* __restrict__ xs, const Y* __restrict__ ys,
+                        const double* __restrict__ param, double* const (&r)[N], Term term) {
+  for (int64_t j = 0; j < p.ng; ++j) {
+    const int64_t at = p.offsets[j];
+    reduce_runs<N, kMax>(xs + at, ys + at, 1, 0, p.offsets[j + 1] - at, param[j], j, r, term);
+  }
+}
+
+// The groups of a block (group_reduce) or of a pack (pack_reduce), for the passes that take either.
+struct BlockGroups {
+  const GroupBlock& b;
+  int64_t count() const { return b.g1 - b.g0; }
+  template <int N, unsigned kMax, typename X, typename Y, typename Term>
+  void reduce(const X* x, const Y* y, const double* param, double* const (&r)[N], Term term) const {
+    group_reduce<N, kMax>(b, x, y, param, r, term);
+  }
+};
+struct PackGroups {
+  const GroupPack& p;
+  int64_t count() const { return p.ng; }
+  template <int N, unsigned kMax, typename X, typename Y, typename Term>
+  void reduce(const X* x, const Y* y, const double* param, double* const (&r)[N], Term term) const {
+    pack_reduce<N, kMax>(p, x, y, param, r, term);
+  }
+};
 
 // Calls f(i, l, j) for every element of the block: i its index in the tensor, l in the block's own arrays
 // ([outer, g1 − g0, inner]), j its group's index in the block; in memory order.
@@ -208,27 +247,33 @@ inline void for_each_element(const GroupBlock& b, F&& f) {
 // The block's own arrays seen as a block: [outer, g1 − g0, inner], every group of it.
 inline GroupBlock own_layout(const GroupBlock& b) { return {b.outer, b.g1 - b.g0, b.inner, 0, b.g1 - b.g0}; }
 
-// norm_j = ‖x_g‖₂ in double of every group j of a block of x laid out as `layout` (reference: group_norms). Squares of
-// float32 / 16-bit values neither overflow nor underflow in double, so their norms are taken as they are; float64
-// groups are scaled by their largest magnitude first, as the reference does (not a group holding an inf or NaN: its
-// norm is inf or NaN, as the reference's). `scratch`: ng doubles.
-template <typename X>
-void block_group_norms(const GroupBlock& layout, const X* x, double* __restrict__ norm, double* __restrict__ scratch) {
-  const int64_t ng = layout.g1 - layout.g0;
+// norm_j = ‖x_g‖₂ in double of every group j of a block of x laid out as `layout` (reference: group_norms), or of a
+// pack's own array x (group_norms_of). Squares of float32 / 16-bit values neither overflow nor underflow in double,
+// so their norms are taken as they are; float64 groups are scaled by their largest magnitude first, as the
+// reference does (not a group holding an inf or NaN: its norm is inf or NaN, as the reference's). `scratch`: ng
+// doubles.
+template <typename Groups, typename X>
+void group_norms_of(const Groups& groups, const X* x, double* __restrict__ norm, double* __restrict__ scratch) {
+  const int64_t ng = groups.count();
   double* const squares[1] = {norm};
   std::fill(scratch, scratch + ng, 1.0);
   if constexpr (std::is_same_v<X, double>) {
     double* const largest[1] = {scratch};
-    group_reduce<1, 1u>(layout, x, x, norm, largest, [](auto v, auto, auto, auto* r) { r[0] = magnitude(v); });
+    groups.template reduce<1, 1u>(x, x, norm, largest, [](auto v, auto, auto, auto* r) { r[0] = magnitude(v); });
     for (int64_t j = 0; j < ng; ++j) scratch[j] = scratch[j] > 0 && std::isfinite(scratch[j]) ? scratch[j] : 1.0;
-    group_reduce<1, 0u>(layout, x, x, scratch, squares, [](auto v, auto, auto p, auto* r) {
+    groups.template reduce<1, 0u>(x, x, scratch, squares, [](auto v, auto, auto p, auto* r) {
       const auto y = v / p;
       r[0] = y * y;
     });
   } else {
-    group_reduce<1, 0u>(layout, x, x, scratch, squares, [](auto v, auto, auto, auto* r) { r[0] = v * v; });
+    groups.template reduce<1, 0u>(x, x, scratch, squares, [](auto v, auto, auto, auto* r) { r[0] = v * v; });
   }
   for (int64_t j = 0; j < ng; ++j) norm[j] = std::sqrt(norm[j]) * scratch[j];
+}
+
+template <typename X>
+void block_group_norms(const GroupBlock& layout, const X* x, double* __restrict__ norm, double* __restrict__ scratch) {
+  group_norms_of(BlockGroups{layout}, x, norm, scratch);
 }
 
 // out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm by
@@ -309,24 +354,34 @@ inline T metric_result(A u, A a, A root, bool vanishes) {
 // metric_roots from the arrays' sums), the results rounded into the params w. The vanishing test's pass runs only
 // for a block with a group left in doubt; for float32 / 16-bit params the Newton step that stops is usually the
 // first.
+// t_j and vanishes_j of Adam's metric group shrink for every group of a block's or a pack's own arrays u (the new
+// values) and a (the thresholds), by optim_cpu.h's metric_roots from the arrays' sums.
+template <typename A, typename Groups>
+void metric_group_roots(const Groups& groups, const A* u, const A* a, double* t, char* vanishes) {
+  // (MetricFirst and MetricTest take no per-group parameter: they are given t, unread.)
+  metric_roots<A>(groups.count(), [&](int stage, double* const (&s)[3], const double* at) {
+    if (stage == 0) {
+      double* const first[2] = {s[0], s[1]};
+      groups.template reduce<2, 0u>(u, a, at, first, MetricFirst{});
+    } else if (stage == 1) {
+      double* const test[1] = {s[0]};
+      groups.template reduce<1, 0u>(u, a, at, test, MetricTest{});
+    } else {
+      groups.template reduce<3, 0u>(u, a, at, s, MetricNewton<A>{});
+    }
+  }, t, vanishes);
+}
+
+// u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂ on the block's own arrays (metric_group_roots), the results
+// rounded into the params w. The vanishing test's pass runs only for a block with a group left in doubt; for
+// float32 / 16-bit params the Newton step that stops is usually the first.
 template <typename A, typename T>
 void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restrict__ w, const GroupBlock& b) {
   const GroupBlock own = own_layout(b);
   const int64_t ng = own.ngroups;
   GroupArray<double> t(ng);
   GroupArray<char> vanishes(ng);
-  // (MetricFirst and MetricTest take no per-group parameter: they are given t, unread.)
-  metric_roots<A>(ng, [&](int stage, double* const (&s)[3], const double* at) {
-    if (stage == 0) {
-      double* const first[2] = {s[0], s[1]};
-      group_reduce<2, 0u>(own, u, a, at, first, MetricFirst{});
-    } else if (stage == 1) {
-      double* const test[1] = {s[0]};
-      group_reduce<1, 0u>(own, u, a, at, test, MetricTest{});
-    } else {
-      group_reduce<3, 0u>(own, u, a, at, s, MetricNewton<A>{});
-    }
-  }, t.data(), vanishes.data());
+  metric_group_roots<A>(BlockGroups{own}, u, a, t.data(), vanishes.data());
   GroupArray<A> root(ng);
   for (int64_t j = 0; j < ng; ++j) root[j] = static_cast<A>(t[j]);
   const A* __restrict__ rt = root.data();
@@ -444,6 +499,98 @@ inline void group_shrink_run(DType elem, void* u, void* w, const GroupBlock& b, 
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
     group_shrink_typed<T>(static_cast<acc_t<T>*>(u), static_cast<T*>(w), b, coef, ahead);
+  });
+}
+
+// The group passes over a pack (optim_cpu.h's GroupPack): whole tensors of one group each, group j's elements at
+// [offsets[j], offsets[j + 1]) of the pack's own arrays, its params at params[j]. Each gives every group the bits
+// the block passes give it as a block of its own (pack_reduce's sums, the same per-element arithmetic), with one
+// call for the pack where the blocks take one per tensor.
+template <typename T>
+void pack_floors_typed(const GroupPack& p, const double* weight, acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t ng = p.ng;
+  // Each tensor copied (16-bit ones widened, the variant's conversion) into its place in out, the norms and
+  // floors from there: the values group_floors_typed reads from the params.
+  for (int64_t j = 0; j < ng; ++j) {
+    const T* w = static_cast<const T*>(p.params[j]);
+    const int64_t at = p.offsets[j], n = p.offsets[j + 1] - at;
+    if constexpr (std::is_same_v<T, A>) {
+      std::memcpy(out + at, w, static_cast<size_t>(n) * sizeof(T));
+    } else {
+      widen(w, out + at, n);
+    }
+  }
+  GroupArray<double> buf(2 * ng, 0.0);
+  double* __restrict__ scale = buf.data();
+  double* __restrict__ norm = scale + ng;
+  group_norms_of(PackGroups{p}, out, norm, scale);
+  for (int64_t j = 0; j < ng; ++j) {
+    const double nj = norm[j] == 0 ? 1.0 : norm[j];
+    A* __restrict__ x = out + p.offsets[j];
+    const int64_t n = p.offsets[j + 1] - p.offsets[j];
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t k = 0; k < n; ++k) x[k] = (std::abs(x[k]) / nj) * weight[j];
+    } else {
+      const double sj = weight[j] / nj;
+      for (int64_t k = 0; k < n; ++k) x[k] = static_cast<A>(std::abs(static_cast<double>(x[k])) * sj);
+    }
+  }
+}
+
+template <typename A, typename T>
+void pack_metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, const GroupPack& p) {
+  const int64_t ng = p.ng;
+  GroupArray<double> t(ng);
+  GroupArray<char> vanishes(ng);
+  metric_group_roots<A>(PackGroups{p}, u, a, t.data(), vanishes.data());
+  for (int64_t j = 0; j < ng; ++j) {
+    const A root = static_cast<A>(t[j]);
+    const int64_t at = p.offsets[j], n = p.offsets[j + 1] - at;
+    T* __restrict__ w = static_cast<T*>(p.params[j]);
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t k = 0; k < n; ++k) w[k] = metric_result<A, T>(u[at + k], a[at + k], root, vanishes[j]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) u[at + k] = metric_result<A, A>(u[at + k], a[at + k], root, vanishes[j]);
+      narrow(u + at, w, n);
+    }
+  }
+}
+
+template <typename T>
+void pack_group_shrink_typed(acc_t<T>* __restrict__ u, const GroupPack& p, double coef) {
+  using A = acc_t<T>;
+  const int64_t ng = p.ng;
+  GroupArray<double> buf(2 * ng);
+  group_norms_of(PackGroups{p}, u, buf.data(), buf.data() + ng);
+  for (int64_t j = 0; j < ng; ++j) {
+    const int64_t at = p.offsets[j], n = p.offsets[j + 1] - at;
+    const A factor = group_shrink_factor<A>(buf[j], coef * std::sqrt(static_cast<double>(n)));
+    T* const w = static_cast<T*>(p.params[j]);
+    scale_run<true>(u + at, &factor, w, n);
+    if constexpr (!std::is_same_v<T, A>) narrow(u + at, w, n);
+  }
+}
+
+inline void pack_floors_run(DType elem, const GroupPack& p, const double* weight, void* out) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    pack_floors_typed<T>(p, weight, static_cast<acc_t<T>*>(out));
+  });
+}
+
+inline void pack_metric_shrink_run(DType elem, void* u, const void* a, const GroupPack& p) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    pack_metric_shrink_typed<A, T>(static_cast<A*>(u), static_cast<const A*>(a), p);
+  });
+}
+
+inline void pack_group_shrink_run(DType elem, void* u, const GroupPack& p, double coef) {
+  dispatch_elem(elem, [&](auto tag) {
+    using T = decltype(tag);
+    pack_group_shrink_typed<T>(static_cast<acc_t<T>*>(u), p, coef);
   });
 }
 

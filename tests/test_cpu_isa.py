@@ -345,10 +345,13 @@ def test_only_the_wide_variants_hold_avx_instructions():
     assert re.search(r"\b(call|jmp)\s+\S+ <void " + re.escape(scope) + r"narrow<c10::Half>", rounding)
     narrowing = next(block for name, block in blocks.items() if name.startswith(f"void {scope}narrow<c10::Half>("))
     assert re.search(r"\b(call|jmp)\s+\S+ <" + re.escape(scope) + r"narrow_f16c\(", narrowing)
-    # So do Adam's metric's group shrink and its passes' final rounding; the passes' group norms (column_squares)
-    # and floors (column_floors) read 16-bit params through the variant's widening, float16 and bfloat16 alike.
+    # So do Adam's metric's group shrink and its passes' final rounding, and the packs' shrinks; the passes' group
+    # norms (column_squares) and floors (column_floors, the packs' pack_floors) read 16-bit params through the
+    # variant's widening, float16 and bfloat16 alike.
     for function, conversion in (("metric_shrink_run(", "narrow"), ("metric_apply_run(", "narrow"),
-                                 ("column_floors_run(", "widen"), ("column_squares_run(", "widen")):
+                                 ("column_floors_run(", "widen"), ("column_squares_run(", "widen"),
+                                 ("pack_floors_run(", "widen"), ("pack_metric_shrink_run(", "narrow"),
+                                 ("pack_group_shrink_run(", "narrow")):
         # The function, its clones, and the typed function it calls where not inlined (metric_shrink_typed<A, T>).
         typed = f"void {scope}{function.replace('_run(', '_typed<')}"
         code = "\n".join(block for name, block in blocks.items() if name.startswith((scope + function, typed)))
@@ -422,9 +425,10 @@ def test_the_adamw_loops_divide_only_where_their_lr_and_prox_need_it():
 def test_the_newton_steps_of_the_metric_group_shrink_divide_packed_vectors():
     """The group shrink in Adam's metric (csrc/optim_cpu_groups.h) divides packed doubles, several lanes an
     instruction, in every variant it is built for: AVX's vdivpd in the AVX2 one, SSE2's divpd in the baseline. The
-    Newton steps' sums (group_reduce with MetricNewton) are their own function or inlined into the shrink, itself
-    perhaps inlined into its dispatcher (metric_shrink_run): every MetricNewton function divides packed, and for
-    float and double accumulation one of them or the shrink does, or else the dispatcher that holds them."""
+    Newton steps' sums (group_reduce with MetricNewton) are their own function or inlined into the roots
+    (metric_group_roots, or metric_roots called from it) or the shrink, itself perhaps inlined into its dispatcher
+    (metric_shrink_run): every MetricNewton function divides packed, and for float and double accumulation one of
+    them, the roots or the shrink does, or else the dispatcher that holds them."""
     functions = [(name, set(ops)) for name, ops in _functions(Path(_ext._C.__file__)) if ".cold" not in name]
     for scope, packed in (("regfast::optim_cpu::avx2_fma::", "vdivpd"), ("regfast::optim_cpu::baseline::", "divpd")):
         newton = [(name, ops) for name, ops in functions if scope in name and "MetricNewton<" in name]
@@ -432,7 +436,8 @@ def test_the_newton_steps_of_the_metric_group_shrink_divide_packed_vectors():
             assert packed in ops, (name, sorted(ops))
         for acc in ("float", "double"):
             found = [ops for name, ops in functions if scope in name
-                     and (f"MetricNewton<{acc}>" in name or f"metric_shrink_typed<{acc}, " in name)]
+                     and any(f in name for f in (f"MetricNewton<{acc}>", f"metric_shrink_typed<{acc}, ",
+                                                 f"metric_group_roots<{acc}, "))]
             if not found:  # inlined into the dispatcher
                 dispatcher = scope + "(anonymous namespace)::metric_shrink_run("
                 found = [ops for name, ops in functions if name.startswith(dispatcher)]

@@ -566,6 +566,63 @@ def test_group_lasso_steps_propagate_nan_and_inf(backend, device, kind, groups, 
                                    equal_nan=True)
 
 
+PACK_CASES = [
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=1e-2, l1=0.01, l2=0.1, group_lasso=0.5)),
+    ("sgd", dict(lr=0.2, l1=0.01, group_lasso=2.0, groups="tensor")),
+    ("adamw", dict(prox="lr", amsgrad=True, l1=0.01, l2=0.1, group_lasso=2.0, groups="col")),
+    ("adamw", dict(amsgrad=True, l1=0.01, l2=0.1, group_lasso=2.0)),
+    ("adamw", dict(lr=0.1, betas=(0.9, 0.5), weight_decay=0.1, maximize=True, group_lasso=3.0, groups="tensor"))]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("kind, config", PACK_CASES, ids=lambda v: v if isinstance(v, str) else _id(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_small_single_group_tensors_step_together_as_each_alone(backend, device, kind, config, dtype):
+    """Tensors of one group (1-D ones in every grouping, any with ``groups="tensor"``) of up to 4096 elements go
+    together on the CPU, several in one call of each group pass: stepped together (over 300 of them, more than one
+    pack; a NaN, an inf, groups that vanish, groups that stay, beside a 4097-element one and a 2-D one), params and
+    state have the same bits as each tensor stepped alone, and agree with the reference."""
+    if backend != "cpp" or device != "cpu":
+        pytest.skip("the CPU kernels' group passes over several tensors at once")
+    gen = torch.Generator().manual_seed(11)
+    sizes = [1, 2, 7, 8, 9, 16, 17, 100, 767, 4096, 4097, 0, 3000, 3000] + [1 + (37 * i) % 50 for i in range(300)]
+    # (By columns, a float32 / float64 list with a tensor of more than one row takes the step in place, then
+    # prox_'s group shrink, whose norms are summed in another order than the blocks': one row there.)
+    shapes = [(n,) for n in sizes] + [(1, 5) if config.get("groups") == "col" else (3, 5), (1,)]
+    values = [torch.randn(s, generator=gen, dtype=torch.float64) * (1e-3 if i % 3 == 0 else 1.0)
+              for i, s in enumerate(shapes)]
+    values[3][5] = float("nan")
+    values[7][40] = float("inf")
+    values[20].zero_()
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(3)]
+    together = [nn.Parameter(v.to(dtype, copy=True)) for v in values]
+    alone = [nn.Parameter(v.to(dtype, copy=True)) for v in values]
+    make = optimizer(kind, config)
+    opt, opts = make(together), [make([p]) for p in alone]
+    for step_grads in grads:
+        for p, q, g in zip(together, alone, step_grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q, o in zip(together, alone, opts, strict=True):
+        assert torch.equal(_bits(p), _bits(q))
+        for key, value in opt.state[p].items():
+            assert torch.equal(_bits(value), _bits(o.state[q][key])), key
+    assert together[3].isnan().all() and not together[7][40].isfinite()  # (an inf less an inf step is NaN)
+    vanished = sum(bool((p == 0).all()) for p in together[21:314] if p.numel() > 1)
+    assert 0 < vanished < 250, vanished  # the group term acted, on some groups
+    agree = agreement(backend, device, kind, dtype, config)
+    if dtype == torch.float64:
+        # A factor 1 − c/‖w_g‖ near 0 (a group near vanishing) multiplies the ulp or two by which the norms' orders
+        # of summation differ.
+        agree = Agreement(within(1e-13), agree.state, agree.penalty)
+    lockstep(backend, optimizer(kind, config), shapes[:40] + shapes[-2:], dtype, device, agree, 2)
+
+
 LARGE_METRIC_CASES = [
     dict(amsgrad=True, l1=0.01, l2=0.1, group_lasso=0.5, groups="col"),
     dict(lr=torch.tensor(0.01), weight_decay=0.1, group_lasso=0.5, groups="col"),
