@@ -611,6 +611,18 @@ constexpr bool kStagedSquares = sizeof(T) < 8;
 // element is out of range (then the run is summed again by parts, see square_parts_run).
 template <typename A, typename T, typename F>
 inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out) {
+  if (end - begin < kLanes && end > begin) {  // a short run: element j is lane j's only term (leading_total)
+    const int n = static_cast<int>(end - begin);
+    double s[kLanes];
+    bool flag = false;
+    for (int j = 0; j < n; ++j) {
+      const double u = static_cast<double>(f(static_cast<A>(w[begin + j])));
+      s[j] = u * u;
+      if constexpr (kParts<A> > 1) flag = flag || out_of_range(u);
+    }
+    *out = leading_total(s, n);
+    return flag;
+  }
   double s[kLanes] = {}, flags[kLanes] = {};
   auto add = [&](A x, int j) {
     const double u = static_cast<double>(f(x));
@@ -808,15 +820,15 @@ void tensor_norms(const std::vector<at::Tensor>& ts, std::vector<acc_t<T>>& l1, 
 constexpr int64_t kRowPiece = int64_t(1) << 18;
 
 template <typename T, typename F>
-std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
-                                  std::vector<int64_t>& offsets) {
+std::vector<double> group_norms(const void* const* data, const std::vector<int64_t>& numels,
+                                const std::vector<GroupShape>& shapes, F f, std::vector<int64_t>& offsets) {
   using A = acc_t<T>;
   constexpr int kP = kParts<A>;
   struct Piece {
     int64_t tensor, begin, end, slot;  // begin/end: groups, flat elements or rows, by the tensor's kind
   };
   enum Kind { kWholeGroups, kSplitGroups, kRows };
-  const size_t nt = ts.size();
+  const size_t nt = numels.size();
   std::vector<Kind> kinds(nt);
   std::vector<int64_t> slot_base(nt), splits(nt, 1);
   std::vector<Piece> pieces;
@@ -825,7 +837,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
   for (size_t t = 0; t < nt; ++t) {
     offsets[t] = groups;
     slot_base[t] = slots;
-    if (ts[t].numel() == 0) continue;
+    if (numels[t] == 0) continue;
     const GroupShape& s = shapes[t];
     groups += s.ngroups;
     const auto ti = static_cast<int64_t>(t);
@@ -863,7 +875,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
   std::vector<char> flagged(pieces.size(), 0);
   auto run_piece = [&](int64_t q, bool by_parts) {
     const Piece& pc = pieces[q];
-    const T* w = data_of<const T>(ts[pc.tensor]);
+    const T* w = static_cast<const T*>(data[pc.tensor]);
     const GroupShape& s = shapes[pc.tensor];
     double* base = partial.data();  // stage 1a: the middle part only; stage 1b: all parts
     bool flag = false;
@@ -915,7 +927,7 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
   std::vector<double> norms(groups, 0.0);
   at::parallel_for(0, static_cast<int64_t>(nt), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      if (ts[t].numel() == 0) continue;
+      if (numels[t] == 0) continue;
       const GroupShape& s = shapes[t];
       const double* p = partial.data() + slot_base[t];
       if (kinds[t] == kRows) {
@@ -951,6 +963,12 @@ std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::ve
   return norms;
 }
 
+template <typename T, typename F>
+std::vector<double> group_norms(const std::vector<at::Tensor>& ts, const std::vector<GroupShape>& shapes, F f,
+                                std::vector<int64_t>& offsets) {
+  return group_norms<T>(const_data_of(ts).data(), numels_of(ts), shapes, f, offsets);
+}
+
 // Calls body(b, e, scale) over the runs of chunk [begin, end) that share a scale accessor:
 // no per-group scale (`scales` empty: `fixed` everywhere, pre-scale 1), one group at a time
 // (outer == 1), or one row of columns at a time with a per-column scale (outer > 1; `scales` then
@@ -984,13 +1002,13 @@ void for_scale_runs(const GroupShape& s, const A* scales, const A* pres, A fixed
 // per column (g, k) of a row when outer > 1.
 template <typename A>
 std::vector<A> expand_scales(const std::vector<A>& per_group, const std::vector<int64_t>& offsets,
-                             const std::vector<GroupShape>& shapes, const std::vector<at::Tensor>& ts,
+                             const std::vector<GroupShape>& shapes, const std::vector<int64_t>& numels,
                              std::vector<int64_t>& scale_offsets) {
   std::vector<A> out;
-  scale_offsets.assign(ts.size(), 0);
-  for (size_t t = 0; t < ts.size(); ++t) {
+  scale_offsets.assign(numels.size(), 0);
+  for (size_t t = 0; t < numels.size(); ++t) {
     scale_offsets[t] = static_cast<int64_t>(out.size());
-    if (ts[t].numel() == 0) continue;
+    if (numels[t] == 0) continue;
     const GroupShape& s = shapes[t];
     const A* g = per_group.data() + offsets[t];
     if (s.outer == 1) {

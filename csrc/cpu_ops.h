@@ -33,19 +33,21 @@ std::vector<at::Tensor> penalty_backward(const at::Tensor& grad, at::TensorList 
 // penalty's value, 0-dim, in the accumulation dtype.
 at::Tensor add_penalty_grad(at::TensorList params, const std::vector<at::Tensor>& grads, double l1, double l2,
                             double gl, Grouping grouping);
-// The same without group lasso, of params at wd[t] and grads at od[t], numels[t] contiguous elements each, as the
-// walk read them.
+// The same of params at wd[t] and grads at od[t], numels[t] contiguous elements each, as the walk read them, with
+// group lasso gl over the groups shapes[t] (null without).
 at::Tensor add_penalty_grad_table(at::ScalarType dtype, const void* const* wd, void* const* od,
-                                  const std::vector<int64_t>& numels, double l1, double l2);
+                                  const std::vector<int64_t>& numels, double l1, double l2, double gl,
+                                  const GroupShape* shapes);
 
 // The prox of params in place, with step lr_tensor (read on the host) or lr.
 void prox(at::TensorList params, const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2,
           double gl, Grouping grouping);
 
-// The same prox without group lasso, of the tensors of one dtype whose data pointers and numels the walk read:
-// numels[t] contiguous elements at data[t] (written in place).
+// The same prox of the tensors of one dtype whose data pointers and numels the walk read: numels[t] contiguous
+// elements at data[t] (written in place), with group lasso gl over the groups shapes[t] (null without).
 void prox_table(at::ScalarType dtype, void* const* data, const std::vector<int64_t>& numels,
-                const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2);
+                const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2, double gl,
+                const GroupShape* shapes);
 
 }  // namespace cpu_ops
 }  // namespace regfast

@@ -41,14 +41,14 @@ struct Passes {
   // The prox of ws in place: the elastic-net step, then the group shrink (group coefficient from lr).
   void (*prox)(const std::vector<at::Tensor>& ws, double lr, ElasticStep<A> elastic, double l2, double gl,
                Grouping grouping);
-  // The prox without group lasso of the tensors at data[t], of numels[t] contiguous elements each, in place.
-  void (*prox_table)(void* const* data, const std::vector<int64_t>& numels, ElasticStep<A> elastic);
-  // tensor_norms and grad_pass without group lasso, of tensors at data[t] (wd[t] read, od[t] written) of numels[t]
-  // contiguous elements each.
+  // prox and grad_pass of the tensors at data[t] (wd[t] read, od[t] written) of numels[t] contiguous elements each,
+  // with group lasso gl over the groups shapes[t] (null without); tensor_norms of such tensors.
+  void (*prox_table)(void* const* data, const std::vector<int64_t>& numels, double lr, ElasticStep<A> elastic,
+                     double l2, double gl, const GroupShape* shapes);
   void (*norms_table)(const void* const* data, const std::vector<int64_t>& numels, std::vector<A>& l1,
                       std::vector<A>& l2sq);
   A (*grad_table)(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
-                  double l1, double l2, double mult);
+                  double l1, double l2, double gl, const GroupShape* shapes, double mult);
 };
 
 namespace baseline {

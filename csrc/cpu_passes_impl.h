@@ -110,10 +110,10 @@ inline void grad_run(const T* __restrict__ w, T* __restrict__ out, int64_t begin
   }
 }
 
-// grad_run over a chunk of n < kLanes elements with one scale (a small tensor without groups), its lane sums'
-// totals into *abs_total and *sq_total when kSums (short_norms: element j is lane j's only term).
-template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A>
-inline void short_grad_run(const T* __restrict__ w, T* __restrict__ out, int n, A l1, A mult, UnitScale<A> scale,
+// grad_run over a chunk of n < kLanes elements with one scale (a small tensor without groups, or of one group), its
+// lane sums' totals into *abs_total and *sq_total when kSums (short_norms: element j is lane j's only term).
+template <typename T, bool kL1, bool kLin, bool kAccumulate, bool kSums, typename A, typename Scale>
+inline void short_grad_run(const T* __restrict__ w, T* __restrict__ out, int n, A l1, A mult, Scale scale,
                            A* abs_total, A* sq_total) {
   if constexpr (kSums) short_norms(w, n, *abs_total, *sq_total);
   for (int j = 0; j < n; ++j) {
@@ -216,15 +216,20 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
       prefetch_chunk<T, 1>(wl, c, od);
       const T* w = static_cast<const T*>(wd[ch.tensor]);
       T* out = static_cast<T*>(od[ch.tensor]);
-      if (groups == nullptr && ch.end - ch.begin < kLanes) {
-        short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin,
-                                                               static_cast<int>(ch.end - ch.begin), a_l1, a_mult,
-                                                               UnitScale<A>{a_lin}, &p1[c], &p2[c]);
-        return;
-      }
       const A* sc = groups != nullptr ? groups->scales.data() + groups->scale_offsets[ch.tensor] : nullptr;
       const A* pr = groups != nullptr ? groups->pres.data() + groups->scale_offsets[ch.tensor] : nullptr;
       const GroupShape shape = groups != nullptr ? groups->shapes[ch.tensor] : GroupShape{1, 1, 1};
+      if (ch.end - ch.begin < kLanes && shape.ngroups == 1) {  // (no groups: ngroups 1 too)
+        const auto n = static_cast<int>(ch.end - ch.begin);
+        if (groups == nullptr) {
+          short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin, n, a_l1, a_mult,
+                                                                 UnitScale<A>{a_lin}, &p1[c], &p2[c]);
+        } else {
+          short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin, n, a_l1, a_mult,
+                                                                 ConstScale<A>{sc[0], pr[0]}, &p1[c], &p2[c]);
+        }
+        return;
+      }
       LaneSum<A> s1, s2;
       for_scale_runs(shape, sc, pr, a_lin, ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
         grad_run<T, kL1, kLin, kAccumulate, kAccumulate, kSignBits>(w, out, b, e, a_l1, a_mult, scale, s1, s2);
@@ -265,47 +270,46 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
   return value;
 }
 
+// The gradient pass of the tensors at wd[t] (read) and od[t] (written), of numels[t] contiguous elements each, with
+// group lasso gl over the groups shapes[t] (null without): Passes::grad_table, and grad_pass on a list's pointers.
+template <typename T>
+acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
+                    double l1, double l2, double gl, const GroupShape* shapes, double mult) {
+  using A = acc_t<T>;
+  if (gl == 0) return grad_core<T>(wd, od, numels, accumulate, l1, l2, 0.0, nullptr, mult);
+  const size_t nt = numels.size();
+  GradGroups<A> groups;
+  groups.shapes.assign(shapes, shapes + nt);
+  std::vector<int64_t> offsets;
+  const std::vector<double> norms = group_norms<T>(wd, numels, groups.shapes, Identity{}, offsets);
+  std::vector<A> per_group(norms.size()), pre(norms.size());
+  for (size_t t = 0; t < nt; ++t) {
+    if (numels[t] == 0) continue;
+    const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
+    for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
+      const double norm = norms[g];
+      groups.value += root * norm;
+      double p = 1, q = 0;
+      if (norm != 0) split_coefficient(gl * root, norm, p, q);
+      // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
+      per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
+      pre[g] = static_cast<A>(p);
+    }
+  }
+  groups.scales = expand_scales(per_group, offsets, groups.shapes, numels, groups.scale_offsets);
+  groups.pres = expand_scales(pre, offsets, groups.shapes, numels, groups.scale_offsets);
+  return grad_core<T>(wd, od, numels, accumulate, l1, l2, gl, &groups, mult);
+}
+
 // The gradient pass of a list of contiguous tensors (Passes::grad_pass).
 template <typename T>
 acc_t<T> grad_pass(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& outs, bool accumulate,
                    double l1, double l2, double gl, Grouping grouping, double mult) {
-  using A = acc_t<T>;
-  const size_t nt = ws.size();
-  GradGroups<A> groups;
-  if (gl != 0) {
-    auto& shapes = groups.shapes;
-    double& group_value = groups.value;
-    shapes = shapes_of(ws, grouping);
-    std::vector<int64_t> offsets;
-    const std::vector<double> norms = group_norms<T>(ws, shapes, Identity{}, offsets);
-    std::vector<A> per_group(norms.size()), pre(norms.size());
-    for (size_t t = 0; t < nt; ++t) {
-      if (ws[t].numel() == 0) continue;
-      const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
-      for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
-        const double norm = norms[g];
-        group_value += root * norm;
-        double p = 1, q = 0;
-        if (norm != 0) split_coefficient(gl * root, norm, p, q);
-        // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
-        per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
-        pre[g] = static_cast<A>(p);
-      }
-    }
-    groups.scales = expand_scales(per_group, offsets, shapes, ws, groups.scale_offsets);
-    groups.pres = expand_scales(pre, offsets, shapes, ws, groups.scale_offsets);
-  }
-  std::vector<void*> od(nt);
-  for (size_t t = 0; t < nt; ++t) od[t] = data_of<T>(outs[t]);
-  return grad_core<T>(const_data_of(ws).data(), od.data(), numels_of(ws), accumulate, l1, l2, gl,
-                      gl != 0 ? &groups : nullptr, mult);
-}
-
-// The gradient pass without group lasso of tensors whose data pointers a walk read (Passes::grad_table).
-template <typename T>
-acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<int64_t>& numels, bool accumulate,
-                    double l1, double l2, double mult) {
-  return grad_core<T>(wd, od, numels, accumulate, l1, l2, 0.0, nullptr, mult);
+  std::vector<void*> od(ws.size());
+  for (size_t t = 0; t < ws.size(); ++t) od[t] = data_of<T>(outs[t]);
+  const std::vector<GroupShape> shapes = gl != 0 ? shapes_of(ws, grouping) : std::vector<GroupShape>();
+  return grad_table<T>(const_data_of(ws).data(), od.data(), numels_of(ws), accumulate, l1, l2, gl, shapes.data(),
+                       mult);
 }
 
 // The elastic-net step of w[b, e) in place, times the group factors `scale` with kGroup.
@@ -362,39 +366,38 @@ void prox_table(void* const* data, const std::vector<int64_t>& numels, ElasticSt
   else if (elastic.has_l2) run(std::false_type{}, std::true_type{});
 }
 
-// The prox with the elastic-net step `elastic` and, with group lasso, the group coefficient
-// lr·gl·√|g|/(1 + 2·lr·l2) (in double from the step's value `lr`).
+// The prox of the tensors at data[t] (numels[t] contiguous elements each) with the elastic-net step `elastic` and,
+// with group lasso gl over the groups shapes[t] (null without), the group coefficient lr·gl·√|g|/(1 + 2·lr·l2) (in
+// double from the step's value `lr`): Passes::prox_table, and prox_pass on a list's pointers.
 template <typename T>
-void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T>> elastic, double l2, double gl,
-               Grouping grouping) {
+void prox_groups_table(void* const* data, const std::vector<int64_t>& numels, double lr, ElasticStep<acc_t<T>> elastic,
+                       double l2, double gl, const GroupShape* shapes) {
   using A = acc_t<T>;
-  const size_t nt = ws.size();
   if (gl == 0) {
-    std::vector<void*> data(nt);
-    for (size_t i = 0; i < nt; ++i) data[i] = data_of<T>(ws[i]);
-    prox_table<T>(data.data(), numels_of(ws), elastic);
+    prox_table<T>(data, numels, elastic);
     return;
   }
+  const size_t nt = numels.size();
   const bool has_t = elastic.has_l1, has_shrink = elastic.has_l2;
   const double shrink_d = has_shrink ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
-  const std::vector<GroupShape> shapes = shapes_of(ws, grouping);
+  const std::vector<GroupShape> group_shapes(shapes, shapes + nt);
   std::vector<int64_t> offsets;
-  const auto norms = group_norms<T>(ws, shapes, ElasticLanes<A>{elastic}, offsets);
+  const auto norms = group_norms<T>(data, numels, group_shapes, ElasticLanes<A>{elastic}, offsets);
   std::vector<A> factor(norms.size());
   for (size_t i = 0; i < nt; ++i) {
-    if (ws[i].numel() == 0) continue;
+    if (numels[i] == 0) continue;
     const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
     for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
       factor[g] = group_shrink_factor<A>(norms[g], c);
     }
   }
   std::vector<int64_t> scale_offsets;
-  const std::vector<A> scales = expand_scales(factor, offsets, shapes, ws, scale_offsets);
-  const WorkList wl = make_work_list(ws);
+  const std::vector<A> scales = expand_scales(factor, offsets, group_shapes, numels, scale_offsets);
+  const WorkList wl = make_work_list(numels);
   auto run = [&](auto t_tag, auto shrink_tag) {
     constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
-      T* w = data_of<T>(ws[ch.tensor]);
+      T* w = static_cast<T*>(data[ch.tensor]);
       const A* sc = scales.data() + scale_offsets[ch.tensor];
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
@@ -409,6 +412,15 @@ void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T
 }
 
 template <typename T>
+void prox_pass(const std::vector<at::Tensor>& ws, double lr, ElasticStep<acc_t<T>> elastic, double l2, double gl,
+               Grouping grouping) {
+  std::vector<void*> data(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) data[i] = data_of<T>(ws[i]);
+  const std::vector<GroupShape> shapes = gl != 0 ? shapes_of(ws, grouping) : std::vector<GroupShape>();
+  prox_groups_table<T>(data.data(), numels_of(ws), lr, elastic, l2, gl, shapes.data());
+}
+
+template <typename T>
 std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const std::vector<GroupShape>& shapes,
                                       std::vector<int64_t>& offsets) {
   return group_norms<T>(ws, shapes, Identity{}, offsets);
@@ -416,8 +428,8 @@ std::vector<double> plain_group_norms(const std::vector<at::Tensor>& ws, const s
 
 template <typename T>
 Passes<T> passes() {
-  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>, &prox_table<T>, &tensor_norms<T>,
-          &grad_table<T>};
+  return {&tensor_norms<T>, &plain_group_norms<T>, &grad_pass<T>, &prox_pass<T>, &prox_groups_table<T>,
+          &tensor_norms<T>, &grad_table<T>};
 }
 
 // This variant's passes for every element type (this header is included once per variant's file).

@@ -70,6 +70,7 @@ struct Group {
   // the call writes grads, read by the walk; `table` stays true while every param of the group is contiguous.
   bool table = false;
   std::vector<void*> grad_data;
+  std::vector<GroupShape> shapes;  // with group lasso (Needs::grouping)
   // Optimizer steps on the CPU: per param its numel and the data pointers of the param, its grad and each
   // state (`stride` pointers), read by the walk when every one of them can be used in place (`direct`).
   bool direct = false;
@@ -118,6 +119,7 @@ struct Needs {
   bool grads;         // read p.grad (and write it)
   bool write_params;  // params are written in place
   bool table = false;  // CPU groups: read the data pointers and numels into the group's table (Group::table)
+  const Grouping* grouping = nullptr;  // with `table`, for group lasso: each param's group shape too (Group::shapes)
 };
 
 // The tensor types a walk takes (torch.Tensor, nn.Parameter, nn.Buffer: subclasses take the Python
@@ -245,6 +247,7 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
         groups.back().data.reserve(static_cast<size_t>(n));
         groups.back().numels.reserve(static_cast<size_t>(n));
         if (needs.grads) groups.back().grad_data.reserve(static_cast<size_t>(n));
+        if (needs.grouping != nullptr) groups.back().shapes.reserve(static_cast<size_t>(n));
       }
       if (listed) {
         groups.back().listed.resize(needs.grads ? 2 : 1);
@@ -263,6 +266,9 @@ bool walk(PyObject* list, const Allowed& allowed, Needs needs, std::vector<Group
       group->data.push_back(needs.write_params ? t.data_ptr() : const_cast<void*>(t.const_data_ptr()));
       group->numels.push_back(numel);
       if (needs.grads) group->grad_data.push_back(grad_of(t).data_ptr());
+      if (needs.grouping != nullptr) {
+        group->shapes.push_back(numel ? group_shape(t, *needs.grouping) : GroupShape{1, 1, 0});
+      }
     }
     if (needs.grads) group->grads.borrow(grad_of(t));
     if (listed) {
@@ -672,6 +678,7 @@ at::Tensor index_on(const std::vector<int64_t>& index, const at::Device& device)
 struct PenaltyCall {
   double l1 = 0, l2 = 0, gl = 0;
   std::string groups;
+  Grouping parsed = Grouping::kRow;
   std::vector<Group> walked;
   int64_t count = 0;
   at::Tensor first;
@@ -688,7 +695,8 @@ struct PenaltyCall {
       return -1;
     }
     groups = grouping;
-    return walk(list, allowed, Needs{grads, false, grads && gl == 0}, walked, count, first) ? 1 : 0;
+    parsed = parse_grouping(groups);
+    return walk(list, allowed, Needs{grads, false, grads, gl != 0 ? &parsed : nullptr}, walked, count, first) ? 1 : 0;
   }
 };
 
@@ -780,13 +788,12 @@ PyObject* penalty(PyObject*, PyObject* args) {
   static const auto penalty_op =
       op<at::Tensor(at::TensorList, double, double, double, c10::string_view)>("regfast_C::penalty");
   const std::string& grouping = c.groups;
-  const Grouping parsed = parse_grouping(grouping);
   at::Tensor total;
   {
     KernelScope scope(c.walked);
     const auto dtype = result_dtype(c.walked);
     for (const auto& g : c.walked) {  // each group's value added in order, as regfast.api's _total adds them
-      at::Tensor value = direct_on(g.device) ? cpu_ops::penalty(g.params, c.l1, c.l2, c.gl, parsed)
+      at::Tensor value = direct_on(g.device) ? cpu_ops::penalty(g.params, c.l1, c.l2, c.gl, c.parsed)
                                              : penalty_op.call(g.params, c.l1, c.l2, c.gl, grouping);
       value = value.to(c.first.device(), dtype);
       total = total.defined() ? total + value : value;
@@ -851,7 +858,6 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
   static const auto grad_op = op<at::Tensor(at::TensorList, at::TensorList, double, double, double, c10::string_view)>(
       "regfast_C::add_penalty_grad_");
   const std::string& grouping = c.groups;
-  const Grouping parsed = parse_grouping(grouping);
   at::Tensor total;
   {
     KernelScope scope(c.walked);
@@ -862,9 +868,10 @@ PyObject* add_penalty_grad(PyObject*, PyObject* args) {
       if (!direct_on(g.device)) {
         value = grad_op.call(g.params, g.grads, c.l1, c.l2, c.gl, grouping);
       } else if (g.table) {
-        value = cpu_ops::add_penalty_grad_table(g.dtype, g.data.data(), g.grad_data.data(), g.numels, c.l1, c.l2);
+        value = cpu_ops::add_penalty_grad_table(g.dtype, g.data.data(), g.grad_data.data(), g.numels, c.l1, c.l2,
+                                                c.gl, g.shapes.data());
       } else {
-        value = cpu_ops::add_penalty_grad(g.params, g.grads, c.l1, c.l2, c.gl, parsed);
+        value = cpu_ops::add_penalty_grad(g.params, g.grads, c.l1, c.l2, c.gl, c.parsed);
       }
       value = value.to(c.first.device(), dtype);
       total = total.defined() ? total + value : value;
@@ -895,14 +902,16 @@ PyObject* prox(PyObject*, PyObject* args) {
   std::vector<Group> groups;
   int64_t count = 0;
   at::Tensor first;
-  // Without group lasso a CPU group's prox runs on the data pointers the walk read (cpu_ops::prox_table): for
-  // thousands of small tensors, reading each tensor again costs more than its elements.
-  if (!walk(list, allowed, Needs{false, true, gl == 0}, groups, count, first)) Py_RETURN_NONE;
+  // A CPU group's prox runs on the data pointers (and with group lasso the group shapes) the walk read
+  // (cpu_ops::prox_table): for thousands of small tensors, reading each tensor again costs more than its elements.
+  const std::string grouping(groups_arg);
+  const Grouping parsed = parse_grouping(grouping);
+  if (!walk(list, allowed, Needs{false, true, true, gl != 0 ? &parsed : nullptr}, groups, count, first)) {
+    Py_RETURN_NONE;
+  }
   static const auto prox_op =
       op<void(at::TensorList, const std::optional<at::Tensor>&, double, double, double, double, c10::string_view)>(
           "regfast_C::prox_");
-  const std::string grouping(groups_arg);
-  const Grouping parsed = parse_grouping(grouping);
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
@@ -911,7 +920,7 @@ PyObject* prox(PyObject*, PyObject* args) {
       std::optional<at::Tensor> step;
       if (lr_tensor.has_value()) step = lr_tensor->to(g.dtype == at::kDouble ? at::kDouble : at::kFloat);
       if (direct_on(g.device) && g.table) {
-        cpu_ops::prox_table(g.dtype, g.data.data(), g.numels, step, lr, l1, l2);
+        cpu_ops::prox_table(g.dtype, g.data.data(), g.numels, step, lr, l1, l2, gl, g.shapes.data());
       } else if (direct_on(g.device)) {
         cpu_ops::prox(g.params, step, lr, l1, l2, gl, parsed);
       } else {

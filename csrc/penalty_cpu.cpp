@@ -250,10 +250,11 @@ at::Tensor cpu_ops::add_penalty_grad(at::TensorList params, const std::vector<at
 }
 
 at::Tensor cpu_ops::add_penalty_grad_table(at::ScalarType dtype, const void* const* wd, void* const* od,
-                                           const std::vector<int64_t>& numels, double l1, double l2) {
+                                           const std::vector<int64_t>& numels, double l1, double l2, double gl,
+                                           const GroupShape* shapes) {
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_add_penalty_grad_cpu", [&] {
-    value = cpu::passes<scalar_t>().grad_table(wd, od, numels, true, l1, l2, 1.0);
+    value = cpu::passes<scalar_t>().grad_table(wd, od, numels, true, l1, l2, gl, shapes, 1.0);
   });
   return at::scalar_tensor(value, at::TensorOptions().dtype(acc_type(dtype)));
 }

@@ -47,11 +47,14 @@ void cpu_ops::prox(at::TensorList params, const std::optional<at::Tensor>& lr_te
 }
 
 void cpu_ops::prox_table(at::ScalarType dtype, void* const* data, const std::vector<int64_t>& numels,
-                         const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2) {
-  if (l1 == 0 && l2 == 0) return;
+                         const std::optional<at::Tensor>& lr_tensor, double lr, double l1, double l2, double gl,
+                         const GroupShape* shapes) {
+  if (l1 == 0 && l2 == 0 && gl == 0) return;
+  const double step = lr_tensor.has_value() && gl != 0 ? lr_tensor->item<double>() : lr;  // (as prox)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "regfast_prox_cpu", [&] {
-    cpu::passes<scalar_t>().prox_table(data, numels, elastic_of<acc_t<scalar_t>>(lr_tensor, lr, l1, l2,
-                                                                                   acc_type(dtype)));
+    cpu::passes<scalar_t>().prox_table(data, numels, step, elastic_of<acc_t<scalar_t>>(lr_tensor, lr, l1, l2,
+                                                                                         acc_type(dtype)),
+                                       l2, gl, shapes);
   });
 }
 

@@ -60,5 +60,6 @@ def prox(w: torch.Tensor, lr: float, l1=0.0, l2=0.0, gl=0.0, groups="row") -> to
             n = rows.norm(dim=1, keepdim=True)
             t = lr * gl * math.sqrt(rows.shape[1]) / (1 + 2 * lr * l2)
             factor = torch.where(n > t, 1 - t / n, torch.zeros_like(n))
+            factor = torch.where(n.isnan(), n, factor)  # a NaN's group stays NaN, never zeros
             u = from_groups(rows * factor, u, groups)
     return u

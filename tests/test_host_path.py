@@ -200,15 +200,19 @@ def _sized_list(sizes, dtype):
     return ps
 
 
-@pytest.mark.parametrize("hyper, lr", [({"l1": 0.01, "l2": 0.1}, 0.5), ({"l1": 0.3}, "tensor"), ({"l2": 0.7}, 0.25)],
-                         ids=["elastic", "l1-tensor-lr", "l2"])
+@pytest.mark.parametrize("hyper, lr", [({"l1": 0.01, "l2": 0.1}, 0.5), ({"l1": 0.3}, "tensor"), ({"l2": 0.7}, 0.25),
+                                       ({"l1": 0.01, "group_lasso": 0.3, "groups": "tensor"}, 0.5),
+                                       ({"l2": 0.1, "group_lasso": 0.5, "groups": "row"}, "tensor"),
+                                       ({"group_lasso": 0.2, "groups": "col"}, 0.25)],
+                         ids=["elastic", "l1-tensor-lr", "l2", "l1-gl-tensor", "l2-gl-row-tensor-lr", "gl-col"])
 @pytest.mark.parametrize("sizes", ["small", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyper, lr, monkeypatch):
-    """Without group lasso the walk reads each CPU param's data pointer and the prox runs on that table (runs of
-    whole small tensors, or chunks where a tensor is past one): the float64 oracle's values within the dtype's
-    rounding (NaN and inf kept), float32 and float64 the reference backend's bits, and the same bits on 1 and 2
-    threads, the walk taking the call each time."""
+def test_prox_runs_on_the_walks_data_table(dtype, sizes, hyper, lr, monkeypatch):
+    """The walk reads each CPU param's data pointer (and with group lasso its group shape) and the prox runs on that
+    table (runs of whole small tensors, or chunks where a tensor is past one): the float64 oracle's values within
+    the dtype's rounding (NaN and inf kept, a NaN's group NaN), without group lasso float32 and float64 the reference
+    backend's bits (with it, the group norms are summed in another order), and the same bits on 1 and 2 threads and
+    as the op's path (the walk declined), the walk taking the call each time."""
     ps = _sized_list(sizes, dtype)
     step = torch.tensor(0.5) if lr == "tensor" else lr
     taken = _recorded_walks(monkeypatch)
@@ -221,19 +225,25 @@ def test_prox_without_group_lasso_runs_on_the_walks_data_table(dtype, sizes, hyp
             with use_backend("cpp"):
                 regfast.prox_(work, step, **hyper)
             runs.append(work)
+        assert taken == [True, True], "the walk declined the list"
+        monkeypatch.setattr(_ops, "walk", lambda *a: None)
+        work = [p.detach().clone() for p in ps]
+        with use_backend("cpp"):
+            regfast.prox_(work, step, **hyper)
+        runs.append(work)
     finally:
         torch.set_num_threads(threads)
-    assert taken == [True, True], "the walk declined the list"
     with use_backend("torch"):
         reference = [p.detach().clone() for p in ps]
         regfast.prox_(reference, step, **hyper)
     bits = _BITS[dtype]
-    for w, one, two, ref in zip(ps, *runs, reference, strict=True):
-        assert torch.equal(one.view(bits), two.view(bits))
+    gl = hyper.get("group_lasso", 0.0)
+    for w, one, two, op, ref in zip(ps, *runs, reference, strict=True):
+        assert torch.equal(one.view(bits), two.view(bits)) and torch.equal(one.view(bits), op.view(bits))
         expected = oracle.prox(w.detach().double(), 0.5 if lr == "tensor" else lr, hyper.get("l1", 0.0),
-                               hyper.get("l2", 0.0))
+                               hyper.get("l2", 0.0), gl, hyper.get("groups", "row"))
         assert_close(one, expected, dtype)
-        if dtype in (torch.float32, torch.float64):
+        if dtype in (torch.float32, torch.float64) and not gl:
             assert torch.equal(one.view(bits), ref.view(bits))
     assert runs[0][-1].view(-1)[-1].isnan() and runs[0][0].view(-1)[0].isinf()
 
@@ -252,14 +262,16 @@ def _finite_sized_list(sizes, dtype, strided):
     return ps
 
 
+@pytest.mark.parametrize("gl, groups", [(0.0, "row"), (0.3, "tensor"), (0.2, "row"), (0.5, "col")],
+                         ids=["no-gl", "gl-tensor", "gl-row", "gl-col"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "a-strided-param"])
 @pytest.mark.parametrize("sizes", ["small", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, strided, monkeypatch):
-    """norms and add_penalty_grad_ without group lasso run on the data pointers the walk read while every param of
-    the group is contiguous: per-tensor sums, the penalty's value and the grads as the float64 oracle within the
-    dtype's rounding, the same bits on 1 and 2 threads and as the Python path (the walk declined), the walk taking
-    each call."""
+def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, strided, gl, groups, monkeypatch):
+    """norms and add_penalty_grad_ (with group lasso or without) run on the data pointers (and group shapes) the walk
+    read while every param of the group is contiguous: per-tensor sums, the penalty's value and the grads as the
+    float64 oracle within the dtype's rounding, the same bits on 1 and 2 threads and as the Python path (the walk
+    declined), the walk taking each call."""
     ps = _finite_sized_list(sizes, dtype, strided)
     taken = _recorded_walks(monkeypatch)
     bits = _BITS[dtype]
@@ -272,7 +284,7 @@ def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, st
         for w, p in zip(work, ps):
             w.grad = p.grad.clone()
         norms = regfast.norms(work)
-        value = regfast.add_penalty_grad_(work, l1=0.01, l2=0.2)
+        value = regfast.add_penalty_grad_(work, l1=0.01, l2=0.2, group_lasso=gl, groups=groups)
         return [norms.per_tensor_l1, norms.per_tensor_l2sq, value.reshape(1)] + [w.grad for w in work]
 
     threads = torch.get_num_threads()
@@ -294,9 +306,9 @@ def test_norms_and_add_penalty_grad_run_on_the_walks_data_table(dtype, sizes, st
     w64 = [p.detach().double() for p in ps]
     assert_close(l1, torch.stack([w.abs().sum() for w in w64]), dtype, scale=1.0)
     assert_close(l2sq, torch.stack([(w * w).sum() for w in w64]), dtype, scale=1.0)
-    assert_close(value[0], oracle.penalty(w64, l1=0.01, l2=0.2), dtype)
+    assert_close(value[0], oracle.penalty(w64, l1=0.01, l2=0.2, gl=gl, groups=groups), dtype)
     for g, w, p in zip(grads, w64, ps, strict=True):
-        assert_close(g, p.grad.double() + oracle.grad(w, l1=0.01, l2=0.2), dtype, scale=1.0)
+        assert_close(g, p.grad.double() + oracle.grad(w, l1=0.01, l2=0.2, gl=gl, groups=groups), dtype, scale=1.0)
 
 
 @pytest.mark.parametrize("call, op", [("norms", "norms"), ("add_penalty_grad_ elastic", "add_penalty_grad_"),
