@@ -201,9 +201,22 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
 template <int N, unsigned kMax, typename X, typename Y, typename Term>
 inline void pack_reduce(const GroupPack& p, const X* __restrict__ xs, const Y* __restrict__ ys,
                         const double* __restrict__ param, double* const (&r)[N], Term term) {
-  for (int64_t j = 0; j < p.ng; ++j) {
+  for (int64_t j = 0; j < p.ng;) {
     const int64_t at = p.offsets[j];
+    if (j + kVd <= p.ng && p.offsets[j + kVd] - at == kVd) {
+      // Four one-element groups in a row: their terms on a vector's lanes, each 0 combined with its term, as
+      // group_reduce's column groups take them (the same bits as one at a time).
+      Vd v[N];
+      term(load_vd(xs + at), load_vd(ys + at), load_vd(param + j), v);
+      each_output<N>([&](auto k) {
+        constexpr int kk = decltype(k)::value;
+        store_vd(r[kk] + j, combine<kMax, kk>(splat(0.0), v[kk]));
+      });
+      j += kVd;
+      continue;
+    }
     reduce_runs<N, kMax>(xs + at, ys + at, 1, 0, p.offsets[j + 1] - at, param[j], j, r, term);
+    ++j;
   }
 }
 

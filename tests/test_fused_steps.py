@@ -583,8 +583,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_small_single_group_tensors_step_together_as_each_alone(backend, device, kind, config, dtype):
     """Tensors of one group (1-D ones in every grouping, any with ``groups="tensor"``) of up to 4096 elements go
     together on the CPU, several in one call of each group pass: stepped together (over 300 of them, more than one
-    pack; a NaN, an inf, groups that vanish, groups that stay, beside a 4097-element one and a 2-D one), params and
-    state have the same bits as each tensor stepped alone, and agree with the reference."""
+    pack; a NaN, an inf, groups that vanish, groups that stay, beside a 4097-element one and a 2-D one) on two
+    threads, params and state have the same bits as each tensor stepped alone on one, and agree with the reference."""
     if backend != "cpp" or device != "cpu":
         pytest.skip("the CPU kernels' group passes over several tensors at once")
     gen = torch.Generator().manual_seed(11)
@@ -602,12 +602,18 @@ def test_small_single_group_tensors_step_together_as_each_alone(backend, device,
     alone = [nn.Parameter(v.to(dtype, copy=True)) for v in values]
     make = optimizer(kind, config)
     opt, opts = make(together), [make([p]) for p in alone]
-    for step_grads in grads:
-        for p, q, g in zip(together, alone, step_grads, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        for o in opts:
-            o.step()
+    threads = torch.get_num_threads()
+    try:
+        for step_grads in grads:
+            for p, q, g in zip(together, alone, step_grads, strict=True):
+                p.grad, q.grad = g.clone(), g.clone()
+            torch.set_num_threads(2)  # the packs on two threads, each tensor alone on one
+            opt.step()
+            torch.set_num_threads(1)
+            for o in opts:
+                o.step()
+    finally:
+        torch.set_num_threads(threads)
     for p, q, o in zip(together, alone, opts, strict=True):
         assert torch.equal(_bits(p), _bits(q))
         for key, value in opt.state[p].items():
