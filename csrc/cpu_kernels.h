@@ -611,18 +611,6 @@ constexpr bool kStagedSquares = sizeof(T) < 8;
 // element is out of range (then the run is summed again by parts, see square_parts_run).
 template <typename A, typename T, typename F>
 inline bool sumsq_run(const T* __restrict__ w, int64_t begin, int64_t end, F f, double* out) {
-  if (end - begin < kLanes && end > begin) {  // a short run: element j is lane j's only term (leading_total)
-    const int n = static_cast<int>(end - begin);
-    double s[kLanes];
-    bool flag = false;
-    for (int j = 0; j < n; ++j) {
-      const double u = static_cast<double>(f(static_cast<A>(w[begin + j])));
-      s[j] = u * u;
-      if constexpr (kParts<A> > 1) flag = flag || out_of_range(u);
-    }
-    *out = leading_total(s, n);
-    return flag;
-  }
   double s[kLanes] = {}, flags[kLanes] = {};
   auto add = [&](A x, int j) {
     const double u = static_cast<double>(f(x));
