@@ -325,7 +325,8 @@ def test_only_the_wide_variants_hold_avx_instructions():
     # chunk's first line is a prefetcht0)
     for kernels in (("tensor_norms<c10::BFloat16>", "norms_run<c10::BFloat16"),
                     ("grad_run<c10::BFloat16", "grad_core<c10::BFloat16>"),
-                    ("grad_run<float", "grad_core<float>"), ("sumsq_run<float, c10::Half",),
+                    ("grad_run<float", "grad_core<float>"), ("prox_run<c10::BFloat16", "prox_table<c10::BFloat16>"),
+                    ("prox_run<c10::Half", "prox_table<c10::Half>"), ("sumsq_run<float, c10::Half",),
                     ("sumsq_run<float, c10::BFloat16",)):
         for variant in ("regfast::cpu::avx2::", "regfast::cpu::avx512::", "regfast::cpu::baseline::"):
             found = [ops for name, ops in functions if variant in name and any(k in name for k in kernels)]
