@@ -105,7 +105,7 @@ constexpr int kPrefetchAhead = 8192;
 // Prefetches the cache lines of one round of kLanes elements at p, kPrefetchAhead bytes on, into the L2 cache
 // (prefetcht1), each line once: a round of 16-bit elements is half a line, so only the round that starts in a line's
 // first half prefetches (whatever the alignment, one of a line's two rounds starts there). A prefetch never faults:
-// past the end of an allocation it does nothing. Into L1 (prefetcht0) on every round, GPT-2 small, builds
+// past the end of an allocation it does nothing. Against prefetcht0 at every round, GPT-2 small, builds
 // alternating, ms: `norms` bfloat16 one thread 28.0-30.7 -> 22.5-24.4, two threads 15.0-15.5 -> 11.5-13.2, float16
 // one thread 27.6-29.1 -> 24.0-24.7; the loops that also write: no change beyond noise.
 template <typename T>

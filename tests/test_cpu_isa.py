@@ -320,9 +320,8 @@ def test_only_the_wide_variants_hold_avx_instructions():
                    if any(f"{k}<c10::Half" in name for k in ("prox_run", "prox_table", "prox_pass")))
         assert any("vaddps" in ops for name, ops in wide if "tensor_norms<float>" in name)
     # The streaming loops prefetch ahead of their reads and writes into L2 (cpu_kernels.h's prefetch_round), in every
-    # variant.
-    # (the norms' loop: norms_run, or where the compiler inlined it, tensor_norms' lambdas, whose prefetch of a later
-    # chunk's first line is a prefetcht0)
+    # variant (the norms' loop: norms_run, or where the compiler inlined it, tensor_norms' lambdas, whose prefetch of
+    # a later chunk's first line is a prefetcht0).
     for kernels in (("tensor_norms<c10::BFloat16>", "norms_run<c10::BFloat16"),
                     ("grad_run<c10::BFloat16", "grad_core<c10::BFloat16>"),
                     ("grad_run<float", "grad_core<float>"), ("prox_run<c10::BFloat16", "prox_table<c10::BFloat16>"),
