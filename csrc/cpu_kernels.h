@@ -845,6 +845,10 @@ std::vector<double> group_norms(const void* const* data, const std::vector<int64
   };
   enum Kind { kWholeGroups, kSplitGroups, kRows };
   const size_t nt = numels.size();
+  if (std::all_of(numels.begin(), numels.end(), [](int64_t n) { return n == 0; })) {
+    offsets.assign(nt + 1, 0);
+    return {};
+  }
   std::vector<Kind> kinds(nt);
   std::vector<int64_t> slot_base(nt), splits(nt, 1);
   std::vector<Piece> pieces;
@@ -1016,11 +1020,17 @@ void for_scale_runs(const GroupShape& s, const A* scales, const A* pres, A fixed
 }
 
 // Per-group values turned into the layout for_scale_runs reads: per group when outer == 1,
-// per column (g, k) of a row when outer > 1.
+// per column (g, k) of a row when outer > 1 (where every tensor's groups are runs, per_group itself).
 template <typename A>
-std::vector<A> expand_scales(const std::vector<A>& per_group, const std::vector<int64_t>& offsets,
+std::vector<A> expand_scales(std::vector<A> per_group, const std::vector<int64_t>& offsets,
                              const std::vector<GroupShape>& shapes, const std::vector<int64_t>& numels,
                              std::vector<int64_t>& scale_offsets) {
+  bool runs = true;
+  for (size_t t = 0; t < numels.size() && runs; ++t) runs = numels[t] == 0 || shapes[t].outer == 1;
+  if (runs) {
+    scale_offsets.assign(offsets.begin(), offsets.begin() + static_cast<std::ptrdiff_t>(numels.size()));
+    return per_group;
+  }
   std::vector<A> out;
   scale_offsets.assign(numels.size(), 0);
   for (size_t t = 0; t < numels.size(); ++t) {

@@ -25,6 +25,18 @@ namespace REGFAST_CPU_ISA {
 // then p and q each carry about half of c's exponent, and x·p stays within a few powers of two of
 // weight (|x| ≤ norm).
 inline void split_coefficient(double weight, double norm, double& p, double& q) {
+  // Both normal (nor zero, subnormal, infinite or NaN): frexp's exponents are the biased ones less 1022, so their
+  // difference is the biased exponents', without frexp's two calls.
+  uint64_t bits_w = 0, bits_n = 0;
+  std::memcpy(&bits_w, &weight, sizeof weight);
+  std::memcpy(&bits_n, &norm, sizeof norm);
+  const int biased_w = static_cast<int>(bits_w >> 52 & 0x7FF), biased_n = static_cast<int>(bits_n >> 52 & 0x7FF);
+  if (biased_w != 0 && biased_w != 0x7FF && biased_n != 0 && biased_n != 0x7FF && biased_w - biased_n > -60 &&
+      biased_w - biased_n < 60) {
+    p = 1;
+    q = weight / norm;
+    return;
+  }
   int ew = 0, en = 0;
   const double mw = std::frexp(weight, &ew), mn = std::frexp(norm, &en);
   const int e = ew - en;
@@ -175,14 +187,77 @@ class L1Table {
   uint16_t pos_[4], neg_[4];  // by class: zero, subnormal, normal or infinite, NaN
 };
 
+// Whether tensor t of a pass with group lasso is a small one-group tensor (fewer than kLanes elements, one group,
+// outer 1): its group norm, scale and gradient or prox in one visit (grad_core, prox_groups_table) rather than
+// through group_norms and the scale arrays. Its norm is short_sumsq's, as group_norms takes such a group (one
+// partial, added to 0, one part: for A = float only; double's groups may be summed again by parts).
+template <typename A>
+inline bool small_group(int64_t numel, const GroupShape& s) {
+  return kParts<A> == 1 && numel > 0 && numel < kLanes && s.outer == 1 && s.ngroups == 1;
+}
+
+// The small one-group tensors (small_group) of a pass with group lasso over tensors of numels[t] elements grouped as
+// shapes[t]: marked (none: empty), and the numels with theirs 0 in `others` (for group_norms to leave them out).
+template <typename A>
+std::vector<char> mark_small_groups(const std::vector<int64_t>& numels, const GroupShape* shapes,
+                                    std::vector<int64_t>& others) {
+  std::vector<char> small;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    if (!small_group<A>(numels[t], shapes[t])) continue;
+    if (small.empty()) {
+      small.assign(numels.size(), 0);
+      others = numels;
+    }
+    small[t] = 1;
+    others[t] = 0;
+  }
+  return small;
+}
+
+// The norm of a small one-group tensor's n elements (small_group) as group_norms gives it.
+template <typename A, typename T, typename F>
+inline double small_group_norm(const T* w, int n, F f) {
+  double sq = 0, acc = 0;
+  short_sumsq<A>(w, 0, n, f, &sq);
+  acc += sq;
+  return norm_from_parts(acc, 0.0, 0.0, 1);
+}
+
+// (2·l2 + c)·w as (2·l2/p + q)·(w·p) for the group coefficient c = weight/norm (split_coefficient): with p = 1 the
+// sum the element loop would form. The scale and its pre-scale p.
+template <typename A>
+inline ConstScale<A> gradient_scale(double l2, double weight, double norm) {
+  double p = 1, q = 0;
+  if (norm != 0) split_coefficient(weight, norm, p, q);
+  return {static_cast<A>(p == 1 ? 2 * l2 : 2 * l2 / p) + static_cast<A>(q), static_cast<A>(p)};
+}
+
 // The group lasso's part of a gradient pass: per tensor the shape of its groups and, laid out as for_scale_runs
-// reads them, each group's scale and pre-scale; and Σ_g √|g|·‖w_g‖₂ (`value`).
+// reads them, each group's scale and pre-scale (small one-group tensors aside: `small`, set where any is, marks
+// them, and grad_core writes each one's √|g|·‖w_g‖₂ into small_terms[t]); and Σ_g √|g|·‖w_g‖₂ (total()) from each
+// other group's term `terms` (tensor t's at [offsets[t], offsets[t + 1])), in tensor and group order.
 template <typename A>
 struct GradGroups {
   std::vector<GroupShape> shapes;
   std::vector<A> scales, pres;
   std::vector<int64_t> scale_offsets;
-  double value = 0;
+  std::vector<double> terms;
+  std::vector<int64_t> offsets;
+  std::vector<char> small;
+  mutable std::vector<double> small_terms;
+  double gl = 0, l2 = 0;
+
+  double total() const {
+    double value = 0;
+    for (size_t t = 0; t + 1 < offsets.size(); ++t) {
+      if (!small.empty() && small[t]) {
+        value += small_terms[t];
+        continue;
+      }
+      for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) value += terms[g];
+    }
+    return value;
+  }
 };
 
 // The gradient pass over the tensors at wd[t] (read) and od[t] (written), of numels[t] contiguous elements each,
@@ -224,6 +299,13 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
         if (groups == nullptr) {
           short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin, n, a_l1, a_mult,
                                                                  UnitScale<A>{a_lin}, &p1[c], &p2[c]);
+        } else if (!groups->small.empty() && groups->small[ch.tensor]) {
+          const double norm = small_group_norm<A>(w, n, Identity{});
+          const double root = std::sqrt(static_cast<double>(n));
+          groups->small_terms[ch.tensor] = root * norm;
+          short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w, out, n, a_l1, a_mult,
+                                                                 gradient_scale<A>(groups->l2, groups->gl * root, norm),
+                                                                 &p1[c], &p2[c]);
         } else {
           short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin, n, a_l1, a_mult,
                                                                  ConstScale<A>{sc[0], pr[0]}, &p1[c], &p2[c]);
@@ -266,7 +348,7 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
   A value = 0;
   if (l1 != 0) value += static_cast<A>(l1) * abs_sum;
   if (l2 != 0) value += static_cast<A>(l2) * sq_sum;
-  if (gl != 0) value += static_cast<A>(gl * groups->value);
+  if (gl != 0) value += static_cast<A>(gl * groups->total());
   return value;
 }
 
@@ -280,24 +362,27 @@ acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<in
   const size_t nt = numels.size();
   GradGroups<A> groups;
   groups.shapes.assign(shapes, shapes + nt);
-  std::vector<int64_t> offsets;
-  const std::vector<double> norms = group_norms<T>(wd, numels, groups.shapes, Identity{}, offsets);
+  groups.gl = gl;
+  groups.l2 = l2;
+  std::vector<int64_t> others;
+  groups.small = mark_small_groups<A>(numels, shapes, others);
+  if (!groups.small.empty()) groups.small_terms.assign(nt, 0.0);
+  const std::vector<int64_t>& grouped = groups.small.empty() ? numels : others;
+  const std::vector<double> norms = group_norms<T>(wd, grouped, groups.shapes, Identity{}, groups.offsets);
   std::vector<A> per_group(norms.size()), pre(norms.size());
+  groups.terms.resize(norms.size());
   for (size_t t = 0; t < nt; ++t) {
-    if (numels[t] == 0) continue;
+    if (grouped[t] == 0) continue;
     const double root = std::sqrt(static_cast<double>(shapes[t].group_size()));
-    for (int64_t g = offsets[t]; g < offsets[t + 1]; ++g) {
-      const double norm = norms[g];
-      groups.value += root * norm;
-      double p = 1, q = 0;
-      if (norm != 0) split_coefficient(gl * root, norm, p, q);
-      // (2·l2 + c)·w as (2·l2/p + q)·(w·p): with p = 1 the sum the element loop would form.
-      per_group[g] = static_cast<A>(2 * l2 / p) + static_cast<A>(q);
-      pre[g] = static_cast<A>(p);
+    for (int64_t g = groups.offsets[t]; g < groups.offsets[t + 1]; ++g) {
+      groups.terms[g] = root * norms[g];
+      const ConstScale<A> scale = gradient_scale<A>(l2, gl * root, norms[g]);
+      per_group[g] = scale.value;
+      pre[g] = scale.pre;
     }
   }
-  groups.scales = expand_scales(per_group, offsets, groups.shapes, numels, groups.scale_offsets);
-  groups.pres = expand_scales(pre, offsets, groups.shapes, numels, groups.scale_offsets);
+  groups.scales = expand_scales(std::move(per_group), groups.offsets, groups.shapes, grouped, groups.scale_offsets);
+  groups.pres = expand_scales(std::move(pre), groups.offsets, groups.shapes, grouped, groups.scale_offsets);
   return grad_core<T>(wd, od, numels, accumulate, l1, l2, gl, &groups, mult);
 }
 
@@ -384,23 +469,36 @@ void prox_groups_table(void* const* data, const std::vector<int64_t>& numels, do
   const bool has_t = elastic.has_l1, has_shrink = elastic.has_l2;
   const double shrink_d = has_shrink ? 1.0 / (1.0 + 2.0 * lr * l2) : 1.0;
   const std::vector<GroupShape> group_shapes(shapes, shapes + nt);
+  // Small one-group tensors (small_group) are left out of group_norms (as empty tensors): their norm, factor and
+  // prox in one visit below.
+  std::vector<int64_t> others;
+  const std::vector<char> small = mark_small_groups<A>(numels, shapes, others);
+  const std::vector<int64_t>& grouped = small.empty() ? numels : others;
+  const ElasticLanes<A> f{elastic};
   std::vector<int64_t> offsets;
-  const auto norms = group_norms<T>(data, numels, group_shapes, ElasticLanes<A>{elastic}, offsets);
+  const auto norms = group_norms<T>(data, grouped, group_shapes, f, offsets);
   std::vector<A> factor(norms.size());
   for (size_t i = 0; i < nt; ++i) {
-    if (numels[i] == 0) continue;
+    if (grouped[i] == 0) continue;
     const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
     for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
       factor[g] = group_shrink_factor<A>(norms[g], c);
     }
   }
   std::vector<int64_t> scale_offsets;
-  const std::vector<A> scales = expand_scales(factor, offsets, group_shapes, numels, scale_offsets);
+  const std::vector<A> scales = expand_scales(std::move(factor), offsets, group_shapes, grouped, scale_offsets);
   const WorkList wl = make_work_list(numels);
   auto run = [&](auto t_tag, auto shrink_tag) {
     constexpr bool kT = decltype(t_tag)::value, kShrink = decltype(shrink_tag)::value;
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
       T* w = static_cast<T*>(data[ch.tensor]);
+      if (!small.empty() && small[ch.tensor]) {
+        const auto n = static_cast<int>(ch.end);
+        const double c = lr * gl * std::sqrt(static_cast<double>(n)) * shrink_d;
+        const A a = group_shrink_factor<A>(small_group_norm<A>(w, n, f), c);
+        prox_run<T, kT, kShrink, true>(w, 0, n, elastic, ConstScale<A>{a, a});
+        return;
+      }
       const A* sc = scales.data() + scale_offsets[ch.tensor];
       // The prox multiplies by the factor alone: no pre-scale is read, so the factors stand in for them.
       for_scale_runs(shapes[ch.tensor], sc, sc, A(0), ch.begin, ch.end, [&](int64_t b, int64_t e, auto scale) {
