@@ -1200,7 +1200,7 @@ at::Tensor sgd_group_step(const SgdArgs& args, const TensorRefs& params, const T
   }
   sgd_group_blocks(args, params, ts, group_shrink_step(std::nullopt, lr, l2, acc), group_lasso, grouping);
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
-  return at::zeros({}, params[0].options().dtype(acc));
+  return at::Tensor();
 }
 
 at::Tensor adamw_group_step(const AdamWArgs& args, const TensorRefs& params, const TensorRefs& grads,
@@ -1230,7 +1230,7 @@ at::Tensor adamw_group_step(const AdamWArgs& args, const TensorRefs& params, con
         std::nullopt, lr, l1, l2, group_lasso, groups, compute_penalty);
   }
   if (compute_penalty) return call_penalty(params, l1, l2, group_lasso, groups);
-  return at::zeros({}, params[0].options().dtype(acc));
+  return at::Tensor();
 }
 
 }  // namespace optim_cpu
