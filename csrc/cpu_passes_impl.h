@@ -245,7 +245,6 @@ struct GradGroups {
   std::vector<int64_t> offsets;
   std::vector<char> small;
   mutable std::vector<double> small_terms;
-  double gl = 0, l2 = 0;
 
   double total() const {
     double value = 0;
@@ -304,7 +303,7 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
           const double root = std::sqrt(static_cast<double>(n));
           groups->small_terms[ch.tensor] = root * norm;
           short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w, out, n, a_l1, a_mult,
-                                                                 gradient_scale<A>(groups->l2, groups->gl * root, norm),
+                                                                 gradient_scale<A>(l2, gl * root, norm),
                                                                  &p1[c], &p2[c]);
         } else {
           short_grad_run<T, kL1, kLin, kAccumulate, kAccumulate>(w + ch.begin, out + ch.begin, n, a_l1, a_mult,
@@ -362,8 +361,6 @@ acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<in
   const size_t nt = numels.size();
   GradGroups<A> groups;
   groups.shapes.assign(shapes, shapes + nt);
-  groups.gl = gl;
-  groups.l2 = l2;
   std::vector<int64_t> others;
   groups.small = mark_small_groups<A>(numels, shapes, others);
   if (!groups.small.empty()) groups.small_terms.assign(nt, 0.0);
@@ -475,12 +472,13 @@ void prox_groups_table(void* const* data, const std::vector<int64_t>& numels, do
   const std::vector<char> small = mark_small_groups<A>(numels, shapes, others);
   const std::vector<int64_t>& grouped = small.empty() ? numels : others;
   const ElasticLanes<A> f{elastic};
+  const auto coefficient = [&](int64_t size) { return lr * gl * std::sqrt(static_cast<double>(size)) * shrink_d; };
   std::vector<int64_t> offsets;
   const auto norms = group_norms<T>(data, grouped, group_shapes, f, offsets);
   std::vector<A> factor(norms.size());
   for (size_t i = 0; i < nt; ++i) {
     if (grouped[i] == 0) continue;
-    const double c = lr * gl * std::sqrt(static_cast<double>(shapes[i].group_size())) * shrink_d;
+    const double c = coefficient(shapes[i].group_size());
     for (int64_t g = offsets[i]; g < offsets[i + 1]; ++g) {
       factor[g] = group_shrink_factor<A>(norms[g], c);
     }
@@ -493,9 +491,8 @@ void prox_groups_table(void* const* data, const std::vector<int64_t>& numels, do
     for_each_chunk(wl, [&](int64_t, const Chunk& ch) {
       T* w = static_cast<T*>(data[ch.tensor]);
       if (!small.empty() && small[ch.tensor]) {
-        const auto n = static_cast<int>(ch.end);
-        const double c = lr * gl * std::sqrt(static_cast<double>(n)) * shrink_d;
-        const A a = group_shrink_factor<A>(small_group_norm<A>(w, n, f), c);
+        const auto n = static_cast<int>(ch.end);  // the whole tensor: one chunk from 0
+        const A a = group_shrink_factor<A>(small_group_norm<A>(w, n, f), coefficient(n));
         prox_run<T, kT, kShrink, true>(w, 0, n, elastic, ConstScale<A>{a, a});
         return;
       }
