@@ -159,10 +159,16 @@ bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
   return true;
 }
 
-// t.grad, read from the tensor's autograd metadata: Tensor::grad first asks whether t is a leaf, to warn when an
-// undefined grad of a non-leaf is read, which costs as much again. The public calls' walk declines an undefined
-// grad (the Python path then reads p.grad, warning where torch warns); an optimizer's params are leaves.
-const at::Tensor& grad_of(const at::Tensor& t) { return t.unsafeGetTensorImpl()->grad(); }
+// t.grad, read from the tensor's autograd metadata itself (the cast that torch's own get_autograd_meta makes) rather
+// than through TensorImpl::grad's two calls out of line, the second a virtual one; Tensor::grad would first ask
+// whether t is a leaf, to warn when an undefined grad of a non-leaf is read, which costs as much again. The public
+// calls' walk declines an undefined grad (the Python path then reads p.grad, warning where torch warns); an
+// optimizer's params are leaves.
+const at::Tensor& grad_of(const at::Tensor& t) {
+  static const at::Tensor undefined;
+  const c10::AutogradMetaInterface* meta = t.unsafeGetTensorImpl()->autograd_meta();
+  return meta != nullptr ? static_cast<const torch::autograd::AutogradMeta*>(meta)->grad_ : undefined;
+}
 
 // A tensor to write in place: contiguous (so stored once) and, outside inference mode, not an inference tensor.
 bool writable(const at::Tensor& t) {
