@@ -1384,6 +1384,8 @@ PyObject* sgd_step_impl(PyObject* args, bool flat) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
+      // A flat plan's group none of whose params has a grad: nothing to step and no value, as on the Python path.
+      if (g.params.empty()) continue;
       at::Tensor value;
       if (g.direct && !lr_tensor.has_value()) {
         // The op's step from the walk's table: the walk checked what the op checks (with group lasso, the op's
@@ -1453,6 +1455,8 @@ PyObject* adamw_step_impl(PyObject* args, bool flat) {
   {
     KernelScope scope(groups);
     for (const auto& g : groups) {
+      // A flat plan's group none of whose params has a grad: nothing to step and no value, as on the Python path.
+      if (g.params.empty()) continue;
       at::Tensor value;
       if (g.direct && !lr_tensor.has_value()) {
         // The op's step from the walk's table: the walk checked what the op checks. The float32 counts

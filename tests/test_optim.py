@@ -357,6 +357,45 @@ def test_grad_none_is_skipped(make):
     assert all(p in opt.state for p in params[1:] if p.numel())
 
 
+@pytest.mark.parametrize("group_lasso", [0.0, 0.05])
+@pytest.mark.parametrize("make", [
+    lambda ps, gl: ProxSGD(ps, lr=0.1, momentum=0.9, l1=0.01, group_lasso=gl, compute_penalty=True),
+    lambda ps, gl: ProxAdamW(ps, lr=0.05, l1=0.01, group_lasso=gl, compute_penalty=True),
+    lambda ps, gl: ProxAdamW(ps, lr=0.05, l1=0.01, group_lasso=gl, prox="lr", compute_penalty=True),
+], ids=["sgd", "adamw", "adamw-lr"])
+@pytest.mark.parametrize("without", ["a param group", "a dtype of a param group"])
+def test_a_whole_bucket_without_grads_after_planned_steps(without, make, group_lasso):
+    """After steps that made the optimizer's plan, a step where no param of a (device, dtype) bucket has a grad (a
+    param group frozen, or one dtype of a mixed group): those params are left alone, the others step as on the
+    Python path, and the penalty covers the params stepped."""
+    torch.manual_seed(0)
+    wide = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(7))]
+    narrow = [nn.Parameter(torch.randn(5, 2).to(torch.float16)), nn.Parameter(torch.randn(3).to(torch.float16))]
+    frozen = {2, 3} if without == "a dtype of a param group" else {0, 1}  # positions in wide + narrow
+    twins = [nn.Parameter(p.detach().clone()) for p in wide + narrow]
+    runs = []
+    for params, backend in ((wide + narrow, None), (twins, "torch")):
+        split = [params[:2], params[2:]]
+        groups = [{"params": split[0] + split[1]}] if without == "a dtype of a param group" else \
+            [{"params": split[0]}, {"params": split[1]}]
+        runs.append((params, make(groups, group_lasso), backend))
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in wide + narrow]
+        for params, opt, backend in runs:
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if step == 3 and i in frozen else g.clone()
+            before = [p.detach().clone() for p in params]
+            with use_backend(backend):
+                opt.step()
+            if step == 3:
+                for i in frozen:
+                    torch.testing.assert_close(params[i].detach(), before[i], rtol=0, atol=0)
+    (ours, opt, _), (theirs, twin, _) = runs
+    for p, t in zip(ours, theirs):
+        _close(p, t, p.dtype)
+    torch.testing.assert_close(opt.last_penalty, twin.last_penalty, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_frozen_then_unfrozen_matches_torch(kind):
     params = _params(torch.float32)
