@@ -145,3 +145,57 @@ def test_reductions_do_not_depend_on_the_thread_count(backend, dtype):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _rounded(value, dtype):
+    """``value`` (a float64 number) correctly rounded to ``dtype``."""
+    return torch.tensor(value, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_results_are_rounded_once(backend, dtype):
+    """16-bit params are computed in float32 and rounded once: where the terms cancel, a threshold or a term
+    rounded to 16 bits on its own would move the result by many units in the last place."""
+    w = torch.tensor([1.0, -1440.0], dtype=dtype)
+    g = torch.tensor([0.0, 1184.0], dtype=dtype)
+    lr, l1, l2 = 0.5, 1.98, 0.41  # the prox of 1.0: 1 − 0.99 = 0.01; the grad of −1440: 1184 − 1.98 − 1180.8
+    w64, g64 = w.double(), g.double()
+    with use_backend(backend):
+        p = w.clone()
+        regfast.prox_([p], lr, l1=l1)
+        p.grad = g.clone()
+        regfast.add_penalty_grad_([p], l1=l1, l2=l2)
+        q = w.clone().requires_grad_()
+        regfast.penalty([q], l1=l1, l2=l2).backward()
+    prox64 = torch.sign(w64) * torch.clamp(w64.abs() - lr * l1, min=0)
+    exact = [prox64[0].item(), -0.0 if prox64[1] == 0 else prox64[1].item()]
+    for got, want in zip(p.detach(), exact):
+        assert abs(got.item() - want) <= abs(_rounded(want, dtype).item() - want) * 1.0001 + 1e-30, (got, want)
+    p64 = p.detach().double()
+    grad64 = g64 + l1 * torch.sign(p64) + 2 * l2 * p64
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(grad64.abs()))
+    assert ((p.grad.double() - grad64).abs() <= ulp).all(), (p.grad, grad64)
+    grad64 = l1 * torch.sign(w64) + 2 * l2 * w64
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(grad64.abs()))
+    assert ((q.grad.double() - grad64).abs() <= ulp).all(), (q.grad, grad64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coefficients_above_the_16_bit_range(backend):
+    """A coefficient that no 16-bit number holds (1e20) is applied in float32: infinite gradients where w ≠ 0, 0 at
+    w = 0 (never NaN), a prox to zero; a list mixing dtypes gets every group written, none refused halfway."""
+    with use_backend(backend):
+        a = torch.tensor([1.0, -2.0])
+        a.grad = torch.zeros(2)
+        h = torch.tensor([0.0, 0.5, -1.0], dtype=torch.float16)
+        h.grad = torch.zeros(3, dtype=torch.float16)
+        regfast.add_penalty_grad_([a, h], l1=1e20)
+        p = torch.tensor([0.0, 0.5, -1.0], dtype=torch.bfloat16)
+        regfast.prox_([p], 0.5, l1=1e20)
+        w = torch.tensor([0.0, 1e-3, 0.0, -2.0], dtype=torch.float16, requires_grad=True)
+        regfast.penalty([w], l1=0.01, l2=1e20).backward()
+    assert torch.equal(a.grad, torch.tensor([1e20, -1e20]))
+    assert h.grad.tolist() == [0.0, math.inf, -math.inf]
+    assert p.tolist() == [0.0, 0.0, 0.0]
+    assert w.grad.tolist() == [0.0, math.inf, 0.0, -math.inf]

@@ -17,7 +17,8 @@ The prox is the exact proximal operator of the whole penalty with step ``s``: wi
 thresholds by ``1 + 2·s·l2``.
 
 These functions are also the ``torch`` backend: they use ``torch._foreach_*`` where it
-saves launches and keep at most one temporary the size of a single tensor alive.
+saves launches and keep a few temporaries the size of a single tensor alive at most; 16-bit
+tensors are computed in float32 and rounded once, as the kernels compute them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from .._common import Lr, acc_dtype, group_dims, group_size, lr_step
 # elements is split across threads in a thread-count dependent order; a reduction of rows (many
 # outputs, at most this many elements each) reduces each row in one thread, in one order.
 _ROW = 8192
+
+_NARROW = (torch.float16, torch.bfloat16)
 
 
 def _fixed_order_sums(rows: Tensor, reduce) -> Tensor:
@@ -188,7 +191,7 @@ def penalty_backward(grad: Tensor, params: list[Tensor], l1: float, l2: float,
     coefs = [c and grad * c for c in (l1, l2, group_lasso)]
     grads = []
     for w in params:
-        out = _add_grad(None, w, *coefs, groups)
+        out = _add_grad(None, w.to(grad.dtype), *coefs, groups)  # 16-bit weights widened: one rounding at the end
         grads.append(torch.zeros_like(w) if out is None else out.to(w.dtype))
     return grads
 
@@ -250,6 +253,12 @@ def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: 
                       group_lasso: float, groups: str) -> Tensor:
     """``grads[i] += ∇penalty(params[i])`` in place; returns the penalty value (accumulation dtype)."""
     value = penalty(params, l1, l2, group_lasso, groups)
+    if params[0].dtype in _NARROW:
+        # The whole gradient added in float32 and rounded once, as the kernels add it: each term rounded to 16 bits
+        # on its own would lose the sum where the terms cancel, and a coefficient above the dtype's range overflow.
+        for w, g in zip(params, grads):
+            g.copy_(_add_grad(g.float(), w.float(), l1, l2, group_lasso, groups))
+        return value
     if l2:
         torch._foreach_add_(grads, params, alpha=2 * l2)
     for w, g in zip(params, grads):
@@ -268,7 +277,10 @@ def prox_step_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: 
     their accumulation dtype), in place."""
     shrink = 1 / (1 + 2 * lr * l2) if l2 else None
     threshold = lr * l1 if l1 else None
-    for w in params:
+    for param in params:
+        # 16-bit params stepped in float32 and rounded once (a threshold rounded to 16 bits would move the result,
+        # or overflow).
+        w = param.float() if param.dtype in _NARROW else param
         if threshold is not None:
             # w − clamp(w, −t, t) is the soft threshold, exactly 0 where |w| ≤ t.
             w.sub_(torch.clamp(w, -threshold, threshold))
@@ -284,3 +296,5 @@ def prox_step_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: 
             coef = torch.as_tensor(coef, dtype=torch.float64, device=norm.device)
             factor = torch.clamp_min(1 - coef / torch.where(norm == 0, 1, norm), 0)
             w.mul_(torch.where(norm == 0, 0, factor).to(w.dtype))
+        if w is not param:
+            param.copy_(w)

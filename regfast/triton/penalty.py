@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import acc_dtype
-from .functors import group_advance, group_cursor, group_ids, load, scalar, sign, store
+from .functors import group_advance, group_cursor, group_ids, load, round_to, scalar, sign, store
 from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -61,7 +61,7 @@ def _penalty_block(w_ptr, g_ptr, coef_ptr, pre_ptr, offs, count, r, g, inner, ng
             grad += load(coef_ptr + ids, mask, MASKED) * (w * load(pre_ptr + ids, mask, MASKED))
         if WRITE == ACCUMULATE:
             grad += load(g_ptr + offs, mask, MASKED).to(ACC)
-        store(g_ptr + offs, grad.to(DTYPE), mask, MASKED)
+        store(g_ptr + offs, round_to(grad, DTYPE), mask, MASKED)
     return abs_sum, sq_sum
 
 

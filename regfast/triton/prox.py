@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import lr_step
-from .functors import elastic_net, group_advance, group_cursor, group_ids, load, prox_step, store
+from .functors import elastic_net, group_advance, group_cursor, group_ids, load, prox_step, round_to, store
 from .group import group_coefficients
 from .launcher import (
     LAUNCH_OPTIONS,
@@ -40,7 +40,7 @@ def _prox_block(w_ptr, factor_ptr, offs, count, r, g, inner, ngroups, threshold,
     u = elastic_net(load(w_ptr + offs, mask, MASKED).to(ACC), threshold, shrink, HAS_L1, HAS_L2)
     if HAS_GROUPS:
         u = u * load(factor_ptr + group_ids(r, g, inner, ngroups, BLOCK), mask, MASKED)
-    store(w_ptr + offs, u.to(DTYPE), mask, MASKED)
+    store(w_ptr + offs, round_to(u, DTYPE), mask, MASKED)
 
 
 @triton.jit(do_not_specialize=["n_work"])
