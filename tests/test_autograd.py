@@ -98,6 +98,28 @@ def test_second_derivative_at_a_zero_group_is_zero_not_nan(backend):
     assert (hessian.reshape(12, 12)[4:, :] == 0).all()
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 3e19), (torch.float32, 3e-20), (torch.float64, 1e160),
+                                          (torch.float64, 1e-170)], ids=str)
+def test_second_derivative_at_weights_whose_squares_leave_the_range(backend, dtype, scale):
+    """The group term's Hessian-vector product where w² overflows or underflows the dtype (as the value, the gradient
+    and the prox are exact there): against the formula in float64 on scaled weights; one-element groups get 0."""
+    w0 = torch.tensor([[3.0, -4.0, 1.0], [0.5, 0.0, -2.0]], dtype=torch.float64) * scale
+    v = torch.tensor([[1.0, 2.0, -0.5], [0.25, -1.0, 3.0]], dtype=torch.float64)
+    for groups in ("row", "tensor"):
+        w = w0.to(dtype).requires_grad_()
+        (g,) = torch.autograd.grad(regfast.penalty([w], group_lasso=0.7, groups=groups), w, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v.to(dtype)).sum(), w)
+        u = w.detach().double() / scale  # the formula is homogeneous: gl·√|g|/‖w‖·(v − w·⟨w, v⟩/‖w‖²)
+        rows = [(u, v)] if groups == "tensor" else list(zip(u, v))
+        expected = torch.stack([0.7 * math.sqrt(x.numel()) / x.norm() * (y - x * (x * y).sum() / x.norm() ** 2)
+                                for x, y in rows]).reshape(w.shape) / scale
+        torch.testing.assert_close(hv.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    w = (torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    (g,) = torch.autograd.grad(regfast.penalty([w], group_lasso=1.0), w, create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), w)
+    assert (hv == 0).all(), hv
+
+
 @pytest.mark.parametrize("hyper", TERMS, ids=["l2", "group", "all"])
 def test_forward_mode(backend, hyper):
     params = [p.detach() for p in _params(3)]

@@ -196,13 +196,20 @@ def penalty_backward(grad: Tensor, params: list[Tensor], l1: float, l2: float,
     return grads
 
 
-def _safe_group_norms(w: Tensor, groups: str) -> tuple[Tensor, Tensor]:
-    """(‖w_g‖₂ with 1 in place of 0, whether the group is nonzero), differentiable to any order at any ``w``."""
+def _scaled_groups(w: Tensor, groups: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``u = w_g/s_g``, ``‖u_g‖₂`` (1 for a zero group), whether the group is nonzero, and ``s_g``: each group
+    divided by its largest |w|, held constant (‖w_g‖ = s·‖w_g/s‖ for any s > 0, so every derivative stays exact),
+    so that no square overflows or underflows; ``s_g`` is 1 for a zero group and for one holding an inf or NaN,
+    which then propagates as unscaled. Differentiable to any order at any ``w``."""
     dims = group_dims(w, groups)
-    square = w * w
+    amax = w.detach().abs()
+    amax = amax.amax() if dims is None else amax.amax(dim=dims, keepdim=True)
+    scale = torch.where((amax > 0) & torch.isfinite(amax), amax, torch.ones_like(amax))
+    u = w / scale
+    square = u * u
     sq_sum = square.sum() if dims is None else square.sum(dim=dims, keepdim=True)
     nonzero = sq_sum > 0
-    return torch.where(nonzero, sq_sum, torch.ones_like(sq_sum)).sqrt(), nonzero
+    return u, torch.where(nonzero, sq_sum, torch.ones_like(sq_sum)).sqrt(), nonzero, scale
 
 
 def penalty_differentiable(params: list[Tensor], l1: float, l2: float, group_lasso: float,
@@ -219,8 +226,9 @@ def penalty_differentiable(params: list[Tensor], l1: float, l2: float, group_las
         if l2:
             value = value + l2 * (w * w).sum()
         if group_lasso and w.numel():
-            norm, nonzero = _safe_group_norms(w, groups)
-            value = value + group_lasso * math.sqrt(group_size(w, groups)) * torch.where(nonzero, norm, 0).sum()
+            _, norm, nonzero, scale = _scaled_groups(w, groups)
+            value = value + group_lasso * math.sqrt(group_size(w, groups)) * torch.where(nonzero, scale * norm,
+                                                                                          0).sum()
     return value
 
 
@@ -240,10 +248,13 @@ def penalty_hvp(params: list[Tensor], vectors: list[Tensor], l1: float, l2: floa
         if l2:
             hv = hv + (2 * l2) * v_acc
         if group_lasso and w.numel():
-            norm, nonzero = _safe_group_norms(w_acc, groups)
+            # In the scaled group u = w_g/s: w_g·⟨w_g, v_g⟩/‖w_g‖² = (u/‖u‖)·(⟨u, v_g⟩/‖u‖) and ‖w_g‖ = s·‖u‖, so that
+            # nothing overflows or underflows before the last division (a zero bracket stays 0 for a tiny norm).
+            u, norm, nonzero, scale = _scaled_groups(w_acc, groups)
             dims = group_dims(w, groups)
-            dot = (w_acc * v_acc).sum() if dims is None else (w_acc * v_acc).sum(dim=dims, keepdim=True)
-            term = (group_lasso * math.sqrt(group_size(w, groups))) / norm * (v_acc - w_acc * (dot / (norm * norm)))
+            dot = (u * v_acc).sum() if dims is None else (u * v_acc).sum(dim=dims, keepdim=True)
+            bracket = v_acc - (u / norm) * (dot / norm)
+            term = (group_lasso * math.sqrt(group_size(w, groups))) * (bracket / (scale * norm))
             hv = hv + torch.where(nonzero, term, 0)
         out.append(hv.to(w.dtype))
     return out
