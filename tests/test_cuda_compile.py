@@ -180,6 +180,9 @@ _FLOAT_OP = re.compile(
     r"^\s*(?:@%p\d+\s+)?(add|sub|mul|div|sqrt|rcp|fma|rsqrt|ex2|lg2|sin|cos)((?:\.\w+)*)\.f(32|64)\b", re.MULTILINE)
 
 
+_NARROWING = re.compile(r"\bcvt((?:\.\w+)*?)\.b?f16(?:x2)?\.f(?:32|64)\b")
+
+
 def test_kernels_round_every_float_op_as_written(tmp_path):
     """Every kernel compiled with the extension's flags (-fmad=false) rounds each add, multiply, division and
     square root on its own, in IEEE round-to-nearest: an fma appears only where the source writes one, so that
@@ -200,8 +203,13 @@ def test_kernels_round_every_float_op_as_written(tmp_path):
         assert not loose, f"{Path(cmd[-3]).name}: float ops without IEEE rounding: {loose}"
         for op, _, _ in ops:
             counts[op] = counts.get(op, 0) + 1
+        # Float32 / float64 values stored into 16-bit tensors: rounded to nearest even too.
+        narrowing = _NARROWING.findall(ptx)
+        assert all(m.startswith(".rn") for m in narrowing), f"{Path(cmd[-3]).name}: cvt{sorted(set(narrowing))}"
+        counts["narrowing"] = counts.get("narrowing", 0) + len(narrowing)
     # The optimizer's explicit fmas (optim_math.h) and the sums' divisions and roots are there.
     assert counts.get("fma", 0) > 0 and counts.get("div", 0) > 0 and counts.get("sqrt", 0) > 0, counts
+    assert counts["narrowing"] > 0, counts
 
 
 def _innermost_loop_calls(body: str) -> tuple[int, list[str]]:

@@ -10,7 +10,7 @@ These tests check its report:
 - the hot loops of the bandwidth-bound kernels load and store 128 bits at a time for 16-bit and
   32-bit tensors that are 16-byte aligned, and unaligned ones take the scalar path;
 - no spills (no local memory, no stack), no 64-bit division or remainder in a loop;
-- division and square root correctly rounded, FP contraction off;
+- division and square root correctly rounded, FP contraction off; 16-bit results rounded to nearest even;
 - a second model with other sizes and tensor counts compiles nothing new.
 
 Against another Triton version: ``pip install triton==X`` then ``python -m pytest tests/test_triton_compile.py``.
@@ -180,6 +180,17 @@ def test_division_and_square_root_are_correctly_rounded(reports, arch):
         assert v["approx"] == [], f"{v['approx']} in {_describe(v)}"
         assert v["enable_fp_fusion"] is False, _describe(v)
         assert v["fma"] == 0, f"contracted a·b + c in {_describe(v)}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_16_bit_results_are_rounded_to_nearest(reports, arch):
+    """Every conversion of a float32 / float64 value into float16 / bfloat16 rounds to nearest even (cvt.rn), and the
+    kernels writing 16-bit params or grads have such conversions."""
+    narrowing = 0
+    for v in _variants(reports[arch]):
+        assert v["narrowing"] == [], f"cvt{v['narrowing']} into 16 bits in {_describe(v)}"
+        narrowing += v["narrowing_rn"]
+    assert narrowing > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -228,6 +228,10 @@ def analyze(kernel) -> dict:
         "ptx_div64": _count(ptx.splitlines(), r"\b(div|rem)\.[su]64\b"),
         "approx": sorted(set(re.findall(r"\b(?:sqrt|div|rcp|rsqrt)\.(?:approx|full)(?:\.ftz)?\.f(?:32|64)\b", ptx))),
         "fma": _count(ptx.splitlines(), r"\bfma\.rn"),
+        # Conversions from float32 / float64 to 16 bits in any rounding but to nearest even (the PTX names it).
+        "narrowing": sorted({m for m in re.findall(r"\bcvt((?:\.\w+)*?)\.b?f16(?:x2)?\.f(?:32|64)\b", ptx)
+                             if not m.startswith(".rn")}),
+        "narrowing_rn": _count(ptx.splitlines(), r"\bcvt\.rn(?:\.\w+)*?\.b?f16(?:x2)?\.f(?:32|64)\b"),
         "enable_fp_fusion": getattr(kernel.metadata, "enable_fp_fusion", None),
         "num_warps": kernel.metadata.num_warps,
         **resources(kernel.asm["cubin"]),
