@@ -165,13 +165,6 @@ def _adamw_block(w_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, offs, count, abs_sum, sq
     g = load(g_ptr + offs, mask, MASKED).to(ACC)
     if MAXIMIZE:
         g = -g
-    if PRECONDITIONED:
-        # The size of the penalty's gradient at w, the floor of the preconditioned denominator.
-        floor = scalar(l1, ACC)
-        if HAS_L2:
-            floor = (2.0 * scalar(l2, ACC)) * tl.abs(w) + floor
-    if HAS_WEIGHT_DECAY:
-        w = w * decay
     m = _lerp(load(m_ptr + offs, mask, MASKED), g, avg_w)
     v = load(v_ptr + offs, mask, MASKED) * scalar(beta2, ACC) + scalar(sq_weight, ACC) * g * g
     store(m_ptr + offs, m, mask, MASKED)
@@ -181,9 +174,16 @@ def _adamw_block(w_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, offs, count, abs_sum, sq
         store(v_max_ptr + offs, v, mask, MASKED)
     denom = div_rn(sqrt_rn(v, ACC), bc2, ACC) + scalar(eps, ACC)
     if PRECONDITIONED:
-        # Adam's denominator is at least the penalty's gradient, for the update and the prox alike
-        # (reference.penalty_gradient_scales); a NaN denominator stays NaN.
+        # Adam's denominator is at least the penalty's gradient at w (before the weight decay), for the update
+        # and the prox alike (reference.penalty_gradient_scales); a NaN denominator stays NaN. The floor is formed
+        # here rather than at the load: w is live until its update anyway, the floor then only briefly (formed at
+        # the load, it spilled registers in the 16-bit variants with every option on sm_80).
+        floor = scalar(l1, ACC)
+        if HAS_L2:
+            floor = (2.0 * scalar(l2, ACC)) * tl.abs(w) + floor
         denom = tl.where(denom < floor, floor, denom)
+    if HAS_WEIGHT_DECAY:
+        w = w * decay
     if DEVICE_BIAS:
         w = w + div_rn(m, div_rn(denom, step_size, ACC), ACC)
     else:
