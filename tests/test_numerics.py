@@ -66,6 +66,9 @@ def test_group_lasso_at_the_edges_of_the_range(backend, groups, dtype, scale):
         p = w.clone().requires_grad_()
         p.grad = torch.zeros_like(p)
         regfast.add_penalty_grad_([p], group_lasso=gl, groups=groups)
+        # Through autograd with a negative upstream gradient (-penalty in the loss, or maximizing).
+        q = w.clone().requires_grad_()
+        (regfast.penalty([q], group_lasso=gl, groups=groups) * -0.75).backward()
         # A step that shrinks the largest group by half and zeroes the others.
         big = max(norms)
         x = w.clone()
@@ -75,11 +78,13 @@ def test_group_lasso_at_the_edges_of_the_range(backend, groups, dtype, scale):
     assert math.isfinite(value) and _relative(value, expected) <= 4 * tol, (value, expected)
 
     grad_rows = _rows(p.grad, groups)
+    upstream_rows = _rows(q.grad, groups)
     x_rows = _rows(x, groups)
-    for r, n, g, xr in zip(rows, norms, grad_rows, x_rows):
-        for v, gv, xv in zip(r, g, xr):
+    for r, n, g, u, xr in zip(rows, norms, grad_rows, upstream_rows, x_rows):
+        for v, gv, uv, xv in zip(r, g, u, xr):
             want = gl * math.sqrt(size) * v / n if n else 0.0
             assert math.isfinite(gv) and abs(gv - want) <= tol * gl * math.sqrt(size), (gv, want)
+            assert math.isfinite(uv) and abs(uv + 0.75 * want) <= tol * gl * math.sqrt(size), (uv, -0.75 * want)
             factor = max(0.0, 1 - big / (2 * n)) if n else 0.0
             # The result is rounded to `dtype`: compare with its spacing at the weights' scale.
             assert abs(xv - v * factor) <= tol * abs(v), (xv, v, factor)

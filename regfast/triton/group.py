@@ -271,9 +271,11 @@ def _group_coefficients_kernel(partials, blocks, segments, sizes, ngroups_table,
         # weight/norm as q·pre with pre a power of two: pre = 1 unless the exponent of weight/norm is
         # beyond ±60 (tiny or huge weights), where q and pre each carry about half of it, so that both stay
         # within ACC's range and w·pre within a few powers of two of weight.
+        # The weight carries the upstream gradient's sign (negative under -penalty in the loss): its magnitude's
+        # exponent decides.
         weights = tl.zeros([GROUP_BLOCK], dtype=tl.float64) + weight
-        usable = (weights > 0) & (norm > 0) & (weights * 0.0 == 0.0) & (norm * 0.0 == 0.0)  # positive and finite
-        e = _exponent(tl.where(usable, weights, 1.0)) - _exponent(tl.where(usable, divisor, 1.0))
+        usable = (weights != 0) & (norm > 0) & (weights * 0.0 == 0.0) & (norm * 0.0 == 0.0)  # nonzero and finite
+        e = _exponent(tl.where(usable, tl.abs(weights), 1.0)) - _exponent(tl.where(usable, divisor, 1.0))
         split = usable & ((e <= -60) | (e >= 60))
         half = tl.where(split, e // 2, 0)
         pre = _power_of_two(half)
