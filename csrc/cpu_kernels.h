@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_work_list.h"
@@ -231,11 +232,17 @@ __attribute__((always_inline)) inline Bits32 lanes_where(Bits32 x, Pred pred) {
   return x;
 }
 
+// Whether V is a lane vector (its pieces in .p) rather than one piece.
+template <typename V, typename = void>
+struct HasPieces : std::false_type {};
+template <typename V>
+struct HasPieces<V, std::void_t<decltype(std::declval<const V&>().p)>> : std::true_type {};
+
 // yes where `mask` is all ones, no where it is zero (a lane vector or a piece, and its mask), piece by piece:
 // one byte blend with AVX2; and, and-not, or otherwise (one vpternlog with AVX-512).
 template <typename M, typename V>
 __attribute__((always_inline)) inline V select_bits(const M& mask, const V& yes, const V& no) {
-  if constexpr (requires { yes.p; }) {
+  if constexpr (HasPieces<V>::value) {
     V out;
     for (int k = 0; k < static_cast<int>(sizeof(yes.p) / sizeof(yes.p[0])); ++k) {
       out.p[k] = select_bits(mask.p[k], yes.p[k], no.p[k]);
