@@ -2,8 +2,11 @@
 
     python scripts/cuda_build_check.py [--cache DIR] [--prepare]
 
-1. An environment with torch's CUDA wheel (``torch==2.13.0`` from PyPI, built for CUDA 13.0, with its
-   CUDA runtime wheels) in ``DIR/venv``; kept between runs, so only the first one downloads (~4 GB).
+1. An environment with torch's CUDA wheel (``torch==2.11.0`` from PyPI, built for CUDA 13.0, with its
+   CUDA runtime wheels; ``REGFAST_CUDA_TORCH=torch==X`` picks another) in ``DIR/venv``; kept between runs
+   while it holds that release, so only the first one downloads (~4 GB). Torch before 2.13 compiles
+   extensions as C++17, 2.13 as C++20: the default checks the older standard, and an install against
+   this machine's torch 2.13 (the tests' build) the newer one.
 2. The tracked files of this checkout copied to ``DIR/src`` (only those whose content changed, so
    that the CPU objects of the last build are reused), then ``setup.py build_ext --inplace`` there
    with ``REGFAST_BUILD_CUDA=1 REGFAST_REQUIRE_EXT=1`` for sm_80 and sm_90. The CUDA kernels are
@@ -13,7 +16,7 @@
 4. ptxas's ``-v`` output turned into one table (kernel, architecture, registers, spills, stack,
    shared memory), written to ``DIR/out/ptxas-report.txt`` beside ``DIR/out/build.log`` and printed.
 
-Needs nvcc (CUDA 12.8 or newer for torch 2.13's CUDA 13 headers; ``CUDA_HOME`` or on ``PATH``) and
+Needs nvcc (13.x for the CUDA 13 headers of those torch wheels; ``CUDA_HOME`` or on ``PATH``) and
 network access to PyPI for the first run. Exits non-zero when any step fails.
 """
 
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCH = os.environ.get("REGFAST_CUDA_TORCH", "torch==2.13.0")
+TORCH = os.environ.get("REGFAST_CUDA_TORCH", "torch==2.11.0")
 ARCHS = "8.0;9.0"
 
 CHECK = r"""
@@ -66,7 +69,10 @@ def environment(cache: Path) -> Path:
     """The cached environment's python, with torch's CUDA wheel."""
     venv = cache / "venv"
     python = venv / "bin" / "python"
-    probe = "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"
+    # A CUDA build of torch, of the release TORCH names (an environment of another release is made anew).
+    release = TORCH.split("==")[1] if "==" in TORCH else None
+    probe = ("import sys, torch; version = torch.__version__.split('+')[0]; "
+             f"sys.exit(0 if torch.version.cuda and {release!r} in (None, version) else 1)")
     if python.exists() and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
         return python
     shutil.rmtree(venv, ignore_errors=True)
