@@ -282,7 +282,10 @@ class FusedProximalOptimizer(Optimizer):
 
     def _walk(self, group: dict[str, Any], *hyper) -> list[Tensor] | None:
         """The step of ``group`` in one C++ walk (:func:`regfast._ops.walk`) from its plan, or None (no plan,
-        or the walk declines: a param without a grad, a param or state that no longer fits the plan…)."""
+        or the walk declines: a param without a grad, a param or state that no longer fits the plan…); None while
+        a graph is traced, which steps through the ops (torch before 2.13 cannot trace the plans' ``id`` keys)."""
+        if torch.compiler.is_compiling():
+            return None
         plan = self._plans.get(id(group))
         if plan is None or plan[0] is not self.state or plan[1] != len(self.state):
             return None
@@ -299,7 +302,9 @@ class FusedProximalOptimizer(Optimizer):
         served by a backend that launches from Python (Triton) and ``launched`` (the group's hyperparameters allow
         it), the states of each (device, dtype) are moved into one flat buffer per state, ``state[p][key]`` becoming
         views of it with the same values: the walk then reads the buffers, not each state tensor (the Triton backend
-        gets the views' addresses from the walk)."""
+        gets the views' addresses from the walk). Nothing while a graph is traced (its steps take no walk)."""
+        if torch.compiler.is_compiling():
+            return
         if len(updated) != len(group["params"]):
             self._plans.pop(id(group), None)
             return
