@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from triton_offline import NARROWING
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -180,9 +181,6 @@ _FLOAT_OP = re.compile(
     r"^\s*(?:@%p\d+\s+)?(add|sub|mul|div|sqrt|rcp|fma|rsqrt|ex2|lg2|sin|cos)((?:\.\w+)*)\.f(32|64)\b", re.MULTILINE)
 
 
-_NARROWING = re.compile(r"\bcvt((?:\.\w+)*?)\.b?f16(?:x2)?\.f(?:32|64)\b")
-
-
 def test_kernels_round_every_float_op_as_written(tmp_path):
     """Every kernel compiled with the extension's flags (-fmad=false) rounds each add, multiply, division and
     square root on its own, in IEEE round-to-nearest: an fma appears only where the source writes one, so that
@@ -204,7 +202,7 @@ def test_kernels_round_every_float_op_as_written(tmp_path):
         for op, _, _ in ops:
             counts[op] = counts.get(op, 0) + 1
         # Float32 / float64 values stored into 16-bit tensors: rounded to nearest even too.
-        narrowing = _NARROWING.findall(ptx)
+        narrowing = NARROWING.findall(ptx)
         assert all(m.startswith(".rn") for m in narrowing), f"{Path(cmd[-3]).name}: cvt{sorted(set(narrowing))}"
         counts["narrowing"] = counts.get("narrowing", 0) + len(narrowing)
     # The optimizer's explicit fmas (optim_math.h) and the sums' divisions and roots are there.

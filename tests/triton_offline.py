@@ -206,6 +206,11 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {"registers": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1))}
 
 
+# A conversion of a float32 / float64 value into float16 / bfloat16 in PTX; group 1 its modifiers (.rn: rounded to
+# nearest even). tests/test_cuda_compile.py reads the CUDA kernels' PTX with it too.
+NARROWING = re.compile(r"\bcvt((?:\.\w+)*?)\.b?f16(?:x2)?\.f(?:32|64)\b")
+
+
 def analyze(kernel) -> dict:
     """What a compiled kernel's PTX and SASS show: vector width, local memory, divisions, rounding."""
     ptx = kernel.asm["ptx"]
@@ -214,6 +219,7 @@ def analyze(kernel) -> dict:
     loops = sass_loops(text)
     in_loops = [line for body in loops for line in body]
     ptx_in_loops = [line for body in ptx_loops(ptx) for line in body]
+    narrowing = NARROWING.findall(ptx)
     return {
         "ldg128": _count(lines, r"\bLDG\.E\.128\b"),
         "stg128": _count(lines, r"\bSTG\.E\.128\b"),
@@ -228,10 +234,9 @@ def analyze(kernel) -> dict:
         "ptx_div64": _count(ptx.splitlines(), r"\b(div|rem)\.[su]64\b"),
         "approx": sorted(set(re.findall(r"\b(?:sqrt|div|rcp|rsqrt)\.(?:approx|full)(?:\.ftz)?\.f(?:32|64)\b", ptx))),
         "fma": _count(ptx.splitlines(), r"\bfma\.rn"),
-        # Conversions from float32 / float64 to 16 bits in any rounding but to nearest even (the PTX names it).
-        "narrowing": sorted({m for m in re.findall(r"\bcvt((?:\.\w+)*?)\.b?f16(?:x2)?\.f(?:32|64)\b", ptx)
-                             if not m.startswith(".rn")}),
-        "narrowing_rn": _count(ptx.splitlines(), r"\bcvt\.rn(?:\.\w+)*?\.b?f16(?:x2)?\.f(?:32|64)\b"),
+        # Conversions from float32 / float64 to 16 bits in any rounding but to nearest even, and those to nearest.
+        "narrowing": sorted({m for m in narrowing if not m.startswith(".rn")}),
+        "narrowing_rn": sum(m.startswith(".rn") for m in narrowing),
         "enable_fp_fusion": getattr(kernel.metadata, "enable_fp_fusion", None),
         "num_warps": kernel.metadata.num_warps,
         **resources(kernel.asm["cubin"]),

@@ -35,9 +35,6 @@ from .._common import Lr, acc_dtype, group_dims, group_size, lr_step
 # outputs, at most this many elements each) reduces each row in one thread, in one order.
 _ROW = 8192
 
-_NARROW = (torch.float16, torch.bfloat16)
-
-
 def _fixed_order_sums(rows: Tensor, reduce) -> Tensor:
     """``reduce`` (a row reduction to float64: Σ|x|, Σx²) of every row of the 2-D ``rows``, each summed
     in an order that depends neither on the thread count nor on the device: blocks of :data:`_ROW`
@@ -264,7 +261,7 @@ def add_penalty_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: 
                       group_lasso: float, groups: str) -> Tensor:
     """``grads[i] += ∇penalty(params[i])`` in place; returns the penalty value (accumulation dtype)."""
     value = penalty(params, l1, l2, group_lasso, groups)
-    if params[0].dtype in _NARROW:
+    if acc_dtype(params[0].dtype) != params[0].dtype:
         # The whole gradient added in float32 and rounded once, as the kernels add it: each term rounded to 16 bits
         # on its own would lose the sum where the terms cancel, and a coefficient above the dtype's range overflow.
         for w, g in zip(params, grads):
@@ -291,7 +288,7 @@ def prox_step_(params: list[Tensor], lr: Lr, l1: float, l2: float, group_lasso: 
     for param in params:
         # 16-bit params stepped in float32 and rounded once (a threshold rounded to 16 bits would move the result,
         # or overflow).
-        w = param.float() if param.dtype in _NARROW else param
+        w = param.to(acc_dtype(param.dtype))
         if threshold is not None:
             # w − clamp(w, −t, t) is the soft threshold, exactly 0 where |w| ≤ t.
             w.sub_(torch.clamp(w, -threshold, threshold))
