@@ -34,6 +34,7 @@ namespace REGFAST_OPTIM_LOOPS {
 namespace {
 
 constexpr int kSumLanes = 8;
+constexpr int64_t kReduceRows = 4;  // group_reduce's column groups
 
 // Four doubles (GCC's vector extension: one AVX register, two SSE2 ones in the baseline build), each lane rounded
 // as the scalar operation rounds it; and its comparison mask.
@@ -165,7 +166,40 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
   const int64_t ng = b.g1 - b.g0;
   if (b.inner == 1) {
     for (int k = 0; k < N; ++k) std::fill(r[k], r[k] + ng, 0.0);
-    for (int64_t o = 0; o < b.outer; ++o) {
+    int64_t o = 0;
+    // kReduceRows rows at a time, each vector of sums loaded and stored once for them and the rows added in order:
+    // the same bits as a row at a time, without a load and a store of the sums per row.
+    for (; o + kReduceRows <= b.outer; o += kReduceRows) {
+      const int64_t base = o * b.ngroups + b.g0;
+      const X* __restrict__ x = xs + base;
+      const Y* __restrict__ y = ys + base;
+      int64_t j = 0;
+      for (; j + kVd <= ng; j += kVd) {
+        const Vd p = load_vd(param + j);
+        Vd s[N];
+        for (int k = 0; k < N; ++k) s[k] = load_vd(r[k] + j);
+        for (int64_t row = 0; row < kReduceRows; ++row) {
+          Vd v[N];
+          term(load_vd(x + row * b.ngroups + j), load_vd(y + row * b.ngroups + j), p, v);
+          each_output<N>([&](auto k) {
+            constexpr int kk = decltype(k)::value;
+            s[kk] = combine<kMax, kk>(s[kk], v[kk]);
+          });
+        }
+        for (int k = 0; k < N; ++k) store_vd(r[k] + j, s[k]);
+      }
+      for (; j < ng; ++j) {
+        for (int64_t row = 0; row < kReduceRows; ++row) {
+          double v[N];
+          term(static_cast<double>(x[row * b.ngroups + j]), static_cast<double>(y[row * b.ngroups + j]), param[j], v);
+          each_output<N>([&](auto k) {
+            constexpr int kk = decltype(k)::value;
+            r[kk][j] = combine<kMax, kk>(r[kk][j], v[kk]);
+          });
+        }
+      }
+    }
+    for (; o < b.outer; ++o) {
       const int64_t base = o * b.ngroups + b.g0;
       const X* __restrict__ x = xs + base;
       const Y* __restrict__ y = ys + base;
