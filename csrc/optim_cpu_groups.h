@@ -166,10 +166,10 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
   const int64_t ng = b.g1 - b.g0;
   if (b.inner == 1) {
     for (int k = 0; k < N; ++k) std::fill(r[k], r[k] + ng, 0.0);
-    int64_t o = 0;
-    // kReduceRows rows at a time, each vector of sums loaded and stored once for them and the rows added in order:
-    // the same bits as a row at a time, without a load and a store of the sums per row.
-    for (; o + kReduceRows <= b.outer; o += kReduceRows) {
+    // Rows o .. o + kRows − 1, each vector of sums loaded and stored once for them and the rows added in order: the
+    // same bits kReduceRows rows at a time as a row at a time, without a load and a store of the sums per row.
+    const auto add_rows = [&](int64_t o, auto rows) {
+      constexpr int64_t kRows = decltype(rows)::value;
       const int64_t base = o * b.ngroups + b.g0;
       const X* __restrict__ x = xs + base;
       const Y* __restrict__ y = ys + base;
@@ -178,7 +178,7 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
         const Vd p = load_vd(param + j);
         Vd s[N];
         for (int k = 0; k < N; ++k) s[k] = load_vd(r[k] + j);
-        for (int64_t row = 0; row < kReduceRows; ++row) {
+        for (int64_t row = 0; row < kRows; ++row) {
           Vd v[N];
           term(load_vd(x + row * b.ngroups + j), load_vd(y + row * b.ngroups + j), p, v);
           each_output<N>([&](auto k) {
@@ -189,7 +189,7 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
         for (int k = 0; k < N; ++k) store_vd(r[k] + j, s[k]);
       }
       for (; j < ng; ++j) {
-        for (int64_t row = 0; row < kReduceRows; ++row) {
+        for (int64_t row = 0; row < kRows; ++row) {
           double v[N];
           term(static_cast<double>(x[row * b.ngroups + j]), static_cast<double>(y[row * b.ngroups + j]), param[j], v);
           each_output<N>([&](auto k) {
@@ -198,29 +198,10 @@ inline void group_reduce(const GroupBlock& b, const X* __restrict__ xs, const Y*
           });
         }
       }
-    }
-    for (; o < b.outer; ++o) {
-      const int64_t base = o * b.ngroups + b.g0;
-      const X* __restrict__ x = xs + base;
-      const Y* __restrict__ y = ys + base;
-      int64_t j = 0;
-      for (; j + kVd <= ng; j += kVd) {
-        Vd v[N];
-        term(load_vd(x + j), load_vd(y + j), load_vd(param + j), v);
-        each_output<N>([&](auto k) {
-          constexpr int kk = decltype(k)::value;
-          store_vd(r[kk] + j, combine<kMax, kk>(load_vd(r[kk] + j), v[kk]));
-        });
-      }
-      for (; j < ng; ++j) {
-        double v[N];
-        term(static_cast<double>(x[j]), static_cast<double>(y[j]), param[j], v);
-        each_output<N>([&](auto k) {
-          constexpr int kk = decltype(k)::value;
-          r[kk][j] = combine<kMax, kk>(r[kk][j], v[kk]);
-        });
-      }
-    }
+    };
+    int64_t o = 0;
+    for (; o + kReduceRows <= b.outer; o += kReduceRows) add_rows(o, std::integral_constant<int64_t, kReduceRows>{});
+    for (; o < b.outer; ++o) add_rows(o, std::integral_constant<int64_t, 1>{});
     return;
   }
   for (int64_t j = 0; j < ng; ++j) {
