@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -351,6 +352,35 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
   return value;
 }
 
+// NaN into out[i] wherever w[i] is ±inf, in the groups whose norm is not finite (those that hold an infinite
+// element): the reference's group term c·w_i/‖w_g‖₂ is inf/inf there, NaN, which the pass's (2·l2 + c/‖w_g‖₂)·w_i
+// leaves ±inf wherever l2 ≠ 0 (the other elements of such a group take c·w_i/inf = 0 as the pass does). Groups of
+// finite norm hold no infinite element and are not read again.
+template <typename T>
+void nan_at_infinite_elements(const void* const* wd, void* const* od, const std::vector<int64_t>& numels,
+                              const std::vector<double>& norms, const GradGroups<acc_t<T>>& groups) {
+  for (size_t t = 0; t < numels.size(); ++t) {
+    if (numels[t] == 0) continue;
+    const T* w = static_cast<const T*>(wd[t]);
+    T* out = static_cast<T*>(od[t]);
+    const GroupShape& s = groups.shapes[t];
+    const auto fix = [&](int64_t j) {
+      for (int64_t o = 0; o < s.outer; ++o) {
+        for (int64_t i = (o * s.ngroups + j) * s.inner, e = i + s.inner; i < e; ++i) {
+          if (std::isinf(static_cast<double>(w[i]))) out[i] = std::numeric_limits<T>::quiet_NaN();
+        }
+      }
+    };
+    if (!groups.small.empty() && groups.small[t]) {
+      if (!std::isfinite(groups.small_terms[t])) fix(0);
+      continue;
+    }
+    for (int64_t g = groups.offsets[t]; g < groups.offsets[t + 1]; ++g) {
+      if (!std::isfinite(norms[g])) fix(g - groups.offsets[t]);
+    }
+  }
+}
+
 // The gradient pass of the tensors at wd[t] (read) and od[t] (written), of numels[t] contiguous elements each, with
 // group lasso gl over the groups shapes[t] (null without): Passes::grad_table, and grad_pass on a list's pointers.
 template <typename T>
@@ -380,7 +410,9 @@ acc_t<T> grad_table(const void* const* wd, void* const* od, const std::vector<in
   }
   groups.scales = expand_scales(std::move(per_group), groups.offsets, groups.shapes, grouped, groups.scale_offsets);
   groups.pres = expand_scales(std::move(pre), groups.offsets, groups.shapes, grouped, groups.scale_offsets);
-  return grad_core<T>(wd, od, numels, accumulate, l1, l2, gl, &groups, mult);
+  const acc_t<T> value = grad_core<T>(wd, od, numels, accumulate, l1, l2, gl, &groups, mult);
+  nan_at_infinite_elements<T>(wd, od, numels, norms, groups);
+  return value;
 }
 
 // The gradient pass of a list of contiguous tensors (Passes::grad_pass).

@@ -29,7 +29,10 @@ struct GradFunctor {
       s2 += x * x;
       A inc = 0;
       if (kL1) inc += l1 * sign_of(x);
-      if (kLin) inc += scale != nullptr ? scale[group] * (x * pre[group]) : lin * x;
+      // With group lasso, x·p + x·0 (one fma; a select in its place spilled a register on sm_90): the group term
+      // c·x/‖w_g‖₂ of an infinite x is inf/inf, NaN (its group's norm is inf or NaN), which (2·l2/p + q)·(x·p)
+      // alone leaves ±inf wherever l2 ≠ 0; for a finite x, x·0 is a zero of x·p's sign and leaves it as it is.
+      if (kLin) inc += scale != nullptr ? scale[group] * fma(x, A(0), x * pre[group]) : lin * x;
       return kAccumulate ? o + k * inc : k * inc;
     };
     const bool grouped = kLin && scale != nullptr;
