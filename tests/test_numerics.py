@@ -142,21 +142,23 @@ def test_gradient_at_infinite_weights_with_group_lasso(backend, device, dtype, g
     # A larger tensor after it (groups past the first tensor's, runs of more than a vector), one weight infinite.
     large = torch.randn(37, 70, generator=torch.Generator().manual_seed(0)).to(dtype)
     large[20, 33] = float("inf")
+    # And a 1-D tensor of a few elements (one group, fewer than a vector's lanes).
+    tiny = torch.tensor([0.5, float("-inf"), 2.0, 1.0, -1.0], dtype=dtype)
     hyper = dict(l1=0.1, l2=l2, group_lasso=0.3, groups=groups)
 
     def gradients(name, dev):
         with use_backend(name):
-            ps = [t.to(dev).requires_grad_() for t in (w, large)]
+            ps = [t.to(dev).requires_grad_() for t in (w, large, tiny)]
             for p in ps:
                 p.grad = torch.ones_like(p)
             regfast.add_penalty_grad_(ps, **hyper)
-            qs = [t.to(dev).requires_grad_() for t in (w, large)]
+            qs = [t.to(dev).requires_grad_() for t in (w, large, tiny)]
             (3 * regfast.penalty(qs, **hyper)).backward()
         return [t.grad.cpu().double().flatten() for t in ps + qs]
 
     for actual, expected in zip(gradients(backend, device), gradients("torch", "cpu"), strict=True):
         assert torch.equal(actual.isnan(), expected.isnan()), (actual, expected)
-        assert expected.isnan().sum() == (2 if expected.numel() == 16 else 1)
+        assert expected.isnan().sum() == (2 if expected.numel() == 16 else 1)  # the infinite weights'
         finite = ~expected.isnan()
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(actual[finite], expected[finite], rtol=4 * eps, atol=4 * eps)
