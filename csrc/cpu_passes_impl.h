@@ -352,9 +352,9 @@ acc_t<T> grad_core(const void* const* wd, void* const* od, const std::vector<int
   return value;
 }
 
-// NaN into out[i] wherever w[i] is ±inf, in the groups whose norm is not finite (those that hold an infinite
+// NaN into out[i] wherever w[i] is ±inf, in the groups whose norm is not finite (every group that holds an infinite
 // element): the reference's group term c·w_i/‖w_g‖₂ is inf/inf there, NaN, which the pass's (2·l2 + c/‖w_g‖₂)·w_i
-// leaves ±inf wherever l2 ≠ 0 (the other elements of such a group take c·w_i/inf = 0 as the pass does). Groups of
+// leaves ±inf wherever l2 ≠ 0 (the finite elements of such a group take c·w_i/inf = 0 as the pass does). Groups of
 // finite norm hold no infinite element and are not read again.
 template <typename T>
 void nan_at_infinite_elements(const void* const* wd, void* const* od, const std::vector<int64_t>& numels,
