@@ -95,6 +95,10 @@ struct AdamWTensor {
   void* group = nullptr;
   void* work = nullptr;
   double group_weight = 0;  // group_lasso·√|g|
+  // With the preconditioned prox, group and float accumulation (float32 / 16-bit params), where set: the floor's
+  // group term of element i is |w_i|·floor_scale[i] in double, rounded to float, formed as the param is read (group
+  // is then only written), where group_floors / column_floors would have written it into `group` first.
+  const double* floor_scale = nullptr;
 };
 
 // Groups [g0, g1) of a contiguous tensor laid out [outer, ngroups, inner] (groups.h's GroupShape).

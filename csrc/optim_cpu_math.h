@@ -303,26 +303,36 @@ struct AdamWConst {
 // kGroup (group lasso, the group shrink to follow): the param's new value goes to work[i] (unrounded); with the
 // preconditioned prox the floor also adds the group term ga[i], and the elementwise prox's step in the l2 metric
 // times group_weight goes to ga[i].
-// kGroup: 0, 1 (group lasso), or kReplayGroup (AdamWArgs::replay: the moments read again, not updated).
+// kGroup: 0, 1 (group lasso), or kReplayGroup (AdamWArgs::replay: the moments read again, not updated); with the
+// preconditioned prox and float accumulation, kScaledGroup / kScaledReplay take the floor's group term from the param
+// as it is read, |w_i|·fs[i] in double rounded to float (AdamWTensor::floor_scale: the passes' column_floors' float32
+// / 16-bit form), ga[i] only written.
 constexpr int kReplayGroup = 2;
+constexpr int kScaledGroup = 3;
+constexpr int kScaledReplay = 4;
+constexpr bool replays(int group) { return group == kReplayGroup || group == kScaledReplay; }
 
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor, bool kL2, int kGroup, typename A>
 inline void adamw_element(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
                           A* __restrict__ m2, A* __restrict__ mx, A* __restrict__ ga, A* __restrict__ work,
-                          int64_t i) {
+                          const double* __restrict__ fs, int64_t i) {
   A x = static_cast<A>(w[i]);
   A g = A(0);  // a replay reads no grad
-  if constexpr (kGroup != kReplayGroup) {
+  if constexpr (!replays(kGroup)) {
     g = static_cast<A>(grad[i]);
     g = pick(c.maximize, -g, g);
   }
   // The size of the penalty's gradient at w, the floor of the preconditioned denominator.
   A floor = (kL2 ? c.two_l2 * std::abs(x) : A(0)) + c.l1;
-  if constexpr (kGroup && kProx == ProxMode::kPreconditioned) floor = floor + ga[i];
+  if constexpr (kGroup == kScaledGroup || kGroup == kScaledReplay) {
+    floor = floor + static_cast<A>(std::abs(static_cast<double>(x)) * fs[i]);
+  } else if constexpr (kGroup && kProx == ProxMode::kPreconditioned) {
+    floor = floor + ga[i];
+  }
   x = x * c.decay;
   A m = m1[i];
   A second;
-  if constexpr (kGroup == kReplayGroup) {
+  if constexpr (replays(kGroup)) {
     second = kAmsgrad ? mx[i] : m2[i];
   } else {
     const A diff = g - m;
@@ -370,16 +380,18 @@ template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, bool kLrTensor
           typename A>
 __attribute__((noinline)) void adamw_elements(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad,
                                               A* __restrict__ m1, A* __restrict__ m2, A* __restrict__ mx,
-                                              A* __restrict__ ga, A* __restrict__ work, int64_t begin, int64_t end) {
+                                              A* __restrict__ ga, A* __restrict__ work, const double* __restrict__ fs,
+                                              int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    adamw_element<T, kFused, kAmsgrad, kProx, kLrTensor, kL2, kGroup>(c, w, grad, m1, m2, mx, ga, work, i);
+    adamw_element<T, kFused, kAmsgrad, kProx, kLrTensor, kL2, kGroup>(c, w, grad, m1, m2, mx, ga, work, fs, i);
   }
 }
 
-// ga and work: AdamWTensor's group and work (kGroup only).
+// ga, work and fs: AdamWTensor's group, work and floor_scale (kGroup only).
 template <typename T, bool kFused, bool kAmsgrad, ProxMode kProx, typename A>
 void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict__ grad, A* __restrict__ m1,
-                 A* __restrict__ m2, A* __restrict__ mx, A* ga, A* work, int64_t begin, int64_t end) {
+                 A* __restrict__ m2, A* __restrict__ mx, A* ga, A* work, const double* fs, int64_t begin,
+                 int64_t end) {
   const bool group = c.group > A(0);
   if constexpr (kNarrow<T>) {
     float wf[kBlock], gf[kBlock];
@@ -387,18 +399,36 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
     widen(w + begin, wf, n);
     if (!(group && c.replay > A(0))) widen(grad + begin, gf, n);  // a replay reads no grad
     adamw_block<float, kFused, kAmsgrad, kProx>(c, wf, gf, m1 + begin, m2 + begin, kAmsgrad ? mx + begin : mx,
-                                                ga ? ga + begin : ga, group ? work + begin : work, 0, n);
+                                                ga ? ga + begin : ga, group ? work + begin : work,
+                                                fs ? fs + begin : fs, 0, n);
     if (!group) narrow(wf, w + begin, n);
   } else {
     auto run = [&](auto lr_tensor, auto l2, auto grouped) {
       adamw_elements<T, kFused, kAmsgrad, kProx, decltype(lr_tensor)::value, decltype(l2)::value,
-                     decltype(grouped)::value>(c, w, grad, m1, m2, mx, ga, work, begin, end);
+                     decltype(grouped)::value>(c, w, grad, m1, m2, mx, ga, work, fs, begin, end);
     };
     using Yes = std::true_type;
     using No = std::false_type;
     const bool tensor = c.lr_is_tensor > A(0);
     if constexpr (kProx == ProxMode::kPreconditioned) {
       const bool l2 = c.has_l2 > A(0);
+      if constexpr (std::is_same_v<A, float>) {
+        if (group && fs != nullptr) {
+          const auto scaled = [&](auto how) {
+            if (l2) {
+              tensor ? run(Yes{}, Yes{}, how) : run(No{}, Yes{}, how);
+            } else {
+              tensor ? run(Yes{}, No{}, how) : run(No{}, No{}, how);
+            }
+          };
+          if (c.replay > A(0)) {
+            scaled(std::integral_constant<int, kScaledReplay>{});
+          } else {
+            scaled(std::integral_constant<int, kScaledGroup>{});
+          }
+          return;
+        }
+      }
       if (group && c.replay > A(0)) {
         using Replay = std::integral_constant<int, kReplayGroup>;
         if (l2) {
@@ -443,10 +473,11 @@ void adamw_loop(const AdamWArgs& args, const AdamWTensor& t, int64_t begin, int6
   A* __restrict__ mx = static_cast<A*>(t.max_exp_avg_sq);
   A* ga = static_cast<A*>(t.group);
   A* work = static_cast<A*>(t.work);
+  const double* fs = t.floor_scale;
   A s1[kLanes] = {}, s2[kLanes] = {};
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
-    adamw_block<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, ga, work, b, e);
+    adamw_block<T, kFused, kAmsgrad, kProx>(c, w, grad, m1, m2, mx, ga, work, fs, b, e);
     if constexpr (kPenalty) add_to_lanes(w, b, e, s1, s2);
   }
   if constexpr (kPenalty) add_lanes(s1, s2, sums);
