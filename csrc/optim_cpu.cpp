@@ -885,11 +885,16 @@ void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vecto
     const int64_t span = (b.g1 - b.g0) * b.inner;
     char* const group = arrays.get(2 * b.outer * span * acc_size);
     char* const work = group + b.outer * span * acc_size;
-    passes.group_floors(elem, t.param, group, b, t.group_weight);
+    // Column groups of float32 / 16-bit params: the floors formed by the step from each group's weight / ‖w_g‖
+    // (AdamWTensor::floor_scale, a row of the block a call), the same bits as group_floors' floors read from the
+    // block's array.
+    GroupArray<double> scales(b.inner == 1 && acc == at::kFloat ? b.g1 - b.g0 : 0);
+    passes.group_floors(elem, t.param, group, b, t.group_weight, scales.size() > 0 ? scales.data() : nullptr);
     for (int64_t o = 0; o < b.outer; ++o) {
       AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner, elem_size, acc_size);
       run_t.group = group + o * span * acc_size;
       run_t.work = work + o * span * acc_size;
+      if (scales.size() > 0) run_t.floor_scale = scales.data();
       run(args, run_t, 0, span, nullptr);
     }
     passes.metric_shrink(elem, work, group, t.param, b);

@@ -247,7 +247,8 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // (optim_cpu_fma.cpp, x86-64 only). The block's own arrays (`out`, `u`, `a`: accumulation dtype) hold its elements
 // contiguously, [outer, g1 − g0, inner]; the params `w` (element type `elem`) are the whole tensor.
 // group_floors: out = (|w_i| / ‖w_g‖) · weight (a zero norm taken as 1) from the block's params (float32 / 16-bit
-// params: |w_i| · (weight / ‖w_g‖)).
+// params: |w_i| · (weight / ‖w_g‖)); with `scales` (float32 / 16-bit params), weight / ‖w_g‖ per group of the block
+// into scales instead (AdamWTensor::floor_scale), `out` left holding 16-bit params widened.
 // metric_shrink: u_g ← argmin_x Σ_i (x_i − u_i)²/(2·a_i) + ‖x_g‖₂, rounded into the block's params.
 // round_into: the block's array `work` rounded into its params, as the kernels round (F16C where the CPU has it).
 // group_shrink: prox_'s group shrink with only the group term, u_g·max(0, 1 − coef·√|g| / ‖u_g‖₂), on the block's
@@ -270,7 +271,7 @@ void metric_roots(int64_t ng, Sums&& sums, double* t, char* vanishes) {
 // (weight per group), pack_metric_shrink and pack_group_shrink (coef·√|g| per group) as group_floors, metric_shrink
 // and group_shrink give a block of each tensor alone, rounded into each tensor's params.
 struct GroupPasses {
-  void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight);
+  void (*group_floors)(DType elem, const void* w, void* out, const GroupBlock& b, double weight, double* scales);
   void (*metric_shrink)(DType elem, void* u, const void* a, void* w, const GroupBlock& b);
   void (*round_into)(DType elem, const void* work, void* w, const GroupBlock& b);
   void (*group_shrink)(DType elem, void* work, void* w, const GroupBlock& b, double coef, LinesAhead* ahead);

@@ -307,9 +307,12 @@ void block_group_norms(const GroupBlock& layout, const X* x, double* __restrict_
 // out_l = (|w_i| / ‖w_g‖₂) · weight in A (reference: penalty_gradient_scales' group term), the norm by
 // block_group_norms. Float32 / 16-bit elements are multiplied by weight / ‖w_g‖ in double (a double ulp or two from
 // the quotient: the same value rounded to A but within that of a rounding boundary); float64 ones are divided by the
-// norm first, as the reference does: weight / ‖w_g‖ overflows for a group of subnormal norm.
+// norm first, as the reference does: weight / ‖w_g‖ overflows for a group of subnormal norm. With `scales` (float32
+// / 16-bit params), weight / ‖w_g‖ of each group j of the block into scales[j] instead, for the step to form the
+// floors from (AdamWTensor::floor_scale); `out` then only holds 16-bit params widened.
 template <typename T>
-void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, const GroupBlock& b, double weight) {
+void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, const GroupBlock& b, double weight,
+                        double* __restrict__ scales) {
   using A = acc_t<T>;
   constexpr bool kScaled = std::is_same_v<T, double>;
   const int64_t ng = b.g1 - b.g0;
@@ -330,6 +333,10 @@ void group_floors_typed(const T* __restrict__ w, acc_t<T>* __restrict__ out, con
     for_each_element(b, [&](int64_t i, int64_t l, int64_t j) { out[l] = (std::abs(w[i]) / norm[j]) * weight; });
   } else {
     for (int64_t j = 0; j < ng; ++j) scale[j] = weight / norm[j];
+    if (scales != nullptr) {
+      std::copy(scale, scale + ng, scales);
+      return;
+    }
     for_each_element(b, [&](int64_t i, int64_t l, int64_t j) {
       const double x = std::is_same_v<T, A> ? static_cast<double>(w[i]) : static_cast<double>(out[l]);
       out[l] = static_cast<A>(std::abs(x) * scale[j]);
@@ -427,10 +434,11 @@ void metric_shrink_typed(A* __restrict__ u, const A* __restrict__ a, T* __restri
   }
 }
 
-inline void group_floors_run(DType elem, const void* w, void* out, const GroupBlock& b, double weight) {
+inline void group_floors_run(DType elem, const void* w, void* out, const GroupBlock& b, double weight,
+                             double* scales) {
   dispatch_elem(elem, [&](auto tag) {
     using T = decltype(tag);
-    group_floors_typed<T>(static_cast<const T*>(w), static_cast<acc_t<T>*>(out), b, weight);
+    group_floors_typed<T>(static_cast<const T*>(w), static_cast<acc_t<T>*>(out), b, weight, scales);
   });
 }
 
