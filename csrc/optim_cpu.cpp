@@ -887,7 +887,8 @@ void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vecto
     char* const work = group + b.outer * span * acc_size;
     // Column groups of float32 / 16-bit params: the floors formed by the step from each group's weight / ‖w_g‖
     // (AdamWTensor::floor_scale, a row of the block a call), the same bits as group_floors' floors read from the
-    // block's array.
+    // block's array, one pass over the block fewer (GPT-2 small's matrices but the embedding, by columns, one thread,
+    // builds alternating, 3 rounds, ms per step: float32 304-311 → 277-284, bfloat16 271-295 → 259-267).
     GroupArray<double> scales(b.inner == 1 && acc == at::kFloat ? b.g1 - b.g0 : 0);
     passes.group_floors(elem, t.param, group, b, t.group_weight, scales.size() > 0 ? scales.data() : nullptr);
     for (int64_t o = 0; o < b.outer; ++o) {
