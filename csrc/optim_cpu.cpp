@@ -885,18 +885,26 @@ void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vecto
     const int64_t span = (b.g1 - b.g0) * b.inner;
     char* const group = arrays.get(2 * b.outer * span * acc_size);
     char* const work = group + b.outer * span * acc_size;
-    // Column groups of float32 / 16-bit params: the floors formed by the step from each group's weight / ‖w_g‖
-    // (AdamWTensor::floor_scale, a row of the block a call), the same bits as group_floors' floors read from the
-    // block's array, one pass over the block fewer (GPT-2 small's matrices but the embedding, by columns, one thread,
-    // builds alternating, 3 rounds, ms per step: float32 304-311 → 277-284, bfloat16 271-295 → 259-267).
-    GroupArray<double> scales(b.inner == 1 && acc == at::kFloat ? b.g1 - b.g0 : 0);
-    passes.group_floors(elem, t.param, group, b, t.group_weight, scales.size() > 0 ? scales.data() : nullptr);
+    // Column groups, or one group, of float32 / 16-bit params: the floors formed by the step from each group's
+    // weight / ‖w_g‖ (AdamWTensor::floor_scale: a row of the block a call, or kFloorRun elements of the one group
+    // with its scale repeated), the same bits as group_floors' floors read from the block's array, one pass over the
+    // block fewer (GPT-2 small's matrices but the embedding, one thread, builds alternating, 3 rounds, ms per step: by
+    // columns float32 304-311 → 277-284, bfloat16 271-295 → 259-267; as whole tensors float32 307-315 → 283-295,
+    // bfloat16 267-275 → 264-274).
+    const int64_t ng = b.g1 - b.g0;
+    const bool scaled = acc == at::kFloat && (b.inner == 1 || ng == 1);
+    GroupArray<double> scales(scaled ? ng : 0);
+    passes.group_floors(elem, t.param, group, b, t.group_weight, scaled ? scales.data() : nullptr);
+    const int64_t per_call = scaled && b.inner > 1 ? std::min(span, kFloorRun) : span;
+    GroupArray<double> repeated(scaled && b.inner > 1 ? per_call : 0, scaled ? scales[0] : 0.0);
     for (int64_t o = 0; o < b.outer; ++o) {
-      AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner, elem_size, acc_size);
-      run_t.group = group + o * span * acc_size;
-      run_t.work = work + o * span * acc_size;
-      if (scales.size() > 0) run_t.floor_scale = scales.data();
-      run(args, run_t, 0, span, nullptr);
+      for (int64_t e = 0; e < span; e += per_call) {
+        AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner + e, elem_size, acc_size);
+        run_t.group = group + (o * span + e) * acc_size;
+        run_t.work = work + (o * span + e) * acc_size;
+        if (scaled) run_t.floor_scale = b.inner > 1 ? repeated.data() : scales.data();
+        run(args, run_t, 0, std::min(per_call, span - e), nullptr);
+      }
     }
     passes.metric_shrink(elem, work, group, t.param, b);
   });
