@@ -684,7 +684,8 @@ class ColumnSums {
   std::vector<double> sums_;
 };
 
-// The elements of a step's call in metric_passes (float32 / 16-bit params): whole rows, at least one.
+// The elements of a step's call where it forms Adam's metric's floors from a scale repeated (AdamWTensor::floor_scale:
+// metric_passes, whole rows and at least one; a block of one group).
 constexpr int64_t kFloorRun = 4096;
 
 // AdamW's step in Adam's metric with group lasso for a large tensor t (kColumnPassesElements or more) by columns,
