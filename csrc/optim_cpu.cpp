@@ -684,9 +684,27 @@ class ColumnSums {
   std::vector<double> sums_;
 };
 
-// The elements of a step's call where it forms Adam's metric's floors from a scale repeated (AdamWTensor::floor_scale:
-// metric_passes, whole rows and at least one; a block of one group).
+// The elements of a step's call that forms Adam's metric's floors from scales repeated (RepeatedScales).
 constexpr int64_t kFloorRun = 4096;
+
+// The step's calls over n elements seen as rows of `cols` from a row's start, each forming Adam's metric's floors
+// from the columns' scales (AdamWTensor::floor_scale): kFloorRun elements a call (whole rows, at least one), the
+// scales repeated for that many rows. each(n, f) calls f(e, m, fs) for elements [e, e + m).
+class RepeatedScales {
+ public:
+  RepeatedScales(const double* scale, int64_t cols)
+      : per_call_(std::max<int64_t>(1, kFloorRun / cols) * cols), data_(static_cast<size_t>(per_call_)) {
+    for (int64_t k = 0; k < per_call_; ++k) data_[k] = scale[k % cols];
+  }
+  template <typename F>
+  void each(int64_t n, F&& f) const {
+    for (int64_t e = 0; e < n; e += per_call_) f(e, std::min(per_call_, n - e), data_.data());
+  }
+
+ private:
+  int64_t per_call_;
+  std::vector<double> data_;
+};
 
 // AdamW's step in Adam's metric with group lasso for a large tensor t (kColumnPassesElements or more) by columns,
 // with more rows than kLargestColumnBlock / kMinColumnGroups (whose blocks would hold fewer than kMinColumnGroups
@@ -739,21 +757,17 @@ void metric_passes(const at::Tensor& w, const AdamWTensor& ts, int64_t cols, boo
   // first, which read the params alone and left the states to the step (GPT-2 small's 50257 × 768 embedding, one
   // thread, builds alternating, 3 rounds, ms per step: float32 by columns 258-266 → 198-203, bfloat16 as one group
   // 212-228 → 181-184); float64 ones (the floors divided by the norm) by column_floors first.
-  const int64_t rows_per_run = std::max<int64_t>(1, kFloorRun / cols);
-  std::vector<double> run_scale;
-  if constexpr (std::is_same_v<A, float>) {
-    run_scale.resize(static_cast<size_t>(rows_per_run * cols));
-    for (int64_t k = 0; k < rows_per_run * cols; ++k) run_scale[k] = scale[k % cols];
-  }
+  std::optional<RepeatedScales> repeated;
+  if constexpr (std::is_same_v<A, float>) repeated.emplace(scale.data(), cols);
   const auto step = [&](const AdamWArgs& how, int64_t at, int64_t n, A* u, A* a) {
     if constexpr (std::is_same_v<A, float>) {
-      for (int64_t e = 0; e < n; e += rows_per_run * cols) {
+      repeated->each(n, [&](int64_t e, int64_t m, const double* fs) {
         AdamWTensor seg = offset(ts, at + e, elem_size, sizeof(A));
         seg.group = a + e;
         seg.work = u + e;
-        seg.floor_scale = run_scale.data();
-        run(how, seg, 0, std::min(rows_per_run * cols, n - e), nullptr);
-      }
+        seg.floor_scale = fs;
+        run(how, seg, 0, m, nullptr);
+      });
     } else {
       passes.column_floors(elem, params + at * elem_size, scale.data(), norm.data(), ts.group_weight, n, cols, a);
       AdamWTensor seg = offset(ts, at, elem_size, sizeof(A));
@@ -896,15 +910,21 @@ void adamw_metric_blocks(const AdamWArgs& args, const TensorRefs& ws, std::vecto
     const bool scaled = acc == at::kFloat && (b.inner == 1 || ng == 1);
     GroupArray<double> scales(scaled ? ng : 0);
     passes.group_floors(elem, t.param, group, b, t.group_weight, scaled ? scales.data() : nullptr);
-    const int64_t per_call = scaled && b.inner > 1 ? std::min(span, kFloorRun) : span;
-    GroupArray<double> repeated(scaled && b.inner > 1 ? per_call : 0, scaled ? scales[0] : 0.0);
+    // A row of column groups a call (cols = ng), or one group's run with its scale repeated (cols = 1).
+    std::optional<RepeatedScales> repeated;
+    if (scaled) repeated.emplace(scales.data(), b.inner == 1 ? ng : 1);
     for (int64_t o = 0; o < b.outer; ++o) {
-      for (int64_t e = 0; e < span; e += per_call) {
+      const auto call = [&](int64_t e, int64_t m, const double* fs) {
         AdamWTensor run_t = offset(t, (o * b.ngroups + b.g0) * b.inner + e, elem_size, acc_size);
         run_t.group = group + (o * span + e) * acc_size;
         run_t.work = work + (o * span + e) * acc_size;
-        if (scaled) run_t.floor_scale = b.inner > 1 ? repeated.data() : scales.data();
-        run(args, run_t, 0, std::min(per_call, span - e), nullptr);
+        run_t.floor_scale = fs;
+        run(args, run_t, 0, m, nullptr);
+      };
+      if (repeated) {
+        repeated->each(span, call);
+      } else {
+        call(0, span, nullptr);
       }
     }
     passes.metric_shrink(elem, work, group, t.param, b);

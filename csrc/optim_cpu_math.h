@@ -411,45 +411,31 @@ void adamw_block(const AdamWConst<A>& c, T* __restrict__ w, const T* __restrict_
     using No = std::false_type;
     const bool tensor = c.lr_is_tensor > A(0);
     if constexpr (kProx == ProxMode::kPreconditioned) {
-      const bool l2 = c.has_l2 > A(0);
+      const auto with = [&](auto grouped) {
+        if (c.has_l2 > A(0)) {
+          tensor ? run(Yes{}, Yes{}, grouped) : run(No{}, Yes{}, grouped);
+        } else {
+          tensor ? run(Yes{}, No{}, grouped) : run(No{}, No{}, grouped);
+        }
+      };
       if constexpr (std::is_same_v<A, float>) {
         if (group && fs != nullptr) {
-          const auto scaled = [&](auto how) {
-            if (l2) {
-              tensor ? run(Yes{}, Yes{}, how) : run(No{}, Yes{}, how);
-            } else {
-              tensor ? run(Yes{}, No{}, how) : run(No{}, No{}, how);
-            }
-          };
           if (c.replay > A(0)) {
-            scaled(std::integral_constant<int, kScaledReplay>{});
+            with(std::integral_constant<int, kScaledReplay>{});
           } else {
-            scaled(std::integral_constant<int, kScaledGroup>{});
+            with(std::integral_constant<int, kScaledGroup>{});
           }
           return;
         }
       }
       if (group && c.replay > A(0)) {
-        using Replay = std::integral_constant<int, kReplayGroup>;
-        if (l2) {
-          tensor ? run(Yes{}, Yes{}, Replay{}) : run(No{}, Yes{}, Replay{});
-        } else {
-          tensor ? run(Yes{}, No{}, Replay{}) : run(No{}, No{}, Replay{});
-        }
-        return;
+        with(std::integral_constant<int, kReplayGroup>{});
+      } else if (group) {
+        with(Yes{});
+      } else {
+        with(No{});
       }
-      if (group) {
-        if (l2) {
-          tensor ? run(Yes{}, Yes{}, Yes{}) : run(No{}, Yes{}, Yes{});
-        } else {
-          tensor ? run(Yes{}, No{}, Yes{}) : run(No{}, No{}, Yes{});
-        }
-        return;
-      }
-      if (l2) {
-        tensor ? run(Yes{}, Yes{}, No{}) : run(No{}, Yes{}, No{});
-        return;
-      }
+      return;
     } else if (group && c.replay > A(0)) {
       using Replay = std::integral_constant<int, kReplayGroup>;
       tensor ? run(Yes{}, No{}, Replay{}) : run(No{}, No{}, Replay{});
